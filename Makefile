@@ -1,0 +1,43 @@
+# The two entry points: `make demo` (the whole job on the embedded default) and `make test`.
+# Each creates or reuses .venv, installs torch first (pinned: an unpinned torch pulls GBs of CUDA
+# wheels), then the package with the extras it needs. Stamp files make a second run skip installs.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+TORCH_VERSION := 2.13.0
+DEMO_DIR := runs/demo
+
+.PHONY: demo test lint clean-venv
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.torch-$(TORCH_VERSION): | $(PY)
+	$(PIP) install --quiet torch==$(TORCH_VERSION)
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml $(VENV)/.torch-$(TORCH_VERSION)
+	$(PIP) install --quiet -e ".[dev]"
+	touch $@
+
+$(VENV)/.installed-demo: pyproject.toml $(VENV)/.torch-$(TORCH_VERSION)
+	$(PIP) install --quiet -e ".[eval]"
+	touch $@
+
+demo: $(VENV)/.installed-demo
+	$(VENV)/bin/taxadiffusion data synth --out $(DEMO_DIR)/data
+	$(VENV)/bin/taxadiffusion data inspect --format folder $(DEMO_DIR)/data
+
+test: $(VENV)/.installed-dev
+	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff format --check src tests
+	$(PY) -m pytest
+
+lint: $(VENV)/.installed-dev
+	$(VENV)/bin/ruff check --fix src tests
+	$(VENV)/bin/ruff format src tests
+
+clean-venv:
+	rm -rf $(VENV)

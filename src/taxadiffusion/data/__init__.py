@@ -1,0 +1,1 @@
+"""Reading labelled image collections, image preparation, and the synthetic taxonomy."""

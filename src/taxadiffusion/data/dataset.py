@@ -1,0 +1,69 @@
+"""The torch Dataset over records: prepared pixels plus per-rank taxon ids."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ..taxonomy import Taxonomy
+from .images import CropPolicy, load_image, prepare_image
+from .records import Record
+
+UNLABELLED = -1  # taxon id of a rank finer than the record's label
+
+
+class ImageDataset(Dataset):
+    """Items are `{"pixel_values": (3, size, size) float in [-1, 1], "taxon_ids": (R,) long, "index": int}`.
+
+    `taxon_ids[r]` is the record's id at rank r, or `UNLABELLED` where it is labelled only to a coarser
+    rank. Random crops are drawn from a generator seeded by (seed, epoch, index), so an epoch is
+    reproducible whatever the worker layout; call `set_epoch` between epochs.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[Record],
+        taxonomy: Taxonomy,
+        size: int,
+        policy: CropPolicy | str = CropPolicy.RANDOM_CROP,
+        random_crop: bool = True,
+        seed: int = 0,
+    ):
+        self.records = list(records)
+        self.taxonomy = taxonomy
+        self.size = size
+        self.policy = CropPolicy.parse(policy)
+        self.random_crop = random_crop
+        self.seed = seed
+        self.epoch = 0
+        self.taxon_ids = torch.full((len(self.records), len(taxonomy.ranks)), UNLABELLED, dtype=torch.long)
+        for row, record in enumerate(self.records):
+            ids = taxonomy.ids(record.lineage)
+            self.taxon_ids[row, : len(ids)] = torch.tensor(ids)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def load(self, index: int) -> np.ndarray:
+        """The prepared image (size, size, 3) uint8."""
+        record = self.records[index]
+        try:
+            image = load_image(record.image)
+        except (OSError, ValueError) as error:
+            raise RuntimeError(
+                f"cannot load training image {record.image}: {error}. "
+                "Run `taxadiffusion data check` on this dataset to list every unusable image."
+            ) from error
+        rng = random.Random(hash((self.seed, self.epoch, index))) if self.random_crop else None
+        return np.array(prepare_image(image, self.size, self.policy, rng))
+
+    def __getitem__(self, index: int) -> dict:
+        pixels = torch.from_numpy(self.load(index)).permute(2, 0, 1).float() / 127.5 - 1.0
+        return {"pixel_values": pixels, "taxon_ids": self.taxon_ids[index], "index": index}

@@ -1,0 +1,119 @@
+"""Image loading (PIL only), the published crop/resize policies, and image health checks.
+
+DESIGN.md section 1, data prep: iNat random square crop + resize; FishNet random square crop or
+squash; BIOSCAN pad to square (white) + resize.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+WHITE = (255, 255, 255)
+# Modes `load_image` converts without loss of meaning; anything else is reported as odd.
+SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I", "F"})
+
+
+class CropPolicy(StrEnum):
+    RANDOM_CROP = "random_crop"  # a random square of side min(w, h), then resize (centre crop when not random)
+    SQUASH = "squash"  # resize to a square, ignoring the aspect ratio
+    PAD = "pad"  # pad the short side with white to a square, then resize
+
+    @classmethod
+    def parse(cls, value: str | CropPolicy) -> CropPolicy:
+        try:
+            return cls(value)
+        except ValueError:
+            raise ValueError(f"unknown crop policy {value!r}; choose {', '.join(p.value for p in cls)}") from None
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode to 8-bit RGB; transparency is composited over white."""
+    if image.mode in SIXTEEN_BIT_MODES:
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        if image.mode == "F":
+            top = max(float(array.max()), 1.0)
+        image = Image.fromarray(np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*WHITE, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB") if image.mode != "RGB" else image
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open an image as 8-bit RGB with its EXIF orientation applied."""
+    with Image.open(path) as image:
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        return _to_rgb(image)
+
+
+def prepare_image(
+    image: Image.Image, size: int, policy: CropPolicy | str, rng: random.Random | None = None
+) -> Image.Image:
+    """Square `size` x `size` RGB image by one crop policy; `rng` None means deterministic (centre)."""
+    policy = CropPolicy.parse(policy)
+    width, height = image.size
+    if policy is CropPolicy.RANDOM_CROP:
+        side = min(width, height)
+        left = rng.randint(0, width - side) if rng else (width - side) // 2
+        top = rng.randint(0, height - side) if rng else (height - side) // 2
+        image = image.crop((left, top, left + side, top + side))
+    elif policy is CropPolicy.PAD:
+        side = max(width, height)
+        canvas = Image.new("RGB", (side, side), WHITE)
+        canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+        image = canvas
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    return image
+
+
+@dataclass(frozen=True)
+class ImageCheck:
+    """The health of one image file; `problem` is None for a usable file."""
+
+    path: Path
+    problem: str | None = None  # missing | unreadable | truncated
+    mode: str | None = None
+    size: tuple[int, int] | None = None
+
+    @property
+    def odd_mode(self) -> str | None:
+        """A mode other than 8-bit RGB (usable, converted on load, but worth knowing)."""
+        if self.problem or self.mode in (None, "RGB"):
+            return None
+        return "16-bit" if self.mode in SIXTEEN_BIT_MODES else self.mode
+
+
+def check_image(path: str | Path) -> ImageCheck:
+    """Open and fully decode one image, classifying what is wrong with it."""
+    path = Path(path)
+    if not path.is_file():
+        return ImageCheck(path, "missing")
+    previous = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        with Image.open(path) as image:
+            mode, size = image.mode, image.size
+            try:
+                image.load()
+            except (OSError, SyntaxError, ValueError) as error:
+                problem = (
+                    "truncated" if "truncat" in str(error).lower() or "broken" in str(error).lower() else "unreadable"
+                )
+                return ImageCheck(path, problem, mode, size)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        return ImageCheck(path, "unreadable")
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = previous
+    return ImageCheck(path, None, mode, size)

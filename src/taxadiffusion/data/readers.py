@@ -1,0 +1,310 @@
+"""One reader per published metadata format; each returns a `RecordSet`.
+
+Readers never open images (that is `data check`'s job) so that listing a million-image dataset is
+fast. Rows that cannot become a record are counted in `RecordSet.skipped` by reason, never dropped
+silently.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path, PurePosixPath
+
+from ..taxonomy import BIOSCAN_RANKS, FISHNET_RANKS, INAT21_RANKS, STANDARD_RANKS, Rank, parse_ranks
+from .records import RecordSet
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
+
+# Values that mean "not labelled" in the published metadata files.
+_MISSING = frozenset({"", "nan", "none", "null", "na", "n/a", "not_classified", "unknown"})
+
+
+def _clean(value: object) -> str | None:
+    text = "" if value is None else " ".join(str(value).split())
+    return None if text.lower() in _MISSING else text
+
+
+def _epithet(species: str | None, genus: str | None) -> tuple[str | None, str | None]:
+    """Split a species column into (genus, epithet).
+
+    Published tables write the binomial (`"Amphiprion clarkii"`); the species rank is conditioned on
+    the epithet only. A one-word value is taken as the epithet itself.
+    """
+    if not species:
+        return genus, None
+    words = species.split()
+    if len(words) == 1:
+        return genus, words[0]
+    return genus or words[0], " ".join(words[1:])
+
+
+def _split_from_name(path: Path) -> str | None:
+    stem = path.stem.lower()
+    for split in ("train", "val", "test"):
+        if stem == split or stem.startswith(split + "_") or stem.startswith(split + "-"):
+            return split
+    if stem.startswith("validation"):
+        return "val"
+    return None
+
+
+def _require_file(path: Path, what: str) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    return path
+
+
+def _read_table(path: Path) -> Iterator[dict[str, str]]:
+    """Rows of a CSV/TSV (delimiter from the suffix) or of a JSON-lines file."""
+    if path.suffix.lower() in (".jsonl", ".ndjson"):
+        with path.open(encoding="utf-8") as handle:
+            for number, line in enumerate(handle, 1):
+                if line.strip():
+                    try:
+                        yield json.loads(line)
+                    except json.JSONDecodeError as error:
+                        raise ValueError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+        return
+    delimiter = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
+    with path.open(encoding="utf-8-sig", newline="") as handle:
+        yield from csv.DictReader(handle, delimiter=delimiter)
+
+
+def _columns_by_rank(columns: Iterable[str]) -> dict[Rank, str]:
+    """Map standard ranks to the table's column names (case-insensitive; `species` allowed)."""
+    found: dict[Rank, str] = {}
+    for column in columns:
+        try:
+            rank = Rank.parse(column)
+        except ValueError:
+            continue
+        # Prefer an exact `specific_epithet` column over a `species` column.
+        if rank not in found or column.strip().lower() == rank.value:
+            found[rank] = column
+    return found
+
+
+# -- iNaturalist 2021 ----------------------------------------------------------------------------
+
+
+def read_inat21(path: str | Path, root: str | Path | None = None) -> RecordSet:
+    """iNat21 `train.json`/`val.json` (COCO style); image paths are `root / file_name`.
+
+    `root` defaults to the JSON file's folder, where the release unpacks `train/` and `val/`.
+    """
+    path = _require_file(Path(path), "iNat21 JSON")
+    root = Path(root) if root is not None else path.parent
+    data = json.loads(path.read_text(encoding="utf-8"))
+    for key in ("images", "annotations", "categories"):
+        if key not in data:
+            raise ValueError(f"{path} is not an iNat21 file: no {key!r} list")
+    categories = {c["id"]: c for c in data["categories"]}
+    label_of = {a["image_id"]: a.get("category_id") for a in data["annotations"]}
+    out = RecordSet(INAT21_RANKS, source=str(path))
+    split = _split_from_name(path)
+    for image in data["images"]:
+        category = categories.get(label_of.get(image["id"]))
+        if category is None:
+            out.skip("no annotation" if image["id"] not in label_of else "unknown category")
+            continue
+        values = {rank: _clean(category.get(rank.value)) for rank in INAT21_RANKS}
+        out.add(root / image["file_name"], values, split)
+    return out
+
+
+# -- FishNet ---------------------------------------------------------------------------------------
+
+
+def read_fishnet(path: str | Path, root: str | Path | None = None) -> RecordSet:
+    """FishNet `anns/{train,test}.csv`; the image is `root / Folder / basename(image)`.
+
+    `species` is empty for most iNat-sourced rows (labelled to genus); FishBase rows give the image as
+    a URL whose file name is the stored file. Class names are kept as given (the release mixes
+    `Actinopterygii` and `Actinopteri`).
+    """
+    path = _require_file(Path(path), "FishNet CSV")
+    root = Path(root) if root is not None else path.parent
+    out = RecordSet(FISHNET_RANKS, source=str(path))
+    split = _split_from_name(path)
+    for row in _read_table(path):
+        folder, image = _clean(row.get("Folder")), _clean(row.get("image"))
+        if not folder or not image:
+            out.skip("no image path")
+            continue
+        genus, epithet = _epithet(_clean(row.get("species")), _clean(row.get("Genus")))
+        values = {
+            Rank.CLASS: _clean(row.get("Class")),
+            Rank.ORDER: _clean(row.get("Order")),
+            Rank.FAMILY: _clean(row.get("Family")),
+            Rank.GENUS: genus,
+            Rank.SPECIFIC_EPITHET: epithet,
+        }
+        out.add(root / folder / PurePosixPath(image).name, values, split)
+    return out
+
+
+# -- BIOSCAN-1M --------------------------------------------------------------------------------------
+
+
+def read_bioscan(path: str | Path, root: str | Path | None = None) -> RecordSet:
+    """BIOSCAN-1M metadata TSV; the image is `root / part<chunk_number> / image_file`.
+
+    `not_classified` marks an unknown rank; the `split` column is kept as given.
+    """
+    path = _require_file(Path(path), "BIOSCAN-1M metadata")
+    root = Path(root) if root is not None else path.parent
+    out = RecordSet(BIOSCAN_RANKS, source=str(path))
+    for row in _read_table(path):
+        image = _clean(row.get("image_file"))
+        if not image:
+            out.skip("no image path")
+            continue
+        chunk = _clean(row.get("chunk_number"))
+        folder = root / f"part{chunk}" if chunk else root
+        genus, epithet = _epithet(_clean(row.get("species")), _clean(row.get("genus")))
+        values = {
+            Rank.CLASS: _clean(row.get("class")),
+            Rank.ORDER: _clean(row.get("order")),
+            Rank.FAMILY: _clean(row.get("family")),
+            Rank.GENUS: genus,
+            Rank.SPECIFIC_EPITHET: epithet,
+        }
+        out.add(folder / image, values, _clean(row.get("split")))
+    return out
+
+
+# -- folder per taxon + taxonomy table ----------------------------------------------------------------
+
+
+def _image_files(folder: Path) -> tuple[list[Path], int]:
+    images, others = [], 0
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        if file.suffix.lower() in IMAGE_SUFFIXES:
+            images.append(file)
+        elif not file.name.startswith("."):
+            others += 1
+    return images, others
+
+
+def read_folder(path: str | Path, root: str | Path | None = None, table: str | Path | None = None) -> RecordSet:
+    """One folder of images per taxon plus a table mapping each folder to its ranks.
+
+    The table (default `PATH/taxonomy.csv`) has a `folder` column and one column per rank. Image folders
+    are looked up under `root` (default: `PATH`, or the one sub-folder of `PATH` that holds them, as in
+    `fish4knowledge/fish_image/<folder>`).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise NotADirectoryError(f"folder dataset not found: {path}")
+    table_path = _require_file(Path(table) if table else path / "taxonomy.csv", "taxonomy table")
+    rows = list(_read_table(table_path))
+    if not rows:
+        raise ValueError(f"taxonomy table {table_path} has no rows")
+    columns = list(rows[0])
+    folder_column = next((c for c in columns if c.strip().lower() in ("folder", "dir", "directory")), None)
+    if folder_column is None:
+        raise ValueError(f"taxonomy table {table_path} needs a 'folder' column; it has {', '.join(columns)}")
+    rank_columns = _columns_by_rank(columns)
+    if not rank_columns:
+        raise ValueError(f"taxonomy table {table_path} has no rank columns ({', '.join(STANDARD_RANKS)})")
+    ranks = tuple(r for r in STANDARD_RANKS if r in rank_columns)
+    lineage_of = {row[folder_column].strip(): row for row in rows if row.get(folder_column, "").strip()}
+
+    if root is None:
+        candidates = [path, *sorted(p for p in path.iterdir() if p.is_dir())]
+        root = max(candidates, key=lambda base: sum((base / f).is_dir() for f in lineage_of))
+    root = Path(root)
+
+    out = RecordSet(ranks, source=str(path))
+    for folder, row in sorted(lineage_of.items()):
+        directory = root / folder
+        if not directory.is_dir():
+            out.skip("folder missing")
+            continue
+        images, others = _image_files(directory)
+        if others:
+            out.skip("not an image file", others)
+        values = {rank: _clean(row.get(column)) for rank, column in rank_columns.items()}
+        if Rank.SPECIFIC_EPITHET in values:
+            values[Rank.SPECIFIC_EPITHET] = _epithet(values[Rank.SPECIFIC_EPITHET], None)[1]
+        split = _clean(row.get("split"))
+        for image in images:
+            out.add(image, values, split)
+    for directory in sorted(p for p in root.iterdir() if p.is_dir() and p.name not in lineage_of):
+        unlisted = len(_image_files(directory)[0])
+        if unlisted:
+            out.skip("folder not in taxonomy table", unlisted)
+    return out
+
+
+# -- generic CSV / metadata.jsonl -------------------------------------------------------------------
+
+
+FILE_COLUMNS = ("file_name", "file", "filename", "image", "image_path", "path", "filepath")
+
+
+def read_table(path: str | Path, root: str | Path | None = None, ranks: Iterable[str] | None = None) -> RecordSet:
+    """A CSV/TSV or `metadata.jsonl` with a file column and one column per rank.
+
+    This is the Hugging Face imagefolder convention: `file_name` relative to the table's folder. Rank
+    columns are named after the ranks (`species` may hold the binomial); an optional `split` column.
+    """
+    path = _require_file(Path(path), "metadata table")
+    root = Path(root) if root is not None else path.parent
+    rows = _read_table(path)
+    first = next(rows, None)
+    if first is None:
+        raise ValueError(f"metadata table {path} has no rows")
+    columns = list(first)
+    file_column = next((c for c in columns if c.strip().lower() in FILE_COLUMNS), None)
+    if file_column is None:
+        raise ValueError(f"{path} needs a file column (one of {', '.join(FILE_COLUMNS)}); it has {', '.join(columns)}")
+    rank_columns = _columns_by_rank(columns)
+    chosen = parse_ranks(ranks) if ranks else tuple(r for r in STANDARD_RANKS if r in rank_columns)
+    missing = [r.value for r in chosen if r not in rank_columns]
+    if missing or not chosen:
+        raise ValueError(
+            f"{path} has no column for rank(s) {', '.join(missing) or 'any'}; columns: {', '.join(columns)}"
+        )
+    split_column = next((c for c in columns if c.strip().lower() == "split"), None)
+
+    out = RecordSet(chosen, source=str(path))
+    for row in _chain(first, rows):
+        file = _clean(row.get(file_column))
+        if not file:
+            out.skip("no image path")
+            continue
+        values = {rank: _clean(row.get(rank_columns[rank])) for rank in chosen}
+        if Rank.SPECIFIC_EPITHET in values:
+            genus, epithet = _epithet(values[Rank.SPECIFIC_EPITHET], values.get(Rank.GENUS))
+            values[Rank.SPECIFIC_EPITHET] = epithet
+            if Rank.GENUS in values:
+                values[Rank.GENUS] = genus
+        out.add(root / file, values, _clean(row.get(split_column)) if split_column else None)
+    return out
+
+
+def _chain(first: dict, rest: Iterator[dict]) -> Iterator[dict]:
+    yield first
+    yield from rest
+
+
+READERS: dict[str, Callable[..., RecordSet]] = {
+    "inat21": read_inat21,
+    "fishnet": read_fishnet,
+    "bioscan": read_bioscan,
+    "folder": read_folder,
+    "csv": read_table,
+}
+
+
+def read_records(fmt: str, path: str | Path, root: str | Path | None = None) -> RecordSet:
+    """Read a dataset in one of the formats of `READERS`."""
+    try:
+        reader = READERS[fmt]
+    except KeyError:
+        raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(READERS)}") from None
+    return reader(path, root=root)

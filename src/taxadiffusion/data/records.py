@@ -1,0 +1,100 @@
+"""The record type every reader returns: an image path, its lineage and its split."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..taxonomy import Lineage, LineageError, Rank, Taxonomy
+
+
+@dataclass(frozen=True)
+class Record:
+    image: Path
+    lineage: Lineage
+    split: str | None = None
+
+
+@dataclass
+class RecordSet:
+    """Records read from one source, with the rows that were skipped counted by reason."""
+
+    ranks: tuple[Rank, ...]
+    records: list[Record] = field(default_factory=list)
+    skipped: Counter[str] = field(default_factory=Counter)
+    source: str = ""
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __iter__(self) -> Iterator[Record]:
+        return iter(self.records)
+
+    def add(self, image: Path, values: dict[Rank, str | None], split: str | None = None) -> bool:
+        """Add a record from {rank: name}; a row with a gap in its lineage is counted, not kept."""
+        try:
+            lineage = Lineage.from_mapping(self.ranks, values)
+        except LineageError as error:
+            self.skip(error.reason)
+            return False
+        if lineage.depth == 0:
+            self.skip("no rank labelled")
+            return False
+        self.records.append(Record(Path(image), lineage, split))
+        return True
+
+    def skip(self, reason: str, n: int = 1) -> None:
+        self.skipped[reason] += n
+
+    def split(self, name: str) -> RecordSet:
+        """The records of one split (`train`, `val`, ...)."""
+        kept = [r for r in self.records if r.split == name]
+        return RecordSet(self.ranks, kept, Counter(), f"{self.source}[{name}]")
+
+    def taxonomy(self) -> Taxonomy:
+        return Taxonomy.from_lineages((r.lineage for r in self.records), self.ranks)
+
+    def summary(self) -> dict:
+        """{"records", "taxa": {rank: n}, "labelled_to": {rank: n}, "skipped": {reason: n}}.
+
+        `labelled_to[rank]` counts records labelled down to at least that rank.
+        """
+        taxa = [set() for _ in self.ranks]
+        labelled = [0] * len(self.ranks)
+        for record in self.records:
+            names = record.lineage.names
+            for depth in range(len(names)):
+                taxa[depth].add(names[: depth + 1])
+                labelled[depth] += 1
+        return {
+            "records": len(self.records),
+            "taxa": {r.value: len(t) for r, t in zip(self.ranks, taxa, strict=True)},
+            "labelled_to": {r.value: n for r, n in zip(self.ranks, labelled, strict=True)},
+            "skipped": dict(sorted(self.skipped.items())),
+        }
+
+
+def split_records(records: Sequence[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
+    """Hold out `fraction` of each leaf taxon's records (at least one where a taxon has two or more).
+
+    Stratified so that rare taxa keep training images and still appear in the held-out set.
+    """
+    import random
+
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"held-out fraction must be in (0, 1), got {fraction}")
+    by_taxon: dict[tuple[str, ...], list[Record]] = {}
+    for record in records:
+        by_taxon.setdefault(record.lineage.names, []).append(record)
+    rng = random.Random(seed)
+    kept: list[Record] = []
+    held: list[Record] = []
+    for names in sorted(by_taxon):
+        group = sorted(by_taxon[names], key=lambda r: str(r.image))
+        rng.shuffle(group)
+        n_held = min(len(group) - 1, max(1, round(fraction * len(group)))) if len(group) > 1 else 0
+        held.extend(group[:n_held])
+        kept.extend(group[n_held:])
+    return kept, held

@@ -1,0 +1,69 @@
+"""The command line: help everywhere, no torchvision, and the synthetic summary."""
+
+import importlib.metadata
+import json
+import subprocess
+import sys
+
+import pytest
+
+from taxadiffusion.cli import build_parser, main
+
+
+def test_torchvision_is_not_installed():
+    with pytest.raises(importlib.metadata.PackageNotFoundError):
+        importlib.metadata.version("torchvision")
+
+
+def test_import_and_cli_work_with_torchvision_blocked():
+    """Even if torchvision were present, nothing we run may import it."""
+    code = (
+        "import sys; sys.modules['torchvision'] = None\n"
+        "import taxadiffusion, taxadiffusion.cli, taxadiffusion.data.dataset, taxadiffusion.data.synthetic\n"
+        "import diffusers, transformers\n"
+        "from diffusers import UNet2DConditionModel\n"
+        "from transformers import CLIPTextModel\n"
+        "sys.exit(taxadiffusion.cli.main(['data', 'synth', '--json']))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["species"] > 0
+
+
+def _subcommands(parser, prefix=()):
+    for action in parser._actions:
+        if hasattr(action, "choices") and isinstance(action.choices, dict):
+            for name, sub in action.choices.items():
+                yield (*prefix, name)
+                yield from _subcommands(sub, (*prefix, name))
+
+
+def test_help_on_every_subcommand(capsys):
+    commands = list(_subcommands(build_parser()))
+    assert ("data", "inspect") in commands and ("data", "check") in commands
+    for command in [(), *commands]:
+        with pytest.raises(SystemExit) as exit_:
+            main([*command, "--help"])
+        assert exit_.value.code == 0
+        assert "usage: taxadiffusion" in capsys.readouterr().out
+
+
+def test_console_script_runs():
+    result = subprocess.run(
+        [sys.executable, "-m", "taxadiffusion", "--version"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0 and "taxadiffusion" in result.stdout
+
+
+def test_synth_writes_and_refuses_user_folder(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["data", "synth", "--out", str(out), "--resolution", "16", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["folder"] == str(out) and (out / "taxonomy.csv").is_file()
+    assert main(["data", "inspect", "--format", "folder", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["records"] == summary["images"]
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "x.txt").write_text("x")
+    assert main(["data", "synth", "--out", str(user)]) == 2
+    assert "--overwrite" in capsys.readouterr().err

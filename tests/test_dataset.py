@@ -1,0 +1,41 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from taxadiffusion.data.dataset import UNLABELLED, ImageDataset
+from taxadiffusion.data.readers import read_folder
+
+
+def test_items_carry_pixels_and_ids(tmp_path):
+    (tmp_path / "taxonomy.csv").write_text(
+        "folder,family,genus,species\na,Pomacentridae,Amphiprion,clarkii\nb,Labridae,,\n"
+    )
+    for folder in "ab":
+        (tmp_path / folder).mkdir()
+        pixels = np.random.default_rng(0).integers(0, 255, (20, 50, 4), dtype=np.uint8)
+        Image.fromarray(pixels, "RGBA").save(tmp_path / folder / "1.png")
+    records = read_folder(tmp_path)
+    taxonomy = records.taxonomy()
+    dataset = ImageDataset(records.records, taxonomy, size=16, seed=3)
+    item = dataset[0]
+    assert item["pixel_values"].shape == (3, 16, 16) and item["pixel_values"].dtype == torch.float32
+    assert item["pixel_values"].min() >= -1.0 and item["pixel_values"].max() <= 1.0
+    assert item["taxon_ids"].tolist() == list(taxonomy.ids(records.records[0].lineage))
+    assert dataset[1]["taxon_ids"].tolist()[1:] == [UNLABELLED, UNLABELLED]
+    assert torch.equal(dataset[0]["pixel_values"], item["pixel_values"])  # same epoch, same crop
+    crops = set()
+    for epoch in range(8):  # a 20x50 image has 31 square crop positions
+        dataset.set_epoch(epoch)
+        crops.add(dataset[0]["pixel_values"].numpy().tobytes())
+    assert len(crops) > 1
+
+
+def test_unreadable_image_names_the_file(tmp_path):
+    (tmp_path / "taxonomy.csv").write_text("folder,genus\na,Amphiprion\n")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "bad.png").write_bytes(b"nope")
+    records = read_folder(tmp_path)
+    dataset = ImageDataset(records.records, records.taxonomy(), size=8)
+    with pytest.raises(RuntimeError, match=r"bad\.png.*data check"):
+        dataset[0]
