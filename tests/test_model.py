@@ -1,0 +1,100 @@
+"""Building denoisers, LoRA, and what trains at each stage."""
+
+import pytest
+import torch
+
+from taxadiffusion.model import (
+    ModelConfig,
+    TaxaDiffusionModel,
+    TinyUNetConfig,
+    add_lora,
+    build_denoiser,
+    build_taxonomy_encoder,
+    count_parameters,
+    lora_parameters,
+)
+
+TINY = TinyUNetConfig(
+    block_out_channels=(32, 64),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    cross_attention_dim=32,
+)
+
+
+def _model(finetune="lora", ranks=3):
+    config = ModelConfig(resolution=16, tiny=TINY, finetune=finetune, encoder_heads=4)
+    denoiser = build_denoiser(config)
+    if finetune == "lora":
+        add_lora(denoiser.unet, config.lora_rank, config.lora_alpha)
+    encoder = build_taxonomy_encoder(config, ranks, text_width=16, cross_attention_dim=32)
+    return TaxaDiffusionModel(denoiser.unet, encoder), denoiser
+
+
+def _expected_lora(unet, rank=4):
+    total = 0
+    for name, module in unet.named_modules():
+        if name.endswith((".to_q", ".to_k", ".to_v", ".to_out.0")) and hasattr(module, "base_layer"):
+            total += rank * (module.base_layer.in_features + module.base_layer.out_features)
+    return total
+
+
+def test_trainable_parameters_per_stage():
+    model, _ = _model()
+    encoder = model.taxonomy_encoder
+    per_encoder = [count_parameters(list(e.parameters())) for e in encoder.encoders]
+    proj = count_parameters(list(encoder.proj.parameters()))
+    lora = _expected_lora(model.unet)
+    assert lora > 0 and count_parameters(lora_parameters(model.unet)) == lora
+
+    stage0 = model.trainable_parameters(0)
+    assert isinstance(stage0, list)
+    assert count_parameters(stage0) == lora + per_encoder[0] + proj
+    for stage in (1, 2):
+        params = model.trainable_parameters(stage)
+        assert count_parameters(params) == per_encoder[stage]
+        assert {id(p) for p in params} == {id(p) for p in encoder.encoders[stage].parameters()}
+        assert all(not p.requires_grad for p in lora_parameters(model.unet))
+    model.train()
+    assert [e.training for e in encoder.encoders] == [False, False, True]
+
+
+def test_full_finetune_trains_the_unet():
+    model, _ = _model(finetune="full")
+    params = model.configure_trainable("full", range(3))
+    unet = count_parameters(list(model.unet.parameters()))
+    assert count_parameters(params) == unet + count_parameters(list(model.taxonomy_encoder.parameters()))
+    with pytest.raises(ValueError, match="no LoRA adapter"):
+        model.configure_trainable("lora", [0])
+
+
+def test_forward_and_gradients_reach_only_trainable():
+    model, denoiser = _model()
+    params = model.trainable_parameters(1)
+    # Make LoRA non-zero so that a leak of gradient into it would show.
+    for p in lora_parameters(model.unet):
+        p.data.normal_()
+    x = torch.randn(2, 3, 16, 16)
+    out = model(x, torch.tensor([10, 500]), torch.randn(2, 3, 4, 16), 2)
+    assert out.shape == x.shape
+    out.pow(2).mean().backward()
+    assert all(p.grad is not None for p in params)
+    others = [p for p in model.parameters() if all(p is not q for q in params)]
+    assert all(p.grad is None for p in others)
+    assert denoiser.noise_scheduler.config.beta_schedule == "squaredcos_cap_v2"
+
+
+def test_latent_model_uses_the_base_scheduler(tiny_sd):
+    denoiser = build_denoiser(ModelConfig(base=str(tiny_sd), resolution=16))
+    assert denoiser.vae is not None and not any(p.requires_grad for p in denoiser.vae.parameters())
+    assert denoiser.noise_scheduler.config.beta_schedule == "scaled_linear"
+    assert denoiser.unet.config.cross_attention_dim == 32
+
+
+def test_bad_model_config(tmp_path):
+    with pytest.raises(ValueError, match="finetune"):
+        ModelConfig(finetune="half")
+    with pytest.raises(FileNotFoundError, match="not a Stable Diffusion folder"):
+        build_denoiser(ModelConfig(base=str(tmp_path)))
+    with pytest.raises(ValueError, match="divisible"):
+        TinyUNetConfig(block_out_channels=(30, 60), down_block_types=("a", "b"), up_block_types=("a", "b"))

@@ -1,0 +1,128 @@
+"""Tiny real components written in the real on-disk formats, for offline tests.
+
+A 2-block UNet, a tiny VAE, a tiny CLIP text model with a byte-level BPE tokenizer (vocab.json +
+merges.txt, as CLIP ships them), and a Stable Diffusion folder that holds them all.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """CLIP's byte -> printable-unicode table (GPT-2 byte-level BPE)."""
+    keep = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    chars = keep[:]
+    extra = 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(keep, (chr(c) for c in chars), strict=True))
+
+
+def write_clip_tokenizer(directory: Path, max_length: int = 16) -> CLIPTokenizer:
+    directory.mkdir(parents=True, exist_ok=True)
+    symbols = list(_bytes_to_unicode().values())
+    merges = [("a", "n"), ("i", "s"), ("e", "s</w>"), ("u", "s</w>")]
+    vocab_list = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
+    vocab_list += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {token: i for i, token in enumerate(vocab_list)}
+    (directory / "vocab.json").write_text(json.dumps(vocab))
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    tokenizer = CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"), model_max_length=max_length)
+    tokenizer.save_pretrained(directory)
+    return tokenizer
+
+
+def tiny_clip_text_model(vocab_size: int, width: int = 32, max_length: int = 16, seed: int = 0) -> CLIPTextModel:
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=max_length,
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
+    )
+    return CLIPTextModel(config).eval()
+
+
+def tiny_unet(cross_attention_dim: int = 32, in_channels: int = 4, sample_size: int = 8, seed: int = 0):
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=in_channels,
+        out_channels=in_channels,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    ).eval()
+
+
+def tiny_vae(seed: int = 0) -> AutoencoderKL:
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        block_out_channels=(32, 64),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=16,
+    ).eval()
+
+
+def sd_scheduler() -> PNDMScheduler:
+    """SD 1.5's scheduler config (scaled_linear betas)."""
+    return PNDMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        skip_prk_steps=True,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+
+
+def write_tiny_sd(directory: Path, width: int = 32) -> Path:
+    """A Stable Diffusion folder (unet, vae, text_encoder, tokenizer, scheduler, model_index.json)."""
+    tokenizer = write_clip_tokenizer(directory / "tokenizer")
+    tiny_clip_text_model(len(tokenizer), width).save_pretrained(directory / "text_encoder")
+    tiny_unet(cross_attention_dim=width).save_pretrained(directory / "unet")
+    tiny_vae().save_pretrained(directory / "vae")
+    sd_scheduler().save_pretrained(directory / "scheduler")
+    (directory / "model_index.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "StableDiffusionPipeline",
+                "_diffusers_version": "0.42.1",
+                "feature_extractor": [None, None],
+                "requires_safety_checker": False,
+                "safety_checker": [None, None],
+                "scheduler": ["diffusers", "PNDMScheduler"],
+                "text_encoder": ["transformers", "CLIPTextModel"],
+                "tokenizer": ["transformers", "CLIPTokenizer"],
+                "unet": ["diffusers", "UNet2DConditionModel"],
+                "vae": ["diffusers", "AutoencoderKL"],
+            }
+        )
+    )
+    return directory
