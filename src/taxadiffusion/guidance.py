@@ -36,8 +36,12 @@ def cfg(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, scale: float) -> torch
 
 
 def taxonomic_cfg(eps_fine: torch.Tensor, eps_coarse: torch.Tensor, w: float) -> torch.Tensor:
-    """Taxonomic CFG: (1 + w) * eps(c_k) - w * eps(c_0); w = 0 gives the conditional prediction."""
-    return (1.0 + w) * eps_fine - w * eps_coarse
+    """Taxonomic CFG: (1 + w) * eps(c_k) - w * eps(c_0); w = 0 gives the conditional prediction.
+
+    Evaluated as eps(c_0) + (1 + w) * (eps(c_k) - eps(c_0)), the same algebra in the operation order of
+    diffusers' CFG, so that results match a StableDiffusionPipeline given c_0 as the negative bit for bit.
+    """
+    return cfg(eps_fine, eps_coarse, 1.0 + w)
 
 
 def in_window(step: int, num_steps: int, window: tuple[float, float] = (0.0, 1.0)) -> bool:

@@ -12,6 +12,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import PIL.Image
@@ -66,7 +67,7 @@ class TaxaDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     """
 
     model_cpu_offload_seq = "unet->vae"
-    _optional_components = ["vae"]
+    _optional_components: ClassVar[list[str]] = ["vae"]
     text_encoder = None  # taxon texts are pre-encoded; `load_lora_weights` looks for this attribute
 
     def __init__(

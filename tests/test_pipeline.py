@@ -1,0 +1,232 @@
+"""TaxaDiffusionPipeline against diffusers' StableDiffusionPipeline, and its save/load round trip."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from taxadiffusion.conditioning import DROPPED, TaxonomyEncoder
+from taxadiffusion.model import add_lora, lora_parameters
+from taxadiffusion.pipeline import TaxaDiffusionPipeline, make_scheduler
+from taxadiffusion.taxonomy import UnknownTaxonError
+from taxadiffusion.text import TextEmbeddingCache, TextEncoderSpec
+from tiny_models import tiny_unet
+
+SPECIES = ("Actinopterygii", "Perciformes", "Pomacentridae", "Amphiprion", "clarkii")
+
+
+@pytest.fixture(scope="module")
+def sd(tiny_sd):
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def parts(tiny_sd, small_taxonomy):
+    spec = TextEncoderSpec(str(tiny_sd), model_subfolder="text_encoder", tokenizer_subfolder="tokenizer")
+    cache = TextEmbeddingCache.build(small_taxonomy, spec.load())
+    torch.manual_seed(0)
+    encoder = TaxonomyEncoder(num_ranks=5, text_width=32, num_heads=4).eval()
+    return cache, encoder
+
+
+def _ours(sd, parts, scheduler="pndm", unet=None):
+    cache, encoder = parts
+    pipe = TaxaDiffusionPipeline(
+        unet=unet or sd.unet,
+        scheduler=make_scheduler(scheduler, sd.scheduler.config),
+        taxonomy_encoder=encoder,
+        text_embeddings=cache,
+        vae=sd.vae,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _embeds(pipe, lineage, depth, negative):
+    ids = torch.full((1, 5), DROPPED)
+    ids[0, : lineage.depth] = torch.tensor(pipe.taxonomy.ids(lineage))
+    features = pipe.text_embeddings.lookup(ids)
+    if negative == "none":
+        features = pipe.text_embeddings.lookup(torch.full_like(ids, DROPPED))
+    return pipe.taxonomy_encoder(features, depth)
+
+
+@pytest.mark.parametrize("scheduler", ["pndm", "ddim", "dpm"])
+def test_taxonomic_cfg_equals_sd_with_level0_negative(sd, parts, scheduler):
+    ours = _ours(sd, parts, scheduler)
+    sd.scheduler = make_scheduler(scheduler, sd.scheduler.config)
+    lineage = ours.resolve("Amphiprion clarkii")
+    with torch.no_grad():
+        c_k = _embeds(ours, lineage, 5, None)
+        c_0 = _embeds(ours, lineage, 1, None)
+        expected = sd(
+            prompt_embeds=c_k,
+            negative_prompt_embeds=c_0,
+            guidance_scale=9.0,
+            num_inference_steps=6,
+            num_images_per_prompt=2,
+            generator=torch.Generator().manual_seed(0),
+            output_type="np",
+        ).images
+    got = ours(
+        "Amphiprion clarkii",
+        guidance="taxonomic",
+        guidance_scale=9.0,
+        num_inference_steps=6,
+        num_images_per_prompt=2,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images
+    assert got.shape == expected.shape == (2, 16, 16, 3)
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+def test_vanilla_cfg_equals_sd_with_none_negative(sd, parts):
+    ours = _ours(sd, parts)
+    sd.scheduler = make_scheduler("pndm", sd.scheduler.config)
+    lineage = ours.resolve("Pomacentridae")
+    with torch.no_grad():
+        c_k = _embeds(ours, lineage, 3, None)
+        empty = _embeds(ours, lineage, 3, "none")
+        expected = sd(
+            prompt_embeds=c_k,
+            negative_prompt_embeds=empty,
+            guidance_scale=5.0,
+            num_inference_steps=5,
+            generator=torch.Generator().manual_seed(1),
+            output_type="np",
+        ).images
+    got = ours(
+        "Pomacentridae",
+        guidance="vanilla",
+        guidance_scale=5.0,
+        num_inference_steps=5,
+        generator=torch.Generator().manual_seed(1),
+        output_type="np",
+    ).images
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+def test_window_is_honoured_step_by_step(sd, parts):
+    ours = _ours(sd, parts, "ddim")  # one UNet call per step (PLMS calls it twice on its first step)
+    batches = []
+    hook = ours.unet.register_forward_hook(lambda module, args, out: batches.append(args[0].shape[0]))
+    try:
+        ours("Amphiprion clarkii", num_inference_steps=8, guidance_window=(0.25, 0.75), output_type="np")
+        assert batches == [1, 1, 2, 2, 2, 2, 1, 1]
+        batches.clear()
+        ours(["Amphiprion clarkii", "Chromis viridis"], num_inference_steps=4, guidance="none", output_type="np")
+        assert batches == [2, 2, 2, 2]
+    finally:
+        hook.remove()
+
+
+def test_inputs_outputs_and_errors(sd, parts):
+    ours = _ours(sd, parts)
+    out = ours(["Amphiprion", "Labridae"], num_inference_steps=2, num_images_per_prompt=3, output_type="pt")
+    assert out.images.shape == (6, 3, 16, 16) and out.images.min() >= 0 and out.images.max() <= 1
+    assert [lin.depth for lin in out.lineages] == [4, 4, 4, 3, 3, 3]
+    pil = ours("Amphiprion clarkii", num_inference_steps=2, condition_rank="family").images
+    assert len(pil) == 1 and pil[0].size == (16, 16)
+    with pytest.raises(UnknownTaxonError, match="did you mean 'Amphiprion'"):
+        ours("Amphiprio", num_inference_steps=2)
+    with pytest.raises(KeyError, match="give --rank"):
+        ours("Chromis", num_inference_steps=2)
+    homonym = ours.taxonomy.find("Chromis")[1]  # a lineage tells homonyms apart
+    out = ours(ours.taxonomy.lineage(homonym), num_inference_steps=1, output_type="np")
+    assert out.lineages[0].names[2] == "Tetraodontidae"
+
+
+def test_save_load_reproduces_images_and_lora_loads_in_diffusers(sd, parts, tiny_sd, tmp_path):
+    unet = tiny_unet(cross_attention_dim=32)
+    add_lora(unet, rank=4, alpha=8.0)  # alpha != rank: the scale must survive the round trip
+    generator = torch.Generator().manual_seed(0)
+    for p in lora_parameters(unet):
+        p.data.normal_(0.0, 0.2, generator=generator)
+    ours = _ours(sd, parts, unet=unet)
+    kwargs = {"num_inference_steps": 3, "output_type": "np"}
+    before = ours("Amphiprion clarkii", generator=torch.Generator().manual_seed(5), **kwargs).images
+    plain = _ours(sd, parts)("Amphiprion clarkii", generator=torch.Generator().manual_seed(5), **kwargs).images
+    assert np.abs(before - plain).max() > 1e-3  # the LoRA changes the images
+
+    ours.save_pretrained(tmp_path / "pipe")
+    assert (tmp_path / "pipe" / "pytorch_lora_weights.safetensors").is_file()
+    loaded = TaxaDiffusionPipeline.from_pretrained(tmp_path / "pipe")
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.taxonomy == ours.taxonomy
+    after = loaded("Amphiprion clarkii", generator=torch.Generator().manual_seed(5), **kwargs).images
+    np.testing.assert_allclose(after, before, atol=1e-5)
+
+    # The LoRA file is a standard diffusers LoRA: StableDiffusionPipeline.load_lora_weights reads it.
+    peer = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
+    peer.load_lora_weights(tmp_path / "pipe", weight_name="pytorch_lora_weights.safetensors")
+    x, t, hidden = torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.randn(1, 16, 32)
+    with torch.no_grad():
+        np.testing.assert_allclose(peer.unet(x, t, hidden).sample, unet(x, t, hidden).sample, atol=1e-5)
+
+
+def test_pixel_space_pipeline_round_trip(parts, tmp_path):
+    from taxadiffusion.model import ModelConfig, TinyUNetConfig, build_denoiser
+
+    tiny = TinyUNetConfig(
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+    )
+    denoiser = build_denoiser(ModelConfig(resolution=16, tiny=tiny))
+    cache, encoder = parts
+    pipe = TaxaDiffusionPipeline(
+        unet=denoiser.unet,
+        scheduler=make_scheduler("ddim", denoiser.noise_scheduler.config),
+        taxonomy_encoder=encoder,
+        text_embeddings=cache,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe("Hemigymnus fasciatus", num_inference_steps=3, generator=torch.Generator().manual_seed(0))
+    assert images.images[0].size == (16, 16)
+    pipe.save_pretrained(tmp_path / "pixel")
+    loaded = TaxaDiffusionPipeline.from_pretrained(tmp_path / "pixel")
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.vae is None
+    a = pipe("Labridae", num_inference_steps=3, generator=torch.Generator().manual_seed(2), output_type="np").images
+    b = loaded("Labridae", num_inference_steps=3, generator=torch.Generator().manual_seed(2), output_type="np").images
+    np.testing.assert_array_equal(a, b)
+
+
+def test_sample_cli(parts, tmp_path, capsys):
+    from taxadiffusion.cli import main
+    from taxadiffusion.model import ModelConfig, TinyUNetConfig, build_denoiser
+
+    tiny = TinyUNetConfig(
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+    )
+    denoiser = build_denoiser(ModelConfig(resolution=16, tiny=tiny))
+    cache, encoder = parts
+    TaxaDiffusionPipeline(
+        unet=denoiser.unet,
+        scheduler=make_scheduler("pndm", denoiser.noise_scheduler.config),
+        taxonomy_encoder=encoder,
+        text_embeddings=cache,
+    ).save_pretrained(tmp_path / "model")
+    out = tmp_path / "samples"
+    args = ["sample", "--model", str(tmp_path / "model"), "--taxon", "Amphiprion", "--n", "3", "--steps", "2"]
+    assert main([*args, "--out", str(out), "--batch-size", "2"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "Amphiprion_000.png",
+        "Amphiprion_001.png",
+        "Amphiprion_002.png",
+        "Amphiprion_grid.png",
+    ]
+    assert main([*args, "--out", str(out)]) == 2  # never overwrites without the flag
+    assert "--overwrite" in capsys.readouterr().err
+    assert main([*args, "--out", str(out), "--overwrite"]) == 0
+    capsys.readouterr()
+    bad = ["sample", "--model", str(tmp_path / "model"), "--taxon", "Amphiprio", "--out", str(out)]
+    assert main(bad) == 2
+    assert "did you mean 'Amphiprion'" in capsys.readouterr().err
