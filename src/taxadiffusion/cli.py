@@ -149,6 +149,30 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- train -----------------------------------------------------------------------------------------
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .config import Config
+
+    config = Config.load(args.config, args.set)
+    from .train.trainer import RunConflict, TrainingDiverged, Trainer
+
+    try:
+        trainer = Trainer(config, args.output, overwrite=args.overwrite)
+        if args.dry_run:
+            print(trainer.describe())
+            return 0
+        pipeline = trainer.run()
+    except RunConflict as error:
+        raise CommandError(str(error)) from None
+    except TrainingDiverged as error:
+        print(f"taxadiffusion: training stopped: {error}", file=sys.stderr)
+        return 3
+    print(f"done: pipeline saved to {pipeline}; sample grids in {Path(args.output) / 'samples'}")
+    return 0
+
+
 # -- parser ----------------------------------------------------------------------------------------
 
 
@@ -185,6 +209,15 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty folder")
     synth.add_argument("--json", action="store_true", help="print one JSON object")
     synth.set_defaults(run=cmd_data_synth)
+
+    train = commands.add_parser("train", help="train every stage in one run (re-run the same command to resume)")
+    train.add_argument("--config", required=True, type=Path, help="a preset, e.g. configs/demo.yaml")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value, e.g. --set train.learning_rate=2e-4 (repeatable)")
+    train.add_argument("--output", required=True, type=Path, help="run folder (resumed if it holds this run)")
+    train.add_argument("--overwrite", action="store_true", help="start over, deleting this run's outputs")
+    train.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    train.set_defaults(run=cmd_train)
 
     sample = commands.add_parser("sample", help="generate images of a taxon with a trained pipeline")
     sample.add_argument("--model", required=True, type=Path, help="a saved pipeline folder")

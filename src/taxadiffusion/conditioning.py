@@ -91,8 +91,18 @@ class TaxonomyEncoder(ModelMixin, ConfigMixin):
             self.proj.eval()
         return self
 
-    def forward(self, features: torch.Tensor, depth: int | torch.Tensor) -> torch.Tensor:
-        """(B, R, L, D) text features and depth (int or (B,) long, 1..R) -> (B, L, cross_attention_dim)."""
+    def forward(
+        self,
+        features: torch.Tensor,
+        depth: int | torch.Tensor,
+        frozen_sum: torch.Tensor | None = None,
+        start: int = 0,
+    ) -> torch.Tensor:
+        """(B, R, L, D) text features and depth (int or (B,) long, 1..R) -> (B, L, cross_attention_dim).
+
+        Training shortcut: `frozen_sum` is the already-computed sum of the encoders of ranks < `start`
+        (frozen ones give fixed outputs per taxon; see `FrozenRankTables`), so only ranks >= `start` run.
+        """
         batch, ranks = features.shape[:2]
         if ranks != self.num_ranks:
             raise ValueError(f"features have {ranks} ranks, the encoder {self.num_ranks}")
@@ -100,10 +110,40 @@ class TaxonomyEncoder(ModelMixin, ConfigMixin):
         deepest = int(depth_t.max())
         if not (int(depth_t.min()) >= 1 and deepest <= ranks):
             raise ValueError(f"depth must be in 1..{ranks}, got {depth_t.tolist()}")
-        total = None
-        for level in range(deepest):
+        total = frozen_sum
+        for level in range(start, deepest):
             encoded = self.encoders[level](features[:, level])
             keep = (depth_t > level).to(encoded.dtype)[:, None, None]
             term = encoded if bool(keep.all()) else encoded * keep
             total = term if total is None else total + term
         return self.proj(total)
+
+
+class FrozenRankTables:
+    """The outputs of frozen rank encoders for every taxon of their rank, computed once per stage.
+
+    A frozen encoder (eval mode, no gradient) maps each taxon's text to a fixed output, so a training
+    step can look the sum of ranks < `levels` up instead of running those encoders: stage k of the
+    progressive schedule then runs one rank encoder instead of k + 1.
+    """
+
+    def __init__(self, encoder: TaxonomyEncoder, text_tables: list[torch.Tensor], levels: int, chunk: int = 256):
+        self.levels = levels
+        self.tables = []
+        with torch.no_grad():
+            for level in range(levels):
+                block = encoder.encoders[level]
+                if block.training or any(p.requires_grad for p in block.parameters()):
+                    raise ValueError(f"rank encoder {level} is not frozen; only frozen encoders can be tabulated")
+                rows = text_tables[level]
+                self.tables.append(torch.cat([block(rows[i : i + chunk]) for i in range(0, len(rows), chunk)]))
+
+    def sum(self, taxon_ids: torch.Tensor, depth: torch.Tensor) -> torch.Tensor | None:
+        """(B, R) ids (negative: the "None" row) and (B,) depths -> sum over ranks < min(depth, levels)."""
+        total = None
+        for level, table in enumerate(self.tables):
+            ids = taxon_ids[:, level].to(table.device)
+            ids = torch.where(ids < 0, torch.full_like(ids, table.shape[0] - 1), ids)
+            term = table[ids] * (depth.to(table.device) > level).to(table.dtype)[:, None, None]
+            total = term if total is None else total + term
+        return total

@@ -10,7 +10,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from .conditioning import TaxonomyEncoder
@@ -21,8 +24,13 @@ LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 @dataclass
 class TinyUNetConfig:
-    """A small pixel-space UNet for CPU runs; cross-attention only at the coarser levels."""
+    """A small pixel-space UNet for CPU runs; cross-attention only at the coarser levels.
 
+    `patch_size` p > 1 folds p x p pixel blocks into channels (a lossless space-to-depth codec), so a
+    32 px model runs at 16 x 16: about 3x faster on CPU for the same width.
+    """
+
+    patch_size: int = 1
     block_out_channels: tuple[int, ...] = (64, 128, 128)
     down_block_types: tuple[str, ...] = ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
     up_block_types: tuple[str, ...] = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
@@ -34,6 +42,11 @@ class TinyUNetConfig:
     num_train_timesteps: int = 1000
 
     def __post_init__(self) -> None:
+        self.block_out_channels = tuple(self.block_out_channels)
+        self.down_block_types = tuple(self.down_block_types)
+        self.up_block_types = tuple(self.up_block_types)
+        if self.patch_size < 1:
+            raise ValueError(f"tiny UNet: patch_size must be >= 1, got {self.patch_size}")
         n = len(self.block_out_channels)
         if len(self.down_block_types) != n or len(self.up_block_types) != n:
             raise ValueError("tiny UNet: block_out_channels, down_block_types and up_block_types need equal lengths")
@@ -77,20 +90,61 @@ class ModelConfig:
         return asdict(self)
 
 
+class SpaceToDepth(ModelMixin, ConfigMixin):
+    """A lossless pixel-space "autoencoder": each `factor` x `factor` block of pixels becomes channels.
+
+    It stands where a VAE stands (encode/decode, `scaling_factor` 1), so pixel models with patches use
+    the same training and sampling code as latent models. No library offers this as a diffusers
+    component; it is two calls to torch's pixel (un)shuffle.
+    """
+
+    @register_to_config
+    def __init__(self, factor: int = 2, channels: int = 3, scaling_factor: float = 1.0):
+        super().__init__()
+        self.register_buffer("anchor", torch.zeros(()), persistent=False)  # gives the module a device/dtype
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        return F.pixel_unshuffle(pixels, self.config.factor)
+
+    def decode(self, latents: torch.Tensor, return_dict: bool = False, generator=None) -> tuple[torch.Tensor]:
+        return (F.pixel_shuffle(latents, self.config.factor),)
+
+
+def spatial_factor(vae: nn.Module | None) -> int:
+    """How many pixels one latent cell spans."""
+    if vae is None:
+        return 1
+    if isinstance(vae, SpaceToDepth):
+        return vae.config.factor
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+@torch.no_grad()
+def encode_images(vae: nn.Module | None, pixels: torch.Tensor, generator: torch.Generator | None = None):
+    """Pixels in [-1, 1] -> the space the UNet denoises (VAE latents x scaling factor, patches, or pixels)."""
+    if vae is None:
+        return pixels
+    if isinstance(vae, SpaceToDepth):
+        return vae.encode(pixels)
+    latents = vae.encode(pixels.to(vae.dtype)).latent_dist.sample(generator)
+    return latents * vae.config.scaling_factor
+
+
 @dataclass
 class Denoiser:
     """The parts that `build_denoiser` returns."""
 
     unet: UNet2DConditionModel
     noise_scheduler: DDPMScheduler
-    vae: AutoencoderKL | None
+    vae: AutoencoderKL | SpaceToDepth | None
 
 
 def build_tiny_unet(config: TinyUNetConfig, resolution: int) -> UNet2DConditionModel:
+    channels = 3 * config.patch_size**2
     return UNet2DConditionModel(
-        sample_size=resolution,
-        in_channels=3,
-        out_channels=3,
+        sample_size=resolution // config.patch_size,
+        in_channels=channels,
+        out_channels=channels,
         block_out_channels=tuple(config.block_out_channels),
         down_block_types=tuple(config.down_block_types),
         up_block_types=tuple(config.up_block_types),
@@ -110,7 +164,8 @@ def build_denoiser(config: ModelConfig, torch_dtype: torch.dtype | None = None) 
             beta_schedule=config.tiny.beta_schedule,
             clip_sample=False,
         )
-        return Denoiser(build_tiny_unet(config.tiny, config.resolution), scheduler, None)
+        codec = SpaceToDepth(config.tiny.patch_size) if config.tiny.patch_size > 1 else None
+        return Denoiser(build_tiny_unet(config.tiny, config.resolution), scheduler, codec)
     _check_base(config.base)
     unet = UNet2DConditionModel.from_pretrained(config.base, subfolder="unet", torch_dtype=torch_dtype)
     vae = AutoencoderKL.from_pretrained(config.base, subfolder="vae", torch_dtype=torch_dtype)
@@ -155,8 +210,17 @@ class TaxaDiffusionModel(nn.Module):
         self.unet = unet
         self.taxonomy_encoder = taxonomy_encoder
 
-    def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, features: torch.Tensor, depth) -> torch.Tensor:
-        condition = self.taxonomy_encoder(features, depth)
+    def forward(
+        self,
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor,
+        features: torch.Tensor,
+        depth,
+        frozen_sum: torch.Tensor | None = None,
+        start: int = 0,
+    ) -> torch.Tensor:
+        """Noise prediction; `frozen_sum`/`start`: see `TaxonomyEncoder.forward`."""
+        condition = self.taxonomy_encoder(features, depth, frozen_sum=frozen_sum, start=start)
         return self.unet(noisy, timesteps, encoder_hidden_states=condition).sample
 
     def configure_trainable(self, unet: str | None, encoder_levels: range | list[int]) -> list[nn.Parameter]:

@@ -32,7 +32,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .conditioning import DROPPED, TaxonomyEncoder
 from .guidance import Guidance, cfg, in_window, taxonomic_cfg
-from .model import has_lora
+from .model import SpaceToDepth, has_lora, spatial_factor
 from .taxonomy import Lineage, Rank, Taxonomy
 from .text import TextEmbeddingCache
 
@@ -76,13 +76,13 @@ class TaxaDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         scheduler,
         taxonomy_encoder: TaxonomyEncoder,
         text_embeddings: TextEmbeddingCache,
-        vae: AutoencoderKL | None = None,
+        vae: AutoencoderKL | SpaceToDepth | None = None,
     ):
         super().__init__()
         self.register_modules(
             unet=unet, scheduler=scheduler, taxonomy_encoder=taxonomy_encoder, text_embeddings=text_embeddings, vae=vae
         )
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+        self.vae_scale_factor = spatial_factor(vae)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
     @property

@@ -1,0 +1,1 @@
+"""Progressive training: the stage plan, checkpoints, and the accelerate loop."""
