@@ -156,7 +156,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .config import Config
 
     config = Config.load(args.config, args.set)
-    from .train.trainer import RunConflict, TrainingDiverged, Trainer
+    from .train.trainer import RunConflict, Trainer, TrainingDiverged
 
     try:
         trainer = Trainer(config, args.output, overwrite=args.overwrite)
@@ -212,8 +212,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train every stage in one run (re-run the same command to resume)")
     train.add_argument("--config", required=True, type=Path, help="a preset, e.g. configs/demo.yaml")
-    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config value, e.g. --set train.learning_rate=2e-4 (repeatable)")
+    train.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.learning_rate=2e-4 (repeatable)",
+    )
     train.add_argument("--output", required=True, type=Path, help="run folder (resumed if it holds this run)")
     train.add_argument("--overwrite", action="store_true", help="start over, deleting this run's outputs")
     train.add_argument("--dry-run", action="store_true", help="print the plan and exit")

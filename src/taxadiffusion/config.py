@@ -228,6 +228,11 @@ def _check_scalar(key: str, hint, value):
     if hint in simple:
         if hint is float and isinstance(value, int) and not isinstance(value, bool):
             return float(value)
+        if hint is float and isinstance(value, str):  # YAML 1.1 reads `2e-4` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
             raise ConfigError(f"{key} must be {simple[hint]}, got {value!r}")
     if typing.get_origin(hint) is tuple and isinstance(value, list):

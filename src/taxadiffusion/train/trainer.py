@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from ..conditioning import FrozenRankTables, drop_ranks
 from ..config import Config
 from ..data.dataset import ImageDataset
-from ..data.readers import read_records, read_folder
+from ..data.readers import read_folder, read_records
 from ..data.records import RecordSet
 from ..data.synthetic import SyntheticTaxonomy
 from ..model import (
@@ -84,7 +84,9 @@ def prepare_output(paths: RunPaths, config: Config, overwrite: bool) -> None:
                     "resume it with its own config, choose a new --output, or pass --overwrite to start over"
                 )
         else:
-            raise RunConflict(f"{root} exists and is not a taxadiffusion run; choose a new --output or pass --overwrite")
+            raise RunConflict(
+                f"{root} exists and is not a taxadiffusion run; choose a new --output or pass --overwrite"
+            )
     root.mkdir(parents=True, exist_ok=True)
 
 
@@ -126,6 +128,8 @@ def text_encoder_spec(config: Config) -> TextEncoderSpec:
         if not config.model.is_latent:
             raise ValueError("text.encoder=base needs a Stable Diffusion base model (model.base)")
         return TextEncoderSpec(config.model.base, "text_encoder", "tokenizer", config.text.max_length)
+    if (Path(config.text.encoder) / "text_encoder").is_dir():  # a Stable Diffusion folder: use its CLIP
+        return TextEncoderSpec(config.text.encoder, "text_encoder", "tokenizer", config.text.max_length)
     return TextEncoderSpec(config.text.encoder, max_length=config.text.max_length)
 
 
@@ -276,8 +280,8 @@ class Trainer:
             if stage.index < self.state.stage or (stage.index == self.state.stage and self.state.stage_complete):
                 continue
             self._train_stage(stage)
-        acc.end_training()
         pipeline = self.save_pipeline()
+        acc.end_training()  # closes the trackers and the process group: last
         return pipeline
 
     def _train_stage(self, stage: Stage) -> None:
@@ -290,8 +294,15 @@ class Trainer:
             weight_decay=train.weight_decay,
         )
         lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)  # constant, as published
+        # The loader's own generator: creating an iterator must not draw from the global RNG, whose
+        # state a checkpoint restores (else a run resumed mid-epoch would draw different noise).
         loader = DataLoader(
-            self.dataset, batch_size=train.batch_size, shuffle=True, drop_last=True, num_workers=self.config.data.num_workers
+            self.dataset,
+            batch_size=train.batch_size,
+            shuffle=True,
+            drop_last=True,
+            num_workers=self.config.data.num_workers,
+            generator=torch.Generator().manual_seed(train.seed),
         )
         model, optimizer, loader, lr_scheduler = acc.prepare(self.model, optimizer, loader, lr_scheduler)
 
@@ -339,7 +350,7 @@ class Trainer:
                         )
                     acc.backward(loss)
                     if acc.sync_gradients:
-                        acc.clip_grad_norm_(params, train.max_grad_norm)
+                        clip_gradients(acc, params, train.max_grad_norm)
                     optimizer.step()
                     lr_scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
@@ -474,6 +485,14 @@ class Trainer:
         return target
 
 
+def clip_gradients(accelerator, params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Clip the global gradient norm of `params` (a list: a one-shot generator would be empty by now,
+    and clipping would silently do nothing); returns the norm before clipping."""
+    if not isinstance(params, list):
+        raise TypeError("pass the trainable parameters as a list, the same one the optimizer holds")
+    return accelerator.clip_grad_norm_(params, max_norm)
+
+
 def _hparams(config: Config) -> dict:
     """TensorBoard takes scalars and strings only."""
     return {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in config.flat().items()}
@@ -482,4 +501,3 @@ def _hparams(config: Config) -> dict:
 def train(config: Config, output: str | Path, overwrite: bool = False, **kwargs) -> Path:
     """Train every stage of `config` into `output` (resuming if it holds this run); returns the pipeline folder."""
     return Trainer(config, output, overwrite=overwrite, **kwargs).run()
-

@@ -1,0 +1,249 @@
+"""Training end to end on tiny components: stages, resume, refusals, clipping, two processes."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from taxadiffusion.config import Config, ConfigError
+from taxadiffusion.data.synthetic import SyntheticConfig, SyntheticTaxonomy
+from taxadiffusion.model import ModelConfig
+from taxadiffusion.taxonomy import FISHNET_RANKS
+from taxadiffusion.train.stages import plan_stages
+from taxadiffusion.train.trainer import RunConflict, Trainer, clip_gradients, train
+
+TINY_MODEL = {
+    "base": "tiny",
+    "resolution": 16,
+    "finetune": "full",
+    "encoder_heads": 4,
+    "tiny": {
+        "block_out_channels": [32, 64],
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+        "cross_attention_dim": 32,
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def two_rank_data(tmp_path_factory):
+    """A folder dataset with two ranks (genus, species): 4 species of synthetic fish, 16 px."""
+    root = tmp_path_factory.mktemp("two-rank")
+    branching = ((1, 1),) * 5 + ((2, 2), (2, 2))
+    synth = SyntheticTaxonomy(SyntheticConfig(branching=branching, max_images=8, min_images=6, resolution=16))
+    synth.write_folder(root, progress=False)
+    rows = list(csv.DictReader((root / "taxonomy.csv").open()))
+    with (root / "taxonomy.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["folder", "genus", "specific_epithet"])
+        writer.writerows([r["folder"], r["genus"], r["specific_epithet"]] for r in rows)
+    return root
+
+
+def _config(data_root, text_encoder, **train):
+    settings = {"steps": [2, 2], "batch_size": 4, "checkpoint_every": 1, "log_every": 1, "learning_rate": 1e-3}
+    settings.update(train)
+    return Config.from_dict(
+        {
+            "model": TINY_MODEL,
+            "text": {"encoder": str(text_encoder)},
+            "data": {"format": "folder", "path": str(data_root), "crop": "squash"},
+            "train": settings,
+            "sample": {"steps": 2, "grid_taxa": 2, "grid_images": 2},
+        }
+    )
+
+
+def test_plan_for_each_strategy():
+    model = ModelConfig()
+    config = Config.from_dict({"train": {"steps": [5, 1, 1, 1, 1]}})
+    stages = plan_stages(config.train, model, FISHNET_RANKS)
+    assert [(s.unet, s.encoder_levels, s.depth, s.steps) for s in stages] == [
+        ("lora", (0,), 1, 5),
+        (None, (1,), 2, 1),
+        (None, (2,), 3, 1),
+        (None, (3,), 4, 1),
+        (None, (4,), 5, 1),
+    ]
+    for strategy, depth, unet in (
+        ("all", 5, "lora"),
+        ("random", None, "lora"),
+        ("flat", 1, "lora"),
+        ("full", 1, "full"),
+    ):
+        config.train.strategy = strategy
+        (stage,) = plan_stages(config.train, model, FISHNET_RANKS)
+        assert (stage.depth, stage.unet, stage.steps) == (depth, unet, 9)  # same budget as progressive
+    config.train.strategy = "progressive"
+    config.train.steps = [1, 2]
+    with pytest.raises(ConfigError, match="2 stages but the dataset has 5 ranks"):
+        plan_stages(config.train, model, FISHNET_RANKS)
+
+
+def test_config_validation_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  batch_size: 8\n")
+    config = Config.load(path, ["train.learning_rate=2e-4", "sample.window=[0.0, 0.5]"])
+    assert config.train.batch_size == 8 and config.train.learning_rate == 2e-4
+    assert config.sample.window == (0.0, 0.5)
+    with pytest.raises(ConfigError, match="did you mean train.learning_rate"):
+        Config.from_dict({"train": {"learning_rat": 1}})
+    with pytest.raises(ConfigError, match="train.batch_size must be an integer"):
+        Config.from_dict({"train": {"batch_size": "big"}})
+    with pytest.raises(ConfigError, match="strategy"):
+        Config.from_dict({"train": {"strategy": "greedy"}})
+    saved = tmp_path / "saved.yaml"
+    config.save(saved)
+    assert Config.load(saved) == config and Config.load(saved).fingerprint() == config.fingerprint()
+
+
+def test_two_stages_end_to_end(two_rank_data, tiny_sd, tmp_path):
+    from taxadiffusion.pipeline import TaxaDiffusionPipeline
+
+    out = tmp_path / "run"
+    pipeline = train(_config(two_rank_data, tiny_sd), out, progress=False)
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["stage-0-genus.png", "stage-1-specific_epithet.png"]
+    assert list((out / "logs").rglob("events.out.tfevents.*"))
+    assert (out / "config.yaml").is_file() and (out / "taxonomy.json").is_file()
+    assert len(list((out / "checkpoints").iterdir())) == 2  # keep_checkpoints
+    pipe = TaxaDiffusionPipeline.from_pretrained(pipeline)
+    pipe.set_progress_bar_config(disable=True)
+    species = pipe.taxonomy.leaves()[0]
+    image = pipe(pipe.taxonomy.lineage(species), num_inference_steps=2, output_type="np").images
+    assert image.shape == (1, 16, 16, 3)
+
+
+def _weights(pipeline_dir):
+    unet = load_file(pipeline_dir / "unet" / "diffusion_pytorch_model.safetensors")
+    encoder = load_file(pipeline_dir / "taxonomy_encoder" / "diffusion_pytorch_model.safetensors")
+    return {**{f"unet.{k}": v for k, v in unet.items()}, **{f"enc.{k}": v for k, v in encoder.items()}}
+
+
+def test_resume_after_a_kill_is_bitwise_identical(two_rank_data, tiny_sd, tmp_path):
+    config = _config(two_rank_data, tiny_sd, steps=[3, 3], checkpoint_every=2, condition_dropout=0.2)
+    whole = _weights(train(config, tmp_path / "whole", progress=False))
+
+    def kill(state, batch):
+        if state.global_step == 4:  # stage 1, step 1; the last checkpoint is the end of stage 0
+            raise KeyboardInterrupt
+
+    def kill_again(state, batch):
+        if state.global_step == 6:  # stage 1, step 3, after resuming from the checkpoint at step 2
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config, tmp_path / "killed", on_step=kill, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, tmp_path / "killed", on_step=kill_again, progress=False)
+    resumed = _weights(train(config, tmp_path / "killed", progress=False))
+    assert whole.keys() == resumed.keys()
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def test_refuses_other_config_and_user_folders(two_rank_data, tiny_sd, tmp_path):
+    config = _config(two_rank_data, tiny_sd, steps=[1, 1])
+    train(config, tmp_path / "run", progress=False)
+    other = _config(two_rank_data, tiny_sd, steps=[1, 1], learning_rate=5e-4)
+    with pytest.raises(RunConflict, match=r"different config \(train.learning_rate"):
+        Trainer(other, tmp_path / "run", progress=False)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("precious")
+    with pytest.raises(RunConflict, match="not a taxadiffusion run"):
+        Trainer(config, tmp_path / "mine", progress=False)
+    Trainer(other, tmp_path / "mine", overwrite=True, progress=False)
+    assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"  # only the run's own files go
+
+
+def test_checkpoint_of_other_taxonomy_is_refused(two_rank_data, tiny_sd, tmp_path):
+    config = _config(two_rank_data, tiny_sd, steps=[1, 1])
+    train(config, tmp_path / "run", progress=False)
+    state_file = sorted((tmp_path / "run" / "checkpoints").iterdir())[-1] / "state.json"
+    state = json.loads(state_file.read_text())
+    state["taxonomy"] = "0" * 16
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(RunConflict, match="different training taxonomy"):
+        Trainer(config, tmp_path / "run", progress=False)
+
+
+def test_gradient_clipping_really_clips(two_rank_data, tiny_sd, tmp_path):
+    trainer = Trainer(_config(two_rank_data, tiny_sd, steps=[1, 1]), tmp_path / "run", progress=False)
+    params = trainer.model.trainable_parameters(0, unet="full")
+    for p in params:
+        p.grad = torch.full_like(p, 1e6)
+    before = clip_gradients(trainer.accelerator, params, 1.0)
+    after = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+    assert before > 1e6 and after == pytest.approx(1.0, rel=1e-4)
+    with pytest.raises(TypeError, match="as a list"):
+        clip_gradients(trainer.accelerator, (p for p in params), 1.0)
+
+
+def test_nan_loss_stops_with_a_message(two_rank_data, tiny_sd, tmp_path):
+    from taxadiffusion.train.trainer import TrainingDiverged
+
+    trainer = Trainer(
+        _config(two_rank_data, tiny_sd, steps=[2, 1], learning_rate=1e38), tmp_path / "run", progress=False
+    )
+    trainer._loss = lambda *args: torch.tensor(float("nan"), requires_grad=True)
+    with pytest.raises(TrainingDiverged, match=r"loss became nan at stage 0-genus, step 1; last good checkpoint"):
+        trainer.run()
+
+
+SCRIPT = """
+import json, os, sys
+from taxadiffusion.config import Config
+from taxadiffusion.train.trainer import Trainer
+
+config = Config.from_dict(json.loads(sys.argv[1]))
+seen = []
+trainer = Trainer(config, sys.argv[2], progress=False, on_step=lambda s, b: seen.append(b["index"].tolist()))
+trainer.run()
+rank = trainer.accelerator.process_index
+with open(os.path.join(sys.argv[2], f"seen-{rank}.json"), "w") as f:
+    json.dump({"seen": seen, "world": trainer.accelerator.num_processes}, f)
+"""
+
+
+def test_two_cpu_processes_see_different_samples(two_rank_data, tiny_sd, tmp_path):
+    config = _config(two_rank_data, tiny_sd, steps=[2, 1], batch_size=2)
+    script = tmp_path / "run_train.py"
+    script.write_text(textwrap.dedent(SCRIPT))
+    # torchrun-style launch of 2 processes; ACCELERATE_USE_CPU makes accelerate use gloo on the CPU.
+    launcher = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--num_cpu_threads_per_process",
+        "1",
+        "--main_process_port",
+        "29517",
+    ]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1"}
+    result = subprocess.run(
+        [*launcher, str(script), json.dumps(config.to_dict()), str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    seen = [json.loads((tmp_path / "run" / f"seen-{r}.json").read_text()) for r in range(2)]
+    assert all(s["world"] == 2 for s in seen)
+    for step in range(3):
+        first, second = set(seen[0]["seen"][step]), set(seen[1]["seen"][step])
+        assert first and second and not first & second  # each process got its own shard
