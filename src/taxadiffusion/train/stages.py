@@ -28,7 +28,10 @@ class Stage:
         trains = [f"UNet ({self.unet})"] if self.unet else []
         trains += [f"encoder {lv}" for lv in self.encoder_levels]
         depth = "random depth per batch" if self.depth is None else f"depth {self.depth}"
-        return f"stage {self.index} [{self.name}]: {self.steps} steps at lr {self.learning_rate:g}, {depth}; trains {', '.join(trains)}"
+        return (
+            f"stage {self.index} [{self.name}]: {self.steps} steps at lr {self.learning_rate:g}, {depth}; "
+            f"trains {', '.join(trains)}"
+        )
 
 
 def steps_per_stage(train: TrainConfig, n_ranks: int) -> list[int]:

@@ -1,0 +1,317 @@
+"""The evaluation protocol (paper, sec. 4): for every taxon at each rank, generate N images conditioned down
+to that rank and score them against the real images of that taxon.
+
+Generated images are written to `out/images/<rank>/<taxon>/NN.png` and reused when the evaluation is run
+again (finished taxa are not regenerated); `--images DIR` scores another system's images laid out the same
+way. Every number lands in `metrics.json` with the settings that produced it.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..data.images import load_image, prepare_image
+from ..data.records import RecordSet
+from ..taxonomy import Rank, Taxon, Taxonomy
+
+PAPER_RANKS = ("order", "family", "genus", "specific_epithet")
+
+
+@dataclass
+class EvalSettings:
+    ranks: tuple[str, ...] = PAPER_RANKS
+    per_taxon: int = 10  # generated images per taxon (paper: 10)
+    max_real_per_taxon: int = 50  # real reference images per taxon (a fixed random subset)
+    resolution: int | None = None  # default: the model's
+    seed: int = 0
+    steps: int = 25
+    scheduler: str | None = None  # default: the pipeline's own
+    guidance: str = "taxonomic"
+    scale: float = 9.0
+    window: tuple[float, float] = (0.0, 1.0)
+    batch_size: int = 32
+    lpips_net: str = "vgg"  # paper default
+    rare_threshold: int = 50  # taxa with fewer training images are "rare"
+    inception: str | None = None
+    classifier: str | None = None
+    bioclip: str | None = None
+    bioclip_tokenizer: str | None = None
+    bioclip_template: str = "{names}"
+    notes: dict = field(default_factory=dict)
+
+
+def taxon_folder(taxon: Taxon) -> str:
+    """An unambiguous folder name for a taxon: its path joined by '__' (homonyms stay apart)."""
+    return "__".join("".join(c if c.isalnum() or c in "-." else "_" for c in name) for name in taxon.path)
+
+
+def _seed(*parts: int) -> int:
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+
+
+def _uint8_batch(images: list[np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+
+
+class Evaluation:
+    """One evaluation run; `run()` returns the metrics dict and writes it with the report."""
+
+    def __init__(self, real: RecordSet, out: str | Path, settings: EvalSettings, pipeline=None, images=None):
+        if (pipeline is None) == (images is None):
+            raise ValueError("evaluate either a model (--model) or a folder of generated images (--images)")
+        self.settings = settings
+        self.out = Path(out)
+        self.pipeline = pipeline
+        self.images_dir = Path(images) if images else None
+        self.taxonomy: Taxonomy = pipeline.taxonomy if pipeline is not None else real.taxonomy()
+        if tuple(real.ranks) != tuple(self.taxonomy.ranks):
+            ours, theirs = ", ".join(real.ranks), ", ".join(self.taxonomy.ranks)
+            raise ValueError(f"the real data's ranks ({ours}) differ from the model's ({theirs})")
+        unknown = [r for r in settings.ranks if Rank.parse(r) not in self.taxonomy.ranks]
+        if unknown:
+            raise ValueError(f"rank(s) {', '.join(unknown)} not in this taxonomy ({', '.join(self.taxonomy.ranks)})")
+        self.ranks = [Rank.parse(r) for r in settings.ranks]
+        self.resolution = settings.resolution or self._model_resolution()
+        self.real_by_path: dict[tuple[str, ...], list[Path]] = {}
+        for record in real:
+            for depth in range(1, record.lineage.depth + 1):
+                self.real_by_path.setdefault(record.lineage.names[:depth], []).append(record.image)
+        self._real_cache: dict[Path, np.ndarray] = {}
+
+    def _model_resolution(self) -> int:
+        if self.pipeline is None:
+            raise ValueError("give --resolution when scoring a folder of images")
+        return self.pipeline.unet.config.sample_size * self.pipeline.vae_scale_factor
+
+    # -- taxa and images --------------------------------------------------------------------------
+
+    def taxa(self, rank: Rank) -> list[Taxon]:
+        """Taxa at `rank` that have real images to compare with."""
+        return [t for t in self.taxonomy.taxa(rank) if t.path in self.real_by_path]
+
+    def real_images(self, taxon: Taxon) -> list[np.ndarray]:
+        paths = sorted(self.real_by_path[taxon.path], key=str)
+        if len(paths) > self.settings.max_real_per_taxon:
+            paths = sorted(random.Random(self.settings.seed).sample(paths, self.settings.max_real_per_taxon), key=str)
+        out = []
+        for path in paths:
+            if path not in self._real_cache:
+                image = prepare_image(load_image(path), self.resolution, "random_crop", None)  # centre crop
+                self._real_cache[path] = np.asarray(image)
+            out.append(self._real_cache[path])
+        return out
+
+    def generated_images(
+        self, rank: Rank, taxa: list[Taxon], progress: bool
+    ) -> dict[tuple[str, ...], list[np.ndarray]]:
+        if self.images_dir is not None:
+            return self._read_images(rank, taxa)
+        self._generate(rank, taxa, progress)
+        return self._read_images(rank, taxa, self.out / "images")
+
+    def _read_images(self, rank: Rank, taxa: list[Taxon], base: Path | None = None) -> dict:
+        base = (base or self.images_dir) / rank.value
+        found = {}
+        for taxon in taxa:
+            folder = base / taxon_folder(taxon)
+            if not folder.is_dir():
+                named = base / taxon.name
+                folder = named if named.is_dir() and len(self.taxonomy.find(taxon.name, rank)) == 1 else folder
+            files = sorted(p for p in folder.glob("*.png")) if folder.is_dir() else []
+            if files:
+                found[taxon.path] = [np.asarray(prepare_image(load_image(p), self.resolution, "squash")) for p in files]
+        return found
+
+    def _generate(self, rank: Rank, taxa: list[Taxon], progress: bool) -> None:
+        """Generate the missing images of every taxon; each image has its own seeded generator, so a
+        resumed evaluation draws exactly the images an uninterrupted one would."""
+        from tqdm.auto import tqdm
+
+        s = self.settings
+        level = self.taxonomy.level(rank)
+        jobs = []
+        for taxon in taxa:
+            folder = self.out / "images" / rank.value / taxon_folder(taxon)
+            for i in range(s.per_taxon):
+                target = folder / f"{i:02d}.png"
+                if not target.is_file():
+                    jobs.append((taxon, i, target))
+        if not jobs:
+            return
+        pipe = self.pipeline
+        for start in tqdm(range(0, len(jobs), s.batch_size), desc=f"generating {rank}", disable=not progress):
+            chunk = jobs[start : start + s.batch_size]
+            lineages = [self.taxonomy.lineage(taxon) for taxon, _, _ in chunk]
+            generators = [torch.Generator().manual_seed(_seed(s.seed, level, t.id, i)) for t, i, _ in chunk]
+            images = pipe(
+                lineages,
+                num_inference_steps=s.steps,
+                guidance=s.guidance,
+                guidance_scale=s.scale,
+                guidance_window=s.window,
+                generator=generators,
+            ).images
+            for image, (_, _, target) in zip(images, chunk, strict=True):
+                target.parent.mkdir(parents=True, exist_ok=True)
+                tmp = target.with_suffix(".tmp.png")
+                image.save(tmp)
+                tmp.replace(target)
+
+    # -- metrics ----------------------------------------------------------------------------------
+
+    def run(self, progress: bool = True) -> dict:
+        from .fid import FEATURE_NETWORK, RESIZE_RULE, InceptionFeatures
+
+        s = self.settings
+        self.out.mkdir(parents=True, exist_ok=True)
+        features = InceptionFeatures(s.inception)
+        lpips = self._lpips()
+        classifier = self._classifier()
+        bioclip = self._bioclip()
+        results = {}
+        for rank in self.ranks:
+            taxa = self.taxa(rank)
+            generated = self.generated_images(rank, taxa, progress)
+            taxa = [t for t in taxa if t.path in generated]
+            if not taxa:
+                raise ValueError(f"no {rank} taxon has both real and generated images")
+            (self.out / "grids").mkdir(exist_ok=True)
+            save_grid(generated, taxa[:8], self.out / "grids" / f"{rank.value}.png")
+            real = {t.path: self.real_images(t) for t in taxa}
+            groups = {"all": taxa}
+            groups["rare"] = [t for t in taxa if t.count < s.rare_threshold]
+            groups["common"] = [t for t in taxa if t.count >= s.rare_threshold]
+            results[rank.value] = {
+                name: self._score(rank, group, real, generated, features, lpips, classifier, bioclip)
+                for name, group in groups.items()
+                if group
+            }
+        metrics = {"settings": self._settings(FEATURE_NETWORK, RESIZE_RULE), "ranks": results}
+        (self.out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+        return metrics
+
+    def _score(self, rank, taxa, real, generated, features, lpips, classifier, bioclip) -> dict:
+        from .fid import fid_kid
+
+        real_all = _uint8_batch([image for t in taxa for image in real[t.path]])
+        fake_all = _uint8_batch([image for t in taxa for image in generated[t.path]])
+        scores = {"taxa": len(taxa), **fid_kid(features, real_all, fake_all, seed=self.settings.seed)}
+        scores["lpips"] = self._paired_lpips(lpips, taxa, real, generated)
+        if bioclip is not None:
+            texts = [self._bioclip_text(t) for t in taxa for _ in generated[t.path]]
+            scores["bioclip"] = float(bioclip.score(fake_all, texts).mean())
+        if classifier is not None:
+            scores.update(self._accuracy(classifier, rank, taxa, real, generated))
+        return scores
+
+    def _paired_lpips(self, lpips, taxa, real, generated) -> float:
+        """Mean LPIPS over (generated i, real i mod n) pairs of each taxon, averaged over taxa."""
+        per_taxon = []
+        for taxon in taxa:
+            fake = generated[taxon.path]
+            pairs = [real[taxon.path][i % len(real[taxon.path])] for i in range(len(fake))]
+            a = _uint8_batch(fake).float() / 127.5 - 1
+            b = _uint8_batch(pairs).float() / 127.5 - 1
+            with torch.no_grad():
+                per_taxon.append(float(lpips(a, b).mean()))
+        return float(np.mean(per_taxon))
+
+    def _accuracy(self, classifier, rank, taxa, real, generated) -> dict:
+        """Top-1 accuracy at each rank down to `rank` for generated images, and for real ones (the ceiling)."""
+        from .classifier import to_unit
+
+        level = self.taxonomy.level(rank)
+        ranks = self.taxonomy.ranks[: level + 1]
+
+        def truth(taxon: Taxon, n: int) -> torch.Tensor:
+            ids = []
+            for depth in range(1, level + 2):
+                found = classifier.taxonomy.find(taxon.path[depth - 1], ranks[depth - 1])
+                match = [t for t in found if t.path == taxon.path[:depth]]
+                ids.append(match[0].id if match else -1)
+            ids += [-1] * (len(classifier.taxonomy.ranks) - len(ids))
+            return torch.tensor([ids] * n)
+
+        out = {}
+        for kind, images in (("accuracy", generated), ("real_accuracy", real)):
+            batch = [image for t in taxa for image in images[t.path]]
+            labels = torch.cat([truth(t, len(images[t.path])) for t in taxa])
+            predicted = classifier.predict(to_unit(np.stack(batch)))
+            from .classifier import accuracy_by_rank
+
+            by_rank = accuracy_by_rank(predicted, labels)
+            out[kind] = {r.value: acc for r, acc in zip(classifier.taxonomy.ranks, by_rank, strict=True) if r in ranks}
+        return out
+
+    def _bioclip_text(self, taxon: Taxon) -> str:
+        from .bioclip import taxon_text
+
+        return taxon_text(taxon.path, self.settings.bioclip_template)
+
+    def _lpips(self):
+        from .lpips import LPIPS
+
+        return LPIPS(self.settings.lpips_net)
+
+    def _classifier(self):
+        if not self.settings.classifier:
+            return None
+        from .classifier import TaxonClassifier
+
+        model = TaxonClassifier.from_pretrained(self.settings.classifier).eval()
+        if tuple(model.taxonomy.ranks) != tuple(self.taxonomy.ranks):
+            raise ValueError("the classifier was trained on a taxonomy with other ranks")
+        return model
+
+    def _bioclip(self):
+        if not self.settings.bioclip:
+            return None
+        from .bioclip import BioCLIPScorer
+
+        return BioCLIPScorer(self.settings.bioclip, self.settings.bioclip_tokenizer)
+
+    def _settings(self, network: str, resize: str) -> dict:
+        import diffusers
+        import torchmetrics
+        import transformers
+
+        from .. import __version__
+
+        settings = asdict(self.settings)
+        settings.update(
+            resolution=self.resolution,
+            model=str(self.pipeline.name_or_path) if self.pipeline is not None else None,
+            images=str(self.images_dir) if self.images_dir else None,
+            feature_network=network,
+            resize_rule=resize,
+            lpips=f"LPIPS v0.1, {self.settings.lpips_net} backbone, paired real/generated per taxon",
+            versions={
+                "taxadiffusion": __version__,
+                "torch": torch.__version__,
+                "torchmetrics": torchmetrics.__version__,
+                "diffusers": diffusers.__version__,
+                "transformers": transformers.__version__,
+            },
+        )
+        return settings
+
+
+def save_grid(images: dict, taxa: list[Taxon], path: Path, per_row: int = 6) -> None:
+    """A sample sheet: one row per taxon."""
+    from ..grid import image_grid
+
+    rows = [t for t in taxa if t.path in images]
+    tiles = []
+    for taxon in rows:
+        picked = images[taxon.path][:per_row]
+        tiles += [Image.fromarray(a) for a in picked] + [Image.new("RGB", Image.fromarray(picked[0]).size, "white")] * (
+            per_row - len(picked)
+        )
+    image_grid(tiles, columns=per_row, labels=[t.name for t in rows]).save(path)

@@ -1,0 +1,328 @@
+"""Metrics: FID/KID, LPIPS reference values, the BioCLIP converter, the classifier oracle, the report."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from PIL import Image
+from torch import nn
+
+from taxadiffusion.eval.fid import InceptionFeatures, fid_kid
+from taxadiffusion.eval.lpips import LPIPS
+
+REFERENCE = "lpips_reference"
+
+
+class FixedFeatures(nn.Module):
+    """Maps image i (its first pixel holds i) to a fixed random 16-d feature vector."""
+
+    num_features = 16
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.table = table
+
+    def forward(self, images):
+        return self.table[images[:, 0, 0, 0].long()]
+
+
+def _indexed_images(indices):
+    images = torch.zeros(len(indices), 3, 4, 4, dtype=torch.uint8)
+    images[:, 0, 0, 0] = torch.tensor(indices, dtype=torch.uint8)
+    return images
+
+
+def test_fid_matches_scipy_and_is_zero_on_itself():
+    table = 0.2 * torch.randn(200, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64).float()
+    table[100:] = table[100:] * 1.5 + 0.5
+    features = FixedFeatures(table)
+    real, fake = _indexed_images(range(100)), _indexed_images(range(100, 200))
+    got = fid_kid(features, real, fake)
+    a, b = table[:100].double().numpy(), table[100:].double().numpy()
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    expected = ((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * scipy.linalg.sqrtm(s1 @ s2).real)
+    assert got["fid"] == pytest.approx(expected, rel=1e-4)
+    same = fid_kid(features, real, real)
+    assert abs(same["fid"]) < 1e-3
+    # KID compares random subsets of each set: on the same set it is an unbiased estimate of 0.
+    assert abs(same["kid"]) < 0.1 * got["kid"]
+
+
+def test_inception_features_are_2048d_and_memoised():
+    features = InceptionFeatures()
+    images = torch.randint(0, 255, (3, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    out = features(images)
+    assert out.shape == (3, 2048) and len(features.memo) == 3
+    again = features(images[[2, 0]])
+    assert torch.equal(again, out[[2, 0]]) and len(features.memo) == 3
+
+
+def _load(path):
+    return torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[
+        None
+    ]
+
+
+def test_lpips_reproduces_the_published_distances():
+    from conftest import DATA
+
+    folder = DATA / REFERENCE
+    ref, p0, p1 = (_load(folder / f"ex_{n}.png") for n in ("ref", "p0", "p1"))
+    alex = LPIPS("alex")
+    assert round(float(alex(ref, p0)), 3) == 0.722
+    assert round(float(alex(ref, p1)), 3) == 0.138
+    vgg = LPIPS("vgg")
+    assert float(vgg(ref, p1)) < float(vgg(ref, p0))  # the same judgement with the paper's default backbone
+    assert float(vgg(ref, ref)) == pytest.approx(0.0, abs=1e-6)
+
+
+def _to_open_clip(model) -> dict:
+    """transformers CLIPModel -> open_clip state dict (the inverse of the converter under test)."""
+    state = model.state_dict()
+    out = {
+        "logit_scale": state["logit_scale"],
+        "text_projection": state["text_projection.weight"].t(),
+        "visual.proj": state["visual_projection.weight"].t(),
+        "token_embedding.weight": state["text_model.embeddings.token_embedding.weight"],
+        "positional_embedding": state["text_model.embeddings.position_embedding.weight"],
+        "ln_final.weight": state["text_model.final_layer_norm.weight"],
+        "ln_final.bias": state["text_model.final_layer_norm.bias"],
+        "visual.class_embedding": state["vision_model.embeddings.class_embedding"],
+        "visual.conv1.weight": state["vision_model.embeddings.patch_embedding.weight"],
+        "visual.positional_embedding": state["vision_model.embeddings.position_embedding.weight"],
+        "visual.ln_pre.weight": state["vision_model.pre_layrnorm.weight"],
+        "visual.ln_pre.bias": state["vision_model.pre_layrnorm.bias"],
+        "visual.ln_post.weight": state["vision_model.post_layernorm.weight"],
+        "visual.ln_post.bias": state["vision_model.post_layernorm.bias"],
+        "attn_mask": torch.zeros(1),
+    }
+    names = {
+        "layer_norm1": "ln_1",
+        "layer_norm2": "ln_2",
+        "self_attn.out_proj": "attn.out_proj",
+        "mlp.fc1": "mlp.c_fc",
+        "mlp.fc2": "mlp.c_proj",
+    }
+    for tower, prefix in (("text_model", ""), ("vision_model", "visual.")):
+        layers = (
+            model.config.text_config.num_hidden_layers
+            if tower == "text_model"
+            else model.config.vision_config.num_hidden_layers
+        )
+        for i in range(layers):
+            src, dst = f"{tower}.encoder.layers.{i}.", f"{prefix}transformer.resblocks.{i}."
+            for new, old in names.items():
+                for p in ("weight", "bias"):
+                    out[f"{dst}{old}.{p}"] = state[f"{src}{new}.{p}"]
+            for p in ("weight", "bias"):
+                out[f"{dst}attn.in_proj_{p}"] = torch.cat([state[f"{src}self_attn.{x}_proj.{p}"] for x in "qkv"])
+    return out
+
+
+def test_bioclip_converter_round_trip(tmp_path):
+    from transformers import CLIPConfig, CLIPModel
+
+    from taxadiffusion.eval.bioclip import BioCLIPScorer
+    from tiny_models import write_clip_tokenizer
+
+    tokenizer = write_clip_tokenizer(tmp_path / "bioclip", max_length=16)
+    vocab = len(tokenizer)
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        text_config={
+            "vocab_size": vocab,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 1,
+            "max_position_embeddings": 16,
+            "hidden_act": "quick_gelu",
+            "bos_token_id": vocab - 2,
+            "eos_token_id": vocab - 1,
+            "pad_token_id": vocab - 1,
+        },
+        vision_config={
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 1,
+            "image_size": 32,
+            "patch_size": 8,
+            "hidden_act": "quick_gelu",
+        },
+        projection_dim=24,
+    )
+    original = CLIPModel(config).eval()
+    torch.save(_to_open_clip(original), tmp_path / "bioclip" / "open_clip_pytorch_model.bin")
+    (tmp_path / "bioclip" / "open_clip_config.json").write_text(json.dumps({"model_cfg": {"quick_gelu": True}}))
+
+    scorer = BioCLIPScorer(tmp_path / "bioclip")
+    images = torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    texts = ["Animalia Chordata", "Amphiprion clarkii"]
+    with torch.no_grad():
+        pixels = scorer.preprocess(images)
+        expected_image = torch.nn.functional.normalize(
+            _features(original.get_image_features(pixel_values=pixels)), dim=-1
+        )
+        ids = scorer.tokenizer(
+            texts, padding="max_length", max_length=16, truncation=True, return_tensors="pt"
+        ).input_ids
+        expected_text = torch.nn.functional.normalize(_features(original.get_text_features(input_ids=ids)), dim=-1)
+    assert torch.allclose(scorer.image_embeddings(images), expected_image, atol=1e-5)
+    assert torch.allclose(scorer.text_embeddings(texts), expected_text, atol=1e-5)
+    scores = scorer.score(images, texts)
+    assert scores.shape == (2,) and torch.allclose(scores, 100 * (expected_image * expected_text).sum(-1), atol=1e-3)
+
+
+def _features(output):
+    return getattr(output, "pooler_output", output)
+
+
+def test_classifier_is_an_oracle_on_synthetic_species():
+    from taxadiffusion.data.synthetic import SyntheticConfig, SyntheticTaxonomy
+    from taxadiffusion.eval.classifier import accuracy_by_rank, pool_batches, synthetic_pool, to_unit, train_classifier
+
+    branching = ((1, 1), (2, 2), (1, 1), (2, 2), (1, 1), (2, 2), (2, 2))  # 16 species
+    synth = SyntheticTaxonomy(SyntheticConfig(branching=branching, seed=3))
+    images, ids = synthetic_pool(synth, 60, 32, seed=1)
+    model = train_classifier(synth.taxonomy, pool_batches(images, ids, 64, seed=0), 400, 32, progress=False)
+    held_images, held_ids = synthetic_pool(synth, 25, 32, seed=2)  # fresh renders
+    accuracy = accuracy_by_rank(model.predict(to_unit(held_images)), held_ids)
+    assert min(accuracy) >= 0.98, accuracy
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A random tiny pixel-space pipeline over a 4-species synthetic folder dataset."""
+    from taxadiffusion.conditioning import TaxonomyEncoder
+    from taxadiffusion.data.readers import read_folder
+    from taxadiffusion.data.synthetic import SyntheticConfig, SyntheticTaxonomy
+    from taxadiffusion.model import ModelConfig, TinyUNetConfig, build_denoiser
+    from taxadiffusion.pipeline import TaxaDiffusionPipeline, make_scheduler
+    from taxadiffusion.text import TextEmbeddingCache
+
+    root = tmp_path_factory.mktemp("eval")
+    branching = ((1, 1),) * 5 + ((2, 2), (2, 2))
+    synth = SyntheticTaxonomy(SyntheticConfig(branching=branching, max_images=60, min_images=6, resolution=16))
+    data = synth.write_folder(root / "data", progress=False)
+    records = read_folder(data)
+    taxonomy = records.taxonomy()
+
+    class Encoder:
+        identity, width, max_length = "fixed", 16, 4
+
+        def encode(self, texts):
+            return torch.stack([torch.full((4, 16), float(len(t))) for t in texts])
+
+    cache = TextEmbeddingCache.build(taxonomy, Encoder())
+    tiny = TinyUNetConfig(
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+    )
+    denoiser = build_denoiser(ModelConfig(resolution=16, tiny=tiny))
+    torch.manual_seed(0)
+    encoder = TaxonomyEncoder(num_ranks=7, text_width=16, cross_attention_dim=32, num_heads=4).eval()
+    pipe = TaxaDiffusionPipeline(
+        unet=denoiser.unet,
+        scheduler=make_scheduler("ddim", denoiser.noise_scheduler.config),
+        taxonomy_encoder=encoder,
+        text_embeddings=cache,
+    )
+    pipe.save_pretrained(root / "model")
+    return root, data
+
+
+def _table_cells(md: str) -> list[list[str]]:
+    lines = [line for line in md.splitlines() if line.startswith("| ")]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+
+
+EVAL_ARGS = [
+    "--ranks",
+    "genus,specific_epithet",
+    "--per-taxon",
+    "3",
+    "--steps",
+    "2",
+    "--rare-threshold",
+    "30",
+    "--max-real",
+    "5",
+]
+
+
+@pytest.fixture(scope="module")
+def evaluated(tiny_run):
+    """The tiny model evaluated once at genus and species rank."""
+    from taxadiffusion.cli import main
+
+    root, data = tiny_run
+    out = root / "eval"
+    args = ["evaluate", "--model", str(root / "model"), "--data", "folder", str(data), "--out", str(out), *EVAL_ARGS]
+    assert main(args) == 0
+    return root, data, out, args
+
+
+def test_evaluate_writes_a_report_equal_to_metrics_json(evaluated, capsys):
+    from taxadiffusion.cli import main
+
+    _, _, out, args = evaluated
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["ranks"]) == {"genus", "specific_epithet"}
+    species = metrics["ranks"]["specific_epithet"]
+    assert species["all"]["taxa"] == 4 and species["all"]["n_fake"] == 12
+    assert {"rare", "common"} <= set(species)
+    assert "TF-Inception" in metrics["settings"]["feature_network"] and metrics["settings"]["versions"]["torchmetrics"]
+    assert len(list((out / "images" / "specific_epithet").rglob("*.png"))) == 12
+
+    md = (out / "report.md").read_text()
+    header, row = _table_cells(md)[:2]
+    for title, key, fmt in (("FID", "fid", "{:.2f}"), ("KID", "kid", "{:.4f}"), ("LPIPS", "lpips", "{:.4f}")):
+        for rank, short in (("genus", "genus"), ("specific_epithet", "species")):
+            column = next(i for i, h in enumerate(header) if h.startswith(title + " ") and h.endswith(short))
+            assert row[column] == fmt.format(metrics["ranks"][rank]["all"][key])
+    html = (out / "report.html").read_text()
+    assert f"{metrics['ranks']['genus']['all']['fid']:.2f}" in html
+    assert (out / "plot_fid.png").is_file() and (out / "grids" / "genus.png").is_file()
+
+    # Run again: nothing is regenerated, the numbers are the same.
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "images").rglob("*.png")}
+    assert main(args) == 0
+    assert {p: p.stat().st_mtime_ns for p in (out / "images").rglob("*.png")} == stamps
+    assert json.loads((out / "metrics.json").read_text())["ranks"] == metrics["ranks"]
+    capsys.readouterr()
+
+
+def test_evaluate_a_folder_of_images_and_compare(evaluated, tmp_path):
+    from taxadiffusion.cli import main
+
+    root, data, _, _ = evaluated
+    generated = root / "eval" / "images"
+    out = tmp_path / "external"
+    args = [
+        "evaluate",
+        "--images",
+        str(generated),
+        "--data",
+        "folder",
+        str(data),
+        "--ranks",
+        "genus",
+        "--resolution",
+        "16",
+        "--out",
+        str(out),
+    ]
+    assert main(args) == 0
+    external = json.loads((out / "metrics.json").read_text())
+    assert external["ranks"]["genus"]["all"]["n_fake"] == 6
+    assert main(["evaluate", "--compare", str(root / "eval"), str(out), "--out", str(tmp_path / "both")]) == 0
+    rows = _table_cells((tmp_path / "both" / "report.md").read_text())
+    assert [r[0] for r in rows[1:3]] == ["eval", "external"]
+    assert re.match(r"FID . genus", rows[0][1])
