@@ -167,10 +167,12 @@ def test_save_load_reproduces_images_and_lora_loads_in_diffusers(sd, parts, tiny
         np.testing.assert_allclose(peer.unet(x, t, hidden).sample, unet(x, t, hidden).sample, atol=1e-5)
 
 
-def test_pixel_space_pipeline_round_trip(parts, tmp_path):
-    from taxadiffusion.model import ModelConfig, TinyUNetConfig, build_denoiser
+@pytest.mark.parametrize("patch_size", [1, 2])
+def test_pixel_space_pipeline_round_trip(parts, tmp_path, patch_size):
+    from taxadiffusion.model import ModelConfig, SpaceToDepth, TinyUNetConfig, build_denoiser
 
     tiny = TinyUNetConfig(
+        patch_size=patch_size,
         block_out_channels=(32, 64),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
@@ -183,14 +185,16 @@ def test_pixel_space_pipeline_round_trip(parts, tmp_path):
         scheduler=make_scheduler("ddim", denoiser.noise_scheduler.config),
         taxonomy_encoder=encoder,
         text_embeddings=cache,
+        vae=denoiser.vae,
     )
     pipe.set_progress_bar_config(disable=True)
+    assert pipe.vae_scale_factor == patch_size
     images = pipe("Hemigymnus fasciatus", num_inference_steps=3, generator=torch.Generator().manual_seed(0))
     assert images.images[0].size == (16, 16)
     pipe.save_pretrained(tmp_path / "pixel")
     loaded = TaxaDiffusionPipeline.from_pretrained(tmp_path / "pixel")
     loaded.set_progress_bar_config(disable=True)
-    assert loaded.vae is None
+    assert loaded.vae is None if patch_size == 1 else isinstance(loaded.vae, SpaceToDepth)
     a = pipe("Labridae", num_inference_steps=3, generator=torch.Generator().manual_seed(2), output_type="np").images
     b = loaded("Labridae", num_inference_steps=3, generator=torch.Generator().manual_seed(2), output_type="np").images
     np.testing.assert_array_equal(a, b)

@@ -101,7 +101,8 @@ class SpaceToDepth(ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(self, factor: int = 2, channels: int = 3, scaling_factor: float = 1.0):
         super().__init__()
-        self.register_buffer("anchor", torch.zeros(()), persistent=False)  # gives the module a device/dtype
+        # A persistent scalar gives the module a device and dtype, and diffusers a weights file to save and load.
+        self.register_buffer("anchor", torch.zeros(()))
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         return F.pixel_unshuffle(pixels, self.config.factor)
