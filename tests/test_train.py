@@ -112,7 +112,9 @@ def test_two_stages_end_to_end(two_rank_data, tiny_sd, tmp_path):
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["stage-0-genus.png", "stage-1-specific_epithet.png"]
     assert list((out / "logs").rglob("events.out.tfevents.*"))
     assert (out / "config.yaml").is_file() and (out / "taxonomy.json").is_file()
-    assert len(list((out / "checkpoints").iterdir())) == 2  # keep_checkpoints
+    checkpoints = sorted((out / "checkpoints").iterdir())
+    assert len(checkpoints) == 2  # keep_checkpoints
+    assert Config.load(checkpoints[-1] / "config.yaml") == Config.load(out / "config.yaml")  # saved with each
     pipe = TaxaDiffusionPipeline.from_pretrained(pipeline)
     pipe.set_progress_bar_config(disable=True)
     species = pipe.taxonomy.leaves()[0]
@@ -247,3 +249,72 @@ def test_two_cpu_processes_see_different_samples(two_rank_data, tiny_sd, tmp_pat
     for step in range(3):
         first, second = set(seen[0]["seen"][step]), set(seen[1]["seen"][step])
         assert first and second and not first & second  # each process got its own shard
+
+
+def test_latent_model_with_lora_and_cached_latents(two_rank_data, tiny_sd, tmp_path, monkeypatch):
+    """The published setting on a tiny SD folder: LoRA UNet, the base model's CLIP, VAE latents cached once."""
+    from diffusers import AutoencoderKL
+
+    calls = []
+    original = AutoencoderKL.encode
+
+    def counted(self, x, *args, **kwargs):
+        calls.append(len(x))
+        return original(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(AutoencoderKL, "encode", counted)
+    config = Config.from_dict(
+        {
+            "model": {"base": str(tiny_sd), "resolution": 16, "finetune": "lora", "encoder_heads": 4},
+            "text": {"encoder": "base"},
+            "data": {"format": "folder", "path": str(two_rank_data), "crop": "squash"},
+            "train": {"steps": [2, 2], "batch_size": 4, "cache_latents": True, "log_every": 1},
+            "sample": {"steps": 2, "grid_taxa": 2, "grid_images": 1},
+        }
+    )
+    trainer = Trainer(config, tmp_path / "run", progress=False)
+    assert sum(calls) == len(trainer.records)  # every image encoded exactly once, before training
+    pipeline = trainer.run()
+    assert sum(calls) == len(trainer.records)  # and never during the steps
+    assert (pipeline / "pytorch_lora_weights.safetensors").is_file()
+    assert list((tmp_path / "run" / "cache").glob("latents-*.safetensors"))
+    plan = (tmp_path / "run" / "plan.txt").read_text()
+    assert "trains UNet (lora), encoder 0" in plan and "stage 1 [1-specific_epithet]" in plan
+
+
+@pytest.mark.parametrize("strategy", ["random", "flat"])
+def test_ablation_strategies_run(two_rank_data, tiny_sd, tmp_path, strategy):
+    from taxadiffusion.pipeline import TaxaDiffusionPipeline
+
+    config = _config(two_rank_data, tiny_sd, steps=[1, 1], strategy=strategy, encoder_learning_rate=1e-4)
+    trainer = Trainer(config, tmp_path / "run", progress=False)
+    pipeline = trainer.run()
+    pipe = TaxaDiffusionPipeline.from_pretrained(pipeline)
+    if strategy == "flat":  # one rank: the scientific name
+        assert [r.value for r in pipe.taxonomy.ranks] == ["specific_epithet"]
+        assert all(" " in t.name for t in pipe.taxonomy.taxa("specific_epithet"))
+    else:
+        assert len(pipe.taxonomy.ranks) == 2
+    assert "random depth per batch" in trainer.describe() or strategy == "flat"
+
+
+def test_encoder_learning_rate_is_its_own_group(two_rank_data, tiny_sd, tmp_path):
+    config = _config(two_rank_data, tiny_sd, steps=[1, 1], encoder_learning_rate=1e-5)
+    trainer = Trainer(config, tmp_path / "run", progress=False)
+    seen = []
+    original = torch.optim.AdamW
+
+    class Recording(original):
+        def __init__(self, groups, **kwargs):
+            seen.append([(len(g["params"]), g["lr"]) for g in groups])
+            super().__init__(groups, **kwargs)
+
+    torch.optim.AdamW = Recording
+    try:
+        trainer.run()
+    finally:
+        torch.optim.AdamW = original
+    unet_params = len(list(trainer.model.unet.parameters()))
+    assert seen[0][0] == (unet_params, 1e-3) and seen[0][1][1] == 1e-5  # stage 0: UNet + encoder 0
+    encoder_1 = len(list(trainer.model.taxonomy_encoder.encoders[1].parameters()))
+    assert seen[1] == [(encoder_1, 1e-5)]  # stage 1 (published): encoder 1 only

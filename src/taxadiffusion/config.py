@@ -61,10 +61,12 @@ class TrainConfig:
     unet_stages: str = "first"  # which progressive stages train the UNet: "first" (published) or "all"
     learning_rate: float = 1e-4
     stage_learning_rates: list[float] | None = None  # per stage; overrides learning_rate
+    encoder_learning_rate: float | None = None  # the taxonomy encoders' rate when the UNet trains at another
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     weight_decay: float = 1e-2
     max_grad_norm: float = 1.0
+    snr_gamma: float | None = None  # Min-SNR-gamma loss weighting (Hang et al. 2023); None: plain MSE (published)
     batch_size: int = 32  # per process
     gradient_accumulation: int = 1
     mixed_precision: str = "no"  # no | fp16 | bf16
@@ -225,6 +227,11 @@ def _build(cls, data: dict, prefix: str):
 
 def _check_scalar(key: str, hint, value):
     simple = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if value is None and type(None) in typing.get_args(hint):
+        return None
+    if len(args) == 1 and args[0] in simple:  # Optional[scalar]
+        hint = args[0]
     if hint in simple:
         if hint is float and isinstance(value, int) and not isinstance(value, bool):
             return float(value)

@@ -40,11 +40,16 @@ class TinyUNetConfig:
     norm_num_groups: int = 32
     beta_schedule: str = "squaredcos_cap_v2"
     num_train_timesteps: int = 1000
+    prediction_type: str = "epsilon"  # epsilon (as SD 1.5), v_prediction or sample
 
     def __post_init__(self) -> None:
         self.block_out_channels = tuple(self.block_out_channels)
         self.down_block_types = tuple(self.down_block_types)
         self.up_block_types = tuple(self.up_block_types)
+        if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise ValueError(
+                f"tiny UNet: prediction_type must be epsilon, v_prediction or sample, got {self.prediction_type!r}"
+            )
         if self.patch_size < 1:
             raise ValueError(f"tiny UNet: patch_size must be >= 1, got {self.patch_size}")
         n = len(self.block_out_channels)
@@ -163,6 +168,7 @@ def build_denoiser(config: ModelConfig, torch_dtype: torch.dtype | None = None) 
         scheduler = DDPMScheduler(
             num_train_timesteps=config.tiny.num_train_timesteps,
             beta_schedule=config.tiny.beta_schedule,
+            prediction_type=config.tiny.prediction_type,
             clip_sample=False,
         )
         codec = SpaceToDepth(config.tiny.patch_size) if config.tiny.patch_size > 1 else None

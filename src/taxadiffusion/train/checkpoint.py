@@ -70,8 +70,10 @@ def write_checkpoint(
     is_main: bool,
     barrier,
     keep: int,
+    files: dict[str, str] | None = None,
 ) -> Path:
-    """Every process writes its RNG state; the main process writes the rest and publishes by rename."""
+    """Every process writes its RNG state; the main process writes the rest (and `files`, e.g. the resolved
+    config and taxonomy) and publishes the folder by rename."""
     final = checkpoint_dir(root, state.global_step)
     tmp = root / f".tmp-{final.name}"
     if is_main:
@@ -82,6 +84,8 @@ def write_checkpoint(
     if is_main:
         save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, tmp / WEIGHTS)
         torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict()}, tmp / "optim.pt")
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
         (tmp / STATE).write_text(json.dumps(asdict(state), indent=1) + "\n")
     barrier()
     if is_main:

@@ -211,6 +211,13 @@ class Trainer:
         self.dataset = ImageDataset(
             records.records, self.taxonomy, config.model.resolution, config.data.crop, seed=train.seed
         )
+        if train.cache_latents:
+            if not config.model.is_latent:
+                raise ValueError("train.cache_latents needs a latent model (a Stable Diffusion base)")
+            from .latents import build_latent_dataset
+
+            with acc.main_process_first():
+                self.dataset = build_latent_dataset(self.dataset, self.vae, self.paths.cache, progress=progress)
         needed = train.batch_size * acc.num_processes
         if len(self.dataset) < needed:
             raise ValueError(f"{len(self.dataset)} training images but one step needs {needed}; lower train.batch_size")
@@ -287,8 +294,16 @@ class Trainer:
     def _train_stage(self, stage: Stage) -> None:
         acc, train = self.accelerator, self.config.train
         params = self.model.configure_trainable(stage.unet, stage.encoder_levels)
+        encoder_ids = {id(p) for p in self.model.taxonomy_encoder.parameters()}
+        groups = [
+            {"params": [p for p in params if id(p) not in encoder_ids], "lr": stage.learning_rate},
+            {
+                "params": [p for p in params if id(p) in encoder_ids],
+                "lr": train.encoder_learning_rate or stage.learning_rate,
+            },
+        ]
         optimizer = torch.optim.AdamW(
-            params,
+            [g for g in groups if g["params"]],
             lr=stage.learning_rate,
             betas=(train.adam_beta1, train.adam_beta2),
             weight_decay=train.weight_decay,
@@ -388,15 +403,23 @@ class Trainer:
     def _loss(self, model, batch: dict, stage: Stage, tables: FrozenRankTables | None) -> torch.Tensor:
         """Epsilon-prediction MSE (or v-prediction, if the base scheduler says so) for one batch."""
         train = self.config.train
-        targets = encode_images(self.vae, batch["pixel_values"])
+        if "latent_params" in batch:  # cached VAE latents: the encoder never runs here
+            from .latents import sample_latents
+
+            targets = sample_latents(batch["latent_params"], self.vae.config.scaling_factor)
+        else:
+            targets = encode_images(self.vae, batch["pixel_values"])
         noise = torch.randn_like(targets)
         batch_size = targets.shape[0]
         timesteps = torch.randint(
             0, self.noise_scheduler.config.num_train_timesteps, (batch_size,), device=targets.device
         )
         noisy = self.noise_scheduler.add_noise(targets, noise, timesteps)
-        if self.noise_scheduler.config.prediction_type == "v_prediction":
+        prediction_type = self.noise_scheduler.config.prediction_type
+        if prediction_type == "v_prediction":
             target = self.noise_scheduler.get_velocity(targets, noise, timesteps)
+        elif prediction_type == "sample":
+            target = targets
         else:
             target = noise
         ids = drop_ranks(batch["taxon_ids"].cpu(), train.condition_dropout, train.cascade_dropout)
@@ -406,7 +429,9 @@ class Trainer:
         features = self.text_embeddings.lookup(ids)
         frozen = tables.sum(ids, depth) if tables is not None else None
         prediction = model(noisy, timesteps, features, depth, frozen_sum=frozen, start=tables.levels if tables else 0)
-        return F.mse_loss(prediction.float(), target.float())
+        if train.snr_gamma is None:
+            return F.mse_loss(prediction.float(), target.float())
+        return min_snr_loss(prediction, target, timesteps, self.noise_scheduler, train.snr_gamma)
 
     def _checkpoint(self, model, optimizer, lr_scheduler, state: ckpt.TrainingState) -> None:
         acc = self.accelerator
@@ -424,6 +449,9 @@ class Trainer:
             acc.is_main_process,
             acc.wait_for_everyone,
             self.config.train.keep_checkpoints,
+            files={"config.yaml": self.paths.config.read_text(), "taxonomy.json": self.paths.taxonomy.read_text()}
+            if acc.is_main_process
+            else None,
         )
 
     # -- outputs ----------------------------------------------------------------------------------
@@ -443,13 +471,15 @@ class Trainer:
 
     @torch.no_grad()
     def sample_grid(self, stage: Stage) -> Path:
-        """A PNG per stage: each row a taxon conditioned down to the stage's rank, coarse to fine."""
+        """A PNG per stage: the most common species' lineage coarse to fine down to the stage's rank (one
+        row per rank), then other species (the rarest last) at the stage's rank."""
         from ..grid import image_grid
 
         sample = self.config.sample
         depth = stage.depth or len(self.taxonomy.ranks)
-        rows: list[Lineage] = []
-        for lineage in grid_lineages(self.taxonomy, sample.grid_taxa):
+        chosen = grid_lineages(self.taxonomy, sample.grid_taxa)
+        rows: list[Lineage] = [chosen[0].truncate(d) for d in range(1, min(depth, chosen[0].depth) + 1)]
+        for lineage in chosen[1:]:
             cut = lineage.truncate(min(depth, lineage.depth))
             if cut not in rows:
                 rows.append(cut)
@@ -483,6 +513,22 @@ class Trainer:
             tmp.rename(target)
         self.accelerator.wait_for_everyone()
         return target
+
+
+def min_snr_loss(prediction, target, timesteps, noise_scheduler, gamma: float) -> torch.Tensor:
+    """MSE weighted by min(SNR(t), gamma), expressed for the scheduler's prediction type (Hang et al.,
+    "Efficient Diffusion Training via Min-SNR Weighting Strategy", 2023, eq. 9)."""
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(noise_scheduler, timesteps)
+    weights = torch.clamp(snr, max=gamma)
+    kind = noise_scheduler.config.prediction_type
+    if kind == "epsilon":
+        weights = weights / snr
+    elif kind == "v_prediction":
+        weights = weights / (snr + 1)
+    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    return (per_sample * weights).mean()
 
 
 def clip_gradients(accelerator, params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
