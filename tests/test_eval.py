@@ -201,9 +201,10 @@ def tiny_run(tmp_path_factory):
     from taxadiffusion.conditioning import TaxonomyEncoder
     from taxadiffusion.data.readers import read_folder
     from taxadiffusion.data.synthetic import SyntheticConfig, SyntheticTaxonomy
-    from taxadiffusion.model import ModelConfig, TinyUNetConfig, build_denoiser
+    from taxadiffusion.model import ModelConfig, build_denoiser
     from taxadiffusion.pipeline import TaxaDiffusionPipeline, make_scheduler
     from taxadiffusion.text import TextEmbeddingCache
+    from tiny_models import tiny_pixel_unet_config
 
     root = tmp_path_factory.mktemp("eval")
     branching = ((1, 1),) * 5 + ((2, 2), (2, 2))
@@ -219,12 +220,7 @@ def tiny_run(tmp_path_factory):
             return torch.stack([torch.full((4, 16), float(len(t))) for t in texts])
 
     cache = TextEmbeddingCache.build(taxonomy, Encoder())
-    tiny = TinyUNetConfig(
-        block_out_channels=(32, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-    )
+    tiny = tiny_pixel_unet_config()
     denoiser = build_denoiser(ModelConfig(resolution=16, tiny=tiny))
     torch.manual_seed(0)
     encoder = TaxonomyEncoder(num_ranks=7, text_width=16, cross_attention_dim=32, num_heads=4).eval()

@@ -13,13 +13,9 @@ from taxadiffusion.model import (
     count_parameters,
     lora_parameters,
 )
+from tiny_models import tiny_pixel_unet_config
 
-TINY = TinyUNetConfig(
-    block_out_channels=(32, 64),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-    cross_attention_dim=32,
-)
+TINY = tiny_pixel_unet_config()
 
 
 def _model(finetune="lora", ranks=3):

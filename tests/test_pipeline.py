@@ -10,7 +10,7 @@ from taxadiffusion.model import add_lora, lora_parameters
 from taxadiffusion.pipeline import TaxaDiffusionPipeline, make_scheduler
 from taxadiffusion.taxonomy import UnknownTaxonError
 from taxadiffusion.text import TextEmbeddingCache, TextEncoderSpec
-from tiny_models import tiny_unet
+from tiny_models import tiny_pixel_unet_config, tiny_unet
 
 SPECIES = ("Actinopterygii", "Perciformes", "Pomacentridae", "Amphiprion", "clarkii")
 
@@ -169,15 +169,9 @@ def test_save_load_reproduces_images_and_lora_loads_in_diffusers(sd, parts, tiny
 
 @pytest.mark.parametrize("patch_size", [1, 2])
 def test_pixel_space_pipeline_round_trip(parts, tmp_path, patch_size):
-    from taxadiffusion.model import ModelConfig, SpaceToDepth, TinyUNetConfig, build_denoiser
+    from taxadiffusion.model import ModelConfig, SpaceToDepth, build_denoiser
 
-    tiny = TinyUNetConfig(
-        patch_size=patch_size,
-        block_out_channels=(32, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-    )
+    tiny = tiny_pixel_unet_config(patch_size)
     denoiser = build_denoiser(ModelConfig(resolution=16, tiny=tiny))
     cache, encoder = parts
     pipe = TaxaDiffusionPipeline(
@@ -202,14 +196,9 @@ def test_pixel_space_pipeline_round_trip(parts, tmp_path, patch_size):
 
 def test_sample_cli(parts, tmp_path, capsys):
     from taxadiffusion.cli import main
-    from taxadiffusion.model import ModelConfig, TinyUNetConfig, build_denoiser
+    from taxadiffusion.model import ModelConfig, build_denoiser
 
-    tiny = TinyUNetConfig(
-        block_out_channels=(32, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-    )
+    tiny = tiny_pixel_unet_config()
     denoiser = build_denoiser(ModelConfig(resolution=16, tiny=tiny))
     cache, encoder = parts
     TaxaDiffusionPipeline(

@@ -126,3 +126,16 @@ def write_tiny_sd(directory: Path, width: int = 32) -> Path:
         )
     )
     return directory
+
+
+def tiny_pixel_unet_config(patch_size: int = 1, cross_attention_dim: int = 32):
+    """A 2-block pixel-space UNet config (taxadiffusion's TinyUNetConfig) for fast tests."""
+    from taxadiffusion.model import TinyUNetConfig
+
+    return TinyUNetConfig(
+        patch_size=patch_size,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=cross_attention_dim,
+    )

@@ -87,6 +87,14 @@ def _columns_by_rank(columns: Iterable[str]) -> dict[Rank, str]:
     return found
 
 
+def _class_to_species(row: dict, columns: tuple[str, str, str, str], species: str) -> dict[Rank, str | None]:
+    """The five FishNet/BIOSCAN ranks from a row: class, order, family and genus columns plus a species
+    column holding the binomial (its genus fills a missing genus column)."""
+    genus, epithet = _epithet(_clean(row.get(species)), _clean(row.get(columns[3])))
+    values = {rank: _clean(row.get(column)) for rank, column in zip(FISHNET_RANKS[:3], columns[:3], strict=True)}
+    return {**values, Rank.GENUS: genus, Rank.SPECIFIC_EPITHET: epithet}
+
+
 # -- iNaturalist 2021 ----------------------------------------------------------------------------
 
 
@@ -134,14 +142,7 @@ def read_fishnet(path: str | Path, root: str | Path | None = None) -> RecordSet:
         if not folder or not image:
             out.skip("no image path")
             continue
-        genus, epithet = _epithet(_clean(row.get("species")), _clean(row.get("Genus")))
-        values = {
-            Rank.CLASS: _clean(row.get("Class")),
-            Rank.ORDER: _clean(row.get("Order")),
-            Rank.FAMILY: _clean(row.get("Family")),
-            Rank.GENUS: genus,
-            Rank.SPECIFIC_EPITHET: epithet,
-        }
+        values = _class_to_species(row, ("Class", "Order", "Family", "Genus"), "species")
         out.add(root / folder / PurePosixPath(image).name, values, split)
     return out
 
@@ -164,14 +165,7 @@ def read_bioscan(path: str | Path, root: str | Path | None = None) -> RecordSet:
             continue
         chunk = _clean(row.get("chunk_number"))
         folder = root / f"part{chunk}" if chunk else root
-        genus, epithet = _epithet(_clean(row.get("species")), _clean(row.get("genus")))
-        values = {
-            Rank.CLASS: _clean(row.get("class")),
-            Rank.ORDER: _clean(row.get("order")),
-            Rank.FAMILY: _clean(row.get("family")),
-            Rank.GENUS: genus,
-            Rank.SPECIFIC_EPITHET: epithet,
-        }
+        values = _class_to_species(row, ("class", "order", "family", "genus"), "species")
         out.add(folder / image, values, _clean(row.get("split")))
     return out
 
