@@ -160,8 +160,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     try:
         trainer = Trainer(config, args.output, overwrite=args.overwrite)
-        if args.dry_run:
+        if trainer.accelerator.is_main_process:
             print(trainer.describe())
+        if args.dry_run:
             return 0
         pipeline = trainer.run()
     except RunConflict as error:

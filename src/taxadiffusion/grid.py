@@ -11,11 +11,22 @@ BACKGROUND = (255, 255, 255)
 
 
 def image_grid(
-    images: Sequence[Image.Image], columns: int | None = None, labels: Sequence[str] | None = None, pad: int = 2
+    images: Sequence[Image.Image],
+    columns: int | None = None,
+    labels: Sequence[str] | None = None,
+    pad: int = 2,
+    min_tile: int = 64,
 ) -> Image.Image:
-    """Tile equally sized images row by row; optional `labels` name each row on its left."""
+    """Tile equally sized images row by row; optional `labels` name each row on its left.
+
+    Tiles smaller than `min_tile` are enlarged by an integer factor (nearest neighbour, no blur), so
+    32 px samples stay readable.
+    """
     if not images:
         raise ValueError("no images to tile")
+    factor = max(1, -(-min_tile // max(images[0].size)))
+    if factor > 1:
+        images = [im.resize((im.width * factor, im.height * factor), Image.Resampling.NEAREST) for im in images]
     columns = columns or math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / columns)
     width, height = images[0].size

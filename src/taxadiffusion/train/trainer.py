@@ -235,6 +235,9 @@ class Trainer:
             f"strategy {self.config.train.strategy}: {len(self.records)} images, "
             f"{', '.join(f'{r} {self.taxonomy.num_taxa(r)}' for r in self.taxonomy.ranks)}",
         ]
+        if self.records.skipped:
+            skipped = ", ".join(f"{reason}: {n}" for reason, n in sorted(self.records.skipped.items()))
+            lines.append(f"rows not used ({skipped})")
         for stage in self.stages:
             params = self.model.configure_trainable(stage.unet, stage.encoder_levels)
             lines.append(f"{stage.describe()} ({count_parameters(params):,} parameters)")
