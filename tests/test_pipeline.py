@@ -53,32 +53,29 @@ def _embeds(pipe, lineage, depth, negative):
     return pipe.taxonomy_encoder(features, depth)
 
 
+def _both(ours, sd, taxon: str, guidance: str, negative: torch.Tensor, c_k: torch.Tensor, **kwargs):
+    """The same sampling run by our pipeline (from the taxon) and by diffusers' (from the embeddings)."""
+    with torch.no_grad():
+        expected = sd(
+            prompt_embeds=c_k,
+            negative_prompt_embeds=negative,
+            generator=torch.Generator().manual_seed(0),
+            output_type="np",
+            **kwargs,
+        ).images
+    got = ours(taxon, guidance=guidance, generator=torch.Generator().manual_seed(0), output_type="np", **kwargs)
+    return got.images, expected
+
+
 @pytest.mark.parametrize("scheduler", ["pndm", "ddim", "dpm"])
 def test_taxonomic_cfg_equals_sd_with_level0_negative(sd, parts, scheduler):
     ours = _ours(sd, parts, scheduler)
     sd.scheduler = make_scheduler(scheduler, sd.scheduler.config)
     lineage = ours.resolve("Amphiprion clarkii")
     with torch.no_grad():
-        c_k = _embeds(ours, lineage, 5, None)
-        c_0 = _embeds(ours, lineage, 1, None)
-        expected = sd(
-            prompt_embeds=c_k,
-            negative_prompt_embeds=c_0,
-            guidance_scale=9.0,
-            num_inference_steps=6,
-            num_images_per_prompt=2,
-            generator=torch.Generator().manual_seed(0),
-            output_type="np",
-        ).images
-    got = ours(
-        "Amphiprion clarkii",
-        guidance="taxonomic",
-        guidance_scale=9.0,
-        num_inference_steps=6,
-        num_images_per_prompt=2,
-        generator=torch.Generator().manual_seed(0),
-        output_type="np",
-    ).images
+        c_k, c_0 = _embeds(ours, lineage, 5, None), _embeds(ours, lineage, 1, None)
+    kwargs = {"guidance_scale": 9.0, "num_inference_steps": 6, "num_images_per_prompt": 2}
+    got, expected = _both(ours, sd, "Amphiprion clarkii", "taxonomic", c_0, c_k, **kwargs)
     assert got.shape == expected.shape == (2, 16, 16, 3)
     np.testing.assert_allclose(got, expected, atol=1e-6)
 
@@ -88,24 +85,8 @@ def test_vanilla_cfg_equals_sd_with_none_negative(sd, parts):
     sd.scheduler = make_scheduler("pndm", sd.scheduler.config)
     lineage = ours.resolve("Pomacentridae")
     with torch.no_grad():
-        c_k = _embeds(ours, lineage, 3, None)
-        empty = _embeds(ours, lineage, 3, "none")
-        expected = sd(
-            prompt_embeds=c_k,
-            negative_prompt_embeds=empty,
-            guidance_scale=5.0,
-            num_inference_steps=5,
-            generator=torch.Generator().manual_seed(1),
-            output_type="np",
-        ).images
-    got = ours(
-        "Pomacentridae",
-        guidance="vanilla",
-        guidance_scale=5.0,
-        num_inference_steps=5,
-        generator=torch.Generator().manual_seed(1),
-        output_type="np",
-    ).images
+        c_k, empty = _embeds(ours, lineage, 3, None), _embeds(ours, lineage, 3, "none")
+    got, expected = _both(ours, sd, "Pomacentridae", "vanilla", empty, c_k, guidance_scale=5.0, num_inference_steps=5)
     np.testing.assert_allclose(got, expected, atol=1e-6)
 
 
