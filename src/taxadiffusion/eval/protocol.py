@@ -19,7 +19,11 @@ from PIL import Image
 
 from ..data.images import load_image, prepare_image
 from ..data.records import RecordSet
-from ..taxonomy import Rank, Taxon, Taxonomy
+from ..taxonomy import Rank, Taxon, Taxonomy, UnknownTaxonError
+from .bioclip import BioCLIPScorer, taxon_text
+from .classifier import TaxonClassifier, accuracy_by_rank, to_unit
+from .fid import FEATURE_NETWORK, RESIZE_RULE, InceptionFeatures, fid_kid
+from .lpips import LPIPS
 
 PAPER_RANKS = ("order", "family", "genus", "specific_epithet")
 
@@ -167,8 +171,6 @@ class Evaluation:
     # -- metrics ----------------------------------------------------------------------------------
 
     def run(self, progress: bool = True) -> dict:
-        from .fid import FEATURE_NETWORK, RESIZE_RULE, InceptionFeatures
-
         s = self.settings
         self.out.mkdir(parents=True, exist_ok=True)
         features = InceptionFeatures(s.inception)
@@ -198,8 +200,6 @@ class Evaluation:
         return metrics
 
     def _score(self, rank, taxa, real, generated, features, lpips, classifier, bioclip) -> dict:
-        from .fid import fid_kid
-
         real_all = _uint8_batch([image for t in taxa for image in real[t.path]])
         fake_all = _uint8_batch([image for t in taxa for image in generated[t.path]])
         scores = {"taxa": len(taxa), **fid_kid(features, real_all, fake_all, seed=self.settings.seed)}
@@ -225,17 +225,17 @@ class Evaluation:
 
     def _accuracy(self, classifier, rank, taxa, real, generated) -> dict:
         """Top-1 accuracy at each rank down to `rank` for generated images, and for real ones (the ceiling)."""
-        from .classifier import to_unit
-
         level = self.taxonomy.level(rank)
         ranks = self.taxonomy.ranks[: level + 1]
 
         def truth(taxon: Taxon, n: int) -> torch.Tensor:
+            """The taxon's ids in the classifier's taxonomy (-1 where it does not know the taxon)."""
             ids = []
             for depth in range(1, level + 2):
-                found = classifier.taxonomy.find(taxon.path[depth - 1], ranks[depth - 1])
-                match = [t for t in found if t.path == taxon.path[:depth]]
-                ids.append(match[0].id if match else -1)
+                try:
+                    ids.append(classifier.taxonomy.by_path(taxon.path[:depth]).id)
+                except UnknownTaxonError:
+                    ids.append(-1)
             ids += [-1] * (len(classifier.taxonomy.ranks) - len(ids))
             return torch.tensor([ids] * n)
 
@@ -244,27 +244,19 @@ class Evaluation:
             batch = [image for t in taxa for image in images[t.path]]
             labels = torch.cat([truth(t, len(images[t.path])) for t in taxa])
             predicted = classifier.predict(to_unit(np.stack(batch)))
-            from .classifier import accuracy_by_rank
-
             by_rank = accuracy_by_rank(predicted, labels)
             out[kind] = {r.value: acc for r, acc in zip(classifier.taxonomy.ranks, by_rank, strict=True) if r in ranks}
         return out
 
     def _bioclip_text(self, taxon: Taxon) -> str:
-        from .bioclip import taxon_text
-
         return taxon_text(taxon.path, self.settings.bioclip_template)
 
     def _lpips(self):
-        from .lpips import LPIPS
-
         return LPIPS(self.settings.lpips_net)
 
     def _classifier(self):
         if not self.settings.classifier:
             return None
-        from .classifier import TaxonClassifier
-
         model = TaxonClassifier.from_pretrained(self.settings.classifier).eval()
         if tuple(model.taxonomy.ranks) != tuple(self.taxonomy.ranks):
             raise ValueError("the classifier was trained on a taxonomy with other ranks")
@@ -273,8 +265,6 @@ class Evaluation:
     def _bioclip(self):
         if not self.settings.bioclip:
             return None
-        from .bioclip import BioCLIPScorer
-
         return BioCLIPScorer(self.settings.bioclip, self.settings.bioclip_tokenizer)
 
     def _settings(self, network: str, resize: str) -> dict:

@@ -34,6 +34,7 @@ from ..model import (
 from ..taxonomy import Lineage, Rank, Taxonomy
 from ..text import TextEmbeddingCache, TextEncoderSpec
 from . import checkpoint as ckpt
+from .latents import build_latent_dataset, sample_latents
 from .stages import Stage, plan_stages
 
 # What a run writes into its output folder; `--overwrite` removes these and nothing else.
@@ -214,23 +215,26 @@ class Trainer:
         if train.cache_latents:
             if not config.model.is_latent:
                 raise ValueError("train.cache_latents needs a latent model (a Stable Diffusion base)")
-            from .latents import build_latent_dataset
-
             with acc.main_process_first():
                 self.dataset = build_latent_dataset(self.dataset, self.vae, self.paths.cache, progress=progress)
         needed = train.batch_size * acc.num_processes
         if len(self.dataset) < needed:
             raise ValueError(f"{len(self.dataset)} training images but one step needs {needed}; lower train.batch_size")
 
+        self.plan = self._plan()
         if acc.is_main_process:
             config.save(self.paths.config)
             self.taxonomy.save(self.paths.taxonomy)
-            self.paths.plan.write_text(self.describe() + "\n")
+            self.paths.plan.write_text(self.plan + "\n")
         self.state = self._resume()
 
     # -- plan and resume --------------------------------------------------------------------------
 
     def describe(self) -> str:
+        """The plan: data, then each stage with what trains and how many parameters."""
+        return self.plan
+
+    def _plan(self) -> str:
         lines = [
             f"strategy {self.config.train.strategy}: {len(self.records)} images, "
             f"{', '.join(f'{r} {self.taxonomy.num_taxa(r)}' for r in self.taxonomy.ranks)}",
@@ -407,8 +411,6 @@ class Trainer:
         """Epsilon-prediction MSE (or v-prediction, if the base scheduler says so) for one batch."""
         train = self.config.train
         if "latent_params" in batch:  # cached VAE latents: the encoder never runs here
-            from .latents import sample_latents
-
             targets = sample_latents(batch["latent_params"], self.vae.config.scaling_factor)
         else:
             targets = encode_images(self.vae, batch["pixel_values"])
