@@ -5,35 +5,21 @@ import json
 
 import pytest
 
+from format_fixtures import BIOSCAN_COLUMNS, inat21_category
 from taxadiffusion.cli import main
 from taxadiffusion.data.readers import read_bioscan, read_fishnet, read_folder, read_inat21, read_records, read_table
 from taxadiffusion.taxonomy import BIOSCAN_RANKS, INAT21_RANKS, Rank
 
 
-def _category(cid, kingdom, phylum, klass, order, family, genus, epithet):
-    return {
-        "id": cid,
-        "name": f"{cid:05d}_{kingdom}_{phylum}_{klass}_{order}_{family}_{genus}_{epithet}",
-        "common_name": "x",
-        "supercategory": "Animals",
-        "kingdom": kingdom,
-        "phylum": phylum,
-        "class": klass,
-        "order": order,
-        "family": family,
-        "genus": genus,
-        "specific_epithet": epithet,
-        "image_dir_name": f"{cid:05d}_{genus}_{epithet}",
-    }
-
-
 def test_inat21(tmp_path):
     categories = [
-        _category(0, "Animalia", "Chordata", "Actinopterygii", "Perciformes", "Pomacentridae", "Amphiprion", "clarkii"),
-        _category(
+        inat21_category(
+            0, "Animalia", "Chordata", "Actinopterygii", "Perciformes", "Pomacentridae", "Amphiprion", "clarkii"
+        ),
+        inat21_category(
             1, "Animalia", "Chordata", "Actinopterygii", "Perciformes", "Pomacentridae", "Amphiprion", "ocellaris"
         ),
-        _category(2, "Plantae", "Tracheophyta", "Magnoliopsida", "Rosales", "Rosaceae", "Rosa", "canina"),
+        inat21_category(2, "Plantae", "Tracheophyta", "Magnoliopsida", "Rosales", "Rosaceae", "Rosa", "canina"),
     ]
     images = [{"id": i, "file_name": f"train/{categories[i % 3]['image_dir_name']}/{i}.jpg"} for i in range(7)]
     annotations = [{"id": i, "image_id": i, "category_id": i % 3} for i in range(6)]  # image 6 has none
@@ -91,25 +77,6 @@ def test_fishnet_inspect_json_cli(fishnet_csv, capsys):
     result = json.loads(printed)
     assert result["records"] == 299 and result["skipped"] == {"missing class": 1}
     assert set(result) == {"records", "taxa", "labelled_to", "skipped"}
-
-
-BIOSCAN_COLUMNS = [
-    "sampleid",
-    "processid",
-    "uri",
-    "phylum",
-    "class",
-    "order",
-    "family",
-    "subfamily",
-    "tribe",
-    "genus",
-    "species",
-    "nucraw",
-    "image_file",
-    "chunk_number",
-    "split",
-]
 
 
 def test_bioscan(tmp_path):

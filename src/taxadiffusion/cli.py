@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -156,14 +157,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .config import Config
 
     config = Config.load(args.config, args.set)
+    if args.dry_run:
+        return dry_run(config, Path(args.output))
     from .train.trainer import RunConflict, Trainer, TrainingDiverged
 
     try:
         trainer = Trainer(config, args.output, overwrite=args.overwrite)
         if trainer.accelerator.is_main_process:
             print(trainer.describe())
-        if args.dry_run:
-            return 0
         pipeline = trainer.run()
     except RunConflict as error:
         raise CommandError(str(error)) from None
@@ -171,6 +172,21 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"taxadiffusion: training stopped: {error}", file=sys.stderr)
         return 3
     print(f"done: pipeline saved to {pipeline}; sample grids in {Path(args.output) / 'samples'}")
+    return 0
+
+
+def dry_run(config, output: Path) -> int:
+    """Print the resolved config and the plan; read metadata and config files only, write nothing."""
+    import yaml
+
+    from .train.plan import plan_run
+
+    processes = int(os.environ.get("WORLD_SIZE", "1"))  # set by `accelerate launch`
+    plan = plan_run(config, output / "data", num_processes=processes)
+    print("# resolved config")
+    print(yaml.safe_dump(config.to_dict(), sort_keys=False).rstrip())
+    print(f"\n# plan (output {output})")
+    print(plan.describe())
     return 0
 
 
@@ -324,7 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--output", required=True, type=Path, help="run folder (resumed if it holds this run)")
     train.add_argument("--overwrite", action="store_true", help="start over, deleting this run's outputs")
-    train.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    train.add_argument(
+        "--dry-run", action="store_true", help="print the resolved config and the plan (no weights or images loaded)"
+    )
     train.set_defaults(run=cmd_train)
 
     evaluate = commands.add_parser("evaluate", help="the paper's metrics per rank, with a report")

@@ -125,6 +125,15 @@ def spatial_factor(vae: nn.Module | None) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
+def config_spatial_factor(config: ModelConfig) -> int:
+    """`spatial_factor` of the model a config builds, from config files alone (no weights read)."""
+    if not config.is_latent:
+        return config.tiny.patch_size
+    _check_base(config.base)
+    vae_config = AutoencoderKL.load_config(config.base, subfolder="vae")
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
 @torch.no_grad()
 def encode_images(vae: nn.Module | None, pixels: torch.Tensor, generator: torch.Generator | None = None):
     """Pixels in [-1, 1] -> the space the UNet denoises (VAE latents x scaling factor, patches, or pixels)."""
@@ -179,6 +188,28 @@ def build_denoiser(config: ModelConfig, torch_dtype: torch.dtype | None = None) 
     scheduler = DDPMScheduler.from_pretrained(config.base, subfolder="scheduler")
     vae.requires_grad_(False).eval()
     return Denoiser(unet, scheduler, vae)
+
+
+def build_unet_skeleton(config: ModelConfig) -> UNet2DConditionModel:
+    """The UNet with its parameters on the meta device: shapes and counts, no weights read or allocated.
+
+    For a Stable Diffusion base only `unet/config.json` is read (a local folder, or one small file from the Hub).
+    """
+    from accelerate import init_empty_weights
+
+    if not config.is_latent:
+        with init_empty_weights():
+            return build_tiny_unet(config.tiny, config.resolution)
+    _check_base(config.base)
+    try:
+        unet_config = UNet2DConditionModel.load_config(config.base, subfolder="unet")
+    except OSError as error:
+        raise FileNotFoundError(
+            f"cannot read the UNet config of {config.base!r} ({error}); give a local Stable Diffusion folder "
+            "with --set model.base=PATH, or log in / go online for a hub id"
+        ) from None
+    with init_empty_weights():
+        return UNet2DConditionModel.from_config(unet_config)
 
 
 def _check_base(base: str) -> None:

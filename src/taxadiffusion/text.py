@@ -59,6 +59,13 @@ class TextEncoderSpec:
         digest = hashlib.sha256(config.to_json_string(use_diff=False).encode()).hexdigest()[:12]
         return f"{self.source}/{self.model_subfolder or ''}@{digest}"
 
+    def width(self) -> int:
+        """The feature width, read from the model's config (no weights loaded)."""
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(self.resolved_source(), subfolder=self.model_subfolder or "")
+        return int(getattr(config, "hidden_size", 0) or config.text_config.hidden_size)
+
     def load(self) -> TransformersTextEncoder:
         return TransformersTextEncoder.from_pretrained(self)
 

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from ..taxonomy import STANDARD_RANKS, Lineage, Rank, Taxonomy
+from .records import RecordSet
 
 # Discrete trait palettes, one per rank (index = rank level).
 BACKGROUND_VALUES = (0.78, 0.45, 0.62)
@@ -234,6 +235,17 @@ class SyntheticTaxonomy:
             "resolution": self.config.resolution,
             "seed": self.config.seed,
         }
+
+    def records(self, out: str | Path) -> RecordSet:
+        """The records `write_folder(out)` produces, without rendering an image (for planning a run)."""
+        out = Path(out)
+        records = RecordSet(STANDARD_RANKS, source=str(out))
+        for s in self.species:
+            for i in range(s.n_images):
+                records.add(
+                    out / "images" / s.folder / f"{i:04d}.png", dict(zip(STANDARD_RANKS, s.lineage.names, strict=True))
+                )
+        return records
 
     def write_folder(self, out: str | Path, overwrite: bool = False, progress: bool = True) -> Path:
         """Write the training images as a folder dataset (`images/<folder>/*.png` + `taxonomy.csv`).

@@ -20,21 +20,19 @@ from torch.utils.data import DataLoader
 from ..conditioning import FrozenRankTables, drop_ranks
 from ..config import Config
 from ..data.dataset import ImageDataset
-from ..data.readers import read_folder, read_records
-from ..data.records import RecordSet
-from ..data.synthetic import SyntheticTaxonomy
 from ..model import (
     TaxaDiffusionModel,
     add_lora,
     build_denoiser,
     build_taxonomy_encoder,
-    count_parameters,
     encode_images,
+    spatial_factor,
 )
-from ..taxonomy import Lineage, Rank, Taxonomy
-from ..text import TextEmbeddingCache, TextEncoderSpec
+from ..taxonomy import Lineage, Taxonomy
+from ..text import TextEmbeddingCache
 from . import checkpoint as ckpt
 from .latents import build_latent_dataset, sample_latents
+from .plan import describe_model, run_records, text_encoder_spec
 from .stages import Stage, plan_stages
 
 # What a run writes into its output folder; `--overwrite` removes these and nothing else.
@@ -94,44 +92,8 @@ def prepare_output(paths: RunPaths, config: Config, overwrite: bool) -> None:
 # -- data --------------------------------------------------------------------------------------------
 
 
-def load_training_records(config: Config, paths: RunPaths) -> RecordSet:
-    """The training records; the synthetic taxonomy is rendered into the run's `data/` folder."""
-    data = config.data
-    if data.format == "synthetic":
-        folder = SyntheticTaxonomy(data.synthetic).write_folder(paths.data, progress=False)
-        records = read_folder(folder)
-    else:
-        records = read_records(data.format, data.path, root=data.root)
-    if data.split:
-        records = records.split(data.split)
-    if not records.records:
-        raise ValueError(f"no training records in {data.path or paths.data} (split {data.split!r})")
-    return records
-
-
-def flatten_to_species(records: RecordSet) -> RecordSet:
-    """One rank holding the scientific name (the flat SD + LoRA baseline); records above species are counted."""
-    flat = RecordSet((Rank.SPECIFIC_EPITHET,), source=records.source, skipped=records.skipped.copy())
-    for record in records:
-        if record.lineage.depth < len(record.lineage.ranks):
-            flat.skip("not labelled to species (flat baseline)")
-            continue
-        flat.add(record.image, {Rank.SPECIFIC_EPITHET: record.lineage.scientific_name}, record.split)
-    return flat
-
-
 def taxonomy_hash(taxonomy: Taxonomy) -> str:
     return hashlib.sha256(json.dumps(taxonomy.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
-
-
-def text_encoder_spec(config: Config) -> TextEncoderSpec:
-    if config.text.encoder == "base":
-        if not config.model.is_latent:
-            raise ValueError("text.encoder=base needs a Stable Diffusion base model (model.base)")
-        return TextEncoderSpec(config.model.base, "text_encoder", "tokenizer", config.text.max_length)
-    if (Path(config.text.encoder) / "text_encoder").is_dir():  # a Stable Diffusion folder: use its CLIP
-        return TextEncoderSpec(config.text.encoder, "text_encoder", "tokenizer", config.text.max_length)
-    return TextEncoderSpec(config.text.encoder, max_length=config.text.max_length)
 
 
 def grid_lineages(taxonomy: Taxonomy, n: int) -> list[Lineage]:
@@ -180,10 +142,7 @@ class Trainer:
 
         # 1. data (the main process renders the synthetic set first)
         with acc.main_process_first():
-            records = load_training_records(config, self.paths)
-        self.dataset_ranks = records.ranks
-        if train.strategy in ("flat", "full"):
-            records = flatten_to_species(records)
+            records, self.dataset_ranks = run_records(config, self.paths.data)
         self.records = records
         self.taxonomy = records.taxonomy()
         self.stages = plan_stages(train, config.model, self.dataset_ranks)
@@ -221,7 +180,9 @@ class Trainer:
         if len(self.dataset) < needed:
             raise ValueError(f"{len(self.dataset)} training images but one step needs {needed}; lower train.batch_size")
 
-        self.plan = self._plan()
+        self.plan = describe_model(
+            config, records, self.stages, self.model, spatial_factor(self.vae), cache.config.width, acc.num_processes
+        ).describe()
         if acc.is_main_process:
             config.save(self.paths.config)
             self.taxonomy.save(self.paths.taxonomy)
@@ -233,19 +194,6 @@ class Trainer:
     def describe(self) -> str:
         """The plan: data, then each stage with what trains and how many parameters."""
         return self.plan
-
-    def _plan(self) -> str:
-        lines = [
-            f"strategy {self.config.train.strategy}: {len(self.records)} images, "
-            f"{', '.join(f'{r} {self.taxonomy.num_taxa(r)}' for r in self.taxonomy.ranks)}",
-        ]
-        if self.records.skipped:
-            skipped = ", ".join(f"{reason}: {n}" for reason, n in sorted(self.records.skipped.items()))
-            lines.append(f"rows not used ({skipped})")
-        for stage in self.stages:
-            params = self.model.configure_trainable(stage.unet, stage.encoder_levels)
-            lines.append(f"{stage.describe()} ({count_parameters(params):,} parameters)")
-        return "\n".join(lines)
 
     def _trained_keys(self) -> set[str]:
         """State-dict keys that any stage trains: what a checkpoint must hold."""

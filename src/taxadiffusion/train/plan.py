@@ -1,0 +1,215 @@
+"""The plan of a run: its data, model, stages, what trains in each, steps and checkpoints.
+
+`plan_run(config)` computes it without loading weights or images (`taxadiffusion train --dry-run`):
+metadata and folder listings are read, the UNet is built on the meta device from its config file, and
+the text encoder's width comes from its config. The trainer prints the same plan from its real model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import Config
+from ..data.readers import read_folder, read_records
+from ..data.records import RecordSet
+from ..data.synthetic import SyntheticTaxonomy
+from ..model import (
+    TaxaDiffusionModel,
+    add_lora,
+    build_taxonomy_encoder,
+    build_unet_skeleton,
+    config_spatial_factor,
+    count_parameters,
+)
+from ..taxonomy import Rank, Taxonomy
+from ..text import TextEncoderSpec
+from .stages import Stage, plan_stages
+
+# -- the run's records and text encoder ------------------------------------------------------------
+
+
+def load_training_records(config: Config, data_folder: Path, render: bool = True) -> RecordSet:
+    """The training records. The synthetic taxonomy is rendered into `data_folder` (or, with
+    `render=False`, only listed as the records rendering would give)."""
+    data = config.data
+    if data.format == "synthetic":
+        synthetic = SyntheticTaxonomy(data.synthetic)
+        if not render:
+            return synthetic.records(data_folder)
+        records = read_folder(synthetic.write_folder(data_folder, progress=False))
+    else:
+        records = read_records(data.format, data.path, root=data.root)
+    if data.split:
+        records = records.split(data.split)
+    if not records.records:
+        raise ValueError(f"no training records in {data.path or data_folder} (split {data.split!r})")
+    return records
+
+
+def flatten_to_species(records: RecordSet) -> RecordSet:
+    """One rank holding the scientific name (the flat SD + LoRA baseline); records above species are counted."""
+    flat = RecordSet((Rank.SPECIFIC_EPITHET,), source=records.source, skipped=records.skipped.copy())
+    for record in records:
+        if record.lineage.depth < len(record.lineage.ranks):
+            flat.skip("not labelled to species (flat baseline)")
+            continue
+        flat.add(record.image, {Rank.SPECIFIC_EPITHET: record.lineage.scientific_name}, record.split)
+    return flat
+
+
+def run_records(config: Config, data_folder: Path, render: bool = True) -> tuple[RecordSet, tuple[Rank, ...]]:
+    """The records the run trains on (flattened for the one-text baselines) and the dataset's ranks."""
+    records = load_training_records(config, data_folder, render)
+    ranks = records.ranks
+    if config.train.strategy in ("flat", "full"):
+        records = flatten_to_species(records)
+    return records, ranks
+
+
+def text_encoder_spec(config: Config) -> TextEncoderSpec:
+    if config.text.encoder == "base":
+        if not config.model.is_latent:
+            raise ValueError("text.encoder=base needs a Stable Diffusion base model (model.base)")
+        return TextEncoderSpec(config.model.base, "text_encoder", "tokenizer", config.text.max_length)
+    if (Path(config.text.encoder) / "text_encoder").is_dir():  # a Stable Diffusion folder: use its CLIP
+        return TextEncoderSpec(config.text.encoder, "text_encoder", "tokenizer", config.text.max_length)
+    return TextEncoderSpec(config.text.encoder, max_length=config.text.max_length)
+
+
+# -- the plan --------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunPlan:
+    config: Config
+    records: RecordSet
+    taxonomy: Taxonomy
+    stages: list[Stage]
+    stage_parameters: list[int]  # what trains in each stage
+    trained_parameters: int  # what any stage trains: what a checkpoint holds
+    unet_parameters: int
+    encoder_parameters: int
+    text_width: int
+    latent_shape: tuple[int, int, int]  # (channels, height, width) the UNet denoises
+    num_processes: int = 1
+
+    @property
+    def images_per_step(self) -> int:
+        train = self.config.train
+        return train.batch_size * self.num_processes * train.gradient_accumulation
+
+    def epochs(self, steps: int) -> float:
+        return steps * self.images_per_step / max(1, len(self.records))
+
+    def checkpoints(self, stage: Stage) -> int:
+        """Checkpoints a stage writes: every `checkpoint_every` steps, and one at its end."""
+        return (max(stage.steps, 1) - 1) // self.config.train.checkpoint_every + 1
+
+    def checkpoint_megabytes(self) -> float:
+        """fp32 trained weights plus AdamW's two moments for the largest stage."""
+        return (4 * self.trained_parameters + 8 * max(self.stage_parameters, default=0)) / 2**20
+
+    def describe(self) -> str:
+        config, train, model = self.config, self.config.train, self.config.model
+        where = "synthetic (embedded default)" if config.data.format == "synthetic" else config.data.path
+        lines = [
+            f"data: {config.data.format} {where}: {len(self.records):,} images; "
+            + ", ".join(f"{r} {self.taxonomy.num_taxa(r):,}" for r in self.taxonomy.ranks)
+            + f"; crop {config.data.crop}"
+        ]
+        if self.records.skipped:
+            skipped = ", ".join(f"{reason}: {n:,}" for reason, n in sorted(self.records.skipped.items()))
+            lines.append(f"rows not used ({skipped})")
+        c, h, w = self.latent_shape
+        tuning = (
+            f"LoRA r{model.lora_rank}/alpha {model.lora_alpha:g} on {', '.join(model.lora_targets)}"
+            if model.finetune == "lora"
+            else "full fine-tuning"
+        )
+        lines += [
+            f"model: {model.base} at {model.resolution} px (UNet denoises {c}x{h}x{w}); "
+            f"UNet {self.unet_parameters / 1e6:,.1f} M parameters, {tuning}",
+            f"taxonomy encoder: {len(self.taxonomy.ranks)} ranks x {model.encoder_layers} layers x "
+            f"{model.encoder_heads} heads, text width {self.text_width}, dropout {model.encoder_dropout:g} "
+            f"({self.encoder_parameters / 1e6:,.2f} M parameters)",
+            f"text: {config.text.encoder}, template {config.text.template!r}; condition dropout "
+            f"{train.condition_dropout:.4g} per rank{' (cascading)' if train.cascade_dropout else ''}",
+            f"batch: {train.batch_size} per process x {self.num_processes} process(es) x "
+            f"{train.gradient_accumulation} accumulation = {self.images_per_step} images per step; "
+            f"one epoch = {math.ceil(len(self.records) / self.images_per_step):,} steps; "
+            f"precision {train.mixed_precision}, gradient checkpointing {_on(train.gradient_checkpointing)}, "
+            f"latent cache {_on(train.cache_latents)}",
+        ]
+        for stage, params in zip(self.stages, self.stage_parameters, strict=True):
+            lines.append(
+                f"{stage.describe()} ({params:,} parameters; {self.epochs(stage.steps):.2f} epochs, "
+                f"{self.checkpoints(stage)} checkpoint(s))"
+            )
+        total = sum(s.steps for s in self.stages)
+        lines.append(
+            f"total: {total:,} steps ({self.epochs(total):.2f} epochs); checkpoints every "
+            f"{train.checkpoint_every:,} steps and at each stage end, the last {train.keep_checkpoints} kept, "
+            f"about {self.checkpoint_megabytes():,.0f} MB each"
+        )
+        return "\n".join(lines)
+
+
+def stage_parameter_counts(model: TaxaDiffusionModel, stages: list[Stage]) -> tuple[list[int], int]:
+    """Trainable parameters per stage, and in the union of all stages. Leaves the model as the last stage set it."""
+    per_stage, union = [], {}
+    for stage in stages:
+        params = model.configure_trainable(stage.unet, stage.encoder_levels)
+        per_stage.append(count_parameters(params))
+        union.update({id(p): p for p in params})
+    return per_stage, count_parameters(list(union.values()))
+
+
+def describe_model(
+    config: Config,
+    records: RecordSet,
+    stages: list[Stage],
+    model: TaxaDiffusionModel,
+    factor: int,
+    text_width: int,
+    num_processes: int = 1,
+) -> RunPlan:
+    """The plan of a run from its (real or meta-device) model; `factor`: pixels per latent cell."""
+    per_stage, trained = stage_parameter_counts(model, stages)
+    unet = model.unet
+    side = config.model.resolution // factor
+    return RunPlan(
+        config=config,
+        records=records,
+        taxonomy=records.taxonomy(),
+        stages=stages,
+        stage_parameters=per_stage,
+        trained_parameters=trained,
+        unet_parameters=sum(p.numel() for n, p in unet.named_parameters() if ".lora_" not in n),
+        encoder_parameters=count_parameters(list(model.taxonomy_encoder.parameters())),
+        text_width=text_width,
+        latent_shape=(unet.config.in_channels, side, side),
+        num_processes=num_processes,
+    )
+
+
+def plan_run(config: Config, data_folder: str | Path, num_processes: int = 1) -> RunPlan:
+    """The plan, reading metadata and config files only: no weights, no images (`train --dry-run`)."""
+    from accelerate import init_empty_weights
+
+    records, dataset_ranks = run_records(config, Path(data_folder), render=False)
+    stages = plan_stages(config.train, config.model, dataset_ranks)
+    text_width = text_encoder_spec(config).width()
+    unet = build_unet_skeleton(config.model)
+    with init_empty_weights():
+        if config.model.finetune == "lora":
+            add_lora(unet, config.model.lora_rank, config.model.lora_alpha, config.model.lora_targets)
+        encoder = build_taxonomy_encoder(config.model, len(records.ranks), text_width, unet.config.cross_attention_dim)
+        model = TaxaDiffusionModel(unet, encoder)
+    factor = config_spatial_factor(config.model)
+    return describe_model(config, records, stages, model, factor, text_width, num_processes)
+
+
+def _on(flag: bool) -> str:
+    return "on" if flag else "off"
