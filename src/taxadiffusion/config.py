@@ -31,6 +31,7 @@ class DataConfig:
     path: str | None = None  # metadata file or dataset folder (not for synthetic)
     root: str | None = None  # image root, when not next to the metadata
     split: str | None = None  # keep only records of this split (e.g. "train")
+    resolve_taxonomy: bool = False  # folder/csv: complete missing ranks from species names (iNaturalist)
     crop: str = "random_crop"  # random_crop | squash | pad (DESIGN.md: iNat crop, BIOSCAN pad)
     num_workers: int = 0
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
@@ -41,6 +42,8 @@ class DataConfig:
         if self.format != "synthetic" and not self.path:
             raise ConfigError(f"data.path is required for data.format={self.format}")
         CropPolicy.parse(self.crop)
+        if self.resolve_taxonomy and self.format not in ("folder", "csv"):
+            raise ConfigError(f"data.resolve_taxonomy works with the folder and csv formats, not {self.format}")
 
 
 @dataclass

@@ -95,6 +95,48 @@ def _class_to_species(row: dict, columns: tuple[str, str, str, str], species: st
     return {**values, Rank.GENUS: genus, Rank.SPECIFIC_EPITHET: epithet}
 
 
+SCIENTIFIC_NAME_COLUMNS = ("scientific_name", "scientificname", "binomial", "taxon", "name")
+
+
+def _scientific_name(row: dict) -> str | None:
+    column = next((c for c in row if c and c.strip().lower() in SCIENTIFIC_NAME_COLUMNS), None)
+    return _clean(row.get(column)) if column else None
+
+
+class _Completion:
+    """`--resolve-taxonomy`: rows that name a species or genus get their missing ranks from the
+    iNaturalist taxonomy (lineage.py). Every distinct name is resolved once, in one join."""
+
+    def __init__(self, rows: list[tuple[dict[Rank, str | None], str | None]]):
+        from ..lineage import LineageResolver, query_name
+
+        self.names = [
+            None if all(values.get(r) for r in STANDARD_RANKS) else query_name(values, scientific)
+            for values, scientific in rows
+        ]
+        unique = sorted({n for n in self.names if n})
+        self.resolutions = dict(zip(unique, LineageResolver().resolve_many(unique), strict=True))
+
+    def values(self, index: int, values: dict[Rank, str | None]) -> tuple[dict[Rank, str | None], str | None]:
+        """The completed values, and a skip reason when the row stays incomplete."""
+        from ..lineage import complete
+
+        name = self.names[index]
+        if name is None:
+            return {r: values.get(r) for r in STANDARD_RANKS}, None
+        resolution = self.resolutions[name]
+        completed = complete(values, resolution)
+        if completed is not None:
+            return completed, None
+        if values.get(Rank.KINGDOM):  # the row's own ranks still make a lineage: keep them
+            return {r: values.get(r) for r in STANDARD_RANKS}, None
+        return values, f"name {resolution.status} in the iNaturalist taxonomy"
+
+    def problems(self) -> list[str]:
+        """Messages for the names that did not resolve (with close matches), for the user."""
+        return [r.message() for r in self.resolutions.values() if r.status != "resolved"]
+
+
 # -- iNaturalist 2021 ----------------------------------------------------------------------------
 
 
@@ -183,12 +225,15 @@ def _image_files(folder: Path) -> tuple[list[Path], int]:
     return images, others
 
 
-def read_folder(path: str | Path, root: str | Path | None = None, table: str | Path | None = None) -> RecordSet:
+def read_folder(
+    path: str | Path, root: str | Path | None = None, table: str | Path | None = None, resolve: bool = False
+) -> RecordSet:
     """One folder of images per taxon plus a table mapping each folder to its ranks.
 
     The table (default `PATH/taxonomy.csv`) has a `folder` column and one column per rank. Image folders
     are looked up under `root` (default: `PATH`, or the one sub-folder of `PATH` that holds them, as in
-    `fish4knowledge/fish_image/<folder>`).
+    `fish4knowledge/fish_image/<folder>`). `resolve`: complete missing ranks from a species/genus name
+    (genus + epithet columns, a `scientific_name` column, or the folder name itself) via iNaturalist.
     """
     path = Path(path)
     if not path.is_dir():
@@ -202,17 +247,40 @@ def read_folder(path: str | Path, root: str | Path | None = None, table: str | P
     if folder_column is None:
         raise ValueError(f"taxonomy table {table_path} needs a 'folder' column; it has {', '.join(columns)}")
     rank_columns = _columns_by_rank(columns)
-    if not rank_columns:
-        raise ValueError(f"taxonomy table {table_path} has no rank columns ({', '.join(STANDARD_RANKS)})")
-    ranks = tuple(r for r in STANDARD_RANKS if r in rank_columns)
+    if not rank_columns and not resolve:
+        raise ValueError(
+            f"taxonomy table {table_path} has no rank columns ({', '.join(STANDARD_RANKS)}); "
+            "pass --resolve-taxonomy to look species names up in the iNaturalist taxonomy"
+        )
+    ranks = STANDARD_RANKS if resolve else tuple(r for r in STANDARD_RANKS if r in rank_columns)
     lineage_of = {row[folder_column].strip(): row for row in rows if row.get(folder_column, "").strip()}
+    values_of = {}
+    for folder, row in lineage_of.items():
+        values = {rank: _clean(row.get(column)) for rank, column in rank_columns.items()}
+        if values.get(Rank.SPECIFIC_EPITHET):
+            genus, values[Rank.SPECIFIC_EPITHET] = _epithet(values[Rank.SPECIFIC_EPITHET], values.get(Rank.GENUS))
+            if resolve or Rank.GENUS in rank_columns:
+                values[Rank.GENUS] = genus
+        values_of[folder] = values
+    unresolved: dict[str, str] = {}
+    notes: list[str] = []
+    if resolve:
+        folders = sorted(values_of)
+        completion = _Completion(
+            [(values_of[f], _scientific_name(lineage_of[f]) or f.replace("_", " ")) for f in folders]
+        )
+        notes = completion.problems()
+        for index, folder in enumerate(folders):
+            values_of[folder], reason = completion.values(index, values_of[folder])
+            if reason:
+                unresolved[folder] = reason
 
     if root is None:
         candidates = [path, *sorted(p for p in path.iterdir() if p.is_dir())]
         root = max(candidates, key=lambda base: sum((base / f).is_dir() for f in lineage_of))
     root = Path(root)
 
-    out = RecordSet(ranks, source=str(path))
+    out = RecordSet(ranks, source=str(path), notes=notes)
     for folder, row in sorted(lineage_of.items()):
         directory = root / folder
         if not directory.is_dir():
@@ -221,12 +289,12 @@ def read_folder(path: str | Path, root: str | Path | None = None, table: str | P
         images, others = _image_files(directory)
         if others:
             out.skip("not an image file", others)
-        values = {rank: _clean(row.get(column)) for rank, column in rank_columns.items()}
-        if Rank.SPECIFIC_EPITHET in values:
-            values[Rank.SPECIFIC_EPITHET] = _epithet(values[Rank.SPECIFIC_EPITHET], None)[1]
+        if folder in unresolved:
+            out.skip(unresolved[folder], len(images))
+            continue
         split = _clean(row.get("split"))
         for image in images:
-            out.add(image, values, split)
+            out.add(image, values_of[folder], split)
     for directory in sorted(p for p in root.iterdir() if p.is_dir() and p.name not in lineage_of):
         unlisted = len(_image_files(directory)[0])
         if unlisted:
@@ -240,11 +308,14 @@ def read_folder(path: str | Path, root: str | Path | None = None, table: str | P
 FILE_COLUMNS = ("file_name", "file", "filename", "image", "image_path", "path", "filepath")
 
 
-def read_table(path: str | Path, root: str | Path | None = None, ranks: Iterable[str] | None = None) -> RecordSet:
+def read_table(
+    path: str | Path, root: str | Path | None = None, ranks: Iterable[str] | None = None, resolve: bool = False
+) -> RecordSet:
     """A CSV/TSV or `metadata.jsonl` with a file column and one column per rank.
 
     This is the Hugging Face imagefolder convention: `file_name` relative to the table's folder. Rank
     columns are named after the ranks (`species` may hold the binomial); an optional `split` column.
+    `resolve`: complete missing ranks from the species/genus name via the iNaturalist taxonomy.
     """
     path = _require_file(Path(path), "metadata table")
     root = Path(root) if root is not None else path.parent
@@ -257,8 +328,11 @@ def read_table(path: str | Path, root: str | Path | None = None, ranks: Iterable
     if file_column is None:
         raise ValueError(f"{path} needs a file column (one of {', '.join(FILE_COLUMNS)}); it has {', '.join(columns)}")
     rank_columns = _columns_by_rank(columns)
-    chosen = parse_ranks(ranks) if ranks else tuple(r for r in STANDARD_RANKS if r in rank_columns)
-    missing = [r.value for r in chosen if r not in rank_columns]
+    if resolve:
+        chosen = STANDARD_RANKS
+    else:
+        chosen = parse_ranks(ranks) if ranks else tuple(r for r in STANDARD_RANKS if r in rank_columns)
+    missing = [] if resolve else [r.value for r in chosen if r not in rank_columns]
     if missing or not chosen:
         raise ValueError(
             f"{path} has no column for rank(s) {', '.join(missing) or 'any'}; columns: {', '.join(columns)}"
@@ -266,18 +340,32 @@ def read_table(path: str | Path, root: str | Path | None = None, ranks: Iterable
     split_column = next((c for c in columns if c.strip().lower() == "split"), None)
 
     out = RecordSet(chosen, source=str(path))
+    kept: list[tuple[str, dict[Rank, str | None], str | None, str | None]] = []
     for row in _chain(first, rows):
         file = _clean(row.get(file_column))
         if not file:
             out.skip("no image path")
             continue
-        values = {rank: _clean(row.get(rank_columns[rank])) for rank in chosen}
+        values = {rank: _clean(row.get(rank_columns[rank])) for rank in chosen if rank in rank_columns}
         if Rank.SPECIFIC_EPITHET in values:
             genus, epithet = _epithet(values[Rank.SPECIFIC_EPITHET], values.get(Rank.GENUS))
             values[Rank.SPECIFIC_EPITHET] = epithet
-            if Rank.GENUS in values:
+            if Rank.GENUS in values or resolve:
                 values[Rank.GENUS] = genus
-        out.add(root / file, values, _clean(row.get(split_column)) if split_column else None)
+        split = _clean(row.get(split_column)) if split_column else None
+        if not resolve:
+            out.add(root / file, values, split)
+        else:
+            kept.append((file, values, split, _scientific_name(row)))
+    if resolve:
+        completion = _Completion([(values, scientific) for _, values, _, scientific in kept])
+        out.notes += completion.problems()
+        for index, (file, values, split, _) in enumerate(kept):
+            values, reason = completion.values(index, values)
+            if reason:
+                out.skip(reason)
+            else:
+                out.add(root / file, values, split)
     return out
 
 
@@ -295,10 +383,17 @@ READERS: dict[str, Callable[..., RecordSet]] = {
 }
 
 
-def read_records(fmt: str, path: str | Path, root: str | Path | None = None) -> RecordSet:
-    """Read a dataset in one of the formats of `READERS`."""
+RESOLVABLE = ("folder", "csv")  # formats whose rows may name only a species or genus
+
+
+def read_records(fmt: str, path: str | Path, root: str | Path | None = None, resolve: bool = False) -> RecordSet:
+    """Read a dataset in one of the formats of `READERS`; `resolve` completes lineages (folder, csv)."""
     try:
         reader = READERS[fmt]
     except KeyError:
         raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(READERS)}") from None
+    if resolve:
+        if fmt not in RESOLVABLE:
+            raise ValueError(f"--resolve-taxonomy works with the {' and '.join(RESOLVABLE)} formats, not {fmt}")
+        return reader(path, root=root, resolve=True)
     return reader(path, root=root)

@@ -25,6 +25,7 @@ class RecordSet:
     records: list[Record] = field(default_factory=list)
     skipped: Counter[str] = field(default_factory=Counter)
     source: str = ""
+    notes: list[str] = field(default_factory=list)  # messages for the user (e.g. names that did not resolve)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -68,12 +69,15 @@ class RecordSet:
             for depth in range(len(names)):
                 taxa[depth].add(names[: depth + 1])
                 labelled[depth] += 1
-        return {
+        summary = {
             "records": len(self.records),
             "taxa": {r.value: len(t) for r, t in zip(self.ranks, taxa, strict=True)},
             "labelled_to": {r.value: n for r, n in zip(self.ranks, labelled, strict=True)},
             "skipped": dict(sorted(self.skipped.items())),
         }
+        if self.notes:
+            summary["notes"] = list(self.notes)
+        return summary
 
 
 def split_records(records: Sequence[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:

@@ -56,7 +56,8 @@ def taxon_folder(taxon: Taxon) -> str:
     return "__".join("".join(c if c.isalnum() or c in "-." else "_" for c in name) for name in taxon.path)
 
 
-def _seed(*parts: int) -> int:
+def image_seed(*parts: int) -> int:
+    """The seed of one generated image: a function of (evaluation seed, rank level, taxon id, index)."""
     return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
 
 
@@ -67,14 +68,24 @@ def _uint8_batch(images: list[np.ndarray]) -> torch.Tensor:
 class Evaluation:
     """One evaluation run; `run()` returns the metrics dict and writes it with the report."""
 
-    def __init__(self, real: RecordSet, out: str | Path, settings: EvalSettings, pipeline=None, images=None):
+    def __init__(
+        self,
+        real: RecordSet,
+        out: str | Path,
+        settings: EvalSettings,
+        pipeline=None,
+        images=None,
+        taxonomy: Taxonomy | None = None,
+    ):
+        """`taxonomy`: the training taxonomy when scoring a folder of images, so that rare and common taxa
+        are told apart by their training counts (default: the real set's own counts)."""
         if (pipeline is None) == (images is None):
             raise ValueError("evaluate either a model (--model) or a folder of generated images (--images)")
         self.settings = settings
         self.out = Path(out)
         self.pipeline = pipeline
         self.images_dir = Path(images) if images else None
-        self.taxonomy: Taxonomy = pipeline.taxonomy if pipeline is not None else real.taxonomy()
+        self.taxonomy: Taxonomy = pipeline.taxonomy if pipeline is not None else (taxonomy or real.taxonomy())
         if tuple(real.ranks) != tuple(self.taxonomy.ranks):
             ours, theirs = ", ".join(real.ranks), ", ".join(self.taxonomy.ranks)
             raise ValueError(f"the real data's ranks ({ours}) differ from the model's ({theirs})")
@@ -153,7 +164,7 @@ class Evaluation:
         for start in tqdm(range(0, len(jobs), s.batch_size), desc=f"generating {rank}", disable=not progress):
             chunk = jobs[start : start + s.batch_size]
             lineages = [self.taxonomy.lineage(taxon) for taxon, _, _ in chunk]
-            generators = [torch.Generator().manual_seed(_seed(s.seed, level, t.id, i)) for t, i, _ in chunk]
+            generators = [torch.Generator().manual_seed(image_seed(s.seed, level, t.id, i)) for t, i, _ in chunk]
             images = pipe(
                 lineages,
                 num_inference_steps=s.steps,
@@ -170,10 +181,12 @@ class Evaluation:
 
     # -- metrics ----------------------------------------------------------------------------------
 
-    def run(self, progress: bool = True) -> dict:
+    def run(self, progress: bool = True, features: InceptionFeatures | None = None) -> dict:
+        """Score every rank. `features`: an Inception extractor to share between evaluations (its memo
+        then featurises each real image once for all of them)."""
         s = self.settings
         self.out.mkdir(parents=True, exist_ok=True)
-        features = InceptionFeatures(s.inception)
+        features = features or InceptionFeatures(s.inception)
         lpips = self._lpips()
         classifier = self._classifier()
         bioclip = self._bioclip()

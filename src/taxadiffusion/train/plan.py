@@ -40,7 +40,7 @@ def load_training_records(config: Config, data_folder: Path, render: bool = True
             return synthetic.records(data_folder)
         records = read_folder(synthetic.write_folder(data_folder, progress=False))
     else:
-        records = read_records(data.format, data.path, root=data.root)
+        records = read_records(data.format, data.path, root=data.root, resolve=data.resolve_taxonomy)
     if data.split:
         records = records.split(data.split)
     if not records.records:
@@ -136,6 +136,10 @@ class RunPlan:
             f"({self.encoder_parameters / 1e6:,.2f} M parameters)",
             f"text: {config.text.encoder}, template {config.text.template!r}; condition dropout "
             f"{train.condition_dropout:.4g} per rank{' (cascading)' if train.cascade_dropout else ''}",
+            "optimizer: AdamW, constant lr (per stage below"
+            + (f"; taxonomy encoders at {train.encoder_learning_rate:g}" if train.encoder_learning_rate else "")
+            + f"), betas ({train.adam_beta1:g}, {train.adam_beta2:g}), weight decay {train.weight_decay:g}, "
+            f"gradient clip {train.max_grad_norm:g}" + (f", Min-SNR {train.snr_gamma:g}" if train.snr_gamma else ""),
             f"batch: {train.batch_size} per process x {self.num_processes} process(es) x "
             f"{train.gradient_accumulation} accumulation = {self.images_per_step} images per step; "
             f"one epoch = {math.ceil(len(self.records) / self.images_per_step):,} steps; "

@@ -213,8 +213,11 @@ class Trainer:
             return ckpt.TrainingState(fingerprint=fingerprint, taxonomy=tax)
         latest = found[-1]
         state = ckpt.read_state(latest)
-        if state.fingerprint != fingerprint or state.taxonomy != tax:
-            what = "config" if state.fingerprint != fingerprint else "training taxonomy (the data changed)"
+        # Re-fingerprint the checkpoint's own config.yaml: a key added since (at its default) is no change.
+        saved = latest / "config.yaml"
+        saved_fingerprint = Config.load(saved).fingerprint() if saved.is_file() else state.fingerprint
+        if saved_fingerprint != fingerprint or state.taxonomy != tax:
+            what = "config" if saved_fingerprint != fingerprint else "training taxonomy (the data changed)"
             raise RunConflict(
                 f"checkpoint {latest} was written with a different {what}; "
                 "choose a new --output, or pass --overwrite to start over"

@@ -1,0 +1,282 @@
+"""Quality on real fish photos (Fish4Knowledge): the paper's training strategies and guidance, per rank.
+
+    python benchmarks/quality.py            # the full benchmark on 2 CPU cores; run again to resume
+    python benchmarks/quality.py --quick    # a smoke check of every step in a few minutes
+
+Same model, data and total steps for every run: `flat` (the species name as one text: the SD + LoRA-style
+baseline), `all`, `random` and `progressive` (configs/f4k.yaml). Each is evaluated with the evaluation
+protocol (FID/KID with the TF-Inception weights, LPIPS, per-rank accuracy from a classifier trained on
+the training split, rare vs common taxa) on a fixed, stratified 20% of the folder that no run trains on:
+with taxonomic guidance, and the progressive run also with vanilla CFG. `flat` knows species names only,
+so an image of a higher taxon is an image of one of its species (round robin), with vanilla CFG (its
+taxonomic guidance would contrast the species with itself).
+
+Writes benchmarks/results/quality_f4k.md (tables, plots, sample sheets, command); a `## Reading` section
+already in that file is kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from taxadiffusion.config import Config
+from taxadiffusion.data.readers import read_folder, read_table
+from taxadiffusion.data.records import Record, split_records
+from taxadiffusion.eval.protocol import EvalSettings, Evaluation, image_seed, taxon_folder
+from taxadiffusion.eval.report import load_runs, main_table, markdown_table, split_table, write_report
+from taxadiffusion.taxonomy import Rank
+
+REPO = Path(__file__).resolve().parents[1]
+F4K = REPO.parent / "shared" / "data" / "fish4knowledge"
+PRESET = REPO / "configs" / "f4k.yaml"
+RESULTS = REPO / "benchmarks" / "results"
+SECONDS_PER_STEP = 0.85  # measured on the reference machine (2 cores), for the first ETA only
+
+# (evaluation name, trained run, guidance)
+EVALUATIONS = (
+    ("flat", "flat", "vanilla"),
+    ("all", "all", "taxonomic"),
+    ("random", "random", "taxonomic"),
+    ("progressive", "progressive", "taxonomic"),
+    ("progressive-vanilla", "progressive", "vanilla"),
+)
+STRATEGIES = ("flat", "all", "random", "progressive")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a few steps and images: checks the pipeline only")
+    parser.add_argument("--out", type=Path, help="work folder (default benchmarks/runs/quality[-quick])")
+    parser.add_argument("--data", type=Path, default=F4K, help="the Fish4Knowledge folder")
+    parser.add_argument("--scale", type=float, default=3.0, help="guidance scale at evaluation")
+    parser.add_argument("--per-taxon", type=int, default=10, help="generated images per taxon")
+    parser.add_argument("--holdout", type=float, default=0.2, help="fraction of each class held out")
+    return parser.parse_args(argv)
+
+
+# -- data ---------------------------------------------------------------------------------------------
+
+
+def write_split(data: Path, out: Path, fraction: float) -> tuple[Path, Path]:
+    """A fixed stratified split of the folder into train.csv and heldout.csv (absolute image paths)."""
+    paths = out / "train.csv", out / "heldout.csv"
+    if all(p.is_file() for p in paths):
+        return paths
+    records = read_folder(data)
+    train, held = split_records(records.records, fraction, seed=0)
+    out.mkdir(parents=True, exist_ok=True)
+    for path, rows in zip(paths, (train, held), strict=True):
+        write_table(path, rows, records.ranks)
+    print(f"split {data}: {len(train)} training and {len(held)} held-out images")
+    return paths
+
+
+def write_table(path: Path, records: list[Record], ranks: tuple[Rank, ...]) -> None:
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["file_name", *(r.value for r in ranks)])
+        for record in records:
+            names = list(record.lineage.names) + [""] * (len(ranks) - record.lineage.depth)
+            writer.writerow([str(record.image), *names])
+    tmp.replace(path)
+
+
+# -- steps of the benchmark ------------------------------------------------------------------------------
+
+
+def train_classifier(train_csv: Path, out: Path, steps: int) -> Path:
+    from taxadiffusion.cli import main as cli
+
+    if not (out / "heldout_accuracy.json").is_file():
+        shutil.rmtree(out, ignore_errors=True)  # our own folder, never finished
+        args = ["classifier", "train", "--data", "csv", str(train_csv), "--out", str(out), "--steps", str(steps)]
+        if cli(args) != 0:
+            raise SystemExit("classifier training failed")
+    return out
+
+
+def train_run(strategy: str, train_csv: Path, out: Path, steps: list[int]) -> tuple[Path, float]:
+    """Train (or resume, or find finished) one strategy; returns the pipeline and the seconds it took."""
+    from taxadiffusion.train.trainer import Trainer
+
+    config = Config.load(
+        PRESET,
+        ["data.format=csv", f"data.path={train_csv}", f"train.strategy={strategy}", f"train.steps={steps}"],
+    )
+    if (out / "pipeline" / "model_index.json").is_file() and (out / "train_seconds.json").is_file():
+        return out / "pipeline", json.loads((out / "train_seconds.json").read_text())["seconds"]
+    start = time.perf_counter()
+    trainer = Trainer(config, out)
+    print(trainer.describe())
+    pipeline = trainer.run()
+    seconds = time.perf_counter() - start
+    (out / "train_seconds.json").write_text(json.dumps({"seconds": seconds, "steps": sum(steps)}) + "\n")
+    return pipeline, seconds
+
+
+def settings(args, classifier: Path, guidance: str, quick: bool) -> EvalSettings:
+    return EvalSettings(
+        ranks=("specific_epithet",) if quick else ("order", "family", "genus", "specific_epithet"),
+        per_taxon=args.per_taxon,
+        max_real_per_taxon=8 if quick else 50,
+        resolution=32,
+        guidance=guidance,
+        scale=args.scale,
+        rare_threshold=50,
+        classifier=str(classifier),
+        lpips_net="vgg",
+    )
+
+
+def evaluate_model(pipeline_dir: Path, heldout: Path, out: Path, s: EvalSettings, features) -> None:
+    from taxadiffusion.pipeline import TaxaDiffusionPipeline
+
+    if (out / "metrics.json").is_file():
+        return
+    pipe = TaxaDiffusionPipeline.from_pretrained(pipeline_dir)
+    pipe.set_progress_bar_config(disable=True)
+    Evaluation(read_table(heldout), out, s, pipeline=pipe).run(features=features)
+
+
+@torch.no_grad()
+def evaluate_flat(pipeline_dir: Path, train_csv: Path, heldout: Path, out: Path, s: EvalSettings, features) -> None:
+    """Images of every taxon at each rank from the species-only model, then scored as a folder."""
+    from taxadiffusion.pipeline import TaxaDiffusionPipeline
+
+    if (out / "metrics.json").is_file():
+        return
+    pipe = TaxaDiffusionPipeline.from_pretrained(pipeline_dir)
+    pipe.set_progress_bar_config(disable=True)
+    flat = pipe.taxonomy
+    full = read_table(train_csv).taxonomy()
+    folder = out / "generated"
+    for rank in (Rank.parse(r) for r in s.ranks):
+        for taxon in full.taxa(rank):
+            target = folder / rank.value / taxon_folder(taxon)
+            if len(list(target.glob("*.png"))) >= s.per_taxon:
+                continue
+            species = [t for t in full.taxa(Rank.SPECIFIC_EPITHET) if t.path[: len(taxon.path)] == taxon.path]
+            if not species:
+                continue  # a taxon without a species below it (F4K's family-level class) has no flat prompt
+            names = [full.lineage(species[i % len(species)]).scientific_name for i in range(s.per_taxon)]
+            lineages = [flat.lineage(flat.by_path((name,))) for name in names]
+            level = full.level(rank)
+            generators = [
+                torch.Generator().manual_seed(image_seed(s.seed, level, taxon.id, i)) for i in range(s.per_taxon)
+            ]
+            images = pipe(
+                lineages,
+                num_inference_steps=s.steps,
+                guidance=s.guidance,
+                guidance_scale=s.scale,
+                generator=generators,
+            ).images
+            target.mkdir(parents=True, exist_ok=True)
+            for i, image in enumerate(images):
+                image.save(target / f"{i:02d}.png")
+    Evaluation(read_table(heldout), out, s, images=folder, taxonomy=full).run(features=features)
+
+
+# -- report -------------------------------------------------------------------------------------------
+
+
+def write_results(out: Path, evals: list[Path], timings: dict, classifier: Path, quick: bool, argv: list[str]) -> Path:
+    runs = load_runs(evals)
+    name = "quality_f4k_quick" if quick else "quality_f4k"
+    assets = (out if quick else RESULTS) / name
+    write_report(assets, runs, title="Fish4Knowledge: training strategies and guidance")
+    for path in evals:
+        for grid in (path / "grids").glob("*.png"):
+            shutil.copy(grid, assets / f"samples_{path.name}_{grid.name}")
+    target = (out if quick else RESULTS) / f"{name}.md"
+    plots = [p for p in sorted(assets.glob("*.png")) if not p.name.startswith("samples_")]
+    reading = ""
+    if target.is_file() and "## Reading" in target.read_text():
+        reading = target.read_text()[target.read_text().index("## Reading") :]
+    accuracy = json.loads((classifier / "heldout_accuracy.json").read_text())
+    device = f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}"
+    lines = [
+        "# Quality benchmark: Fish4Knowledge, training strategies and guidance",
+        "",
+        f"Command: `python benchmarks/quality.py {' '.join(argv)}`".replace("  ", " ").rstrip() + " (resumable).",
+        f"Machine: {device}. Model and budget: `configs/f4k.yaml` (tiny pixel-space UNet, 32 px), the same total",
+        "steps for every strategy; evaluation on a fixed, stratified 20% of the folder that no run trained on.",
+        "",
+        "Training time per run: "
+        + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items())
+        + ". Classifier held-out accuracy (real images, ceiling of the accuracy columns): "
+        + ", ".join(f"{r} {a:.1%}" for r, a in accuracy["accuracy"].items() if a is not None)
+        + ".",
+        "",
+        "## All taxa (FID/KID/LPIPS lower is better; Acc = generated images classified as the conditioned taxon)",
+        "",
+        markdown_table(main_table(runs)),
+        "",
+        "## Rare (< 50 training images) vs common taxa",
+        "",
+        markdown_table(split_table(runs)),
+        "",
+        "## Plots and samples",
+        "",
+        *[f"![{p.stem}]({assets.name}/{p.name})" for p in plots],
+        "",
+        *[f"![{p.stem}]({assets.name}/{p.name})" for p in sorted(assets.glob("samples_*_specific_epithet.png"))],
+        "",
+    ]
+    target.write_text("\n".join(lines) + ("\n" + reading if reading else ""), encoding="utf-8")
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    quick = args.quick
+    if quick:
+        args.per_taxon = min(args.per_taxon, 2)
+    out = args.out or REPO / "benchmarks" / "runs" / ("quality-quick" if quick else "quality")
+    steps = [4] * 7 if quick else Config.load(PRESET).train.steps
+    total = sum(steps)
+    print(
+        f"plan: split {args.data} ({1 - args.holdout:.0%} train), classifier, then {len(STRATEGIES)} runs of "
+        f"{total} steps ({', '.join(STRATEGIES)}), {len(EVALUATIONS)} evaluations; first ETA "
+        f"{len(STRATEGIES) * total * SECONDS_PER_STEP / 60:.0f} min of training (25 min at most per run)"
+    )
+    train_csv, heldout = write_split(args.data, out / "data", args.holdout)
+    classifier = train_classifier(train_csv, out / "classifier", 60 if quick else 1500)
+    pipelines, timings = {}, {}
+    for i, strategy in enumerate(STRATEGIES):
+        pipelines[strategy], timings[strategy] = train_run(strategy, train_csv, out / "runs" / strategy, steps)
+        rate = timings[strategy] / total
+        left = len(STRATEGIES) - i - 1
+        print(
+            f"{strategy}: {timings[strategy] / 60:.1f} min ({rate:.2f} s/step); "
+            f"training left: about {left * total * rate / 60:.0f} min"
+        )
+    from taxadiffusion.eval.fid import InceptionFeatures
+
+    features = InceptionFeatures()  # shared: each real image is featurised once for every evaluation
+    evals = []
+    for name, run, guidance in EVALUATIONS:
+        s = settings(args, classifier, guidance, quick)
+        target = out / "eval" / name
+        print(f"evaluating {name} ({guidance} guidance, scale {s.scale})")
+        if run == "flat":
+            evaluate_flat(pipelines[run], train_csv, heldout, target, s, features)
+        else:
+            evaluate_model(pipelines[run], heldout, target, s, features)
+        evals.append(target)
+    print(f"results: {write_results(out, evals, timings, classifier, quick, argv)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
