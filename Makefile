@@ -45,14 +45,21 @@ demo: $(VENV)/.installed-demo
 		--classifier $(DEMO_DIR)/classifier --out $(DEMO_DIR)/eval
 	@echo "report: $(DEMO_DIR)/eval/report.html (and report.md); sample grids per stage: $(DEMO_DIR)/samples/"
 
-test: $(VENV)/.installed-dev
-	$(VENV)/bin/ruff check src tests
-	$(VENV)/bin/ruff format --check src tests
+# The app's browser test drives Debian's chromium through its chromedriver (selenium, no downloads).
+$(VENV)/.browser: | $(PY)
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+		SUDO=$$( [ "$$(id -u)" -eq 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver; }
+	touch $@
+
+test: $(VENV)/.installed-dev $(VENV)/.browser
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
 	$(PY) -m pytest
 
 lint: $(VENV)/.installed-dev
-	$(VENV)/bin/ruff check --fix src tests
-	$(VENV)/bin/ruff format src tests
+	$(VENV)/bin/ruff check --fix src tests benchmarks
+	$(VENV)/bin/ruff format src tests benchmarks
 
 clean-venv:
 	rm -rf $(VENV)

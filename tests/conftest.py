@@ -49,3 +49,11 @@ def small_taxonomy():
         ("Elasmobranchii", "Orectolobiformes", "Orectolobidae", "Orectolobus"),  # labelled to genus
     ]
     return Taxonomy.from_lineages(Lineage(FISHNET_RANKS, n) for n in names)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory, tiny_sd, small_taxonomy) -> Path:
+    """A saved tiny pixel-space pipeline over `small_taxonomy` (16 px)."""
+    from tiny_models import write_tiny_pipeline
+
+    return write_tiny_pipeline(tmp_path_factory.mktemp("pipeline"), tiny_sd, small_taxonomy)

@@ -175,21 +175,12 @@ def test_pixel_space_pipeline_round_trip(parts, tmp_path, patch_size):
     np.testing.assert_array_equal(a, b)
 
 
-def test_sample_cli(parts, tmp_path, capsys):
+def test_sample_cli(tiny_pipeline, tmp_path, capsys):
     from taxadiffusion.cli import main
-    from taxadiffusion.model import ModelConfig, build_denoiser
 
-    tiny = tiny_pixel_unet_config()
-    denoiser = build_denoiser(ModelConfig(resolution=16, tiny=tiny))
-    cache, encoder = parts
-    TaxaDiffusionPipeline(
-        unet=denoiser.unet,
-        scheduler=make_scheduler("pndm", denoiser.noise_scheduler.config),
-        taxonomy_encoder=encoder,
-        text_embeddings=cache,
-    ).save_pretrained(tmp_path / "model")
+    model = str(tiny_pipeline)
     out = tmp_path / "samples"
-    args = ["sample", "--model", str(tmp_path / "model"), "--taxon", "Amphiprion", "--n", "3", "--steps", "2"]
+    args = ["sample", "--model", model, "--taxon", "Amphiprion", "--n", "3", "--steps", "2"]
     assert main([*args, "--out", str(out), "--batch-size", "2"]) == 0
     assert sorted(p.name for p in out.iterdir()) == [
         "Amphiprion_000.png",
@@ -201,6 +192,6 @@ def test_sample_cli(parts, tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err
     assert main([*args, "--out", str(out), "--overwrite"]) == 0
     capsys.readouterr()
-    bad = ["sample", "--model", str(tmp_path / "model"), "--taxon", "Amphiprio", "--out", str(out)]
+    bad = ["sample", "--model", model, "--taxon", "Amphiprio", "--out", str(out)]
     assert main(bad) == 2
     assert "did you mean 'Amphiprion'" in capsys.readouterr().err

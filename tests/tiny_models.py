@@ -139,3 +139,24 @@ def tiny_pixel_unet_config(patch_size: int = 1, cross_attention_dim: int = 32):
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=cross_attention_dim,
     )
+
+
+def write_tiny_pipeline(directory: Path, sd_folder: Path, taxonomy, resolution: int = 16) -> Path:
+    """A saved pixel-space TaxaDiffusionPipeline over `taxonomy`, its texts encoded by the tiny SD's CLIP."""
+    from taxadiffusion.conditioning import TaxonomyEncoder
+    from taxadiffusion.model import ModelConfig, build_denoiser
+    from taxadiffusion.pipeline import TaxaDiffusionPipeline, make_scheduler
+    from taxadiffusion.text import TextEmbeddingCache, TextEncoderSpec
+
+    spec = TextEncoderSpec(str(sd_folder), model_subfolder="text_encoder", tokenizer_subfolder="tokenizer")
+    cache = TextEmbeddingCache.build(taxonomy, spec.load())
+    torch.manual_seed(0)
+    encoder = TaxonomyEncoder(num_ranks=len(taxonomy.ranks), text_width=32, num_heads=4).eval()
+    denoiser = build_denoiser(ModelConfig(resolution=resolution, tiny=tiny_pixel_unet_config()))
+    TaxaDiffusionPipeline(
+        unet=denoiser.unet,
+        scheduler=make_scheduler("pndm", denoiser.noise_scheduler.config),
+        taxonomy_encoder=encoder,
+        text_embeddings=cache,
+    ).save_pretrained(directory)
+    return directory

@@ -295,6 +295,21 @@ def cmd_classifier_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- app -------------------------------------------------------------------------------------------
+
+
+def cmd_app(args: argparse.Namespace) -> int:
+    import os
+
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    try:
+        from .app import launch
+    except ImportError as error:
+        raise CommandError(f"the app needs gradio ({error}); pip install 'taxadiffusion[app]'") from None
+    launch(args.model, port=args.port, host=args.host, device=_device(args.device))
+    return 0
+
+
 # -- taxonomy --------------------------------------------------------------------------------------
 
 
@@ -452,6 +467,13 @@ def build_parser() -> argparse.ArgumentParser:
     ctrain.add_argument("--out", required=True, type=Path)
     ctrain.add_argument("--overwrite", action="store_true")
     ctrain.set_defaults(run=cmd_classifier_train)
+
+    app = commands.add_parser("app", help="a web app to explore a trained model (Gradio)")
+    app.add_argument("--model", required=True, type=Path, help="a saved pipeline folder (a run's pipeline/)")
+    app.add_argument("--port", type=int, help="port (default: Gradio's, 7860 or the next free one)")
+    app.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: the whole network)")
+    app.add_argument("--device", help="cpu, cuda, mps (default: cpu)")
+    app.set_defaults(run=cmd_app)
 
     taxonomy = commands.add_parser("taxonomy", help="lineages of species and genus names")
     taxonomy_commands = taxonomy.add_subparsers(dest="taxonomy_command", metavar="SUBCOMMAND", required=True)

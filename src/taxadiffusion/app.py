@@ -1,0 +1,308 @@
+"""A Gradio app to explore a trained pipeline: find a taxon, generate with taxonomic guidance, and see the
+same seed conditioned at each rank from coarse to fine (the paper's figure).
+
+`Explorer` holds what the app does as plain methods (tested without a browser); `build_app` lays it out.
+Every event has an `api_name`, so `gradio_client` can drive the app as an API.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .guidance import Guidance
+from .pipeline import SCHEDULERS, TaxaDiffusionPipeline, make_scheduler
+from .taxonomy import AmbiguousTaxonError, Lineage, Rank, Taxon, Taxonomy, UnknownTaxonError
+
+MAX_IMAGES = 16
+SEPARATOR = " › "
+
+
+def taxon_label(taxon: Taxon) -> str:
+    """What the app shows and receives for a taxon: its name (the binomial for a species), its rank and its
+    parents, so that homonyms stay apart."""
+    species = taxon.rank is Rank.SPECIFIC_EPITHET and len(taxon.path) > 1
+    name = f"{taxon.path[-2]} {taxon.name}" if species else taxon.name
+    parents = SEPARATOR.join(taxon.path[:-1])
+    return f"{name} ({'species' if species else taxon.rank}{', ' + parents if parents else ''})"
+
+
+class Explorer:
+    """Searching, browsing and sampling one pipeline. Sampling calls are serialised by the app."""
+
+    def __init__(self, pipeline: TaxaDiffusionPipeline):
+        self.pipeline = pipeline
+        self.taxonomy: Taxonomy = pipeline.taxonomy
+        self.by_label: dict[str, Taxon] = {}
+        for rank in self.taxonomy.ranks:
+            for taxon in self.taxonomy.taxa(rank):
+                self.by_label[taxon_label(taxon)] = taxon
+        self.default_scheduler = type(pipeline.scheduler).__name__
+
+    @property
+    def ranks(self) -> list[str]:
+        return [r.value for r in self.taxonomy.ranks]
+
+    # -- finding a taxon ----------------------------------------------------------------------------
+
+    def search(self, query: str, limit: int = 20) -> list[str]:
+        """Taxa whose name (or binomial) contains the query, finest ranks first; close matches otherwise."""
+        query = " ".join(query.split()).lower()
+        if not query:
+            return []
+        hits = []
+        for label, taxon in self.by_label.items():
+            names = {taxon.name.lower(), self.taxonomy.lineage(taxon).scientific_name.lower()}
+            if any(query in name for name in names):
+                exact = query in names
+                hits.append((not exact, -self.taxonomy.level(taxon.rank), label))
+        if hits:
+            return [label for *_, label in sorted(hits)[:limit]]
+        suggested = self.taxonomy.suggest(query)
+        return [label for label, taxon in self.by_label.items() if taxon.name in suggested][:limit]
+
+    def taxon(self, label: str) -> Taxon:
+        if not label:
+            raise ValueError("choose a taxon first: search for a name or pick one rank by rank")
+        try:
+            return self.by_label[label]
+        except KeyError:
+            name = label.split(" (")[0]
+            suggestions = self.taxonomy.suggest(name)
+            hint = f"; did you mean {', '.join(suggestions)}?" if suggestions else ""
+            raise ValueError(f"{name!r} is not a taxon of this model{hint}") from None
+
+    def children(self, label: str | None) -> list[str]:
+        """The labels one rank below a taxon (the first rank's taxa for None)."""
+        parent = self.by_label.get(label) if label else None
+        return [taxon_label(t) for t in self.taxonomy.children(parent)]
+
+    def lineage_markdown(self, label: str) -> str:
+        taxon = self.taxon(label)
+        lineage = self.taxonomy.lineage(taxon)
+        rows = [f"| {rank} | {name} |" for rank, name in zip(lineage.ranks, lineage.names, strict=False)]
+        return "\n".join(
+            [
+                f"**{lineage.scientific_name}** ({taxon.count} training images)",
+                "",
+                "| rank | name |",
+                "|---|---|",
+                *rows,
+            ]
+        )
+
+    def condition_ranks(self, label: str) -> list[str]:
+        """Ranks a taxon can be conditioned down to: the first rank .. its own."""
+        return self.ranks[: self.taxonomy.level(self.taxon(label).rank) + 1]
+
+    # -- sampling -----------------------------------------------------------------------------------
+
+    def _lineage(self, label: str, condition_rank: str | None) -> Lineage:
+        lineage = self.taxonomy.lineage(self.taxon(label))
+        if condition_rank:
+            depth = self.taxonomy.level(Rank.parse(condition_rank)) + 1
+            if depth > lineage.depth:
+                raise ValueError(f"{lineage.scientific_name} is a {lineage.finest_rank}: it has no {condition_rank}")
+            lineage = lineage.truncate(depth)
+        return lineage
+
+    def _sample(self, lineages: list[Lineage], seeds: list[int], settings: dict) -> list[Image.Image]:
+        pipe = self.pipeline
+        scheduler = settings.get("scheduler") or ""
+        if scheduler and scheduler != getattr(pipe, "_app_scheduler", None):
+            pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+            pipe._app_scheduler = scheduler
+        window = (float(settings.get("window_start", 0.0)), float(settings.get("window_end", 1.0)))
+        if not 0.0 <= window[0] <= window[1] <= 1.0:
+            raise ValueError(f"the guidance window must satisfy 0 <= start <= end <= 1, got {window}")
+        return pipe(
+            lineages,
+            num_inference_steps=int(settings.get("steps", 25)),
+            guidance=Guidance.parse(settings.get("guidance", "taxonomic")),
+            guidance_scale=float(settings.get("scale", 9.0)),
+            guidance_window=window,
+            generator=[torch.Generator().manual_seed(int(seed)) for seed in seeds],
+        ).images
+
+    def generate(self, label: str, condition_rank: str | None, n: int, seed: int, **settings) -> list[Image.Image]:
+        """`n` images of a taxon; image i uses seed + i, so a gallery is reproducible image by image."""
+        n = int(n)
+        if not 1 <= n <= MAX_IMAGES:
+            raise ValueError(f"number of images must be between 1 and {MAX_IMAGES}, got {n}")
+        lineage = self._lineage(label, condition_rank)
+        return self._sample([lineage] * n, [int(seed) + i for i in range(n)], settings)
+
+    def rank_strip(self, label: str, seed: int, **settings) -> list[tuple[Image.Image, str]]:
+        """The same seed conditioned on the lineage cut at each rank, coarse to fine."""
+        lineage = self.taxonomy.lineage(self.taxon(label))
+        cuts = [lineage.truncate(depth) for depth in range(1, lineage.depth + 1)]
+        images = self._sample(cuts, [int(seed)] * len(cuts), settings)
+        return [(image, f"{cut.finest_rank}: {cut.names[-1]}") for image, cut in zip(images, cuts, strict=True)]
+
+
+# -- the UI -----------------------------------------------------------------------------------------
+
+
+def build_app(explorer: Explorer):
+    """The Gradio Blocks app. Heavy import inside: nothing else in the package needs gradio."""
+    import gradio as gr
+
+    ranks = explorer.ranks
+
+    def user_error(error: Exception):
+        return gr.Error(str(error).strip("'\""))
+
+    def settings_of(guidance, scale, window_start, window_end, scheduler, steps):
+        return dict(
+            guidance=guidance,
+            scale=scale,
+            window_start=window_start,
+            window_end=window_end,
+            scheduler=scheduler,
+            steps=steps,
+        )
+
+    with gr.Blocks(title="taxadiffusion explorer", analytics_enabled=False) as app:
+        gr.Markdown(
+            f"# taxadiffusion explorer\n{len(explorer.taxonomy.taxa(explorer.taxonomy.ranks[-1]))} "
+            f"{explorer.taxonomy.ranks[-1]} taxa over {len(ranks)} ranks ({', '.join(ranks)})."
+        )
+        with gr.Row():
+            with gr.Column(scale=1):
+                query = gr.Textbox(
+                    label="Search any name", placeholder="e.g. Amphiprion clarkii or Pomacentridae", elem_id="search"
+                )
+                matches = gr.JSON(visible=False)
+                found = gr.Dropdown(label="Matches", choices=[], interactive=True)
+                with gr.Accordion("Browse rank by rank", open=False):
+                    cascade = [
+                        gr.Dropdown(
+                            label=rank,
+                            choices=explorer.children(None) if i == 0 else [],
+                            interactive=True,
+                        )
+                        for i, rank in enumerate(ranks)
+                    ]
+                selected = gr.Textbox(label="Selected taxon", interactive=False, elem_id="selected-taxon")
+                lineage = gr.Markdown(elem_id="lineage")
+                condition_rank = gr.Dropdown(label="Condition down to rank", choices=ranks, value=None)
+                with gr.Row():
+                    guidance = gr.Radio(["taxonomic", "vanilla", "none"], value="taxonomic", label="Guidance")
+                    scale = gr.Slider(0.0, 15.0, value=9.0, step=0.5, label="Scale s = 1 + w")
+                with gr.Row():
+                    window_start = gr.Slider(0.0, 1.0, value=0.0, step=0.05, label="Guidance from")
+                    window_end = gr.Slider(0.0, 1.0, value=1.0, step=0.05, label="Guidance until")
+                with gr.Row():
+                    scheduler = gr.Dropdown(list(SCHEDULERS), value=None, label="Scheduler (empty: the saved one)")
+                    steps = gr.Slider(1, 100, value=25, step=1, label="Steps")
+                with gr.Row():
+                    seed = gr.Number(value=0, precision=0, label="Seed")
+                    count = gr.Slider(1, MAX_IMAGES, value=4, step=1, label="Images")
+                generate = gr.Button("Generate", variant="primary", elem_id="generate")
+            with gr.Column(scale=2):
+                gallery = gr.Gallery(label="Samples", columns=4, elem_id="gallery", format="png")
+                strip = gr.Gallery(
+                    label="Same seed, conditioned at each rank (coarse to fine)",
+                    columns=len(ranks),
+                    elem_id="rank-strip",
+                    format="png",
+                )
+
+        def on_search(text):
+            return explorer.search(text or "")
+
+        def show_matches(matches):
+            return gr.update(choices=matches, value=matches[0] if matches else None)
+
+        def on_select(label):
+            if not label:
+                return ""
+            try:
+                return explorer.lineage_markdown(label)
+            except ValueError as error:
+                raise user_error(error) from None
+
+        def condition_choices(label):
+            choices = explorer.condition_ranks(label) if label in explorer.by_label else ranks
+            return gr.update(choices=choices, value=None)
+
+        def on_cascade(level):
+            """A choice at one rank lists its children at the next and clears the finer ranks."""
+
+            def update(label):
+                below = [gr.update(choices=explorer.children(label) if label else [], value=None)]
+                below += [gr.update(choices=[], value=None)] * (len(ranks) - level - 2)
+                # Clearing a rank (a coarser choice changed) keeps the selection that choice made.
+                return [*below[: len(ranks) - level - 1], label if label else gr.update()]
+
+            return update
+
+        progress_tracker = gr.Progress(track_tqdm=True)  # gradio swaps in a per-request tracker
+
+        def on_generate(
+            label,
+            rank,
+            n,
+            seed_value,
+            guidance_v,
+            scale_v,
+            start_v,
+            end_v,
+            scheduler_v,
+            steps_v,
+            progress=progress_tracker,
+        ):
+            options = settings_of(guidance_v, scale_v, start_v, end_v, scheduler_v, steps_v)
+            try:
+                progress(0, desc="sampling")
+                images = explorer.generate(label, rank or None, n, int(seed_value or 0), **options)
+                row = explorer.rank_strip(label, int(seed_value or 0), **options)
+            except (ValueError, UnknownTaxonError, AmbiguousTaxonError) as error:
+                raise user_error(error) from None
+            return images, row
+
+        # API endpoints return plain values (lists, text, images); the UI-only updates that follow them
+        # (dropdown choices) are chained with `.then` and have no endpoint.
+        query.submit(on_search, query, matches, api_name="search").then(show_matches, matches, found, api_name=False)
+        query.change(on_search, query, matches, api_name=False).then(show_matches, matches, found, api_name=False)
+        found.change(lambda label: label or "", found, selected, api_name=False)
+        for level, box in enumerate(cascade):
+            box.change(on_cascade(level), box, [*cascade[level + 1 :], selected], api_name=False)
+        selected.change(on_select, selected, lineage, api_name="lineage").then(
+            condition_choices, selected, condition_rank, api_name=False
+        )
+        settings_inputs = [guidance, scale, window_start, window_end, scheduler, steps]
+        generate.click(
+            on_generate,
+            [selected, condition_rank, count, seed, *settings_inputs],
+            [gallery, strip],
+            api_name="generate",
+            concurrency_limit=1,
+        )
+    return app
+
+
+def offline_theme():
+    """Gradio's default theme with system fonts: the stock one fetches fonts from Google at page load."""
+    import gradio as gr
+
+    return gr.themes.Default(
+        font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "Consolas", "monospace"]
+    )
+
+
+def launch(model: str | Path, port: int | None = None, host: str = "127.0.0.1", device: str | None = None, **kwargs):
+    """Load a saved pipeline and serve the app (blocking unless `prevent_thread_lock=True`)."""
+    if not (Path(model) / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"{model} is not a saved pipeline (no model_index.json); pass a training run's pipeline/"
+        )
+    pipe = TaxaDiffusionPipeline.from_pretrained(model)
+    if device:
+        pipe = pipe.to(device)
+    app = build_app(Explorer(pipe))
+    app.queue()
+    app.launch(server_name=host, server_port=port, ssr_mode=False, theme=offline_theme(), **kwargs)
+    return app
