@@ -21,13 +21,17 @@ def explorer(tiny_pipeline):
     return Explorer(pipe)
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 @pytest.fixture(scope="module")
 def served(explorer, monkeypatch_module):
     """The app launched on a free local port, analytics off."""
     monkeypatch_module.setenv("GRADIO_ANALYTICS_ENABLED", "False")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     app = build_app(explorer)
     app.queue()
     app.launch(
@@ -152,3 +156,21 @@ def test_in_a_headless_browser(served, tmp_path):
         assert shot.stat().st_size > 10_000
     finally:
         driver.quit()
+
+
+def test_launch_and_command_errors(tiny_pipeline, tmp_path, capsys, monkeypatch):
+    import urllib.request
+
+    from taxadiffusion.app import launch
+    from taxadiffusion.cli import main
+
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+    assert main(["app", "--model", str(tmp_path)]) == 2
+    assert "not a saved pipeline" in capsys.readouterr().err
+    port = free_port()
+    app = launch(tiny_pipeline, port=port, device="cpu", prevent_thread_lock=True, quiet=True)
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30) as page:
+            assert page.status == 200 and "taxadiffusion explorer" in page.read().decode()
+    finally:
+        app.close()
