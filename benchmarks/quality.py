@@ -59,6 +59,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--scale", type=float, default=3.0, help="guidance scale at evaluation")
     parser.add_argument("--per-taxon", type=int, default=10, help="generated images per taxon")
     parser.add_argument("--holdout", type=float, default=0.2, help="fraction of each class held out")
+    parser.add_argument(
+        "--sweep",
+        type=float,
+        nargs="*",
+        default=(),
+        metavar="SCALE",
+        help="also evaluate flat and progressive at these guidance scales (species rank only)",
+    )
     return parser.parse_args(argv)
 
 
@@ -123,14 +131,14 @@ def train_run(strategy: str, train_csv: Path, out: Path, steps: list[int]) -> tu
     return pipeline, seconds
 
 
-def settings(args, classifier: Path, guidance: str, quick: bool) -> EvalSettings:
+def settings(args, classifier: Path, guidance: str, quick: bool, scale: float | None = None) -> EvalSettings:
     return EvalSettings(
-        ranks=("specific_epithet",) if quick else ("order", "family", "genus", "specific_epithet"),
+        ranks=("specific_epithet",) if quick or scale is not None else ("order", "family", "genus", "specific_epithet"),
         per_taxon=args.per_taxon,
         max_real_per_taxon=8 if quick else 50,
         resolution=32,
         guidance=guidance,
-        scale=args.scale,
+        scale=args.scale if scale is None else scale,
         rare_threshold=50,
         classifier=str(classifier),
         lpips_net="vgg",
@@ -189,7 +197,9 @@ def evaluate_flat(pipeline_dir: Path, train_csv: Path, heldout: Path, out: Path,
 # -- report -------------------------------------------------------------------------------------------
 
 
-def write_results(out: Path, evals: list[Path], timings: dict, classifier: Path, quick: bool, argv: list[str]) -> Path:
+def write_results(
+    out: Path, evals: list[Path], sweep: list[Path], timings: dict, classifier: Path, quick: bool, argv: list[str]
+) -> Path:
     runs = load_runs(evals)
     name = "quality_f4k_quick" if quick else "quality_f4k"
     assets = (out if quick else RESULTS) / name
@@ -207,7 +217,7 @@ def write_results(out: Path, evals: list[Path], timings: dict, classifier: Path,
     lines = [
         "# Quality benchmark: Fish4Knowledge, training strategies and guidance",
         "",
-        f"Command: `python benchmarks/quality.py {' '.join(argv)}`".replace("  ", " ").rstrip() + " (resumable).",
+        f"Command: `{' '.join(['python benchmarks/quality.py', *argv])}` (resumable).",
         f"Machine: {device}. Model and budget: `configs/f4k.yaml` (tiny pixel-space UNet, 32 px), the same total",
         "steps for every strategy; evaluation on a fixed, stratified 20% of the folder that no run trained on.",
         "",
@@ -225,6 +235,16 @@ def write_results(out: Path, evals: list[Path], timings: dict, classifier: Path,
         "",
         markdown_table(split_table(runs)),
         "",
+        *(
+            [
+                "## Guidance scale sweep (species rank; flat with vanilla CFG, progressive with taxonomic)",
+                "",
+                markdown_table(main_table(load_runs(sweep))),
+                "",
+            ]
+            if sweep
+            else []
+        ),
         "## Plots and samples",
         "",
         *[f"![{p.stem}]({assets.name}/{p.name})" for p in plots],
@@ -274,7 +294,18 @@ def main(argv: list[str] | None = None) -> int:
         else:
             evaluate_model(pipelines[run], heldout, target, s, features)
         evals.append(target)
-    print(f"results: {write_results(out, evals, timings, classifier, quick, argv)}")
+    sweep = []
+    for scale in args.sweep:
+        for run, guidance in (("flat", "vanilla"), ("progressive", "taxonomic")):
+            s = settings(args, classifier, guidance, quick, scale)
+            target = out / "sweep" / f"{run}-s{scale:g}"
+            print(f"evaluating {target.name} ({guidance} guidance, species)")
+            if run == "flat":
+                evaluate_flat(pipelines[run], train_csv, heldout, target, s, features)
+            else:
+                evaluate_model(pipelines[run], heldout, target, s, features)
+            sweep.append(target)
+    print(f"results: {write_results(out, evals, sweep, timings, classifier, quick, argv)}")
     return 0
 
 

@@ -302,7 +302,10 @@ def main(argv=None) -> int:
             )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "speed.json").write_text(json.dumps(results, indent=1) + "\n")
-    (args.out / "speed.md").write_text(report(results, argv or sys.argv[1:]))
+    target = args.out / "speed.md"
+    reading = target.read_text() if target.is_file() else ""
+    reading = reading[reading.index("## Reading") :] if "## Reading" in reading else ""  # kept: written by hand
+    target.write_text(report(results, argv or sys.argv[1:]) + ("\n" + reading if reading else ""))
     print(report(results, argv or sys.argv[1:]))
     return 0
 
@@ -328,7 +331,7 @@ def report(results: dict, argv: list[str]) -> str:
     lines = [
         "# Speed and memory",
         "",
-        f"Command: `python benchmarks/speed.py {' '.join(argv)}`".replace(" `", " `").rstrip(),
+        f"Command: `{' '.join(['python benchmarks/speed.py', *argv])}`.",
         f"Machine: {results['machine']}.",
         f"Model: a small SD-format latent model at {RESOLUTION} px: CLIP text encoder "
         f"{TEXT['num_hidden_layers']} x {TEXT['hidden_size']} ({sizes['text_encoder'] / 1e6:.1f} M parameters), "
