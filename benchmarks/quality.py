@@ -284,27 +284,24 @@ def main(argv: list[str] | None = None) -> int:
     from taxadiffusion.eval.fid import InceptionFeatures
 
     features = InceptionFeatures()  # shared: each real image is featurised once for every evaluation
-    evals = []
-    for name, run, guidance in EVALUATIONS:
-        s = settings(args, classifier, guidance, quick)
-        target = out / "eval" / name
-        print(f"evaluating {name} ({guidance} guidance, scale {s.scale})")
+
+    def evaluate(run: str, target: Path, s: EvalSettings) -> Path:
+        print(f"evaluating {target.name} ({s.guidance} guidance, scale {s.scale}, {', '.join(s.ranks)})")
         if run == "flat":
             evaluate_flat(pipelines[run], train_csv, heldout, target, s, features)
         else:
             evaluate_model(pipelines[run], heldout, target, s, features)
-        evals.append(target)
-    sweep = []
-    for scale in args.sweep:
-        for run, guidance in (("flat", "vanilla"), ("progressive", "taxonomic")):
-            s = settings(args, classifier, guidance, quick, scale)
-            target = out / "sweep" / f"{run}-s{scale:g}"
-            print(f"evaluating {target.name} ({guidance} guidance, species)")
-            if run == "flat":
-                evaluate_flat(pipelines[run], train_csv, heldout, target, s, features)
-            else:
-                evaluate_model(pipelines[run], heldout, target, s, features)
-            sweep.append(target)
+        return target
+
+    evals = [
+        evaluate(run, out / "eval" / name, settings(args, classifier, guidance, quick))
+        for name, run, guidance in EVALUATIONS
+    ]
+    sweep = [
+        evaluate(run, out / "sweep" / f"{run}-s{scale:g}", settings(args, classifier, guidance, quick, scale))
+        for scale in args.sweep
+        for run, guidance in (("flat", "vanilla"), ("progressive", "taxonomic"))
+    ]
     print(f"results: {write_results(out, evals, sweep, timings, classifier, quick, argv)}")
     return 0
 

@@ -36,9 +36,13 @@ class Explorer:
         self.pipeline = pipeline
         self.taxonomy: Taxonomy = pipeline.taxonomy
         self.by_label: dict[str, Taxon] = {}
-        for rank in self.taxonomy.ranks:
+        self._search_keys: dict[str, tuple[set[str], int]] = {}  # label -> (names in lower case, rank level)
+        for level, rank in enumerate(self.taxonomy.ranks):
             for taxon in self.taxonomy.taxa(rank):
-                self.by_label[taxon_label(taxon)] = taxon
+                label = taxon_label(taxon)
+                self.by_label[label] = taxon
+                names = {taxon.name.lower(), self.taxonomy.lineage(taxon).scientific_name.lower()}
+                self._search_keys[label] = (names, level)
         self.default_scheduler = type(pipeline.scheduler).__name__
 
     @property
@@ -53,11 +57,9 @@ class Explorer:
         if not query:
             return []
         hits = []
-        for label, taxon in self.by_label.items():
-            names = {taxon.name.lower(), self.taxonomy.lineage(taxon).scientific_name.lower()}
+        for label, (names, level) in self._search_keys.items():
             if any(query in name for name in names):
-                exact = query in names
-                hits.append((not exact, -self.taxonomy.level(taxon.rank), label))
+                hits.append((query not in names, -level, label))
         if hits:
             return [label for *_, label in sorted(hits)[:limit]]
         suggested = self.taxonomy.suggest(query)

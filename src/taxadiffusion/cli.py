@@ -299,8 +299,6 @@ def cmd_classifier_train(args: argparse.Namespace) -> int:
 
 
 def cmd_app(args: argparse.Namespace) -> int:
-    import os
-
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     try:
         from .app import launch

@@ -87,6 +87,16 @@ def _columns_by_rank(columns: Iterable[str]) -> dict[Rank, str]:
     return found
 
 
+def _split_binomial(values: dict[Rank, str | None], fill_genus: bool) -> dict[Rank, str | None]:
+    """A binomial in the species column becomes its epithet (what the species rank conditions on); its
+    genus fills the genus column when the table has one, or always with `fill_genus`."""
+    if values.get(Rank.SPECIFIC_EPITHET):
+        genus, values[Rank.SPECIFIC_EPITHET] = _epithet(values[Rank.SPECIFIC_EPITHET], values.get(Rank.GENUS))
+        if fill_genus or Rank.GENUS in values:
+            values[Rank.GENUS] = genus
+    return values
+
+
 def _class_to_species(row: dict, columns: tuple[str, str, str, str], species: str) -> dict[Rank, str | None]:
     """The five FishNet/BIOSCAN ranks from a row: class, order, family and genus columns plus a species
     column holding the binomial (its genus fills a missing genus column)."""
@@ -257,11 +267,7 @@ def read_folder(
     values_of = {}
     for folder, row in lineage_of.items():
         values = {rank: _clean(row.get(column)) for rank, column in rank_columns.items()}
-        if values.get(Rank.SPECIFIC_EPITHET):
-            genus, values[Rank.SPECIFIC_EPITHET] = _epithet(values[Rank.SPECIFIC_EPITHET], values.get(Rank.GENUS))
-            if resolve or Rank.GENUS in rank_columns:
-                values[Rank.GENUS] = genus
-        values_of[folder] = values
+        values_of[folder] = _split_binomial(values, fill_genus=resolve)
     unresolved: dict[str, str] = {}
     notes: list[str] = []
     if resolve:
@@ -346,12 +352,9 @@ def read_table(
         if not file:
             out.skip("no image path")
             continue
-        values = {rank: _clean(row.get(rank_columns[rank])) for rank in chosen if rank in rank_columns}
-        if Rank.SPECIFIC_EPITHET in values:
-            genus, epithet = _epithet(values[Rank.SPECIFIC_EPITHET], values.get(Rank.GENUS))
-            values[Rank.SPECIFIC_EPITHET] = epithet
-            if Rank.GENUS in values or resolve:
-                values[Rank.GENUS] = genus
+        values = _split_binomial(
+            {rank: _clean(row.get(rank_columns[rank])) for rank in chosen if rank in rank_columns}, fill_genus=resolve
+        )
         split = _clean(row.get(split_column)) if split_column else None
         if not resolve:
             out.add(root / file, values, split)

@@ -173,6 +173,7 @@ def stage_parameter_counts(model: TaxaDiffusionModel, stages: list[Stage]) -> tu
 def describe_model(
     config: Config,
     records: RecordSet,
+    taxonomy: Taxonomy,
     stages: list[Stage],
     model: TaxaDiffusionModel,
     factor: int,
@@ -186,7 +187,7 @@ def describe_model(
     return RunPlan(
         config=config,
         records=records,
-        taxonomy=records.taxonomy(),
+        taxonomy=taxonomy,
         stages=stages,
         stage_parameters=per_stage,
         trained_parameters=trained,
@@ -212,7 +213,7 @@ def plan_run(config: Config, data_folder: str | Path, num_processes: int = 1) ->
         encoder = build_taxonomy_encoder(config.model, len(records.ranks), text_width, unet.config.cross_attention_dim)
         model = TaxaDiffusionModel(unet, encoder)
     factor = config_spatial_factor(config.model)
-    return describe_model(config, records, stages, model, factor, text_width, num_processes)
+    return describe_model(config, records, records.taxonomy(), stages, model, factor, text_width, num_processes)
 
 
 def _on(flag: bool) -> str:

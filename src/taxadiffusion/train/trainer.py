@@ -181,7 +181,14 @@ class Trainer:
             raise ValueError(f"{len(self.dataset)} training images but one step needs {needed}; lower train.batch_size")
 
         self.plan = describe_model(
-            config, records, self.stages, self.model, spatial_factor(self.vae), cache.config.width, acc.num_processes
+            config,
+            records,
+            self.taxonomy,
+            self.stages,
+            self.model,
+            spatial_factor(self.vae),
+            cache.config.width,
+            acc.num_processes,
         ).describe()
         if acc.is_main_process:
             config.save(self.paths.config)
