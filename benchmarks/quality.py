@@ -2,6 +2,7 @@
 
     python benchmarks/quality.py            # the full benchmark on 2 CPU cores; run again to resume
     python benchmarks/quality.py --quick    # a smoke check of every step in a few minutes
+    python benchmarks/quality.py --investigate --sweep 1.5 6   # and the runs that look for why (below)
 
 Same model, data and total steps for every run: `flat` (the species name as one text: the SD + LoRA-style
 baseline), `all`, `random` and `progressive` (configs/f4k.yaml). Each is evaluated with the evaluation
@@ -50,6 +51,30 @@ EVALUATIONS = (
 )
 STRATEGIES = ("flat", "all", "random", "progressive")
 
+# `--investigate`: progressive runs that each change one suspected cause of its gap to `flat`, at the same
+# total steps (one at twice the steps), evaluated like the main rows. (name, what changes, overrides on the preset)
+FINE_STEPS = "train.steps=[100,5,5,90,150,200,250]"  # kingdom..class hold one taxon each in F4K
+VARIANTS = (
+    ("progressive-fine", "steps weighted to order .. species", [FINE_STEPS]),
+    (
+        "progressive-fine-c0",
+        "fine steps, and rank 0 alone on 10% of samples (keeps the taxonomic negative c_0 trained)",
+        [FINE_STEPS, "train.coarse_dropout=0.1"],
+    ),
+    (
+        "progressive-fine-c0-decay",
+        "as above, and the UNet's rate halved from the genus stage on (less erosion of earlier ranks)",
+        [FINE_STEPS, "train.coarse_dropout=0.1", "train.stage_learning_rates=[1e-3,1e-3,1e-3,1e-3,1e-3,5e-4,5e-4]"],
+    ),
+    (
+        "progressive-fine-c0-x2",
+        "fine steps and c_0 replay at twice the steps (1600): is the gap one of training budget?",
+        ["train.steps=[200,10,10,180,300,400,500]", "train.coarse_dropout=0.1"],
+    ),
+)
+SWEPT = (("flat", "vanilla"), ("progressive", "taxonomic"), ("progressive-fine-c0", "taxonomic"))
+WINDOWS = ((0.0, 0.5), (0.5, 1.0))  # `--investigate`: guidance only in the noisier / the cleaner half
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -65,7 +90,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         nargs="*",
         default=(),
         metavar="SCALE",
-        help="also evaluate flat and progressive at these guidance scales (species rank only)",
+        help="also evaluate flat and progressive (and a variant) at these guidance scales (species rank only)",
+    )
+    parser.add_argument(
+        "--investigate",
+        action="store_true",
+        help="also train and evaluate the progressive variants and guidance windows that look for its gap to flat",
     )
     return parser.parse_args(argv)
 
@@ -112,14 +142,12 @@ def train_classifier(train_csv: Path, out: Path, steps: int) -> Path:
     return out
 
 
-def train_run(strategy: str, train_csv: Path, out: Path, steps: list[int]) -> tuple[Path, float]:
-    """Train (or resume, or find finished) one strategy; returns the pipeline and the seconds it took."""
+def train_run(train_csv: Path, out: Path, overrides: list[str]) -> tuple[Path, float]:
+    """Train (or resume, or find finished) one run of the preset; returns the pipeline and the seconds it took."""
     from taxadiffusion.train.trainer import Trainer
 
-    config = Config.load(
-        PRESET,
-        ["data.format=csv", f"data.path={train_csv}", f"train.strategy={strategy}", f"train.steps={steps}"],
-    )
+    config = Config.load(PRESET, ["data.format=csv", f"data.path={train_csv}", *overrides])
+    steps = config.train.steps if isinstance(config.train.steps, list) else [config.train.steps]
     if (out / "pipeline" / "model_index.json").is_file() and (out / "train_seconds.json").is_file():
         return out / "pipeline", json.loads((out / "train_seconds.json").read_text())["seconds"]
     start = time.perf_counter()
@@ -131,14 +159,17 @@ def train_run(strategy: str, train_csv: Path, out: Path, steps: list[int]) -> tu
     return pipeline, seconds
 
 
-def settings(args, classifier: Path, guidance: str, quick: bool, scale: float | None = None) -> EvalSettings:
+def settings(
+    args, classifier: Path, guidance: str, quick: bool, scale: float | None = None, window=(0.0, 1.0), species=False
+) -> EvalSettings:
     return EvalSettings(
-        ranks=("specific_epithet",) if quick or scale is not None else ("order", "family", "genus", "specific_epithet"),
+        ranks=("specific_epithet",) if quick or species else ("order", "family", "genus", "specific_epithet"),
         per_taxon=args.per_taxon,
         max_real_per_taxon=8 if quick else 50,
         resolution=32,
         guidance=guidance,
         scale=args.scale if scale is None else scale,
+        window=window,
         rare_threshold=50,
         classifier=str(classifier),
         lpips_net="vgg",
@@ -197,8 +228,25 @@ def evaluate_flat(pipeline_dir: Path, train_csv: Path, heldout: Path, out: Path,
 # -- report -------------------------------------------------------------------------------------------
 
 
+def section(title: str, evals: list[Path], lead: list[str] = (), split: bool = False) -> list[str]:
+    """A titled table of evaluations, and optionally their rare/common split (nothing when there are none)."""
+    if not evals:
+        return []
+    runs = load_runs(evals)
+    lines = [f"## {title}", "", *lead, markdown_table(main_table(runs)), ""]
+    return lines + (
+        ["Rare (< 50 training images) vs common taxa:", "", markdown_table(split_table(runs)), ""] if split else []
+    )
+
+
 def write_results(
-    out: Path, evals: list[Path], sweep: list[Path], timings: dict, classifier: Path, quick: bool, argv: list[str]
+    out: Path,
+    evals: list[Path],
+    extra: dict[str, list[Path]],
+    timings: dict,
+    classifier: Path,
+    quick: bool,
+    argv: list[str],
 ) -> Path:
     runs = load_runs(evals)
     name = "quality_f4k_quick" if quick else "quality_f4k"
@@ -235,16 +283,17 @@ def write_results(
         "",
         markdown_table(split_table(runs)),
         "",
-        *(
-            [
-                "## Guidance scale sweep (species rank; flat with vanilla CFG, progressive with taxonomic)",
-                "",
-                markdown_table(main_table(load_runs(sweep))),
-                "",
-            ]
-            if sweep
-            else []
+        *section(
+            "Guidance scale sweep (species rank; flat with vanilla CFG, the others with taxonomic)", extra["sweep"]
         ),
+        *section(
+            "Investigation: progressive variants (800 steps unless marked x2; taxonomic CFG at scale "
+            f"{json.loads((evals[0] / 'metrics.json').read_text())['settings']['scale']:g})",
+            extra["variants"],
+            [f"- `{name}`: {what}" for name, what, _ in VARIANTS] + [""],
+            split=True,
+        ),
+        *section("Investigation: guidance window (progressive, species rank)", extra["windows"]),
         "## Plots and samples",
         "",
         *[f"![{p.stem}]({assets.name}/{p.name})" for p in plots],
@@ -264,22 +313,26 @@ def main(argv: list[str] | None = None) -> int:
         args.per_taxon = min(args.per_taxon, 2)
     out = args.out or REPO / "benchmarks" / "runs" / ("quality-quick" if quick else "quality")
     steps = [4] * 7 if quick else Config.load(PRESET).train.steps
-    total = sum(steps)
+    runs = {strategy: [f"train.strategy={strategy}", f"train.steps={steps}"] for strategy in STRATEGIES}
+    if args.investigate:
+        runs |= {name: ["train.strategy=progressive", *changes] for name, _, changes in VARIANTS}
+    if quick:
+        runs = {name: [*changes, f"train.steps={steps}"] for name, changes in runs.items()}
+    budget = {name: sum(Config.load(PRESET, overrides).train.steps) for name, overrides in runs.items()}
     print(
-        f"plan: split {args.data} ({1 - args.holdout:.0%} train), classifier, then {len(STRATEGIES)} runs of "
-        f"{total} steps ({', '.join(STRATEGIES)}), {len(EVALUATIONS)} evaluations; first ETA "
-        f"{len(STRATEGIES) * total * SECONDS_PER_STEP / 60:.0f} min of training (25 min at most per run)"
+        f"plan: split {args.data} ({1 - args.holdout:.0%} train), classifier, then {len(runs)} runs "
+        f"({', '.join(f'{name} {n} steps' for name, n in budget.items())}), evaluations; first ETA "
+        f"{sum(budget.values()) * SECONDS_PER_STEP / 60:.0f} min of training (25 min at most per 800-step run)"
     )
     train_csv, heldout = write_split(args.data, out / "data", args.holdout)
     classifier = train_classifier(train_csv, out / "classifier", 60 if quick else 1500)
     pipelines, timings = {}, {}
-    for i, strategy in enumerate(STRATEGIES):
-        pipelines[strategy], timings[strategy] = train_run(strategy, train_csv, out / "runs" / strategy, steps)
-        rate = timings[strategy] / total
-        left = len(STRATEGIES) - i - 1
+    for i, (name, overrides) in enumerate(runs.items()):
+        pipelines[name], timings[name] = train_run(train_csv, out / "runs" / name, overrides)
+        rate = timings[name] / budget[name]
+        left = sum(list(budget.values())[i + 1 :])
         print(
-            f"{strategy}: {timings[strategy] / 60:.1f} min ({rate:.2f} s/step); "
-            f"training left: about {left * total * rate / 60:.0f} min"
+            f"{name}: {timings[name] / 60:.1f} min ({rate:.2f} s/step); training left: about {left * rate / 60:.0f} min"
         )
     from taxadiffusion.eval.fid import InceptionFeatures
 
@@ -297,12 +350,31 @@ def main(argv: list[str] | None = None) -> int:
         evaluate(run, out / "eval" / name, settings(args, classifier, guidance, quick))
         for name, run, guidance in EVALUATIONS
     ]
-    sweep = [
-        evaluate(run, out / "sweep" / f"{run}-s{scale:g}", settings(args, classifier, guidance, quick, scale))
-        for scale in args.sweep
-        for run, guidance in (("flat", "vanilla"), ("progressive", "taxonomic"))
-    ]
-    print(f"results: {write_results(out, evals, sweep, timings, classifier, quick, argv)}")
+    swept = SWEPT if args.investigate else SWEPT[:2]
+    extra = {
+        "sweep": [
+            evaluate(
+                run,
+                out / "sweep" / f"{run}-s{scale:g}",
+                settings(args, classifier, guidance, quick, scale, species=True),
+            )
+            for scale in args.sweep
+            for run, guidance in swept
+        ],
+        "variants": [
+            evaluate(name, out / "eval" / name, settings(args, classifier, "taxonomic", quick))
+            for name, _, _ in (VARIANTS if args.investigate else ())
+        ],
+        "windows": [
+            evaluate(
+                "progressive",
+                out / "window" / f"progressive-w{start:g}-{end:g}",
+                settings(args, classifier, "taxonomic", quick, window=(start, end), species=True),
+            )
+            for start, end in (WINDOWS if args.investigate else ())
+        ],
+    }
+    print(f"results: {write_results(out, evals, extra, timings, classifier, quick, argv)}")
     return 0
 
 

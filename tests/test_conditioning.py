@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from taxadiffusion.conditioning import DROPPED, TaxonomyEncoder, drop_ranks
+from taxadiffusion.conditioning import DROPPED, TaxonomyEncoder, cut_to_coarsest, drop_ranks
 
 
 def test_drop_at_most_one_rank_with_p_each():
@@ -73,3 +73,13 @@ def test_frozen_encoders_stay_in_eval_mode():
     frozen = [encoder.encoders[i](x[:, i]) for i in range(2)]
     again = [encoder.encoders[i](x[:, i]) for i in range(2)]
     assert all(torch.equal(a, b) for a, b in zip(frozen, again, strict=True))  # no dropout noise
+
+
+def test_cut_to_coarsest_replays_rank_zero_at_its_rate():
+    depth = torch.full((20_000,), 5)
+    cut = cut_to_coarsest(depth, 0.1, generator=torch.Generator().manual_seed(0))
+    assert set(cut.unique().tolist()) == {1, 5}
+    assert abs((cut == 1).float().mean().item() - 0.1) < 0.01
+    assert torch.equal(cut_to_coarsest(depth, 0.0), depth)
+    with pytest.raises(ValueError, match="coarse dropout"):
+        cut_to_coarsest(depth, 1.0)

@@ -129,7 +129,9 @@ def _weights(pipeline_dir):
 
 
 def test_resume_after_a_kill_is_bitwise_identical(two_rank_data, tiny_sd, tmp_path):
-    config = _config(two_rank_data, tiny_sd, steps=[3, 3], checkpoint_every=2, condition_dropout=0.2)
+    config = _config(
+        two_rank_data, tiny_sd, steps=[3, 3], checkpoint_every=2, condition_dropout=0.2, coarse_dropout=0.3
+    )
     whole = _weights(train(config, tmp_path / "whole", progress=False))
 
     def kill(state, batch):

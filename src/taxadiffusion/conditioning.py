@@ -35,6 +35,23 @@ def drop_ranks(
     return taxon_ids.masked_fill(hit, DROPPED)
 
 
+def cut_to_coarsest(depth: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Per sample, with probability `p`, condition on the coarsest rank alone (depth 1: c_0).
+
+    Taxonomic CFG (paper, eq. 5) uses eps(x_t, c_0) as its negative branch. In the published schedule the
+    UNet is frozen after stage 0, so c_0 keeps the meaning stage 0 gave it. When the UNet trains in later
+    stages too (a model without a pretrained prior), nothing trains c_0 after stage 0 and the negative
+    branch drifts; replaying c_0 on a fraction of samples keeps it trained, as condition dropout keeps the
+    unconditional branch of vanilla CFG trained. p = 0 (the default) is the published schedule.
+    """
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"coarse dropout p={p}: need 0 <= p < 1")
+    if p == 0.0:
+        return depth
+    u = torch.rand(depth.shape, generator=generator, device=generator.device if generator else "cpu")
+    return torch.where(u.to(depth.device) < p, torch.ones_like(depth), depth)
+
+
 class TaxonomyEncoder(ModelMixin, ConfigMixin):
     """Per-rank transformer encoders; output for depth d is the token-wise sum over ranks 0..d-1.
 

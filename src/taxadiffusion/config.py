@@ -75,6 +75,7 @@ class TrainConfig:
     mixed_precision: str = "no"  # no | fp16 | bf16
     condition_dropout: float = 1 / 21  # per rank, at most one rank per sample (published FishNet/BIOSCAN)
     cascade_dropout: bool = False
+    coarse_dropout: float = 0.0  # per sample, condition on rank 0 alone (keeps taxonomic CFG's c_0 trained)
     gradient_checkpointing: bool = False
     cache_latents: bool = False  # encode images with the VAE once (latent models; uses centre crops)
     checkpoint_every: int = 500
@@ -99,6 +100,8 @@ class TrainConfig:
             raise ConfigError(f"train.learning_rate must be > 0, got {self.learning_rate}")
         if not 0.0 <= self.condition_dropout < 1.0:
             raise ConfigError(f"train.condition_dropout must be in [0, 1), got {self.condition_dropout}")
+        if not 0.0 <= self.coarse_dropout < 1.0:
+            raise ConfigError(f"train.coarse_dropout must be in [0, 1), got {self.coarse_dropout}")
 
 
 @dataclass

@@ -135,7 +135,8 @@ class RunPlan:
             f"{model.encoder_heads} heads, text width {self.text_width}, dropout {model.encoder_dropout:g} "
             f"({self.encoder_parameters / 1e6:,.2f} M parameters)",
             f"text: {config.text.encoder}, template {config.text.template!r}; condition dropout "
-            f"{train.condition_dropout:.4g} per rank{' (cascading)' if train.cascade_dropout else ''}",
+            f"{train.condition_dropout:.4g} per rank{' (cascading)' if train.cascade_dropout else ''}"
+            + (f"; rank 0 alone for {train.coarse_dropout:.3g} of samples" if train.coarse_dropout else ""),
             "optimizer: AdamW, constant lr (per stage below"
             + (f"; taxonomy encoders at {train.encoder_learning_rate:g}" if train.encoder_learning_rate else "")
             + f"), betas ({train.adam_beta1:g}, {train.adam_beta2:g}), weight decay {train.weight_decay:g}, "

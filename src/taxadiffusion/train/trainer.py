@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from ..conditioning import FrozenRankTables, drop_ranks
+from ..conditioning import FrozenRankTables, cut_to_coarsest, drop_ranks
 from ..config import Config
 from ..data.dataset import ImageDataset
 from ..model import (
@@ -388,7 +388,7 @@ class Trainer:
         ids = drop_ranks(batch["taxon_ids"].cpu(), train.condition_dropout, train.cascade_dropout)
         ranks = len(self.taxonomy.ranks)
         depth = stage.depth if stage.depth is not None else int(torch.randint(1, ranks + 1, ()))
-        depth = torch.full((batch_size,), depth, device=targets.device)
+        depth = cut_to_coarsest(torch.full((batch_size,), depth), train.coarse_dropout).to(targets.device)
         features = self.text_embeddings.lookup(ids)
         frozen = tables.sum(ids, depth) if tables is not None else None
         prediction = model(noisy, timesteps, features, depth, frozen_sum=frozen, start=tables.levels if tables else 0)
