@@ -32,7 +32,14 @@ from taxadiffusion.config import Config
 from taxadiffusion.data.readers import read_folder, read_table
 from taxadiffusion.data.records import Record, split_records
 from taxadiffusion.eval.protocol import EvalSettings, Evaluation, image_seed, taxon_folder
-from taxadiffusion.eval.report import load_runs, main_table, markdown_table, split_table, write_report
+from taxadiffusion.eval.report import (
+    load_runs,
+    main_table,
+    markdown_table,
+    split_table,
+    write_keeping_section,
+    write_report,
+)
 from taxadiffusion.taxonomy import Rank
 
 REPO = Path(__file__).resolve().parents[1]
@@ -142,12 +149,12 @@ def train_classifier(train_csv: Path, out: Path, steps: int) -> Path:
     return out
 
 
-def train_run(train_csv: Path, out: Path, overrides: list[str]) -> tuple[Path, float]:
-    """Train (or resume, or find finished) one run of the preset; returns the pipeline and the seconds it took."""
+def train_run(train_csv: Path, out: Path, overrides: list[str], steps: int) -> tuple[Path, float]:
+    """Train (or resume, or find finished) one run of the preset (`steps` in all); returns the pipeline and
+    the seconds it took."""
     from taxadiffusion.train.trainer import Trainer
 
     config = Config.load(PRESET, ["data.format=csv", f"data.path={train_csv}", *overrides])
-    steps = config.train.steps if isinstance(config.train.steps, list) else [config.train.steps]
     if (out / "pipeline" / "model_index.json").is_file() and (out / "train_seconds.json").is_file():
         return out / "pipeline", json.loads((out / "train_seconds.json").read_text())["seconds"]
     start = time.perf_counter()
@@ -155,7 +162,7 @@ def train_run(train_csv: Path, out: Path, overrides: list[str]) -> tuple[Path, f
     print(trainer.describe())
     pipeline = trainer.run()
     seconds = time.perf_counter() - start
-    (out / "train_seconds.json").write_text(json.dumps({"seconds": seconds, "steps": sum(steps)}) + "\n")
+    (out / "train_seconds.json").write_text(json.dumps({"seconds": seconds, "steps": steps}) + "\n")
     return pipeline, seconds
 
 
@@ -257,9 +264,6 @@ def write_results(
             shutil.copy(grid, assets / f"samples_{path.name}_{grid.name}")
     target = (out if quick else RESULTS) / f"{name}.md"
     plots = [p for p in sorted(assets.glob("*.png")) if not p.name.startswith("samples_")]
-    reading = ""
-    if target.is_file() and "## Reading" in target.read_text():
-        reading = target.read_text()[target.read_text().index("## Reading") :]
     accuracy = json.loads((classifier / "heldout_accuracy.json").read_text())
     device = f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}"
     lines = [
@@ -301,7 +305,7 @@ def write_results(
         *[f"![{p.stem}]({assets.name}/{p.name})" for p in sorted(assets.glob("samples_*_specific_epithet.png"))],
         "",
     ]
-    target.write_text("\n".join(lines) + ("\n" + reading if reading else ""), encoding="utf-8")
+    write_keeping_section(target, "\n".join(lines))
     return target
 
 
@@ -328,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     classifier = train_classifier(train_csv, out / "classifier", 60 if quick else 1500)
     pipelines, timings = {}, {}
     for i, (name, overrides) in enumerate(runs.items()):
-        pipelines[name], timings[name] = train_run(train_csv, out / "runs" / name, overrides)
+        pipelines[name], timings[name] = train_run(train_csv, out / "runs" / name, overrides, budget[name])
         rate = timings[name] / budget[name]
         left = sum(list(budget.values())[i + 1 :])
         print(

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from taxadiffusion.eval.report import write_keeping_section
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 sys.path.insert(0, str(REPO / "tests"))  # the tiny CLIP tokenizer writer
@@ -302,11 +304,9 @@ def main(argv=None) -> int:
             )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "speed.json").write_text(json.dumps(results, indent=1) + "\n")
-    target = args.out / "speed.md"
-    reading = target.read_text() if target.is_file() else ""
-    reading = reading[reading.index("## Reading") :] if "## Reading" in reading else ""  # kept: written by hand
-    target.write_text(report(results, argv or sys.argv[1:]) + ("\n" + reading if reading else ""))
-    print(report(results, argv or sys.argv[1:]))
+    text = report(results, argv or sys.argv[1:])
+    write_keeping_section(args.out / "speed.md", text)
+    print(text)
     return 0
 
 

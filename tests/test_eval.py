@@ -322,3 +322,14 @@ def test_evaluate_a_folder_of_images_and_compare(evaluated, tmp_path):
     rows = _table_cells((tmp_path / "both" / "report.md").read_text())
     assert [r[0] for r in rows[1:3]] == ["eval", "external"]
     assert re.match(r"FID . genus", rows[0][1])
+
+
+def test_regenerated_report_keeps_its_hand_written_reading(tmp_path):
+    from taxadiffusion.eval.report import write_keeping_section
+
+    target = tmp_path / "results.md"
+    write_keeping_section(target, "# Results\n\n| a |\n")
+    assert target.read_text() == "# Results\n\n| a |\n"
+    target.write_text(target.read_text() + "\n## Reading\n\nWritten by hand.\n")
+    write_keeping_section(target, "# Results\n\n| b |\n")
+    assert target.read_text() == "# Results\n\n| b |\n\n## Reading\n\nWritten by hand.\n"

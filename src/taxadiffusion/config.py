@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from .data.images import CropPolicy
+from .data.readers import RESOLVABLE
 from .data.synthetic import SyntheticConfig
 from .model import ModelConfig
 
@@ -42,8 +43,10 @@ class DataConfig:
         if self.format != "synthetic" and not self.path:
             raise ConfigError(f"data.path is required for data.format={self.format}")
         CropPolicy.parse(self.crop)
-        if self.resolve_taxonomy and self.format not in ("folder", "csv"):
-            raise ConfigError(f"data.resolve_taxonomy works with the folder and csv formats, not {self.format}")
+        if self.resolve_taxonomy and self.format not in RESOLVABLE:
+            raise ConfigError(
+                f"data.resolve_taxonomy works with the {' and '.join(RESOLVABLE)} formats, not {self.format}"
+            )
 
 
 @dataclass

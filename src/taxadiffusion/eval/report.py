@@ -139,6 +139,14 @@ def bar_plots(runs: dict[str, dict], out: Path) -> list[Path]:
     return paths
 
 
+def write_keeping_section(path: Path, generated: str, heading: str = "## Reading") -> None:
+    """Write a generated Markdown file, keeping the hand-written section (from `heading` to the end) that
+    the file already holds: results are regenerated, their reading is not."""
+    old = path.read_text(encoding="utf-8") if path.is_file() else ""
+    kept = old[old.index(heading) :] if heading in old else ""
+    path.write_text(generated + ("\n" + kept if kept else ""), encoding="utf-8")
+
+
 def write_report(out: str | Path, runs: dict[str, dict], title: str = "taxadiffusion evaluation") -> tuple[Path, Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
