@@ -279,7 +279,7 @@ def test_latent_model_with_lora_and_cached_latents(two_rank_data, tiny_sd, tmp_p
     pipeline = trainer.run()
     assert sum(calls) == len(trainer.records)  # and never during the steps
     assert (pipeline / "pytorch_lora_weights.safetensors").is_file()
-    assert list((tmp_path / "run" / "cache").glob("latents-*.safetensors"))
+    assert list((tmp_path / "run" / "cache").glob("latents-*/index.safetensors"))
     plan = (tmp_path / "run" / "plan.txt").read_text()
     assert "trains UNet (lora), encoder 0" in plan and "stage 1 [1-specific_epithet]" in plan
 

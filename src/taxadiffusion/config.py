@@ -80,7 +80,9 @@ class TrainConfig:
     cascade_dropout: bool = False
     coarse_dropout: float = 0.0  # per sample, condition on rank 0 alone (keeps taxonomic CFG's c_0 trained)
     gradient_checkpointing: bool = False
-    cache_latents: bool = False  # encode images with the VAE once (latent models; uses centre crops)
+    # Encode each image with the VAE once, not every step (random crops kept: train/latents.py). None: on for
+    # latent models; pixel-space models have no VAE. Resolved to a bool when the config is built.
+    cache_latents: bool | None = None
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     log_every: int = 10
@@ -140,6 +142,12 @@ class Config:
     text: TextConfig = field(default_factory=TextConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def __post_init__(self) -> None:
+        if self.train.cache_latents is None:
+            self.train.cache_latents = self.model.is_latent
+        elif self.train.cache_latents and not self.model.is_latent:
+            raise ConfigError("train.cache_latents needs a latent model (a Stable Diffusion base in model.base)")
 
     # -- construction -------------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from ..taxonomy import Taxonomy
@@ -51,18 +52,21 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def load(self, index: int) -> np.ndarray:
-        """The prepared image (size, size, 3) uint8."""
+    def open(self, index: int) -> Image.Image:
+        """The record's image as RGB, or an error that names the file and the command that lists them all."""
         record = self.records[index]
         try:
-            image = load_image(record.image)
+            return load_image(record.image)
         except (OSError, ValueError) as error:
             raise RuntimeError(
                 f"cannot load training image {record.image}: {error}. "
                 "Run `taxadiffusion data check` on this dataset to list every unusable image."
             ) from error
+
+    def load(self, index: int) -> np.ndarray:
+        """The prepared image (size, size, 3) uint8."""
         rng = random.Random(hash((self.seed, self.epoch, index))) if self.random_crop else None
-        return np.array(prepare_image(image, self.size, self.policy, rng))
+        return np.array(prepare_image(self.open(index), self.size, self.policy, rng))
 
     def __getitem__(self, index: int) -> dict:
         pixels = torch.from_numpy(self.load(index)).permute(2, 0, 1).float() / 127.5 - 1.0

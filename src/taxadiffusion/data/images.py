@@ -78,6 +78,19 @@ def prepare_image(
     return image
 
 
+def resize_short_side(image: Image.Image, size: int, multiple: int = 1) -> Image.Image:
+    """Resize so the short side is `size` and the long side keeps the aspect ratio, rounded to `multiple`.
+
+    A square crop of side `size` of the result is, up to resampling, `RANDOM_CROP`'s output for some crop
+    position, so cropping can happen later (the latent cache crops latents, `multiple` being the VAE's factor).
+    """
+    width, height = image.size
+    scale = size / min(width, height)
+    long_side = max(size, round(max(width, height) * scale / multiple) * multiple)
+    target = (long_side, size) if width >= height else (size, long_side)
+    return image if image.size == target else image.resize(target, Image.Resampling.BICUBIC, reducing_gap=3.0)
+
+
 @dataclass(frozen=True)
 class ImageCheck:
     """The health of one image file; `problem` is None for a usable file."""

@@ -1,64 +1,180 @@
 """VAE latents cached on disk, so a training step of a latent model never runs the VAE encoder.
 
-Each image is encoded once (centre crop, no random crop: a cached latent has one crop) and its latent
-distribution (mean and log-variance) stored; a training step samples from it, as encoding would.
+Each image is encoded once and its latent distribution (mean and log-variance) stored; a training step
+samples from it, as encoding would. Random square crops survive the cache: under `random_crop` an image is
+encoded whole, its short side resized to the training resolution (`resize_short_side`), and each item is a
+square window of that latent, drawn like `ImageDataset` draws its pixel crop (a generator seeded by seed,
+epoch and index) but at the VAE's granularity (8 px for SD). The `squash` and `pad` policies are
+deterministic, so their cached latent is exactly the one a step would encode.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
+import random
+from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from ..data.dataset import ImageDataset
+from ..data.images import CropPolicy, prepare_image, resize_short_side
+from ..model import spatial_factor
+
+FORMAT = "whole-image latents v2"  # part of the cache key: a cache of another layout is never misread
 
 
 class LatentDataset(Dataset):
-    """Items are `{"latent_params": (2C, h, w), "taxon_ids": (R,), "index": int}`."""
+    """Items are `{"latent_params": (2C, s, s), "taxon_ids": (R,), "index": int}` with s the latent side.
 
-    def __init__(self, params: torch.Tensor, taxon_ids: torch.Tensor):
-        self.params = params
+    The cache is a folder of shards (flat float32 buffers, each image's (2C, h, w) distribution at an offset
+    that `index.safetensors` records), read lazily through memory maps: a dataset of any size costs page
+    cache, not process memory. An item is an s x s window of the image's latent, random (per seed, epoch,
+    index) or centred.
+    """
+
+    def __init__(self, folder: Path, taxon_ids: torch.Tensor, side: int, random_crop: bool = True, seed: int = 0):
+        index = load_file(Path(folder) / "index.safetensors")
+        self.folder = Path(folder)
+        self.shard, self.offset, self.shapes = (index[k].tolist() for k in ("shard", "offset", "shapes"))
         self.taxon_ids = taxon_ids
+        self.side = side
+        self.random_crop = random_crop
+        self.seed = seed
+        self.epoch = 0
+        self._open: dict[int, object] = {}  # shard -> safe_open handle, per process
+
+    def __getstate__(self) -> dict:  # handles stay in the process that opened them (DataLoader workers)
+        return {**self.__dict__, "_open": {}}
 
     def set_epoch(self, epoch: int) -> None:  # the same interface as ImageDataset
-        pass
+        self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.params)
+        return len(self.shapes)
+
+    def latent(self, index: int) -> torch.Tensor:
+        """The image's whole (2C, h, w) latent distribution."""
+        shard = self.shard[index]
+        if shard not in self._open:
+            self._open[shard] = safe_open(self.folder / f"shard-{shard:05d}.safetensors", framework="pt")
+        shape = self.shapes[index]
+        start = self.offset[index]
+        return self._open[shard].get_slice("params")[start : start + math.prod(shape)].view(shape)
 
     def __getitem__(self, index: int) -> dict:
-        return {"latent_params": self.params[index], "taxon_ids": self.taxon_ids[index], "index": index}
+        params = self.latent(index)
+        _, height, width = params.shape
+        rng = random.Random(hash((self.seed, self.epoch, index))) if self.random_crop else None
+        top = rng.randint(0, height - self.side) if rng else (height - self.side) // 2
+        left = rng.randint(0, width - self.side) if rng else (width - self.side) // 2
+        window = params[:, top : top + self.side, left : left + self.side]
+        return {"latent_params": window.contiguous(), "taxon_ids": self.taxon_ids[index], "index": index}
 
 
 def cache_key(dataset: ImageDataset, vae) -> str:
-    payload = repr(([str(r.image) for r in dataset.records], dataset.size, dataset.policy.value, vae.config))
+    payload = repr(([str(r.image) for r in dataset.records], dataset.size, dataset.policy.value, vae.config, FORMAT))
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+def encoder_input(dataset: ImageDataset, index: int, factor: int) -> torch.Tensor:
+    """The (3, H, W) pixels in [-1, 1] that the cache encodes for one record: the whole image with its short
+    side at the resolution under `random_crop`, else the policy's (deterministic) square."""
+    image = dataset.open(index)
+    if dataset.policy is CropPolicy.RANDOM_CROP:
+        image = resize_short_side(image, dataset.size, factor)
+    else:
+        image = prepare_image(image, dataset.size, dataset.policy)
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+class ShardWriter:
+    """Appends flat tensors to `shard-NNNNN.safetensors` files of about `shard_bytes` each (safetensors
+    cannot append, so a shard is held in memory until full) and records where each one went."""
+
+    def __init__(self, folder: Path, count: int, shard_bytes: int):
+        self.folder, self.shard_bytes = folder, shard_bytes
+        self.buffer: list[torch.Tensor] = []
+        self.size = 0
+        self.shards = 0
+        self.where = torch.zeros(count, 2, dtype=torch.long)  # (shard, offset)
+        self.shapes = torch.zeros(count, 3, dtype=torch.long)
+
+    def add(self, index: int, params: torch.Tensor) -> None:
+        self.where[index] = torch.tensor([self.shards, self.size])
+        self.shapes[index] = torch.tensor(params.shape)
+        self.buffer.append(params.reshape(-1))
+        self.size += params.numel()
+        if self.size * 4 >= self.shard_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.buffer:
+            save_file({"params": torch.cat(self.buffer)}, self.folder / f"shard-{self.shards:05d}.safetensors")
+            self.buffer, self.size, self.shards = [], 0, self.shards + 1
+
+    def close(self) -> None:
+        """Write the last shard, then the index (its presence marks a complete cache)."""
+        self.flush()
+        index = {"shard": self.where[:, 0].contiguous(), "offset": self.where[:, 1].contiguous(), "shapes": self.shapes}
+        save_file(index, self.folder / "index.tmp")
+        (self.folder / "index.tmp").replace(self.folder / "index.safetensors")
+
+
 @torch.no_grad()
-def build_latent_dataset(dataset: ImageDataset, vae, cache_dir: Path, batch_size: int = 16, progress: bool = True):
-    """Encode every image once (or read `cache_dir/latents-<key>.safetensors`) and wrap the result."""
+def build_latent_dataset(
+    dataset: ImageDataset,
+    vae,
+    cache_dir: Path,
+    batch_size: int = 16,
+    progress: bool = True,
+    shard_bytes: int = 2**30,
+) -> LatentDataset:
+    """Encode every image once into `cache_dir/latents-<key>/` (or find it there) and wrap the result."""
     from tqdm.auto import tqdm
 
-    path = Path(cache_dir) / f"latents-{cache_key(dataset, vae)}.safetensors"
-    if path.is_file():
-        params = load_file(path)["params"]
-    else:
-        fixed = ImageDataset(dataset.records, dataset.taxonomy, dataset.size, dataset.policy, random_crop=False)
-        chunks = []
+    factor = spatial_factor(vae)
+    folder = Path(cache_dir) / f"latents-{cache_key(dataset, vae)}"
+    if not (folder / "index.safetensors").is_file():  # absent or interrupted: (re)build
+        folder.mkdir(parents=True, exist_ok=True)
+        writer = ShardWriter(folder, len(dataset), shard_bytes)
         device = next(vae.parameters()).device
-        for batch in tqdm(DataLoader(fixed, batch_size=batch_size), desc="caching VAE latents", disable=not progress):
-            chunks.append(vae.encode(batch["pixel_values"].to(device, vae.dtype)).latent_dist.parameters.float().cpu())
-        params = torch.cat(chunks)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file({"params": params.contiguous()}, tmp)
-        tmp.replace(path)
-    return LatentDataset(params, dataset.taxon_ids)
+        # Images share a shape only by aspect ratio, so they are batched by shape; all pending groups are
+        # encoded (partial or not) whenever `4 * batch_size` images wait, which bounds the pixels held.
+        pending: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = defaultdict(list)
+
+        def encode(group: list[tuple[int, torch.Tensor]]) -> None:
+            pixels = torch.stack([p for _, p in group]).to(device, vae.dtype)
+            params = vae.encode(pixels).latent_dist.parameters.float().cpu()
+            for (index, _), one in zip(group, params, strict=True):
+                writer.add(index, one)
+            group.clear()
+
+        for index in tqdm(range(len(dataset)), desc="caching VAE latents", disable=not progress):
+            pixels = encoder_input(dataset, index, factor)
+            group = pending[tuple(pixels.shape[1:])]
+            group.append((index, pixels))
+            if len(group) == batch_size:
+                encode(group)
+            if sum(map(len, pending.values())) >= 4 * batch_size or index == len(dataset) - 1:
+                for group in pending.values():
+                    if group:
+                        encode(group)
+                pending.clear()
+        writer.close()
+    return LatentDataset(
+        folder,
+        dataset.taxon_ids,
+        side=dataset.size // factor,
+        random_crop=dataset.random_crop and dataset.policy is CropPolicy.RANDOM_CROP,
+        seed=dataset.seed,
+    )
 
 
 def sample_latents(params: torch.Tensor, scaling_factor: float) -> torch.Tensor:

@@ -171,9 +171,7 @@ class Trainer:
         self.dataset = ImageDataset(
             records.records, self.taxonomy, config.model.resolution, config.data.crop, seed=train.seed
         )
-        if train.cache_latents:
-            if not config.model.is_latent:
-                raise ValueError("train.cache_latents needs a latent model (a Stable Diffusion base)")
+        if train.cache_latents:  # the config refuses it without a VAE
             with acc.main_process_first():
                 self.dataset = build_latent_dataset(self.dataset, self.vae, self.paths.cache, progress=progress)
         needed = train.batch_size * acc.num_processes
