@@ -59,24 +59,37 @@ EVALUATIONS = (
 STRATEGIES = ("flat", "all", "random", "progressive")
 
 # `--investigate`: progressive runs that each change one suspected cause of its gap to `flat`, at the same
-# total steps (one at twice the steps), evaluated like the main rows. (name, what changes, overrides on the preset)
+# total steps, then the best of them and `flat` both at twice the steps (is the gap one of training budget?);
+# evaluated like the main rows. (name, what changes, overrides on the preset)
 FINE_STEPS = "train.steps=[100,5,5,90,150,200,250]"  # kingdom..class hold one taxon each in F4K
+DOUBLE_STEPS = "train.steps=[200,10,10,180,300,400,500]"  # one-stage strategies train the sum: 1600
+PROGRESSIVE = "train.strategy=progressive"
 VARIANTS = (
-    ("progressive-fine", "steps weighted to order .. species", [FINE_STEPS]),
+    ("progressive-fine", "steps weighted to order .. species", [PROGRESSIVE, FINE_STEPS]),
     (
         "progressive-fine-c0",
         "fine steps, and rank 0 alone on 10% of samples (keeps the taxonomic negative c_0 trained)",
-        [FINE_STEPS, "train.coarse_dropout=0.1"],
+        [PROGRESSIVE, FINE_STEPS, "train.coarse_dropout=0.1"],
     ),
     (
         "progressive-fine-c0-decay",
         "as above, and the UNet's rate halved from the genus stage on (less erosion of earlier ranks)",
-        [FINE_STEPS, "train.coarse_dropout=0.1", "train.stage_learning_rates=[1e-3,1e-3,1e-3,1e-3,1e-3,5e-4,5e-4]"],
+        [
+            PROGRESSIVE,
+            FINE_STEPS,
+            "train.coarse_dropout=0.1",
+            "train.stage_learning_rates=[1e-3,1e-3,1e-3,1e-3,1e-3,5e-4,5e-4]",
+        ],
     ),
     (
         "progressive-fine-c0-x2",
-        "fine steps and c_0 replay at twice the steps (1600): is the gap one of training budget?",
-        ["train.steps=[200,10,10,180,300,400,500]", "train.coarse_dropout=0.1"],
+        "fine steps and c_0 replay at twice the steps (1600)",
+        [PROGRESSIVE, DOUBLE_STEPS, "train.coarse_dropout=0.1"],
+    ),
+    (
+        "flat-x2",
+        "`flat` at twice the steps (1600, vanilla CFG): the equal-budget baseline of the row above",
+        ["train.strategy=flat", DOUBLE_STEPS],
     ),
 )
 SWEPT = (("flat", "vanilla"), ("progressive", "taxonomic"), ("progressive-fine-c0", "taxonomic"))
@@ -256,6 +269,7 @@ def write_results(
     argv: list[str],
 ) -> Path:
     runs = load_runs(evals)
+    scale = json.loads((evals[0] / "metrics.json").read_text())["settings"]["scale"]
     name = "quality_f4k_quick" if quick else "quality_f4k"
     assets = (out if quick else RESULTS) / name
     write_report(assets, runs, title="Fish4Knowledge: training strategies and guidance")
@@ -291,8 +305,8 @@ def write_results(
             "Guidance scale sweep (species rank; flat with vanilla CFG, the others with taxonomic)", extra["sweep"]
         ),
         *section(
-            "Investigation: progressive variants (800 steps unless marked x2; taxonomic CFG at scale "
-            f"{json.loads((evals[0] / 'metrics.json').read_text())['settings']['scale']:g})",
+            "Investigation: progressive variants and the twice-the-steps baseline (800 steps unless marked x2; "
+            f"taxonomic CFG, flat vanilla, at scale {scale:g})",
             extra["variants"],
             [f"- `{name}`: {what}" for name, what, _ in VARIANTS] + [""],
             split=True,
@@ -319,10 +333,12 @@ def main(argv: list[str] | None = None) -> int:
     steps = [4] * 7 if quick else Config.load(PRESET).train.steps
     runs = {strategy: [f"train.strategy={strategy}", f"train.steps={steps}"] for strategy in STRATEGIES}
     if args.investigate:
-        runs |= {name: ["train.strategy=progressive", *changes] for name, _, changes in VARIANTS}
+        runs |= {name: changes for name, _, changes in VARIANTS}
     if quick:
         runs = {name: [*changes, f"train.steps={steps}"] for name, changes in runs.items()}
-    budget = {name: sum(Config.load(PRESET, overrides).train.steps) for name, overrides in runs.items()}
+    configs = {name: Config.load(PRESET, overrides) for name, overrides in runs.items()}
+    budget = {name: sum(config.train.steps) for name, config in configs.items()}
+    flat = {name for name, config in configs.items() if config.train.strategy == "flat"}
     print(
         f"plan: split {args.data} ({1 - args.holdout:.0%} train), classifier, then {len(runs)} runs "
         f"({', '.join(f'{name} {n} steps' for name, n in budget.items())}), evaluations; first ETA "
@@ -342,9 +358,12 @@ def main(argv: list[str] | None = None) -> int:
 
     features = InceptionFeatures()  # shared: each real image is featurised once for every evaluation
 
+    def guidance_of(run: str) -> str:  # `flat` has no lineage to contrast: vanilla CFG, as in the main rows
+        return "vanilla" if run in flat else "taxonomic"
+
     def evaluate(run: str, target: Path, s: EvalSettings) -> Path:
         print(f"evaluating {target.name} ({s.guidance} guidance, scale {s.scale}, {', '.join(s.ranks)})")
-        if run == "flat":
+        if run in flat:
             evaluate_flat(pipelines[run], train_csv, heldout, target, s, features)
         else:
             evaluate_model(pipelines[run], heldout, target, s, features)
@@ -366,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
             for run, guidance in swept
         ],
         "variants": [
-            evaluate(name, out / "eval" / name, settings(args, classifier, "taxonomic", quick))
+            evaluate(name, out / "eval" / name, settings(args, classifier, guidance_of(name), quick))
             for name, _, _ in (VARIANTS if args.investigate else ())
         ],
         "windows": [
