@@ -12,22 +12,15 @@ With the diffusers convention `guidance_scale = s = 1 + w` (published s = 9.0, w
 
 from __future__ import annotations
 
-from enum import StrEnum
-
 import torch
 
+from .choices import Choice
 
-class Guidance(StrEnum):
+
+class Guidance(Choice):
     TAXONOMIC = "taxonomic"  # negative branch = the level-0 (coarsest rank) conditioning
     VANILLA = "vanilla"  # negative branch = every rank "None" (classic CFG)
     NONE = "none"  # one conditional pass
-
-    @classmethod
-    def parse(cls, value: str | Guidance) -> Guidance:
-        try:
-            return cls(value)
-        except ValueError:
-            raise ValueError(f"unknown guidance {value!r}; choose {', '.join(g.value for g in cls)}") from None
 
 
 def cfg(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, scale: float) -> torch.Tensor:

@@ -8,28 +8,22 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from ..choices import Choice
 
 WHITE = (255, 255, 255)
 # Modes `load_image` converts without loss of meaning; anything else is reported as odd.
 SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I", "F"})
 
 
-class CropPolicy(StrEnum):
+class CropPolicy(Choice):
     RANDOM_CROP = "random_crop"  # a random square of side min(w, h), then resize (centre crop when not random)
     SQUASH = "squash"  # resize to a square, ignoring the aspect ratio
     PAD = "pad"  # pad the short side with white to a square, then resize
-
-    @classmethod
-    def parse(cls, value: str | CropPolicy) -> CropPolicy:
-        try:
-            return cls(value)
-        except ValueError:
-            raise ValueError(f"unknown crop policy {value!r}; choose {', '.join(p.value for p in cls)}") from None
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
