@@ -1,10 +1,12 @@
 """Speed and memory: our training step against the published one, and our sampling against diffusers'.
 
-    python benchmarks/speed.py                # CPU: a small latent model, several repetitions
-    python benchmarks/speed.py --device cuda  # on a GPU (adds the SD-1.5-sized UNet rows with --sd15)
+    python benchmarks/speed.py                                     # CPU: the small model, fp32
+    python benchmarks/speed.py --device cuda --sd15 --precision bf16  # GPU: SD 1.5-sized at 512 px
 
-One small Stable-Diffusion-format model (CLIP text encoder with 77 tokens, VAE with an 8x downsampling,
-UNet with LoRA) is written to a temporary folder and used by every measurement:
+One Stable-Diffusion-format model with random weights (CLIP text encoder with 77 tokens, VAE with an 8x
+downsampling, UNet with LoRA) is written to a temporary folder and used by every measurement. The default is
+small enough for 2 CPU cores but keeps SD 1.5's shares of the work (see `SMALL`); `--sd15` is SD 1.5's
+architecture at 512 px.
 
 1. A training step of ours (`Trainer._loss` on cached text features and frozen-rank tables; with and without
    the VAE-latent cache) against the published step, re-created faithfully: the text encoder runs for every
@@ -14,8 +16,11 @@ UNet with LoRA) is written to a temporary folder and used by every measurement:
    UNet, VAE, scheduler (PNDM), steps and batch, both with two guidance branches.
 3. Peak memory of each (max RSS of a fresh process on CPU; `max_memory_allocated` on CUDA).
 
+4. FLOPs per training sample of every part, for both models (no timing): the speed-up that removing the
+   published step's redundant work can give at best.
+
 Each measurement runs in its own process; results (median and spread of the repetitions) go to
-benchmarks/results/speed.md and speed.json.
+benchmarks/results/speed.md and speed.json (speed_sd15.* with `--sd15`).
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,54 +45,106 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 sys.path.insert(0, str(REPO / "tests"))  # the tiny CLIP tokenizer writer
 
-# A latent model scaled down from SD 1.5 with its proportions roughly kept: the text encoder a few times
-# smaller than the UNet, a VAE with an 8x downsampling, 77-token prompts.
-TEXT = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=4)
-UNET = dict(block_out_channels=(128, 256, 256), layers_per_block=1, attention_head_dim=8)
-VAE = dict(block_out_channels=(32, 64, 128, 128))
-RESOLUTION = 128  # latents 16 x 16 x 4
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """An SD-format latent model's sizes (diffusers / transformers config keywords); random weights."""
+
+    name: str
+    resolution: int
+    text: dict
+    unet: dict
+    vae: dict
+    encoder_heads: int
+
+    @property
+    def vae_config(self) -> dict:
+        blocks = len(self.vae["block_out_channels"])
+        return dict(
+            in_channels=3,
+            out_channels=3,
+            latent_channels=4,
+            down_block_types=("DownEncoderBlock2D",) * blocks,
+            up_block_types=("UpDecoderBlock2D",) * blocks,
+            sample_size=self.resolution,
+            **self.vae,
+        )
 
 
-def write_model(root: Path) -> dict[str, int]:
-    """The small SD-format folder (unet, vae, text_encoder, tokenizer, scheduler); returns parameter counts."""
-    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+# SD 1.5's architecture (the CLIP ViT-L/14 text tower, the SD UNet and VAE) at 512 px: `--sd15`, for GPUs.
+SD15 = ModelSpec(
+    "SD 1.5-sized",
+    512,
+    text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
+    unet=dict(
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+        attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    ),
+    vae=dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2),
+    encoder_heads=8,
+)
+# Small enough for 2 CPU cores, with SD 1.5's shares of the work kept: per training sample, the text encoder
+# over 7 ranks costs a few % of the UNet's forward and backward and the VAE encoder over half of it (the
+# report counts both models' FLOPs). Sizes alone mislead: a 16 x 16 latent makes a UNet cheap for its
+# parameters while 7 x 77 text tokens cost the same at any resolution.
+SMALL = ModelSpec(
+    "small",
+    128,
+    text=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=2),
+    unet=dict(
+        block_out_channels=(128, 256, 256),
+        layers_per_block=1,
+        attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    ),
+    vae=dict(block_out_channels=(32, 64, 128, 128), layers_per_block=2),
+    encoder_heads=4,
+)
+SPECS = {"small": SMALL, "sd15": SD15}
+RANKS = 7  # the synthetic taxonomy's
+TOKENS = 77
+
+
+def build_modules(spec: ModelSpec, vocab: int = 49408):
+    """(text encoder, UNet, VAE) of a spec, randomly initialised on the current default device."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
+
+    text = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=vocab,
+            max_position_embeddings=TOKENS,
+            bos_token_id=vocab - 2,
+            eos_token_id=vocab - 1,
+            pad_token_id=vocab - 1,
+            **spec.text,
+        )
+    )
+    unet = UNet2DConditionModel(
+        sample_size=spec.resolution // 8,
+        in_channels=4,
+        out_channels=4,
+        cross_attention_dim=spec.text["hidden_size"],
+        **spec.unet,
+    )
+    return text, unet, AutoencoderKL(**spec.vae_config)
+
+
+def write_model(root: Path, spec: ModelSpec) -> dict[str, int]:
+    """The SD-format folder (unet, vae, text_encoder, tokenizer, scheduler); returns parameter counts."""
+    from diffusers import PNDMScheduler
 
     from tiny_models import write_clip_tokenizer
 
     torch.manual_seed(0)
-    tokenizer = write_clip_tokenizer(root / "tokenizer", max_length=77)
-    vocab = len(tokenizer)
-    text = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=vocab,
-            max_position_embeddings=77,
-            bos_token_id=vocab - 2,
-            eos_token_id=vocab - 1,
-            pad_token_id=vocab - 1,
-            **TEXT,
-        )
-    )
+    tokenizer = write_clip_tokenizer(root / "tokenizer", max_length=TOKENS)
+    text, unet, vae = build_modules(spec, len(tokenizer))
     text.save_pretrained(root / "text_encoder")
-    unet = UNet2DConditionModel(
-        sample_size=RESOLUTION // 8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=TEXT["hidden_size"],
-        **UNET,
-    )
     unet.save_pretrained(root / "unet")
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        sample_size=RESOLUTION,
-        **VAE,
-    )
     vae.save_pretrained(root / "vae")
     PNDMScheduler(
         beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, skip_prk_steps=True
@@ -106,14 +165,55 @@ def write_model(root: Path) -> dict[str, int]:
     return {"text_encoder": count(text), "unet": count(unet), "vae_encoder": count(vae.encoder)}
 
 
+def flops_per_sample(spec: ModelSpec) -> dict[str, float]:
+    """GFLOPs of each part of a training step for one sample, counted by torch's FlopCounterMode on the
+    meta device (shapes only: no weights, no time). The UNet's backward is the one LoRA training needs
+    (gradients of the activations; the LoRA weights' own gradients are negligible)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from taxadiffusion.conditioning import TaxonomyEncoder
+
+    def count(fn) -> float:
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        return counter.get_total_flops() / 1e9
+
+    width = spec.text["hidden_size"]
+    with torch.device("meta"):
+        text, unet, vae = build_modules(spec)
+        encoder = TaxonomyEncoder(1, width, num_heads=spec.encoder_heads).encoders[0]  # one rank's transformer
+        side = spec.resolution // 8
+        noisy, condition = torch.randn(1, 4, side, side), torch.randn(1, TOKENS, width, requires_grad=True)
+        unet.requires_grad_(False)
+        with torch.no_grad():
+            parts = {
+                "text encoder, all ranks": count(lambda: text(torch.zeros(RANKS, TOKENS, dtype=torch.long))),
+                "VAE encoder": count(lambda: vae.encode(torch.randn(1, 3, spec.resolution, spec.resolution))),
+            }
+        with torch.no_grad():
+            parts["rank encoder, forward"] = count(lambda: encoder(torch.randn(1, TOKENS, width)))
+        parts["rank encoder, forward + backward"] = count(
+            lambda: encoder(torch.randn(1, TOKENS, width)).sum().backward()
+        )
+        parts["UNet, forward + backward"] = count(
+            lambda: unet(noisy, torch.tensor([500]), encoder_hidden_states=condition).sample.sum().backward()
+        )
+    return parts
+
+
+def spec_of(root: Path) -> ModelSpec:
+    return SPECS[(root / "spec.txt").read_text().strip()]
+
+
 def trainer_for(root: Path, cache_latents: bool):
     """A trainer over the prepared data; the benchmark draws its own batches (any size) from its dataset."""
     from taxadiffusion.config import Config
     from taxadiffusion.train.trainer import Trainer
 
+    spec = spec_of(root)
     config = Config.from_dict(
         {
-            "model": {"base": str(root / "sd"), "resolution": RESOLUTION, "encoder_heads": 4},
+            "model": {"base": str(root / "sd"), "resolution": spec.resolution, "encoder_heads": spec.encoder_heads},
             "text": {"encoder": "base", "max_length": 77},
             "data": {"format": "folder", "path": str(root / "data"), "crop": "squash"},
             "train": {"batch_size": 4, "cache_latents": cache_latents, "steps": 1},
@@ -125,6 +225,11 @@ def trainer_for(root: Path, cache_latents: bool):
 def median_spread(seconds: list[float]) -> dict:
     q = statistics.quantiles(seconds, n=4) if len(seconds) > 1 else [seconds[0]] * 3
     return {"median": statistics.median(seconds), "p25": q[0], "p75": q[2], "n": len(seconds)}
+
+
+def autocast(device: str, precision: str):
+    """The same mixed precision for ours and the reference (weights stay fp32)."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def peak_memory(device: str) -> float:
@@ -139,7 +244,9 @@ def peak_memory(device: str) -> float:
 # -- 1. training steps ---------------------------------------------------------------------------------
 
 
-def train_step_job(root: str, kind: str, stage_index: str, batch: int, reps: int, device: str) -> dict:
+def train_step_job(
+    root: str, kind: str, stage_index: str, batch: int, reps: int, device: str, precision: str = "no"
+) -> dict:
     """Time one kind of training step ("ours", "ours+latents" or "published") at one stage."""
     from taxadiffusion.conditioning import FrozenRankTables, drop_ranks
     from taxadiffusion.text import rank_texts
@@ -194,7 +301,8 @@ def train_step_job(root: str, kind: str, stage_index: str, batch: int, reps: int
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         start = time.perf_counter()
-        loss = step_loss(batch_data)
+        with autocast(device, precision):
+            loss = step_loss(batch_data)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -203,13 +311,13 @@ def train_step_job(root: str, kind: str, stage_index: str, batch: int, reps: int
             torch.cuda.synchronize()
         if i >= 2:  # two warm-up steps
             seconds.append(time.perf_counter() - start)
-    return {"seconds": median_spread(seconds), "peak_mib": peak_memory(device), "ranks": stage.depth}
+    return {"times": seconds, "peak_mib": peak_memory(device), "ranks": stage.depth}
 
 
 # -- 2. sampling ----------------------------------------------------------------------------------------
 
 
-def sampling_job(root: str, kind: str, batch: int, steps: int, reps: int, device: str) -> dict:
+def sampling_job(root: str, kind: str, batch: int, steps: int, reps: int, device: str, precision: str = "no") -> dict:
     from diffusers import StableDiffusionPipeline
 
     trainer = trainer_for(Path(root), False)
@@ -234,8 +342,8 @@ def sampling_job(root: str, kind: str, batch: int, steps: int, reps: int, device
                 num_inference_steps=steps,
                 guidance_scale=9.0,
                 generator=generator,
-                height=RESOLUTION,
-                width=RESOLUTION,
+                height=spec_of(Path(root)).resolution,
+                width=spec_of(Path(root)).resolution,
             )
 
     seconds = []
@@ -244,16 +352,27 @@ def sampling_job(root: str, kind: str, batch: int, steps: int, reps: int, device
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            run(torch.Generator().manual_seed(i))
+            with autocast(device, precision):
+                run(torch.Generator().manual_seed(i))
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             if i >= 1:
                 seconds.append(time.perf_counter() - start)
-    stats = median_spread(seconds)
-    return {"seconds": stats, "images_per_s": batch / stats["median"], "peak_mib": peak_memory(device)}
+    return {"times": seconds, "batch": batch, "peak_mib": peak_memory(device)}
 
 
 # -- driver ---------------------------------------------------------------------------------------------
+
+
+def merged(rounds: list[dict]) -> dict:
+    """One configuration's rounds (fresh processes) as one: every timed repetition, the highest peak."""
+    times = [t for r in rounds for t in r["times"]]
+    result = {**rounds[0], "times": times, "seconds": median_spread(times)}
+    result["round_medians"] = [statistics.median(r["times"]) for r in rounds]
+    result["peak_mib"] = max(r["peak_mib"] for r in rounds)
+    if "batch" in result:
+        result["images_per_s"] = result["batch"] / result["seconds"]["median"]
+    return result
 
 
 def in_process(fn, *args) -> dict:
@@ -262,13 +381,14 @@ def in_process(fn, *args) -> dict:
         return pool.apply(fn, args)
 
 
-def prepare(root: Path) -> dict[str, int]:
+def prepare(root: Path, spec: str) -> dict[str, int]:
     """The model folder, the data (the synthetic taxonomy, ~8 images per species) and both runs'
     caches, built once before any timing."""
     from taxadiffusion.data.synthetic import SyntheticConfig, SyntheticTaxonomy
 
-    sizes = write_model(root / "sd")
-    synthetic = SyntheticConfig(max_images=12, min_images=6, resolution=RESOLUTION)
+    (root / "spec.txt").write_text(spec)
+    sizes = write_model(root / "sd", SPECS[spec])
+    synthetic = SyntheticConfig(max_images=12, min_images=6, resolution=SPECS[spec].resolution)
     SyntheticTaxonomy(synthetic).write_folder(root / "data", progress=False)
     for cached in (False, True):
         trainer_for(root, cached)
@@ -279,33 +399,59 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch", type=int, default=8, help="training batch")
-    parser.add_argument("--reps", type=int, default=8, help="timed repetitions (after warm-up)")
+    parser.add_argument("--reps", type=int, default=5, help="timed repetitions per process (after warm-up)")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="fresh processes per configuration, interleaved (drifts between runs)"
+    )
     parser.add_argument("--sample-batch", type=int, default=4)
     parser.add_argument("--sample-steps", type=int, default=25)
+    parser.add_argument("--precision", choices=("no", "bf16"), default="no", help="bf16 autocast (GPU timings)")
+    parser.add_argument("--sd15", action="store_true", help="an SD 1.5-sized model at 512 px (for a GPU)")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--render", type=Path, metavar="JSON", help="only rewrite the report from a results file")
     args = parser.parse_args(argv)
+    spec = "sd15" if args.sd15 else "small"
+    name = "speed_sd15" if args.sd15 else "speed"
+    if args.render:
+        results = json.loads(args.render.read_text())
+        write_keeping_section(args.out / f"{name}.md", report(results, SPECS[spec], results["argv"]))
+        return 0
+    job = (args.batch, args.reps, args.device, args.precision)
 
     results = {"machine": machine(args.device), "settings": vars(args) | {"out": str(args.out)}}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         print("preparing the model and data ...")
-        results["parameters"] = prepare(root)
-        results["train"] = {}
-        for stage in ("first", "last"):
-            for kind in ("published", "ours", "ours+latents"):
-                print(f"training step: {kind}, {stage} stage")
-                result = in_process(train_step_job, str(root), kind, stage, args.batch, args.reps, args.device)
-                results["train"][f"{kind}/{stage}"] = result
-        results["sample"] = {}
-        for kind in ("diffusers", "ours"):
-            print(f"sampling: {kind}")
-            results["sample"][kind] = in_process(
-                sampling_job, str(root), kind, args.sample_batch, args.sample_steps, max(3, args.reps // 2), args.device
-            )
+        results["parameters"] = prepare(root, spec)
+        results["flops"] = {name: flops_per_sample(SPECS[name]) for name in ("small", "sd15")}
+        # Rounds interleave the configurations, so that a slow spell of the machine falls on all of them.
+        train, sample = defaultdict(list), defaultdict(list)
+        for round_ in range(args.rounds):
+            for stage in ("first", "last"):
+                for kind in ("published", "ours", "ours+latents"):
+                    print(f"round {round_ + 1}/{args.rounds}, training step: {kind}, {stage} stage")
+                    train[f"{kind}/{stage}"].append(in_process(train_step_job, str(root), kind, stage, *job))
+            for kind in ("diffusers", "ours"):
+                print(f"round {round_ + 1}/{args.rounds}, sampling: {kind}")
+                sample[kind].append(
+                    in_process(
+                        sampling_job,
+                        str(root),
+                        kind,
+                        args.sample_batch,
+                        args.sample_steps,
+                        max(3, args.reps // 2),
+                        args.device,
+                        args.precision,
+                    )
+                )
+        results["train"] = {key: merged(rounds) for key, rounds in train.items()}
+        results["sample"] = {key: merged(rounds) for key, rounds in sample.items()}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "speed.json").write_text(json.dumps(results, indent=1) + "\n")
-    text = report(results, argv or sys.argv[1:])
-    write_keeping_section(args.out / "speed.md", text)
+    results["argv"] = argv or sys.argv[1:]
+    (args.out / f"{name}.json").write_text(json.dumps(results, indent=1) + "\n")
+    text = report(results, SPECS[spec], results["argv"])
+    write_keeping_section(args.out / f"{name}.md", text)
     print(text)
     return 0
 
@@ -317,44 +463,101 @@ def machine(device: str) -> str:
     return f"{cpu}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}"
 
 
-def speedup(reference: dict, ours: dict) -> float:
-    return reference["seconds"]["median"] / ours["seconds"]["median"]
+def speedup(reference: dict, ours: dict) -> str:
+    """The ratio of the medians, and in brackets the range of the ratios within one round (configurations
+    of a round run back to back, so a round's ratio is the least exposed to the machine's drifts)."""
+    paired = [r / o for r, o in zip(reference["round_medians"], ours["round_medians"], strict=True)]
+    overall = reference["seconds"]["median"] / ours["seconds"]["median"]
+    return f"{overall:.2f}x ({min(paired):.2f}–{max(paired):.2f})"
 
 
-def report(results: dict, argv: list[str]) -> str:
+def flop_bounds(parts: dict[str, float]) -> dict[str, float]:
+    """GFLOPs of each step per sample and stage, from `flops_per_sample`: what a step must compute."""
+    text, vae, encoder, encoder_forward, unet = (
+        parts[k]
+        for k in (
+            "text encoder, all ranks",
+            "VAE encoder",
+            "rank encoder, forward + backward",
+            "rank encoder, forward",
+            "UNet, forward + backward",
+        )
+    )
+    ours = encoder + unet  # the trained rank's encoder and the UNet; frozen ranks are looked up
+    return {
+        "published, first stage": text + vae + encoder + unet,
+        "published, last stage": text + vae + (RANKS - 1) * encoder_forward + encoder + unet,
+        "ours (latent cache)": ours,
+        "ours, VAE every step": ours + vae,
+    }
+
+
+def report(results: dict, spec: ModelSpec, argv: list[str]) -> str:
     train, sample, sizes = results["train"], results["sample"], results["parameters"]
 
     def ms(entry):
         s = entry["seconds"]
         return f"{1000 * s['median']:.0f} ms ({1000 * s['p25']:.0f}–{1000 * s['p75']:.0f})"
 
+    precision = "bf16 autocast" if results["settings"]["precision"] == "bf16" else "fp32"
     lines = [
         "# Speed and memory",
         "",
         f"Command: `{' '.join(['python benchmarks/speed.py', *argv])}`.",
-        f"Machine: {results['machine']}.",
-        f"Model: a small SD-format latent model at {RESOLUTION} px: CLIP text encoder "
-        f"{TEXT['num_hidden_layers']} x {TEXT['hidden_size']} ({sizes['text_encoder'] / 1e6:.1f} M parameters), "
-        f"UNet {UNET['block_out_channels']} ({sizes['unet'] / 1e6:.1f} M, LoRA r4), VAE encoder "
-        f"{VAE['block_out_channels']} ({sizes['vae_encoder'] / 1e6:.1f} M, 8x downsampling); 7 ranks (the "
-        "synthetic taxonomy), 77-token texts, training batch "
+        f"Machine: {results['machine']}; {precision}.",
+        f"Model: {spec.name} SD-format latent model at {spec.resolution} px: CLIP text encoder "
+        f"{spec.text['num_hidden_layers']} x {spec.text['hidden_size']} ({sizes['text_encoder'] / 1e6:.1f} M "
+        f"parameters), UNet {spec.unet['block_out_channels']} ({sizes['unet'] / 1e6:.1f} M, LoRA r4), VAE encoder "
+        f"{spec.vae['block_out_channels']} ({sizes['vae_encoder'] / 1e6:.1f} M, 8x downsampling); {RANKS} ranks "
+        f"(the synthetic taxonomy), {TOKENS}-token texts, training batch "
         f"{results['settings']['batch']}, sampling batch {results['settings']['sample_batch']} with "
-        f"{results['settings']['sample_steps']} PNDM steps. Median of the repetitions, interquartile range "
-        "in brackets.",
+        f"{results['settings']['sample_steps']} PNDM steps. Median of all repetitions "
+        f"({results['settings']['rounds']} fresh processes per configuration, interleaved, "
+        f"{results['settings']['reps']} timed steps each after 2 warm-up), interquartile range in brackets.",
         "",
         "## Training step",
         "",
-        "| stage | published | ours | ours + latent cache | speed-up (ours) | speed-up (+ cache) "
-        "| peak MiB published / ours / + cache |",
+        "The latent cache is on by default for latent models (`train.cache_latents`); the next column turns it "
+        "off. Speed-ups: the ratio of the medians, in brackets the lowest and highest ratio within one round.",
+        "",
+        "| stage | published | ours (default: latent cache) | ours, VAE every step | speed-up (default) "
+        "| speed-up (VAE every step) | peak MiB published / ours / VAE every step |",
         "|---|---|---|---|---|---|---|",
     ]
     for stage in ("first", "last"):
-        p, o, c = (train[f"{k}/{stage}"] for k in ("published", "ours", "ours+latents"))
+        p, c, o = (train[f"{k}/{stage}"] for k in ("published", "ours+latents", "ours"))
         lines.append(
-            f"| {stage} ({p['ranks']} rank{'s' if p['ranks'] > 1 else ''}) | {ms(p)} | {ms(o)} | {ms(c)} | "
-            f"{speedup(p, o):.2f}x | {speedup(p, c):.2f}x | "
-            f"{p['peak_mib']:.0f} / {o['peak_mib']:.0f} / {c['peak_mib']:.0f} |"
+            f"| {stage} ({p['ranks']} rank{'s' if p['ranks'] > 1 else ''}) | {ms(p)} | {ms(c)} | {ms(o)} | "
+            f"{speedup(p, c)} | {speedup(p, o)} | "
+            f"{p['peak_mib']:.0f} / {c['peak_mib']:.0f} / {o['peak_mib']:.0f} |"
         )
+    flops = results["flops"]
+    bounds = {name: flop_bounds(parts) for name, parts in flops.items()}
+    names = {"small": f"{SMALL.name}, {SMALL.resolution} px", "sd15": f"{SD15.name}, {SD15.resolution} px"}
+    lines += [
+        "",
+        "## Where the work is",
+        "",
+        "GFLOPs per training sample, counted by `torch.utils.flop_counter` on the meta device (shapes only), for "
+        "this benchmark's small model and for SD 1.5 at 512 px. A step that removes every redundant part still "
+        "runs the UNet's forward and backward, so published / ours in FLOPs bounds the speed-up at equal "
+        "precision and efficiency.",
+        "",
+        "| part | " + " | ".join(names.values()) + " |",
+        "|---|" + "---|" * len(names),
+        *[f"| {part} | " + " | ".join(f"{flops[n][part]:.2f}" for n in names) + " |" for part in flops["small"]],
+        *[
+            f"| step: {step} | " + " | ".join(f"{bounds[n][step]:.2f}" for n in names) + " |"
+            for step in bounds["small"]
+        ],
+        *[
+            f"| bound, {stage} stage, {label} | "
+            + " | ".join(f"{bounds[n][f'published, {stage} stage'] / bounds[n][ours]:.2f}x" for n in names)
+            + " |"
+            for stage in ("first", "last")
+            for label, ours in (("latent cache", "ours (latent cache)"), ("VAE every step", "ours, VAE every step"))
+        ],
+    ]
     d, o = sample["diffusers"], sample["ours"]
     lines += [
         "",
@@ -365,7 +568,7 @@ def report(results: dict, argv: list[str]) -> str:
         f"| diffusers StableDiffusionPipeline | {ms(d)} | {d['images_per_s']:.2f} | {d['peak_mib']:.0f} |",
         f"| TaxaDiffusionPipeline | {ms(o)} | {o['images_per_s']:.2f} | {o['peak_mib']:.0f} |",
         "",
-        f"Ours / diffusers: {o['images_per_s'] / d['images_per_s']:.3f}x images/s.",
+        f"Ours / diffusers: {speedup(d, o)} images/s (in brackets: the range over rounds).",
         "",
     ]
     return "\n".join(lines)
