@@ -87,22 +87,38 @@ def test_centre_windows_without_random_crops_and_exact_latents_for_squash(record
     assert len(list((tmp_path / "cache").glob("latents-*"))) == 2  # the policy is part of the key
 
 
-def test_the_cache_is_reused_and_an_interrupted_one_rebuilt(records, tmp_path, monkeypatch):
+def test_the_cache_is_reused_and_an_interrupted_build_goes_on(records, tmp_path, monkeypatch):
     vae = tiny_vae()
     dataset = ImageDataset(records.records, records.taxonomy(), size=16)
-    first = build_latent_dataset(dataset, vae, tmp_path / "cache", progress=False)
+    clean = build_latent_dataset(dataset, vae, tmp_path / "clean", batch_size=1, progress=False)
+
     calls = []
     original = type(vae).encode
+
+    def killed_after_two(self, x, *args, **kwargs):
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as if the job were killed mid-build
+        calls.append(len(x))
+        return original(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(type(vae), "encode", killed_after_two)
+    with pytest.raises(KeyboardInterrupt):  # one image per shard: two complete shards survive
+        build_latent_dataset(dataset, vae, tmp_path / "cache", batch_size=1, progress=False, shard_bytes=1)
+    (folder,) = (tmp_path / "cache").glob("latents-*")
+    assert not (folder / "index.safetensors").exists() and len(list(folder.glob("shard-*.safetensors"))) == 2
+
+    calls.clear()
     monkeypatch.setattr(
         type(vae), "encode", lambda self, x, *a, **k: calls.append(len(x)) or original(self, x, *a, **k)
     )
-    again = build_latent_dataset(dataset, vae, tmp_path / "cache", progress=False)
-    assert calls == []
-    torch.testing.assert_close(again[0]["latent_params"], first[0]["latent_params"])
-    (index,) = (tmp_path / "cache").glob("latents-*/index.safetensors")
-    index.unlink()  # as if killed before the index was written
-    build_latent_dataset(dataset, vae, tmp_path / "cache", progress=False)
-    assert sum(calls) == len(SIZES)
+    resumed = build_latent_dataset(dataset, vae, tmp_path / "cache", batch_size=1, progress=False, shard_bytes=1)
+    assert sum(calls) == len(SIZES) - 2  # only the images no complete shard holds
+    for i in range(len(SIZES)):
+        torch.testing.assert_close(resumed.latent(i), clean.latent(i))
+
+    calls.clear()
+    build_latent_dataset(dataset, vae, tmp_path / "cache", batch_size=1, progress=False)
+    assert calls == []  # complete: reused as is
 
 
 def test_cache_latents_defaults_on_for_latent_models_only(tiny_sd):

@@ -96,32 +96,58 @@ def encoder_input(dataset: ImageDataset, index: int, factor: int) -> torch.Tenso
 
 class ShardWriter:
     """Appends flat tensors to `shard-NNNNN.safetensors` files of about `shard_bytes` each (safetensors
-    cannot append, so a shard is held in memory until full) and records where each one went."""
+    cannot append, so a shard is held in memory until full) and records where each one went.
+
+    Each shard also holds which images it has (`index`, `offset`, `shape`) and appears only once complete
+    (written aside, then renamed), so an interrupted build resumes: the shards on disk count as `done`.
+    """
 
     def __init__(self, folder: Path, count: int, shard_bytes: int):
         self.folder, self.shard_bytes = folder, shard_bytes
-        self.buffer: list[torch.Tensor] = []
-        self.size = 0
-        self.shards = 0
-        self.where = torch.zeros(count, 2, dtype=torch.long)  # (shard, offset)
+        self.where = torch.full((count, 2), -1, dtype=torch.long)  # (shard, offset)
         self.shapes = torch.zeros(count, 3, dtype=torch.long)
+        self.shards = 0
+        for path in sorted(folder.glob("shard-*.safetensors")):
+            shard = int(path.stem.split("-")[1])
+            with safe_open(path, framework="pt") as stored:
+                index = stored.get_tensor("index")
+                self.where[index, 0] = shard
+                self.where[index, 1] = stored.get_tensor("offset")
+                self.shapes[index] = stored.get_tensor("shape")
+            self.shards = max(self.shards, shard + 1)
+        self.done = set((self.where[:, 0] >= 0).nonzero().flatten().tolist())
+        self.buffer: list[tuple[int, torch.Tensor]] = []
+        self.size = 0
 
     def add(self, index: int, params: torch.Tensor) -> None:
-        self.where[index] = torch.tensor([self.shards, self.size])
-        self.shapes[index] = torch.tensor(params.shape)
-        self.buffer.append(params.reshape(-1))
+        self.buffer.append((index, params))
         self.size += params.numel()
         if self.size * 4 >= self.shard_bytes:
             self.flush()
 
     def flush(self) -> None:
-        if self.buffer:
-            save_file({"params": torch.cat(self.buffer)}, self.folder / f"shard-{self.shards:05d}.safetensors")
-            self.buffer, self.size, self.shards = [], 0, self.shards + 1
+        if not self.buffer:
+            return
+        index = torch.tensor([i for i, _ in self.buffer])
+        sizes = torch.tensor([p.numel() for _, p in self.buffer])
+        stored = {
+            "params": torch.cat([p.reshape(-1) for _, p in self.buffer]),
+            "index": index,
+            "offset": torch.cumsum(sizes, 0) - sizes,
+            "shape": torch.tensor([list(p.shape) for _, p in self.buffer]),
+        }
+        path = self.folder / f"shard-{self.shards:05d}.safetensors"
+        save_file(stored, path.with_suffix(".tmp"))
+        path.with_suffix(".tmp").replace(path)
+        self.where[index, 0], self.where[index, 1], self.shapes[index] = self.shards, stored["offset"], stored["shape"]
+        self.done.update(index.tolist())
+        self.buffer, self.size, self.shards = [], 0, self.shards + 1
 
     def close(self) -> None:
         """Write the last shard, then the index (its presence marks a complete cache)."""
         self.flush()
+        if len(self.done) != len(self.where):
+            raise RuntimeError(f"latent cache in {self.folder}: {len(self.where) - len(self.done)} images missing")
         index = {"shard": self.where[:, 0].contiguous(), "offset": self.where[:, 1].contiguous(), "shapes": self.shapes}
         save_file(index, self.folder / "index.tmp")
         (self.folder / "index.tmp").replace(self.folder / "index.safetensors")
@@ -136,12 +162,13 @@ def build_latent_dataset(
     progress: bool = True,
     shard_bytes: int = 2**30,
 ) -> LatentDataset:
-    """Encode every image once into `cache_dir/latents-<key>/` (or find it there) and wrap the result."""
+    """Encode every image once into `cache_dir/latents-<key>/` (or find it there; an interrupted build
+    goes on from its last complete shard) and wrap the result."""
     from tqdm.auto import tqdm
 
     factor = spatial_factor(vae)
     folder = Path(cache_dir) / f"latents-{cache_key(dataset, vae)}"
-    if not (folder / "index.safetensors").is_file():  # absent or interrupted: (re)build
+    if not (folder / "index.safetensors").is_file():
         folder.mkdir(parents=True, exist_ok=True)
         writer = ShardWriter(folder, len(dataset), shard_bytes)
         device = next(vae.parameters()).device
@@ -156,17 +183,23 @@ def build_latent_dataset(
                 writer.add(index, one)
             group.clear()
 
-        for index in tqdm(range(len(dataset)), desc="caching VAE latents", disable=not progress):
+        def encode_pending() -> None:
+            for group in pending.values():
+                if group:
+                    encode(group)
+            pending.clear()
+
+        todo = [i for i in range(len(dataset)) if i not in writer.done]
+        bar = tqdm(todo, desc="caching VAE latents", initial=len(writer.done), total=len(dataset), disable=not progress)
+        for index in bar:
             pixels = encoder_input(dataset, index, factor)
             group = pending[tuple(pixels.shape[1:])]
             group.append((index, pixels))
             if len(group) == batch_size:
                 encode(group)
-            if sum(map(len, pending.values())) >= 4 * batch_size or index == len(dataset) - 1:
-                for group in pending.values():
-                    if group:
-                        encode(group)
-                pending.clear()
+            if sum(map(len, pending.values())) >= 4 * batch_size:
+                encode_pending()
+        encode_pending()
         writer.close()
     return LatentDataset(
         folder,
