@@ -9,6 +9,7 @@ import textwrap
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from taxadiffusion.config import Config, ConfigError
@@ -282,6 +283,13 @@ def test_latent_model_with_lora_and_cached_latents(two_rank_data, tiny_sd, tmp_p
     assert list((tmp_path / "run" / "cache").glob("latents-*/index.safetensors"))
     plan = (tmp_path / "run" / "plan.txt").read_text()
     assert "trains UNet (lora), encoder 0" in plan and "stage 1 [1-specific_epithet]" in plan
+    # squash crops are square, so the plan's size estimate is the shards' payload exactly
+    payload = sum(
+        4 * safe_open(path, framework="pt").get_slice("params").get_shape()[0]
+        for path in (tmp_path / "run" / "cache").glob("latents-*/shard-*.safetensors")
+    )
+    assert payload == len(trainer.records) * 4 * 2 * 4 * 8 * 8  # fp32 mean and log-variance, 4 x 8 x 8 latents
+    assert f"latent cache on (at least {payload / 2**20:,.1f} MB on disk)" in plan
 
 
 @pytest.mark.parametrize("strategy", ["random", "flat"])

@@ -111,6 +111,12 @@ class RunPlan:
         """fp32 trained weights plus AdamW's two moments for the largest stage."""
         return (4 * self.trained_parameters + 8 * max(self.stage_parameters, default=0)) / 2**20
 
+    def latent_cache_bytes(self) -> int:
+        """Disk of the VAE-latent cache if every image were square: fp32 mean and log-variance per latent cell
+        (a non-square image stores its whole latent, so more)."""
+        c, h, w = self.latent_shape
+        return len(self.records) * 4 * 2 * c * h * w
+
     def describe(self) -> str:
         config, train, model = self.config, self.config.train, self.config.model
         where = "synthetic (embedded default)" if config.data.format == "synthetic" else config.data.path
@@ -145,7 +151,8 @@ class RunPlan:
             f"{train.gradient_accumulation} accumulation = {self.images_per_step} images per step; "
             f"one epoch = {math.ceil(len(self.records) / self.images_per_step):,} steps; "
             f"precision {train.mixed_precision}, gradient checkpointing {_on(train.gradient_checkpointing)}, "
-            f"latent cache {_on(train.cache_latents)}",
+            f"latent cache {_on(train.cache_latents)}"
+            + (f" (at least {_size(self.latent_cache_bytes())} on disk)" if train.cache_latents else ""),
         ]
         for stage, params in zip(self.stages, self.stage_parameters, strict=True):
             lines.append(
@@ -215,6 +222,10 @@ def plan_run(config: Config, data_folder: str | Path, num_processes: int = 1) ->
         model = TaxaDiffusionModel(unet, encoder)
     factor = config_spatial_factor(config.model)
     return describe_model(config, records, records.taxonomy(), stages, model, factor, text_width, num_processes)
+
+
+def _size(count: int) -> str:
+    return f"{count / 2**30:,.1f} GB" if count >= 2**30 else f"{count / 2**20:,.1f} MB"
 
 
 def _on(flag: bool) -> str:
