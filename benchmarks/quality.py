@@ -92,7 +92,7 @@ VARIANTS = (
         ["train.strategy=flat", DOUBLE_STEPS],
     ),
 )
-SWEPT = (("flat", "vanilla"), ("progressive", "taxonomic"), ("progressive-fine-c0", "taxonomic"))
+SWEPT = ("flat", "progressive", "progressive-fine-c0")  # each with its strategy's guidance (`guidance_of`)
 WINDOWS = ((0.0, 0.5), (0.5, 1.0))  # `--investigate`: guidance only in the noisier / the cleaner half
 
 
@@ -379,10 +379,10 @@ def main(argv: list[str] | None = None) -> int:
             evaluate(
                 run,
                 out / "sweep" / f"{run}-s{scale:g}",
-                settings(args, classifier, guidance, quick, scale, species=True),
+                settings(args, classifier, guidance_of(run), quick, scale, species=True),
             )
             for scale in args.sweep
-            for run, guidance in swept
+            for run in swept
         ],
         "variants": [
             evaluate(name, out / "eval" / name, settings(args, classifier, guidance_of(name), quick))

@@ -189,9 +189,8 @@ def flops_per_sample(spec: ModelSpec) -> dict[str, float]:
             parts = {
                 "text encoder, all ranks": count(lambda: text(torch.zeros(RANKS, TOKENS, dtype=torch.long))),
                 "VAE encoder": count(lambda: vae.encode(torch.randn(1, 3, spec.resolution, spec.resolution))),
+                "rank encoder, forward": count(lambda: encoder(torch.randn(1, TOKENS, width))),
             }
-        with torch.no_grad():
-            parts["rank encoder, forward"] = count(lambda: encoder(torch.randn(1, TOKENS, width)))
         parts["rank encoder, forward + backward"] = count(
             lambda: encoder(torch.randn(1, TOKENS, width)).sum().backward()
         )
@@ -410,12 +409,13 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--render", type=Path, metavar="JSON", help="only rewrite the report from a results file")
     args = parser.parse_args(argv)
-    spec = "sd15" if args.sd15 else "small"
-    name = "speed_sd15" if args.sd15 else "speed"
-    if args.render:
+    if args.render:  # the model and the file name are the results' own, not this command's
         results = json.loads(args.render.read_text())
-        write_keeping_section(args.out / f"{name}.md", report(results, SPECS[spec], results["argv"]))
+        spec = "sd15" if results["settings"]["sd15"] else "small"
+        write_keeping_section(args.out / f"{report_name(spec)}.md", report(results, SPECS[spec], results["argv"]))
         return 0
+    spec = "sd15" if args.sd15 else "small"
+    name = report_name(spec)
     job = (args.batch, args.reps, args.device, args.precision)
 
     results = {"machine": machine(args.device), "settings": vars(args) | {"out": str(args.out)}}
@@ -423,7 +423,7 @@ def main(argv=None) -> int:
         root = Path(tmp)
         print("preparing the model and data ...")
         results["parameters"] = prepare(root, spec)
-        results["flops"] = {name: flops_per_sample(SPECS[name]) for name in ("small", "sd15")}
+        results["flops"] = {key: flops_per_sample(SPECS[key]) for key in ("small", "sd15")}
         # Rounds interleave the configurations, so that a slow spell of the machine falls on all of them.
         train, sample = defaultdict(list), defaultdict(list)
         for round_ in range(args.rounds):
@@ -454,6 +454,10 @@ def main(argv=None) -> int:
     write_keeping_section(args.out / f"{name}.md", text)
     print(text)
     return 0
+
+
+def report_name(spec: str) -> str:
+    return "speed_sd15" if spec == "sd15" else "speed"
 
 
 def machine(device: str) -> str:

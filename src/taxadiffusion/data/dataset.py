@@ -63,11 +63,18 @@ class ImageDataset(Dataset):
                 "Run `taxadiffusion data check` on this dataset to list every unusable image."
             ) from error
 
+    def crop_rng(self, index: int) -> random.Random | None:
+        """The generator of an item's random crop in this epoch (None: centre crops)."""
+        return random.Random(hash((self.seed, self.epoch, index))) if self.random_crop else None
+
     def load(self, index: int) -> np.ndarray:
         """The prepared image (size, size, 3) uint8."""
-        rng = random.Random(hash((self.seed, self.epoch, index))) if self.random_crop else None
-        return np.array(prepare_image(self.open(index), self.size, self.policy, rng))
+        return np.array(prepare_image(self.open(index), self.size, self.policy, self.crop_rng(index)))
 
     def __getitem__(self, index: int) -> dict:
-        pixels = torch.from_numpy(self.load(index)).permute(2, 0, 1).float() / 127.5 - 1.0
-        return {"pixel_values": pixels, "taxon_ids": self.taxon_ids[index], "index": index}
+        return {"pixel_values": pixel_tensor(self.load(index)), "taxon_ids": self.taxon_ids[index], "index": index}
+
+
+def pixel_tensor(image: np.ndarray) -> torch.Tensor:
+    """An (H, W, 3) uint8 array as the (3, H, W) float tensor in [-1, 1] that models take."""
+    return torch.from_numpy(image).permute(2, 0, 1).float() / 127.5 - 1.0

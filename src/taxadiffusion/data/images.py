@@ -51,6 +51,13 @@ def load_image(path: str | Path) -> Image.Image:
         return _to_rgb(image)
 
 
+def square_window(width: int, height: int, side: int, rng: random.Random | None = None) -> tuple[int, int]:
+    """(left, top) of a `side` x `side` window inside width x height: uniform with `rng`, else centred."""
+    left = rng.randint(0, width - side) if rng else (width - side) // 2
+    top = rng.randint(0, height - side) if rng else (height - side) // 2
+    return left, top
+
+
 def prepare_image(
     image: Image.Image, size: int, policy: CropPolicy | str, rng: random.Random | None = None
 ) -> Image.Image:
@@ -59,8 +66,7 @@ def prepare_image(
     width, height = image.size
     if policy is CropPolicy.RANDOM_CROP:
         side = min(width, height)
-        left = rng.randint(0, width - side) if rng else (width - side) // 2
-        top = rng.randint(0, height - side) if rng else (height - side) // 2
+        left, top = square_window(width, height, side, rng)
         image = image.crop((left, top, left + side, top + side))
     elif policy is CropPolicy.PAD:
         side = max(width, height)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import random
 from collections import defaultdict
 from pathlib import Path
 
@@ -23,8 +22,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
-from ..data.dataset import ImageDataset
-from ..data.images import CropPolicy, prepare_image, resize_short_side
+from ..data.dataset import ImageDataset, pixel_tensor
+from ..data.images import CropPolicy, prepare_image, resize_short_side, square_window
 from ..model import spatial_factor
 
 FORMAT = "whole-image latents v2"  # part of the cache key: a cache of another layout is never misread
@@ -35,26 +34,23 @@ class LatentDataset(Dataset):
 
     The cache is a folder of shards (flat float32 buffers, each image's (2C, h, w) distribution at an offset
     that `index.safetensors` records), read lazily through memory maps: a dataset of any size costs page
-    cache, not process memory. An item is an s x s window of the image's latent, random (per seed, epoch,
-    index) or centred.
+    cache, not process memory. An item is an s x s window of the image's latent, placed by the `source`
+    image dataset's crop generator (random per seed, epoch and index, or centred).
     """
 
-    def __init__(self, folder: Path, taxon_ids: torch.Tensor, side: int, random_crop: bool = True, seed: int = 0):
+    def __init__(self, folder: Path, source: ImageDataset, side: int):
         index = load_file(Path(folder) / "index.safetensors")
         self.folder = Path(folder)
         self.shard, self.offset, self.shapes = (index[k].tolist() for k in ("shard", "offset", "shapes"))
-        self.taxon_ids = taxon_ids
+        self.source = source
         self.side = side
-        self.random_crop = random_crop
-        self.seed = seed
-        self.epoch = 0
         self._open: dict[int, object] = {}  # shard -> safe_open handle, per process
 
     def __getstate__(self) -> dict:  # handles stay in the process that opened them (DataLoader workers)
         return {**self.__dict__, "_open": {}}
 
     def set_epoch(self, epoch: int) -> None:  # the same interface as ImageDataset
-        self.epoch = epoch
+        self.source.set_epoch(epoch)
 
     def __len__(self) -> int:
         return len(self.shapes)
@@ -71,11 +67,9 @@ class LatentDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         params = self.latent(index)
         _, height, width = params.shape
-        rng = random.Random(hash((self.seed, self.epoch, index))) if self.random_crop else None
-        top = rng.randint(0, height - self.side) if rng else (height - self.side) // 2
-        left = rng.randint(0, width - self.side) if rng else (width - self.side) // 2
+        left, top = square_window(width, height, self.side, self.source.crop_rng(index))
         window = params[:, top : top + self.side, left : left + self.side]
-        return {"latent_params": window.contiguous(), "taxon_ids": self.taxon_ids[index], "index": index}
+        return {"latent_params": window.contiguous(), "taxon_ids": self.source.taxon_ids[index], "index": index}
 
 
 def cache_key(dataset: ImageDataset, vae) -> str:
@@ -91,7 +85,7 @@ def encoder_input(dataset: ImageDataset, index: int, factor: int) -> torch.Tenso
         image = resize_short_side(image, dataset.size, factor)
     else:
         image = prepare_image(image, dataset.size, dataset.policy)
-    return torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 127.5 - 1.0
+    return pixel_tensor(np.array(image))
 
 
 class ShardWriter:
@@ -201,13 +195,7 @@ def build_latent_dataset(
                 encode_pending()
         encode_pending()
         writer.close()
-    return LatentDataset(
-        folder,
-        dataset.taxon_ids,
-        side=dataset.size // factor,
-        random_crop=dataset.random_crop and dataset.policy is CropPolicy.RANDOM_CROP,
-        seed=dataset.seed,
-    )
+    return LatentDataset(folder, dataset, side=dataset.size // factor)
 
 
 def sample_latents(params: torch.Tensor, scaling_factor: float) -> torch.Tensor:
