@@ -3,8 +3,10 @@ import pytest
 import torch
 from PIL import Image
 
-from taxadiffusion.data.dataset import UNLABELLED, ImageDataset
+from taxadiffusion.data.dataset import UNLABELLED, ImageDataset, PathTable
 from taxadiffusion.data.readers import read_folder
+from taxadiffusion.data.records import RecordSet
+from taxadiffusion.taxonomy import STANDARD_RANKS
 
 
 def test_items_carry_pixels_and_ids(tmp_path):
@@ -39,3 +41,33 @@ def test_unreadable_image_names_the_file(tmp_path):
     dataset = ImageDataset(records.records, records.taxonomy(), size=8)
     with pytest.raises(RuntimeError, match=r"bad\.png.*data check"):
         dataset[0]
+
+
+def test_path_table_round_trips_paths(tmp_path):
+    paths = [tmp_path / "a" / "1.png", tmp_path / "ünïcode dir" / "2 x.jpg", tmp_path / "b.png"]
+    table = PathTable(paths)
+    assert len(table) == 3 and list(table) == [str(p) for p in paths]
+    assert table[-1] == str(paths[-1])
+    with pytest.raises(IndexError):
+        table[3]
+    assert list(PathTable([])) == []
+
+
+def test_rows_of_one_taxon_share_one_lineage(tmp_path):
+    """Readers of millions of rows keep one Lineage per taxon; the dataset's ids match a per-row lookup."""
+    out = RecordSet(STANDARD_RANKS[-3:])
+
+    def row(*names):
+        return dict(zip(out.ranks, names, strict=True))
+
+    for i in range(6):
+        out.add(tmp_path / f"{i}.png", row("Labridae", "Labrus", "bergylta" if i % 2 else None))
+    out.add(tmp_path / "gap.png", row("Labridae", None, "bergylta"))
+    out.add(tmp_path / "gap2.png", row("Labridae", None, "bergylta"))
+    assert len(out) == 6 and out.skipped == {"missing genus": 2}
+    assert len({id(r.lineage) for r in out.records}) == 2
+    taxonomy = out.taxonomy()
+    dataset = ImageDataset(out.records, taxonomy, size=8)
+    expected = [list(taxonomy.ids(r.lineage)) + [UNLABELLED] * (3 - r.lineage.depth) for r in out.records]
+    assert dataset.taxon_ids.tolist() == expected
+    assert list(dataset.paths) == [str(r.image) for r in out.records]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -50,7 +51,7 @@ def test_cached_windows_are_random_crops_of_the_whole_latent(records, tmp_path):
     cached = build_latent_dataset(dataset, vae, tmp_path / "cache", batch_size=2, progress=False, shard_bytes=4096)
     shards = sorted((tmp_path / "cache").glob("latents-*/shard-*.safetensors"))
     assert len(shards) > 1  # the small shard size forces several
-    index = {record.image.name: i for i, record in enumerate(dataset.records)}
+    index = {Path(path).name: i for i, path in enumerate(dataset.paths)}
 
     wide, tall = index["0.png"], index["1.png"]
     assert cached.latent(wide).shape == (8, 8, 16) and cached.latent(tall).shape == (8, 12, 8)
@@ -78,7 +79,7 @@ def test_centre_windows_without_random_crops_and_exact_latents_for_squash(record
     vae = tiny_vae()
     fixed = ImageDataset(records.records, records.taxonomy(), size=16, random_crop=False)
     cached = build_latent_dataset(fixed, vae, tmp_path / "cache", progress=False)
-    wide = [r.image.name for r in fixed.records].index("0.png")
+    wide = [Path(path).name for path in fixed.paths].index("0.png")
     torch.testing.assert_close(cached[wide]["latent_params"], _direct(vae, fixed, wide)[:, :, 4:12])
 
     squashed = ImageDataset(records.records, records.taxonomy(), size=16, policy="squash")

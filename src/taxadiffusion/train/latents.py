@@ -73,7 +73,7 @@ class LatentDataset(Dataset):
 
 
 def cache_key(dataset: ImageDataset, vae) -> str:
-    payload = repr(([str(r.image) for r in dataset.records], dataset.size, dataset.policy.value, vae.config, FORMAT))
+    payload = repr((list(dataset.paths), dataset.size, dataset.policy.value, vae.config, FORMAT))
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
