@@ -94,7 +94,8 @@ def test_dry_run_loads_no_weights_and_no_images(name, fixtures, tiny_sd, tmp_pat
 
 
 def test_dry_run_counts_match_the_built_model(fixtures, tiny_sd, tmp_path):
-    """The weight-free plan states the same trainable parameters per stage as the real trainer."""
+    """The weight-free plan states the same trainable parameters per stage, and the same text-feature tables,
+    as the real trainer."""
     from taxadiffusion.train.trainer import Trainer
 
     overrides = [f"model.base={tiny_sd}", "text.max_length=16", "train.batch_size=2", *fixtures["sd15_fishnet"]]
@@ -102,8 +103,8 @@ def test_dry_run_counts_match_the_built_model(fixtures, tiny_sd, tmp_path):
     config = Config.load(REPO / "configs" / "sd15_fishnet.yaml", [*overrides, "train.cache_latents=false"])
     planned = plan_run(config, tmp_path / "data").describe()
     built = Trainer(config, tmp_path / "run", progress=False).describe()
-    assert [line for line in planned.splitlines() if line.startswith("stage ")] == [
-        line for line in built.splitlines() if line.startswith("stage ")
+    assert [line for line in planned.splitlines() if line.startswith(("stage ", "text: "))] == [
+        line for line in built.splitlines() if line.startswith(("stage ", "text: "))
     ]
 
 

@@ -290,6 +290,9 @@ def test_latent_model_with_lora_and_cached_latents(two_rank_data, tiny_sd, tmp_p
     )
     assert payload == len(trainer.records) * 4 * 2 * 4 * 8 * 8  # fp32 mean and log-variance, 4 x 8 x 8 latents
     assert f"latent cache on (at least {payload / 2**20:,.1f} MB on disk)" in plan
+    tables = trainer.text_embeddings
+    text_bytes = sum(tables.table(i).nbytes for i in range(len(tables.ranks)))
+    assert f"({text_bytes / 2**20:,.1f} MB, on the training device)" in plan
 
 
 @pytest.mark.parametrize("strategy", ["random", "flat"])

@@ -94,6 +94,7 @@ class RunPlan:
     text_width: int
     latent_shape: tuple[int, int, int]  # (channels, height, width) the UNet denoises
     num_processes: int = 1
+    text_tokens: int = 77  # tokens per cached text
 
     @property
     def images_per_step(self) -> int:
@@ -116,6 +117,15 @@ class RunPlan:
         (a non-square image stores its whole latent, so more)."""
         c, h, w = self.latent_shape
         return len(self.records) * 4 * 2 * c * h * w
+
+    def text_feature_rows(self) -> int:
+        """Rows of the text-feature tables: every taxon, plus each rank's "None" text."""
+        return sum(self.taxonomy.num_taxa(rank) + 1 for rank in self.taxonomy.ranks)
+
+    def text_feature_bytes(self) -> int:
+        """The fp32 text-feature tables, which training holds on its device (iNat21 with CLIP: 16,334 rows of
+        77 x 768, about 3.6 GiB)."""
+        return self.text_feature_rows() * self.text_tokens * self.text_width * 4
 
     def describe(self) -> str:
         config, train, model = self.config, self.config.train, self.config.model
@@ -140,7 +150,9 @@ class RunPlan:
             f"taxonomy encoder: {len(self.taxonomy.ranks)} ranks x {model.encoder_layers} layers x "
             f"{model.encoder_heads} heads, text width {self.text_width}, dropout {model.encoder_dropout:g} "
             f"({self.encoder_parameters / 1e6:,.2f} M parameters)",
-            f"text: {config.text.encoder}, template {config.text.template!r}; condition dropout "
+            f"text: {config.text.encoder}, template {config.text.template!r}; features of "
+            f"{self.text_feature_rows():,} texts x {self.text_tokens} tokens x {self.text_width} "
+            f"({_size(self.text_feature_bytes())}, on the training device); condition dropout "
             f"{train.condition_dropout:.4g} per rank{' (cascading)' if train.cascade_dropout else ''}"
             + (f"; rank 0 alone for {train.coarse_dropout:.3g} of samples" if train.coarse_dropout else ""),
             "optimizer: AdamW, constant lr (per stage below"
@@ -187,6 +199,7 @@ def describe_model(
     factor: int,
     text_width: int,
     num_processes: int = 1,
+    text_tokens: int = 77,
 ) -> RunPlan:
     """The plan of a run from its (real or meta-device) model; `factor`: pixels per latent cell."""
     per_stage, trained = stage_parameter_counts(model, stages)
@@ -204,6 +217,7 @@ def describe_model(
         text_width=text_width,
         latent_shape=(unet.config.in_channels, side, side),
         num_processes=num_processes,
+        text_tokens=text_tokens,
     )
 
 
@@ -221,7 +235,9 @@ def plan_run(config: Config, data_folder: str | Path, num_processes: int = 1) ->
         encoder = build_taxonomy_encoder(config.model, len(records.ranks), text_width, unet.config.cross_attention_dim)
         model = TaxaDiffusionModel(unet, encoder)
     factor = config_spatial_factor(config.model)
-    return describe_model(config, records, records.taxonomy(), stages, model, factor, text_width, num_processes)
+    tokens = config.text.max_length or 77  # without it: min(the tokenizer's limit, 77), which no weights decide
+    taxonomy = records.taxonomy()
+    return describe_model(config, records, taxonomy, stages, model, factor, text_width, num_processes, tokens)
 
 
 def _size(count: int) -> str:

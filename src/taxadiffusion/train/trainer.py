@@ -187,6 +187,7 @@ class Trainer:
             spatial_factor(self.vae),
             cache.config.width,
             acc.num_processes,
+            cache.config.max_length,
         ).describe()
         if acc.is_main_process:
             config.save(self.paths.config)
