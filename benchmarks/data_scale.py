@@ -32,7 +32,6 @@ from taxadiffusion.data.readers import read_inat21
 from taxadiffusion.eval.report import write_keeping_section
 
 RESULTS = Path(__file__).resolve().parent / "results"
-# iNat21's taxa per rank (train, 10,000 species), so that lineages nest as in the release.
 IMAGE_FIELDS = {  # the release's other keys per image, so that the file is as large to parse
     "license": 1,
     "rights_holder": "observer name",
@@ -41,15 +40,20 @@ IMAGE_FIELDS = {  # the release's other keys per image, so that the file is as l
     "longitude": -79.2,
     "location_uncertainty": 10,
 }
-TAXA = {"kingdom": 3, "phylum": 13, "class": 51, "order": 273, "family": 1103, "genus": 4884}
+# iNat21's taxa per rank (train, 10,000 species), finest first.
+TAXA = {"genus": 4884, "family": 1103, "order": 273, "class": 51, "phylum": 13, "kingdom": 3}
 
 
 def write_inat21(path: Path, images: int, species: int) -> None:
-    """A COCO-style train.json with the release's keys; species i belongs to taxon i mod n at each rank."""
+    """A COCO-style train.json with the release's keys. Species i is in genus i mod 4884, a genus g in
+    family g mod 1103, and so on up: the lineages nest, with the release's number of taxa at each rank."""
     categories = []
     for i in range(species):
-        names = {rank: f"{rank.title()}{i % n}" for rank, n in TAXA.items()}
-        names["specific_epithet"] = f"epithet{i}"
+        names, index = {}, i
+        for rank, n in TAXA.items():
+            index %= n
+            names[rank] = f"{rank.title()}{index}"
+        names = {rank: names[rank] for rank in reversed(TAXA)} | {"specific_epithet": f"epithet{i}"}
         folder = "_".join([f"{i:05d}", *names.values()])
         categories.append(
             {"id": i, "name": f"{names['genus']} epithet{i}", "common_name": f"species {i}", **names}
