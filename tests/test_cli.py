@@ -67,3 +67,19 @@ def test_synth_writes_and_refuses_user_folder(tmp_path, capsys):
     (user / "x.txt").write_text("x")
     assert main(["data", "synth", "--out", str(user)]) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_device_is_checked_before_anything_loads(monkeypatch):
+    import torch
+
+    from taxadiffusion.cli import CommandError, _device
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(CommandError, match=r"sees no CUDA GPU here .* use --device cpu"):
+        _device("cuda")
+    with pytest.raises(CommandError, match="'gpu' is not a device; use cpu, cuda"):
+        _device("gpu")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(CommandError, match=r"only 1 CUDA GPU\(s\) here \(cuda:0 .. cuda:0\)"):
+        _device("cuda:1")
+    assert _device("cuda:0") == "cuda:0" and _device("cpu") == "cpu"

@@ -129,9 +129,27 @@ def _weights(pipeline_dir):
     return {**{f"unet.{k}": v for k, v in unet.items()}, **{f"enc.{k}": v for k, v in encoder.items()}}
 
 
-def test_resume_after_a_kill_is_bitwise_identical(two_rank_data, tiny_sd, tmp_path):
+@pytest.fixture
+def restore_determinism(monkeypatch):
+    """`train.deterministic` switches torch's kernels process-wide; the tests after see them as before."""
+    before = torch.are_deterministic_algorithms_enabled()
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", os.environ.get("CUBLAS_WORKSPACE_CONFIG", ""))
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
+    yield
+    torch.use_deterministic_algorithms(before)
+
+
+def test_resume_after_a_kill_is_bitwise_identical(two_rank_data, tiny_sd, tmp_path, restore_determinism):
+    # Deterministic kernels make this hold on a GPU too (checked on an H100; without them cuDNN's and the
+    # attention backward's kernels differ between any two runs); on the CPU they change nothing.
     config = _config(
-        two_rank_data, tiny_sd, steps=[3, 3], checkpoint_every=2, condition_dropout=0.2, coarse_dropout=0.3
+        two_rank_data,
+        tiny_sd,
+        steps=[3, 3],
+        checkpoint_every=2,
+        condition_dropout=0.2,
+        coarse_dropout=0.3,
+        deterministic=True,
     )
     whole = _weights(train(config, tmp_path / "whole", progress=False))
 
@@ -148,6 +166,8 @@ def test_resume_after_a_kill_is_bitwise_identical(two_rank_data, tiny_sd, tmp_pa
     with pytest.raises(KeyboardInterrupt):
         train(config, tmp_path / "killed", on_step=kill_again, progress=False)
     resumed = _weights(train(config, tmp_path / "killed", progress=False))
+    assert torch.are_deterministic_algorithms_enabled() and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    assert "deterministic kernels" in (tmp_path / "killed" / "plan.txt").read_text()
     assert whole.keys() == resumed.keys()
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
 
@@ -183,7 +203,7 @@ def test_gradient_clipping_really_clips(two_rank_data, tiny_sd, tmp_path):
     for p in params:
         p.grad = torch.full_like(p, 1e6)
     before = clip_gradients(trainer.accelerator, params, 1.0)
-    after = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+    after = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params])).item()
     assert before > 1e6 and after == pytest.approx(1.0, rel=1e-4)
     with pytest.raises(TypeError, match="as a list"):
         clip_gradients(trainer.accelerator, (p for p in params), 1.0)
@@ -219,7 +239,8 @@ def test_two_cpu_processes_see_different_samples(two_rank_data, tiny_sd, tmp_pat
     config = _config(two_rank_data, tiny_sd, steps=[2, 1], batch_size=2)
     script = tmp_path / "run_train.py"
     script.write_text(textwrap.dedent(SCRIPT))
-    # torchrun-style launch of 2 processes; ACCELERATE_USE_CPU makes accelerate use gloo on the CPU.
+    # torchrun-style launch of 2 processes; ACCELERATE_USE_CPU makes accelerate use gloo on the CPU. GPUs are
+    # hidden: with one visible, accelerate still gives each process's barrier its local GPU, and rank 1 has none.
     launcher = [
         sys.executable,
         "-m",
@@ -238,7 +259,7 @@ def test_two_cpu_processes_see_different_samples(two_rank_data, tiny_sd, tmp_pat
         "--main_process_port",
         "29517",
     ]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1"}
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run(
         [*launcher, str(script), json.dumps(config.to_dict()), str(tmp_path / "run")],
         capture_output=True,

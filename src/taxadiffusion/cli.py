@@ -99,11 +99,27 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 
 
 def _device(name: str | None) -> str:
+    """The asked device, checked to exist here; without one, the best available."""
     import torch
 
-    if name:
-        return name
-    return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if not name:
+        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise CommandError(f"--device {name!r} is not a device; use cpu, cuda, cuda:1 or mps") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise CommandError(
+                f"--device {name}: torch {torch.__version__} sees no CUDA GPU here (a CPU-only build, no driver, "
+                "or CUDA_VISIBLE_DEVICES hides them); use --device cpu"
+            )
+        if (device.index or 0) >= count:
+            raise CommandError(f"--device {name}: only {count} CUDA GPU(s) here (cuda:0 .. cuda:{count - 1})")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise CommandError(f"--device {name}: MPS is not available here; use --device cpu")
+    return name
 
 
 def _slug(text: str) -> str:
@@ -120,7 +136,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise CommandError(
             f"{args.model} is not a saved pipeline (no model_index.json); pass a training run's pipeline/"
         )
-    pipe = TaxaDiffusionPipeline.from_pretrained(args.model).to(_device(args.device))
+    device = _device(args.device)
+    pipe = TaxaDiffusionPipeline.from_pretrained(args.model).to(device)
     if args.scheduler:
         pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
     lineage = pipe.resolve(args.taxon, args.rank)
@@ -237,7 +254,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.model:
         from .pipeline import TaxaDiffusionPipeline, make_scheduler
 
-        pipeline = TaxaDiffusionPipeline.from_pretrained(args.model).to(_device(args.device))
+        device = _device(args.device)
+        pipeline = TaxaDiffusionPipeline.from_pretrained(args.model).to(device)
         pipeline.set_progress_bar_config(disable=True)
         if args.scheduler:
             pipeline.scheduler = make_scheduler(args.scheduler, pipeline.scheduler.config)

@@ -80,6 +80,9 @@ class TrainConfig:
     cascade_dropout: bool = False
     coarse_dropout: float = 0.0  # per sample, condition on rank 0 alone (keeps taxonomic CFG's c_0 trained)
     gradient_checkpointing: bool = False
+    # Deterministic kernels (process-wide): on a GPU, a resumed run then equals an uninterrupted one bit for bit,
+    # as it always does on the CPU. Slower on GPUs.
+    deterministic: bool = False
     # Encode each image with the VAE once, not every step (random crops kept: train/latents.py). None: on for
     # latent models; pixel-space models have no VAE. Resolved to a bool when the config is built.
     cache_latents: bool | None = None

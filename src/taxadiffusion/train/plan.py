@@ -163,7 +163,8 @@ class RunPlan:
             f"{train.gradient_accumulation} accumulation = {self.images_per_step} images per step; "
             f"one epoch = {math.ceil(len(self.records) / self.images_per_step):,} steps; "
             f"precision {train.mixed_precision}, gradient checkpointing {_on(train.gradient_checkpointing)}, "
-            f"latent cache {_on(train.cache_latents)}"
+            + ("deterministic kernels, " if train.deterministic else "")
+            + f"latent cache {_on(train.cache_latents)}"
             + (f" (at least {_size(self.latent_cache_bytes())} on disk)" if train.cache_latents else ""),
         ]
         for stage, params in zip(self.stages, self.stage_parameters, strict=True):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -138,7 +139,10 @@ class Trainer:
         if acc.is_main_process:
             prepare_output(self.paths, config, overwrite)
         acc.wait_for_everyone()
-        set_seed(train.seed)
+        if train.deterministic:
+            # cuBLAS is reproducible only with a fixed workspace, read when its first handle is made.
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        set_seed(train.seed, deterministic=train.deterministic)
 
         # 1. data (the main process renders the synthetic set first)
         with acc.main_process_first():
