@@ -20,7 +20,7 @@ architecture at 512 px.
    published step's redundant work can give at best.
 
 Each measurement runs in its own process; results (median and spread of the repetitions) go to
-benchmarks/results/speed.md and speed.json (speed_sd15.* with `--sd15`).
+benchmarks/results/speed.md and speed.json (speed_sd15.* with `--sd15`, speed*_bf16.* with `--precision bf16`).
 """
 
 from __future__ import annotations
@@ -387,7 +387,9 @@ def prepare(root: Path, spec: str) -> dict[str, int]:
 
     (root / "spec.txt").write_text(spec)
     sizes = write_model(root / "sd", SPECS[spec])
-    synthetic = SyntheticConfig(max_images=12, min_images=6, resolution=SPECS[spec].resolution)
+    # Drawn at 128 px at most and resized by the data pipeline: timings do not depend on the pictures, and
+    # drawing ~400 images at 512 px takes minutes.
+    synthetic = SyntheticConfig(max_images=12, min_images=6, resolution=min(SPECS[spec].resolution, 128))
     SyntheticTaxonomy(synthetic).write_folder(root / "data", progress=False)
     for cached in (False, True):
         trainer_for(root, cached)
@@ -412,10 +414,11 @@ def main(argv=None) -> int:
     if args.render:  # the model and the file name are the results' own, not this command's
         results = json.loads(args.render.read_text())
         spec = "sd15" if results["settings"]["sd15"] else "small"
-        write_keeping_section(args.out / f"{report_name(spec)}.md", report(results, SPECS[spec], results["argv"]))
+        name = report_name(spec, results["settings"]["precision"])
+        write_keeping_section(args.out / f"{name}.md", report(results, SPECS[spec], results["argv"]))
         return 0
     spec = "sd15" if args.sd15 else "small"
-    name = report_name(spec)
+    name = report_name(spec, args.precision)
     job = (args.batch, args.reps, args.device, args.precision)
 
     results = {"machine": machine(args.device), "settings": vars(args) | {"out": str(args.out)}}
@@ -426,11 +429,20 @@ def main(argv=None) -> int:
         results["flops"] = {key: flops_per_sample(SPECS[key]) for key in ("small", "sd15")}
         # Rounds interleave the configurations, so that a slow spell of the machine falls on all of them.
         train, sample = defaultdict(list), defaultdict(list)
+        args.out.mkdir(parents=True, exist_ok=True)
+        results["argv"] = argv or sys.argv[1:]
+
+        def snapshot() -> None:
+            """Every finished process's raw result so far, for a run cut short (a time-limited GPU lease)."""
+            raw = results | {"train": dict(train), "sample": dict(sample)}
+            (args.out / f"{name}.partial.json").write_text(json.dumps(raw, indent=1) + "\n")
+
         for round_ in range(args.rounds):
             for stage in ("first", "last"):
                 for kind in ("published", "ours", "ours+latents"):
                     print(f"round {round_ + 1}/{args.rounds}, training step: {kind}, {stage} stage")
                     train[f"{kind}/{stage}"].append(in_process(train_step_job, str(root), kind, stage, *job))
+                    snapshot()
             for kind in ("diffusers", "ours"):
                 print(f"round {round_ + 1}/{args.rounds}, sampling: {kind}")
                 sample[kind].append(
@@ -445,10 +457,10 @@ def main(argv=None) -> int:
                         args.precision,
                     )
                 )
+                snapshot()
         results["train"] = {key: merged(rounds) for key, rounds in train.items()}
         results["sample"] = {key: merged(rounds) for key, rounds in sample.items()}
-    args.out.mkdir(parents=True, exist_ok=True)
-    results["argv"] = argv or sys.argv[1:]
+    (args.out / f"{name}.partial.json").unlink(missing_ok=True)
     (args.out / f"{name}.json").write_text(json.dumps(results, indent=1) + "\n")
     text = report(results, SPECS[spec], results["argv"])
     write_keeping_section(args.out / f"{name}.md", text)
@@ -456,8 +468,8 @@ def main(argv=None) -> int:
     return 0
 
 
-def report_name(spec: str) -> str:
-    return "speed_sd15" if spec == "sd15" else "speed"
+def report_name(spec: str, precision: str) -> str:
+    return "speed" + ("_sd15" if spec == "sd15" else "") + ("_bf16" if precision == "bf16" else "")
 
 
 def machine(device: str) -> str:
