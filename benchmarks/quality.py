@@ -72,6 +72,12 @@ VARIANTS = (
         [PROGRESSIVE, FINE_STEPS, "train.coarse_dropout=0.1"],
     ),
     (
+        "progressive-fine-c0-nodrop",
+        "as `progressive-fine-c0`, without condition dropout (taxonomic CFG never samples a dropped rank's "
+        "`None` text; at stage k dropout puts it in (k+1)/21 of samples)",
+        [PROGRESSIVE, FINE_STEPS, "train.coarse_dropout=0.1", "train.condition_dropout=0"],
+    ),
+    (
         "progressive-fine-c0-decay",
         "as above, and the UNet's rate halved from the genus stage on (less erosion of earlier ranks)",
         [
