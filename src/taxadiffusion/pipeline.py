@@ -70,6 +70,13 @@ class TaxaDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     _optional_components: ClassVar[list[str]] = ["vae"]
     text_encoder = None  # taxon texts are pre-encoded; `load_lora_weights` looks for this attribute
 
+    @classmethod
+    def load_lora_into_text_encoder(cls, *args, text_encoder=None, **kwargs) -> None:
+        """No text encoder takes a LoRA here (`load_lora_weights` would log, on every load, that it found
+        no text-encoder keys); one passed explicitly is loaded as diffusers does."""
+        if text_encoder is not None:
+            super().load_lora_into_text_encoder(*args, text_encoder=text_encoder, **kwargs)
+
     def __init__(
         self,
         unet: UNet2DConditionModel,
