@@ -1,11 +1,13 @@
 """Training end to end on tiny components: stages, resume, refusals, clipping, two processes."""
 
 import csv
+import gc
 import json
 import os
 import subprocess
 import sys
 import textwrap
+import weakref
 
 import pytest
 import torch
@@ -197,6 +199,24 @@ def test_checkpoint_of_other_taxonomy_is_refused(two_rank_data, tiny_sd, tmp_pat
         Trainer(config, tmp_path / "run", progress=False)
 
 
+def test_trainer_drops_the_records_once_built(two_rank_data, tiny_sd, tmp_path, monkeypatch):
+    """The RecordSet (1.6 GB per process at iNat21's scale) is not kept: the dataset's arrays suffice."""
+    from taxadiffusion.train import trainer as trainer_module
+
+    built, real = [], trainer_module.run_records
+
+    def run_records(*args, **kwargs):
+        records, ranks = real(*args, **kwargs)
+        built.append((weakref.ref(records), len(records)))
+        return records, ranks
+
+    monkeypatch.setattr(trainer_module, "run_records", run_records)
+    trainer = Trainer(_config(two_rank_data, tiny_sd, steps=[1, 1]), tmp_path / "run", progress=False)
+    gc.collect()
+    (records, images), *others = built
+    assert not others and records() is None and len(trainer.dataset) == images
+
+
 def test_gradient_clipping_really_clips(two_rank_data, tiny_sd, tmp_path):
     trainer = Trainer(_config(two_rank_data, tiny_sd, steps=[1, 1]), tmp_path / "run", progress=False)
     params = trainer.model.trainable_parameters(0, unet="full")
@@ -297,9 +317,9 @@ def test_latent_model_with_lora_and_cached_latents(two_rank_data, tiny_sd, tmp_p
         }
     )
     trainer = Trainer(config, tmp_path / "run", progress=False)
-    assert sum(calls) == len(trainer.records)  # every image encoded exactly once, before training
+    assert sum(calls) == len(trainer.dataset)  # every image encoded exactly once, before training
     pipeline = trainer.run()
-    assert sum(calls) == len(trainer.records)  # and never during the steps
+    assert sum(calls) == len(trainer.dataset)  # and never during the steps
     assert (pipeline / "pytorch_lora_weights.safetensors").is_file()
     assert list((tmp_path / "run" / "cache").glob("latents-*/index.safetensors"))
     plan = (tmp_path / "run" / "plan.txt").read_text()
@@ -309,7 +329,7 @@ def test_latent_model_with_lora_and_cached_latents(two_rank_data, tiny_sd, tmp_p
         4 * safe_open(path, framework="pt").get_slice("params").get_shape()[0]
         for path in (tmp_path / "run" / "cache").glob("latents-*/shard-*.safetensors")
     )
-    assert payload == len(trainer.records) * 4 * 2 * 4 * 8 * 8  # fp32 mean and log-variance, 4 x 8 x 8 latents
+    assert payload == len(trainer.dataset) * 4 * 2 * 4 * 8 * 8  # fp32 mean and log-variance, 4 x 8 x 8 latents
     assert f"latent cache on (at least {payload / 2**20:,.1f} MB on disk)" in plan
     tables = trainer.text_embeddings
     text_bytes = sum(tables.table(i).nbytes for i in range(len(tables.ranks)))
