@@ -4,6 +4,7 @@ import csv
 import gc
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -324,6 +325,7 @@ def test_latent_model_with_lora_and_cached_latents(two_rank_data, tiny_sd, tmp_p
     assert list((tmp_path / "run" / "cache").glob("latents-*/index.safetensors"))
     plan = (tmp_path / "run" / "plan.txt").read_text()
     assert "trains UNet (lora), encoder 0" in plan and "stage 1 [1-specific_epithet]" in plan
+    assert re.search(r"1 process\(es\) on (cpu \(\d+ threads\)|cuda:\d \(.+\)) x 1 accumulation", plan)
     # squash crops are square, so the plan's size estimate is the shards' payload exactly
     payload = sum(
         4 * safe_open(path, framework="pt").get_slice("params").get_shape()[0]

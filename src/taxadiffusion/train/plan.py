@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from ..config import Config
 from ..data.readers import read_folder, read_records
 from ..data.records import RecordSet
@@ -95,6 +97,7 @@ class RunPlan:
     latent_shape: tuple[int, int, int]  # (channels, height, width) the UNet denoises
     num_processes: int = 1
     text_tokens: int = 77  # tokens per cached text
+    device: str | None = None  # what each process trains on, once known (not in a dry run)
 
     @property
     def images_per_step(self) -> int:
@@ -159,7 +162,9 @@ class RunPlan:
             + (f"; taxonomy encoders at {train.encoder_learning_rate:g}" if train.encoder_learning_rate else "")
             + f"), betas ({train.adam_beta1:g}, {train.adam_beta2:g}), weight decay {train.weight_decay:g}, "
             f"gradient clip {train.max_grad_norm:g}" + (f", Min-SNR {train.snr_gamma:g}" if train.snr_gamma else ""),
-            f"batch: {train.batch_size} per process x {self.num_processes} process(es) x "
+            f"batch: {train.batch_size} per process x {self.num_processes} process(es)"
+            + (f" on {self.device}" if self.device else "")
+            + " x "
             f"{train.gradient_accumulation} accumulation = {self.images_per_step} images per step; "
             f"one epoch = {math.ceil(len(self.records) / self.images_per_step):,} steps; "
             f"precision {train.mixed_precision}, gradient checkpointing {_on(train.gradient_checkpointing)}, "
@@ -201,6 +206,7 @@ def describe_model(
     text_width: int,
     num_processes: int = 1,
     text_tokens: int = 77,
+    device: str | None = None,
 ) -> RunPlan:
     """The plan of a run from its (real or meta-device) model; `factor`: pixels per latent cell."""
     per_stage, trained = stage_parameter_counts(model, stages)
@@ -219,7 +225,17 @@ def describe_model(
         latent_shape=(unet.config.in_channels, side, side),
         num_processes=num_processes,
         text_tokens=text_tokens,
+        device=device,
     )
+
+
+def describe_device(device: torch.device) -> str:
+    """A device as a plan names it: `cuda:0 (NVIDIA H100 80GB HBM3)`, `cpu (2 threads)`."""
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    if device.type == "cpu":
+        return f"cpu ({torch.get_num_threads()} threads)"
+    return str(device)
 
 
 def plan_run(config: Config, data_folder: str | Path, num_processes: int = 1) -> RunPlan:

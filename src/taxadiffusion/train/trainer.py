@@ -33,7 +33,7 @@ from ..taxonomy import Lineage, Taxonomy
 from ..text import TextEmbeddingCache
 from . import checkpoint as ckpt
 from .latents import build_latent_dataset, sample_latents
-from .plan import describe_model, run_records, text_encoder_spec
+from .plan import describe_device, describe_model, run_records, text_encoder_spec
 from .stages import Stage, plan_stages
 
 # What a run writes into its output folder; `--overwrite` removes these and nothing else.
@@ -193,6 +193,7 @@ class Trainer:
             cache.config.width,
             acc.num_processes,
             cache.config.max_length,
+            describe_device(acc.device),
         ).describe()
         if acc.is_main_process:
             config.save(self.paths.config)
