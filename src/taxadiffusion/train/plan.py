@@ -231,8 +231,9 @@ def describe_model(
 
 def describe_device(device: torch.device) -> str:
     """A device as a plan names it: `cuda:0 (NVIDIA H100 80GB HBM3)`, `cpu (2 threads)`."""
-    if device.type == "cuda":
-        return f"{device} ({torch.cuda.get_device_name(device)})"
+    if device.type == "cuda":  # accelerate gives a lone GPU as plain `cuda`
+        index = torch.cuda.current_device() if device.index is None else device.index
+        return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
     if device.type == "cpu":
         return f"cpu ({torch.get_num_threads()} threads)"
     return str(device)
