@@ -144,19 +144,18 @@ def test_in_a_headless_browser(served, tmp_path):
         wait = WebDriverWait(driver, 120)
         driver.get(served)
         search = wait.until(ec.element_to_be_clickable((By.CSS_SELECTOR, "#search textarea, #search input")))
-        search.send_keys("Amphiprion clarkii", Keys.ENTER)
         selected = "#selected-taxon textarea, #selected-taxon input"
 
-        def selected_clarkii(d) -> bool:
+        def search_until_selected(d) -> bool:
             if d.find_element(By.CSS_SELECTOR, selected).get_attribute("value") == CLARKII:
                 return True
-            # Keys typed before the page's event handlers are attached are lost (one clean-clone run timed
-            # out here): type the search again while waiting.
+            # Typed at once, then again every poll: keys typed before the page's event handlers are attached
+            # are lost (one clean-clone run timed out with a single try).
             search.clear()
             search.send_keys("Amphiprion clarkii", Keys.ENTER)
             return False
 
-        WebDriverWait(driver, 120, poll_frequency=5).until(selected_clarkii)
+        WebDriverWait(driver, 120, poll_frequency=5).until(search_until_selected)
         wait.until(lambda d: "Pomacentridae" in d.find_element(By.ID, "lineage").text)
         driver.find_element(By.ID, "generate").click()
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#gallery img")) >= 4)

@@ -136,6 +136,7 @@ def _weights(pipeline_dir):
 def restore_determinism(monkeypatch):
     """`train.deterministic` switches torch's kernels process-wide; the tests after see them as before."""
     before = torch.are_deterministic_algorithms_enabled()
+    # set, then delete: monkeypatch then restores the variable as it was, set or not, after the trainer set it
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", os.environ.get("CUBLAS_WORKSPACE_CONFIG", ""))
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
     yield

@@ -225,6 +225,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise CommandError("--data FORMAT PATH is required (the real images to compare with)")
     if bool(args.model) == bool(args.images):
         raise CommandError("give exactly one of --model DIR (generate and score) or --images DIR (score a folder)")
+    device = _device(args.device) if args.model else None  # checked before any data or weights load
     from .data.readers import read_records
     from .eval.protocol import EvalSettings, Evaluation
 
@@ -254,7 +255,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.model:
         from .pipeline import TaxaDiffusionPipeline, make_scheduler
 
-        device = _device(args.device)
         pipeline = TaxaDiffusionPipeline.from_pretrained(args.model).to(device)
         pipeline.set_progress_bar_config(disable=True)
         if args.scheduler:
