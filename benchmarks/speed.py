@@ -8,7 +8,7 @@ downsampling, UNet with LoRA) is written to a temporary folder and used by every
 small enough for 2 CPU cores but keeps SD 1.5's shares of the work (see `SMALL`); `--sd15` is SD 1.5's
 architecture at 512 px.
 
-1. A training step of ours (`Trainer._loss` on cached text features and frozen-rank tables; with and without
+1. A training step of ours (`Trainer.loss` on cached text features and frozen-rank tables; with and without
    the VAE-latent cache) against the published step, re-created faithfully: the text encoder runs for every
    rank of every sample at every step, the VAE encodes every batch, every rank encoder up to the stage runs,
    then the UNet forward and backward. Measured at the first stage (one rank) and the last (all ranks).
@@ -40,10 +40,12 @@ from pathlib import Path
 import torch
 
 from taxadiffusion.eval.report import write_keeping_section
+from taxadiffusion.sampling import SamplingSettings
+
+PUBLISHED = SamplingSettings()  # PNDM, 25 steps, taxonomic guidance at s = 9.0
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
-sys.path.insert(0, str(REPO / "tests"))  # the tiny CLIP tokenizer writer
 
 
 @dataclass(frozen=True)
@@ -138,7 +140,7 @@ def write_model(root: Path, spec: ModelSpec) -> dict[str, int]:
     """The SD-format folder (unet, vae, text_encoder, tokenizer, scheduler); returns parameter counts."""
     from diffusers import PNDMScheduler
 
-    from tiny_models import write_clip_tokenizer
+    from taxadiffusion.testing import write_clip_tokenizer
 
     torch.manual_seed(0)
     tokenizer = write_clip_tokenizer(root / "tokenizer", max_length=TOKENS)
@@ -292,7 +294,7 @@ def train_step_job(
 
     def ours(batch_data) -> torch.Tensor:
         on_device = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch_data.items()}
-        return trainer._loss(model, on_device, stage, tables)
+        return trainer.loss(model, on_device, stage, tables)
 
     step_loss = published if kind == "published" else ours
     seconds = []
@@ -325,7 +327,9 @@ def sampling_job(root: str, kind: str, batch: int, steps: int, reps: int, device
         lineage = trainer.taxonomy.lineage(trainer.taxonomy.leaves()[0])
 
         def run(generator):
-            return pipe([lineage] * batch, num_inference_steps=steps, guidance_scale=9.0, generator=generator)
+            return pipe(
+                [lineage] * batch, num_inference_steps=steps, guidance_scale=PUBLISHED.scale, generator=generator
+            )
 
     else:
         base = trainer.config.model.base
@@ -339,7 +343,7 @@ def sampling_job(root: str, kind: str, batch: int, steps: int, reps: int, device
             return pipe(
                 [prompt] * batch,
                 num_inference_steps=steps,
-                guidance_scale=9.0,
+                guidance_scale=PUBLISHED.scale,
                 generator=generator,
                 height=spec_of(Path(root)).resolution,
                 width=spec_of(Path(root)).resolution,
@@ -405,7 +409,7 @@ def main(argv=None) -> int:
         "--rounds", type=int, default=3, help="fresh processes per configuration, interleaved (drifts between runs)"
     )
     parser.add_argument("--sample-batch", type=int, default=4)
-    parser.add_argument("--sample-steps", type=int, default=25)
+    parser.add_argument("--sample-steps", type=int, default=PUBLISHED.steps)
     parser.add_argument("--precision", choices=("no", "bf16"), default="no", help="bf16 autocast (GPU timings)")
     parser.add_argument("--sd15", action="store_true", help="an SD 1.5-sized model at 512 px (for a GPU)")
     parser.add_argument("--out", type=Path, default=RESULTS)

@@ -72,7 +72,8 @@ def test_synth_writes_and_refuses_user_folder(tmp_path, capsys):
 def test_device_is_checked_before_anything_loads(monkeypatch):
     import torch
 
-    from taxadiffusion.cli import CommandError, _device
+    from taxadiffusion.devices import choose_device as _device
+    from taxadiffusion.errors import InputError as CommandError
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     with pytest.raises(CommandError, match=r"sees no CUDA GPU here .* use --device cpu"):

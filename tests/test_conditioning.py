@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from taxadiffusion.conditioning import DROPPED, TaxonomyEncoder, cut_to_coarsest, drop_ranks
+from taxadiffusion.conditioning import TaxonomyEncoder, cut_to_coarsest, drop_ranks
+from taxadiffusion.taxonomy import NONE_ID as DROPPED
 
 
 def test_drop_at_most_one_rank_with_p_each():
@@ -83,3 +84,24 @@ def test_cut_to_coarsest_replays_rank_zero_at_its_rate():
     assert torch.equal(cut_to_coarsest(depth, 0.0), depth)
     with pytest.raises(ValueError, match="coarse dropout"):
         cut_to_coarsest(depth, 1.0)
+
+
+def test_frozen_rank_tables_equal_the_full_encoder():
+    """The training shortcut: the tabulated frozen ranks plus the live ones give what running every rank
+    encoder gives, for every depth, dropped ("None") ids included."""
+    from taxadiffusion.conditioning import FrozenRankTables
+    from taxadiffusion.text import none_rows
+
+    torch.manual_seed(0)
+    encoder = TaxonomyEncoder(num_ranks=4, text_width=16, cross_attention_dim=32, num_heads=4)
+    encoder.freeze_below(2)
+    encoder.eval()  # the live encoders without dropout, so the two paths are comparable
+    tables = [torch.randn(n + 1, 3, 16) for n in (2, 3, 4, 5)]  # the last row: "<rank>: None"
+    ids = torch.tensor([[0, 1, 2, 3], [1, DROPPED, 0, 4], [DROPPED, 2, DROPPED, 0], [0, 0, 3, DROPPED]] * 2)
+    features = torch.stack([tables[r][none_rows(ids[:, r], len(tables[r]))] for r in range(4)], dim=1)
+    depth = torch.tensor([1, 2, 3, 4, 4, 3, 2, 1])
+    frozen = FrozenRankTables(encoder, tables[:2], levels=2)
+    full = encoder(features, depth)
+    fast = encoder(features, depth, frozen_sum=frozen.sum(ids, depth), start=2)
+    torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(encoder(features, torch.full_like(depth, 4)), full)  # depth matters

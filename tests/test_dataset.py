@@ -3,9 +3,10 @@ import pytest
 import torch
 from PIL import Image
 
-from taxadiffusion.data.dataset import UNLABELLED, ImageDataset, PathTable
+from taxadiffusion.data.dataset import ImageDataset, PathTable
 from taxadiffusion.data.readers import read_folder
 from taxadiffusion.data.records import RecordSet
+from taxadiffusion.taxonomy import NONE_ID as UNLABELLED
 from taxadiffusion.taxonomy import STANDARD_RANKS
 
 
@@ -71,3 +72,28 @@ def test_rows_of_one_taxon_share_one_lineage(tmp_path):
     expected = [list(taxonomy.ids(r.lineage)) + [UNLABELLED] * (3 - r.lineage.depth) for r in out.records]
     assert dataset.taxon_ids.tolist() == expected
     assert list(dataset.paths) == [str(r.image) for r in out.records]
+
+
+def test_split_records_holds_out_part_of_every_taxon():
+    from collections import Counter
+
+    from taxadiffusion.data.records import split_records
+    from taxadiffusion.taxonomy import Rank
+
+    ranks = (Rank.GENUS, Rank.SPECIFIC_EPITHET)
+    sizes = {"a": 1, "b": 2, "c": 10, "d": 41}
+    records = RecordSet(ranks)
+    for epithet, n in sizes.items():
+        for i in range(n):
+            records.add(f"/{epithet}/{i}.png", {Rank.GENUS: "G", Rank.SPECIFIC_EPITHET: epithet})
+    kept, held = split_records(records.records, 0.2, seed=0)
+    assert {r.image for r in kept}.isdisjoint(r.image for r in held)
+    assert sorted(map(str, (r.image for r in kept + held))) == sorted(str(r.image) for r in records)
+    per_taxon = Counter(r.lineage.names[-1] for r in held)
+    assert per_taxon == {"b": 1, "c": 2, "d": 8}  # a lone image stays in training; at least one held out
+    assert all(Counter(r.lineage.names[-1] for r in kept)[t] >= 1 for t in sizes)
+    again, _ = split_records(list(reversed(records.records)), 0.2, seed=0)
+    assert [r.image for r in again] == [r.image for r in kept]  # a function of the records, not their order
+    assert split_records(records.records, 0.2, seed=1)[1] != held
+    with pytest.raises(ValueError, match=r"held-out fraction must be in \(0, 1\)"):
+        split_records(records.records, 1.0, seed=0)

@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -292,6 +293,34 @@ def test_evaluate_writes_a_report_equal_to_metrics_json(evaluated, capsys):
     assert main(args) == 0
     assert {p: p.stat().st_mtime_ns for p in (out / "images").rglob("*.png")} == stamps
     assert json.loads((out / "metrics.json").read_text())["ranks"] == metrics["ranks"]
+    capsys.readouterr()
+
+
+def test_evaluate_never_reuses_images_of_other_settings(evaluated, tmp_path, capsys):
+    """Images in --out were made with taxonomic guidance: an evaluation with other settings refuses them, and
+    with --regenerate replaces them; metrics.json then records the settings that made the images."""
+    import hashlib
+
+    from taxadiffusion.cli import main
+
+    _, _, out, args = evaluated
+    copy = tmp_path / "eval"
+    shutil.copytree(out, copy)
+
+    def hashes() -> dict:
+        return {p.relative_to(copy): hashlib.sha256(p.read_bytes()).digest() for p in (copy / "images").rglob("*.png")}
+
+    before = hashes()
+    other = [a if a != str(out) else str(copy) for a in args] + ["--guidance", "none"]
+    assert main(other) == 2
+    err = capsys.readouterr().err
+    assert str(copy / "images") in err and "other guidance" in err and "--regenerate" in err
+    assert hashes() == before
+    assert main([*other, "--regenerate"]) == 0
+    after = hashes()
+    assert after.keys() == before.keys() and all(after[k] != before[k] for k in before)
+    assert json.loads((copy / "metrics.json").read_text())["settings"]["guidance"] == "none"
+    assert json.loads((copy / "images" / "generation.json").read_text())["guidance"] == "none"
     capsys.readouterr()
 
 

@@ -18,6 +18,18 @@ from tiny_models import tiny_pixel_unet_config
 TINY = tiny_pixel_unet_config()
 
 
+def _trains(model, stage_index: int, finetune: str = "lora") -> list:
+    """What a progressive stage trains, through the trainer's own path: the stage list, then
+    `configure_trainable`."""
+    from taxadiffusion.config import TrainConfig
+    from taxadiffusion.taxonomy import Rank
+    from taxadiffusion.train.stages import plan_stages
+
+    ranks = (Rank.FAMILY, Rank.GENUS, Rank.SPECIFIC_EPITHET)
+    stage = plan_stages(TrainConfig(steps=1), ModelConfig(finetune=finetune), ranks)[stage_index]
+    return model.configure_trainable(stage.unet, stage.encoder_levels)
+
+
 def _model(finetune="lora", ranks=3):
     config = ModelConfig(resolution=16, tiny=TINY, finetune=finetune, encoder_heads=4)
     denoiser = build_denoiser(config)
@@ -43,11 +55,11 @@ def test_trainable_parameters_per_stage():
     lora = _expected_lora(model.unet)
     assert lora > 0 and count_parameters(lora_parameters(model.unet)) == lora
 
-    stage0 = model.trainable_parameters(0)
+    stage0 = _trains(model, 0)
     assert isinstance(stage0, list)
     assert count_parameters(stage0) == lora + per_encoder[0] + proj
     for stage in (1, 2):
-        params = model.trainable_parameters(stage)
+        params = _trains(model, stage)
         assert count_parameters(params) == per_encoder[stage]
         assert {id(p) for p in params} == {id(p) for p in encoder.encoders[stage].parameters()}
         assert all(not p.requires_grad for p in lora_parameters(model.unet))
@@ -66,7 +78,7 @@ def test_full_finetune_trains_the_unet():
 
 def test_forward_and_gradients_reach_only_trainable():
     model, denoiser = _model()
-    params = model.trainable_parameters(1)
+    params = _trains(model, 1)
     # Make LoRA non-zero so that a leak of gradient into it would show.
     for p in lora_parameters(model.unet):
         p.data.normal_()

@@ -7,9 +7,10 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from taxadiffusion.conditioning import DROPPED, TaxonomyEncoder
+from taxadiffusion.conditioning import TaxonomyEncoder
 from taxadiffusion.model import add_lora, lora_parameters
 from taxadiffusion.pipeline import TaxaDiffusionPipeline, make_scheduler
+from taxadiffusion.taxonomy import NONE_ID as DROPPED
 from taxadiffusion.taxonomy import UnknownTaxonError
 from taxadiffusion.text import TextEmbeddingCache, TextEncoderSpec
 from tiny_models import tiny_pixel_unet_config, tiny_unet

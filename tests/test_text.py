@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from taxadiffusion.conditioning import DROPPED
+from taxadiffusion.taxonomy import NONE_ID as DROPPED
 from taxadiffusion.text import (
     TextEmbeddingCache,
     TextEncoderSpec,

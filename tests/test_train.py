@@ -1,6 +1,5 @@
 """Training end to end on tiny components: stages, resume, refusals, clipping, two processes."""
 
-import csv
 import gc
 import json
 import os
@@ -16,39 +15,17 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from taxadiffusion.config import Config, ConfigError
-from taxadiffusion.data.synthetic import SyntheticConfig, SyntheticTaxonomy
 from taxadiffusion.model import ModelConfig
 from taxadiffusion.taxonomy import FISHNET_RANKS
 from taxadiffusion.train.stages import plan_stages
 from taxadiffusion.train.trainer import RunConflict, Trainer, clip_gradients, train
-
-TINY_MODEL = {
-    "base": "tiny",
-    "resolution": 16,
-    "finetune": "full",
-    "encoder_heads": 4,
-    "tiny": {
-        "block_out_channels": [32, 64],
-        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
-        "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
-        "cross_attention_dim": 32,
-    },
-}
+from tiny_models import TINY_MODEL, write_two_rank_dataset
 
 
 @pytest.fixture(scope="module")
 def two_rank_data(tmp_path_factory):
     """A folder dataset with two ranks (genus, species): 4 species of synthetic fish, 16 px."""
-    root = tmp_path_factory.mktemp("two-rank")
-    branching = ((1, 1),) * 5 + ((2, 2), (2, 2))
-    synth = SyntheticTaxonomy(SyntheticConfig(branching=branching, max_images=8, min_images=6, resolution=16))
-    synth.write_folder(root, progress=False)
-    rows = list(csv.DictReader((root / "taxonomy.csv").open()))
-    with (root / "taxonomy.csv").open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["folder", "genus", "specific_epithet"])
-        writer.writerows([r["folder"], r["genus"], r["specific_epithet"]] for r in rows)
-    return root
+    return write_two_rank_dataset(tmp_path_factory.mktemp("two-rank"))
 
 
 def _config(data_root, text_encoder, **train):
@@ -186,8 +163,11 @@ def test_refuses_other_config_and_user_folders(two_rank_data, tiny_sd, tmp_path)
     (tmp_path / "mine" / "thesis.tex").write_text("precious")
     with pytest.raises(RunConflict, match="not a taxadiffusion run"):
         Trainer(config, tmp_path / "mine", progress=False)
-    Trainer(other, tmp_path / "mine", overwrite=True, progress=False)
-    assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"  # only the run's own files go
+    with pytest.raises(RunConflict, match="not a taxadiffusion run") as refused:
+        Trainer(other, tmp_path / "mine", overwrite=True, progress=False)  # not a run: no flag deletes it
+    assert "--overwrite" not in str(refused.value)
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["thesis.tex"]
+    assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
 
 
 def test_checkpoint_of_other_taxonomy_is_refused(two_rank_data, tiny_sd, tmp_path):
@@ -221,7 +201,8 @@ def test_trainer_drops_the_records_once_built(two_rank_data, tiny_sd, tmp_path, 
 
 def test_gradient_clipping_really_clips(two_rank_data, tiny_sd, tmp_path):
     trainer = Trainer(_config(two_rank_data, tiny_sd, steps=[1, 1]), tmp_path / "run", progress=False)
-    params = trainer.model.trainable_parameters(0, unet="full")
+    stage = trainer.stages[0]
+    params = trainer.model.configure_trainable(stage.unet, stage.encoder_levels)  # the trainer's own path
     for p in params:
         p.grad = torch.full_like(p, 1e6)
     before = clip_gradients(trainer.accelerator, params, 1.0)
@@ -237,7 +218,7 @@ def test_nan_loss_stops_with_a_message(two_rank_data, tiny_sd, tmp_path):
     trainer = Trainer(
         _config(two_rank_data, tiny_sd, steps=[2, 1], learning_rate=1e38), tmp_path / "run", progress=False
     )
-    trainer._loss = lambda *args: torch.tensor(float("nan"), requires_grad=True)
+    trainer.loss = lambda *args: torch.tensor(float("nan"), requires_grad=True)
     with pytest.raises(TrainingDiverged, match=r"loss became nan at stage 0-genus, step 1; last good checkpoint"):
         trainer.run()
 
@@ -352,7 +333,12 @@ def test_ablation_strategies_run(two_rank_data, tiny_sd, tmp_path, strategy):
         assert all(" " in t.name for t in pipe.taxonomy.taxa("specific_epithet"))
     else:
         assert len(pipe.taxonomy.ranks) == 2
-    assert "random depth per batch" in trainer.describe() or strategy == "flat"
+    plan = trainer.describe()
+    if strategy == "random":
+        assert "random depth per batch" in plan
+    else:  # flat conditions on its one rank, the scientific name
+        assert f"stage 0 [flat]: 2 steps at lr {config.train.learning_rate:g}, depth 1;" in plan
+        assert "random depth" not in plan
 
 
 def test_encoder_learning_rate_is_its_own_group(two_rank_data, tiny_sd, tmp_path):
@@ -375,3 +361,67 @@ def test_encoder_learning_rate_is_its_own_group(two_rank_data, tiny_sd, tmp_path
     assert seen[0][0] == (unet_params, 1e-3) and seen[0][1][1] == 1e-5  # stage 0: UNet + encoder 0
     encoder_1 = len(list(trainer.model.taxonomy_encoder.encoders[1].parameters()))
     assert seen[1] == [(encoder_1, 1e-5)]  # stage 1 (published): encoder 1 only
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
+def test_min_snr_loss_weights_each_sample(kind):
+    """Min-SNR-gamma (Hang et al. 2023): per-sample MSE weighted by min(SNR, gamma) / SNR for epsilon,
+    / (SNR + 1) for v-prediction, and min(SNR, gamma) for the sample itself."""
+    from diffusers import DDPMScheduler
+
+    from taxadiffusion.train.trainer import min_snr_loss
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type=kind)
+    generator = torch.Generator().manual_seed(0)
+    prediction, target = torch.randn(4, 3, 8, 8, generator=generator), torch.randn(4, 3, 8, 8, generator=generator)
+    timesteps = torch.tensor([0, 10, 500, 999])
+    alpha = scheduler.alphas_cumprod[timesteps]
+    snr = alpha / (1 - alpha)
+    weight = torch.clamp(snr, max=5.0) / {"epsilon": snr, "v_prediction": snr + 1, "sample": torch.ones_like(snr)}[kind]
+    per_sample = ((prediction - target) ** 2).mean(dim=(1, 2, 3))
+    expected = (per_sample * weight).mean()
+    torch.testing.assert_close(min_snr_loss(prediction, target, timesteps, scheduler, 5.0), expected)
+    assert weight[0] != weight[-1]  # the weighting does something at these timesteps
+
+
+def test_checkpoints_keep_the_last_k(tmp_path):
+    from taxadiffusion.train import checkpoint as ckpt
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    root = tmp_path / "checkpoints"
+    for step in range(1, 6):
+        state = ckpt.TrainingState(stage=step // 3, step=step, global_step=step)
+        weights = {"w": torch.full((2,), float(step))}
+        ckpt.write_checkpoint(root, state, weights, optimizer, scheduler, 0, True, lambda: None, keep=2)
+    kept = ckpt.list_checkpoints(root)
+    assert [p.name for p in kept] == ["step-00000004", "step-00000005"]
+    assert sorted(p.name for p in root.iterdir()) == [p.name for p in kept]  # nothing else left behind
+    latest = ckpt.read_checkpoint(kept[-1], 0)
+    assert latest.state.global_step == 5 and torch.equal(latest.weights["w"], torch.full((2,), 5.0))
+
+
+def test_ema_resumes_bit_for_bit_and_is_what_the_pipeline_holds(two_rank_data, tiny_sd, tmp_path):
+    config = _config(two_rank_data, tiny_sd, steps=[3, 3], checkpoint_every=2, ema_decay=0.9)
+    whole = _weights(train(config, tmp_path / "whole", progress=False))
+
+    def kill(state, batch):
+        if state.global_step == 6:  # stage 1, step 3: resumes from its checkpoint at step 2, EMA included
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config, tmp_path / "killed", on_step=kill, progress=False)
+    saved = torch.load(ckpt_dir(tmp_path / "killed")[-1] / "optim.pt", weights_only=False)
+    assert saved["ema"]["shadow_params"] and saved["ema"]["optimization_step"] == 2
+    resumed = _weights(train(config, tmp_path / "killed", progress=False))
+    assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
+    plain = _weights(
+        train(_config(two_rank_data, tiny_sd, steps=[3, 3], checkpoint_every=2), tmp_path / "p", progress=False)
+    )
+    assert any(not torch.equal(whole[k], plain[k]) for k in whole)  # the pipeline holds the averaged weights
+
+
+def ckpt_dir(run):
+    from taxadiffusion.train.checkpoint import list_checkpoints
+
+    return list_checkpoints(run / "checkpoints")

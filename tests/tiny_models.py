@@ -11,36 +11,9 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel
 
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """CLIP's byte -> printable-unicode table (GPT-2 byte-level BPE)."""
-    keep = (
-        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    chars = keep[:]
-    extra = 0
-    for b in range(256):
-        if b not in keep:
-            keep.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return dict(zip(keep, (chr(c) for c in chars), strict=True))
-
-
-def write_clip_tokenizer(directory: Path, max_length: int = 16) -> CLIPTokenizer:
-    directory.mkdir(parents=True, exist_ok=True)
-    symbols = list(_bytes_to_unicode().values())
-    merges = [("a", "n"), ("i", "s"), ("e", "s</w>"), ("u", "s</w>")]
-    vocab_list = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
-    vocab_list += ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {token: i for i, token in enumerate(vocab_list)}
-    (directory / "vocab.json").write_text(json.dumps(vocab))
-    (directory / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    tokenizer = CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"), model_max_length=max_length)
-    tokenizer.save_pretrained(directory)
-    return tokenizer
+from taxadiffusion.testing import write_clip_tokenizer
 
 
 def tiny_clip_text_model(vocab_size: int, width: int = 32, max_length: int = 16, seed: int = 0) -> CLIPTextModel:
@@ -160,3 +133,35 @@ def write_tiny_pipeline(directory: Path, sd_folder: Path, taxonomy, resolution: 
         text_embeddings=cache,
     ).save_pretrained(directory)
     return directory
+
+
+# A 2-block pixel-space model config for training tests (16 px).
+TINY_MODEL = {
+    "base": "tiny",
+    "resolution": 16,
+    "finetune": "full",
+    "encoder_heads": 4,
+    "tiny": {
+        "block_out_channels": [32, 64],
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+        "cross_attention_dim": 32,
+    },
+}
+
+
+def write_two_rank_dataset(root: Path) -> Path:
+    """A folder dataset with two ranks (genus, species): 4 species of synthetic fish, 6-8 images each, 16 px."""
+    import csv
+
+    from taxadiffusion.data.synthetic import SyntheticConfig, SyntheticTaxonomy
+
+    branching = ((1, 1),) * 5 + ((2, 2), (2, 2))
+    synth = SyntheticTaxonomy(SyntheticConfig(branching=branching, max_images=8, min_images=6, resolution=16))
+    synth.write_folder(root, progress=False)
+    rows = list(csv.DictReader((root / "taxonomy.csv").open()))
+    with (root / "taxonomy.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["folder", "genus", "specific_epithet"])
+        writer.writerows([r["folder"], r["genus"], r["specific_epithet"]] for r in rows)
+    return root

@@ -12,9 +12,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from .errors import InputError, TaxaDiffusionError
 from .guidance import Guidance
-from .pipeline import SCHEDULERS, TaxaDiffusionPipeline, make_scheduler
-from .taxonomy import AmbiguousTaxonError, Lineage, Rank, Taxon, Taxonomy, UnknownTaxonError
+from .pipeline import TaxaDiffusionPipeline, make_scheduler
+from .sampling import SamplingSettings, Scheduler
+from .taxonomy import Lineage, Rank, Taxon, Taxonomy
 
 MAX_IMAGES = 16
 SEPARATOR = " › "
@@ -43,7 +45,7 @@ class Explorer:
                 self.by_label[label] = taxon
                 names = {taxon.name.lower(), self.taxonomy.lineage(taxon).scientific_name.lower()}
                 self._search_keys[label] = (names, level)
-        self.default_scheduler = type(pipeline.scheduler).__name__
+        self._scheduler = pipeline.sampling.scheduler  # the scheduler the pipeline holds now
 
     @property
     def ranks(self) -> list[str]:
@@ -67,14 +69,14 @@ class Explorer:
 
     def taxon(self, label: str) -> Taxon:
         if not label:
-            raise ValueError("choose a taxon first: search for a name or pick one rank by rank")
+            raise InputError("choose a taxon first: search for a name or pick one rank by rank")
         try:
             return self.by_label[label]
         except KeyError:
             name = label.split(" (")[0]
             suggestions = self.taxonomy.suggest(name)
             hint = f"; did you mean {', '.join(suggestions)}?" if suggestions else ""
-            raise ValueError(f"{name!r} is not a taxon of this model{hint}") from None
+            raise InputError(f"{name!r} is not a taxon of this model{hint}") from None
 
     def children(self, label: str | None) -> list[str]:
         """The labels one rank below a taxon (the first rank's taxa for None)."""
@@ -103,26 +105,36 @@ class Explorer:
 
     def _lineage(self, label: str, condition_rank: str | None) -> Lineage:
         lineage = self.taxonomy.lineage(self.taxon(label))
-        if condition_rank:
-            depth = self.taxonomy.level(Rank.parse(condition_rank)) + 1
-            if depth > lineage.depth:
-                raise ValueError(f"{lineage.scientific_name} is a {lineage.finest_rank}: it has no {condition_rank}")
-            lineage = lineage.truncate(depth)
-        return lineage
+        return lineage.down_to(condition_rank) if condition_rank else lineage
+
+    def settings(self, **given) -> SamplingSettings:
+        """The pipeline's saved sampling settings with the app's choices applied (a choice of None keeps the
+        saved value); `window_start` / `window_end` are the window's two ends."""
+        saved = self.pipeline.sampling
+        start, end = given.pop("window_start", None), given.pop("window_end", None)
+        if start is not None or end is not None:
+            given["window"] = (
+                float(saved.window[0] if start is None else start),
+                float(saved.window[1] if end is None else end),
+            )
+        given = {k: v for k, v in given.items() if v not in (None, "")}
+        for name, kind in (("steps", int), ("scale", float)):
+            if name in given:
+                given[name] = kind(given[name])
+        return saved.replace(**given)
 
     def _sample(self, lineages: list[Lineage], seeds: list[int], settings: dict) -> list[Image.Image]:
         pipe = self.pipeline
-        scheduler = settings.get("scheduler") or ""
-        if scheduler and scheduler != getattr(pipe, "_app_scheduler", None):
-            pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
-            pipe._app_scheduler = scheduler
-        window = (float(settings.get("window_start", 0.0)), float(settings.get("window_end", 1.0)))
-        return pipe(  # the pipeline's check_inputs rejects a window outside 0 <= start <= end <= 1
+        chosen = self.settings(**settings)
+        if chosen.scheduler != self._scheduler:
+            pipe.scheduler = make_scheduler(chosen.scheduler, pipe.scheduler.config)
+            self._scheduler = chosen.scheduler
+        return pipe(
             lineages,
-            num_inference_steps=int(settings.get("steps", 25)),
-            guidance=Guidance.parse(settings.get("guidance", "taxonomic")),
-            guidance_scale=float(settings.get("scale", 9.0)),
-            guidance_window=window,
+            num_inference_steps=chosen.steps,
+            guidance=chosen.guidance,
+            guidance_scale=chosen.scale,
+            guidance_window=chosen.window,
             generator=[torch.Generator().manual_seed(int(seed)) for seed in seeds],
         ).images
 
@@ -130,7 +142,7 @@ class Explorer:
         """`n` images of a taxon; image i uses seed + i, so a gallery is reproducible image by image."""
         n = int(n)
         if not 1 <= n <= MAX_IMAGES:
-            raise ValueError(f"number of images must be between 1 and {MAX_IMAGES}, got {n}")
+            raise InputError(f"number of images must be between 1 and {MAX_IMAGES}, got {n}")
         lineage = self._lineage(label, condition_rank)
         return self._sample([lineage] * n, [int(seed) + i for i in range(n)], settings)
 
@@ -152,7 +164,7 @@ def build_app(explorer: Explorer):
     ranks = explorer.ranks
 
     def user_error(error: Exception):
-        return gr.Error(str(error).strip("'\""))
+        return gr.Error(str(error))
 
     def settings_of(guidance, scale, window_start, window_end, scheduler, steps):
         return dict(
@@ -188,15 +200,16 @@ def build_app(explorer: Explorer):
                 selected = gr.Textbox(label="Selected taxon", interactive=False, elem_id="selected-taxon")
                 lineage = gr.Markdown(elem_id="lineage")
                 condition_rank = gr.Dropdown(label="Condition down to rank", choices=ranks, value=None)
+                saved = explorer.pipeline.sampling  # the settings the model was trained and evaluated with
                 with gr.Row():
-                    guidance = gr.Radio(["taxonomic", "vanilla", "none"], value="taxonomic", label="Guidance")
-                    scale = gr.Slider(0.0, 15.0, value=9.0, step=0.5, label="Scale s = 1 + w")
+                    guidance = gr.Radio([g.value for g in Guidance], value=saved.guidance, label="Guidance")
+                    scale = gr.Slider(0.0, 15.0, value=saved.scale, step=0.5, label="Scale s = 1 + w")
                 with gr.Row():
-                    window_start = gr.Slider(0.0, 1.0, value=0.0, step=0.05, label="Guidance from")
-                    window_end = gr.Slider(0.0, 1.0, value=1.0, step=0.05, label="Guidance until")
+                    window_start = gr.Slider(0.0, 1.0, value=saved.window[0], step=0.05, label="Guidance from")
+                    window_end = gr.Slider(0.0, 1.0, value=saved.window[1], step=0.05, label="Guidance until")
                 with gr.Row():
-                    scheduler = gr.Dropdown(list(SCHEDULERS), value=None, label="Scheduler (empty: the saved one)")
-                    steps = gr.Slider(1, 100, value=25, step=1, label="Steps")
+                    scheduler = gr.Dropdown([s.value for s in Scheduler], value=saved.scheduler, label="Scheduler")
+                    steps = gr.Slider(1, 100, value=saved.steps, step=1, label="Steps")
                 with gr.Row():
                     seed = gr.Number(value=0, precision=0, label="Seed")
                     count = gr.Slider(1, MAX_IMAGES, value=4, step=1, label="Images")
@@ -221,7 +234,7 @@ def build_app(explorer: Explorer):
                 return ""
             try:
                 return explorer.lineage_markdown(label)
-            except ValueError as error:
+            except TaxaDiffusionError as error:
                 raise user_error(error) from None
 
         def condition_choices(label):
@@ -259,7 +272,7 @@ def build_app(explorer: Explorer):
                 progress(0, desc="sampling")
                 images = explorer.generate(label, rank or None, n, int(seed_value or 0), **options)
                 row = explorer.rank_strip(label, int(seed_value or 0), **options)
-            except (ValueError, UnknownTaxonError, AmbiguousTaxonError) as error:
+            except TaxaDiffusionError as error:
                 raise user_error(error) from None
             return images, row
 
@@ -293,12 +306,24 @@ def offline_theme():
     )
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Refuse a port another program listens on (Gradio would raise deep in its server start)."""
+    import socket
+
+    if not 0 < port < 65536:
+        raise InputError(f"--port must be between 1 and 65535, got {port}")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: TIME_WAIT is no clash
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise InputError(f"--port {port} on {host} is not free ({error.strerror}); choose another --port") from None
+
+
 def launch(model: str | Path, port: int | None = None, host: str = "127.0.0.1", device: str | None = None, **kwargs):
     """Load a saved pipeline and serve the app (blocking unless `prevent_thread_lock=True`)."""
-    if not (Path(model) / "model_index.json").is_file():
-        raise FileNotFoundError(
-            f"{model} is not a saved pipeline (no model_index.json); pass a training run's pipeline/"
-        )
+    if port is not None:
+        check_port_free(host, port)  # before the model loads
     pipe = TaxaDiffusionPipeline.from_pretrained(model)
     if device:
         pipe = pipe.to(device)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from enum import StrEnum
 
+from .errors import InputError
+
 
 class Choice(StrEnum):
     """Members are a setting's valid values; `parse` turns a string (or a member) into one."""
@@ -15,4 +17,4 @@ class Choice(StrEnum):
             return cls(value)
         except ValueError:
             label = re.sub(r"(?<!^)(?=[A-Z])", " ", cls.__name__).lower()  # CropPolicy -> "crop policy"
-            raise ValueError(f"unknown {label} {value!r}; choose {', '.join(c.value for c in cls)}") from None
+            raise InputError(f"unknown {label} {value!r}; choose {', '.join(c.value for c in cls)}") from None

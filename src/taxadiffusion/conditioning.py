@@ -12,7 +12,9 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-DROPPED = -1  # a taxon id that reads as `"<rank>: None"` (same row as an unlabelled rank)
+from .errors import InputError
+from .taxonomy import NONE_ID
+from .text import none_rows
 
 
 def drop_ranks(
@@ -25,14 +27,14 @@ def drop_ranks(
     """
     batch, ranks = taxon_ids.shape
     if not 0.0 <= p * ranks <= 1.0:
-        raise ValueError(f"dropout p={p} over {ranks} ranks: need 0 <= p * ranks <= 1 (at most one rank dropped)")
+        raise InputError(f"dropout p={p} over {ranks} ranks: need 0 <= p * ranks <= 1 (at most one rank dropped)")
     if p == 0.0:
         return taxon_ids
     u = torch.rand(batch, generator=generator, device=generator.device if generator else "cpu")
     which = torch.floor(u / p).long().to(taxon_ids.device)  # rank r with probability p each; >= ranks: none
     levels = torch.arange(ranks, device=taxon_ids.device)
     hit = levels[None, :] >= which[:, None] if cascade else levels[None, :] == which[:, None]
-    return taxon_ids.masked_fill(hit, DROPPED)
+    return taxon_ids.masked_fill(hit, NONE_ID)
 
 
 def cut_to_coarsest(depth: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -45,7 +47,7 @@ def cut_to_coarsest(depth: torch.Tensor, p: float, generator: torch.Generator | 
     unconditional branch of vanilla CFG trained. p = 0 (the default) is the published schedule.
     """
     if not 0.0 <= p < 1.0:
-        raise ValueError(f"coarse dropout p={p}: need 0 <= p < 1")
+        raise InputError(f"coarse dropout p={p}: need 0 <= p < 1")
     if p == 0.0:
         return depth
     u = torch.rand(depth.shape, generator=generator, device=generator.device if generator else "cpu")
@@ -72,7 +74,7 @@ class TaxonomyEncoder(ModelMixin, ConfigMixin):
     ):
         super().__init__()
         if text_width % num_heads:
-            raise ValueError(f"text width {text_width} is not divisible by {num_heads} heads")
+            raise InputError(f"text width {text_width} is not divisible by {num_heads} heads")
         self.encoders = nn.ModuleList(
             nn.TransformerEncoder(
                 nn.TransformerEncoderLayer(
@@ -81,11 +83,15 @@ class TaxonomyEncoder(ModelMixin, ConfigMixin):
                 num_layers,
                 enable_nested_tensor=False,
             )
+            if num_layers
+            else nn.Identity()  # the text features themselves: a prior's own text path
             for _ in range(num_ranks)
         )
         out = cross_attention_dim or text_width
         self.proj = nn.Linear(text_width, out) if out != text_width else nn.Identity()
         self._frozen_below = 0
+        if not num_layers:  # no parameters: a scalar gives the module a device and dtype, and diffusers a file
+            self.register_buffer("anchor", torch.zeros(()))
 
     @property
     def num_ranks(self) -> int:
@@ -159,8 +165,7 @@ class FrozenRankTables:
         """(B, R) ids (negative: the "None" row) and (B,) depths -> sum over ranks < min(depth, levels)."""
         total = None
         for level, table in enumerate(self.tables):
-            ids = taxon_ids[:, level].to(table.device)
-            ids = torch.where(ids < 0, torch.full_like(ids, table.shape[0] - 1), ids)
+            ids = none_rows(taxon_ids[:, level].to(table.device), table.shape[0])
             term = table[ids] * (depth.to(table.device) > level).to(table.dtype)[:, None, None]
             total = term if total is None else total + term
         return total

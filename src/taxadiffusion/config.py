@@ -7,6 +7,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,16 +15,39 @@ from pathlib import Path
 import yaml
 
 from .data.images import CropPolicy
-from .data.readers import RESOLVABLE
+from .data.readers import READERS, RESOLVABLE
 from .data.synthetic import SyntheticConfig
+from .errors import ConfigError, InputError, MissingInput, UnreadableFile
 from .model import ModelConfig
+from .sampling import SamplingSettings
+from .taxonomy import STANDARD_RANKS, Rank
 
-FORMATS = ("synthetic", "inat21", "fishnet", "bioscan", "folder", "csv")
-STRATEGIES = ("progressive", "all", "random", "flat", "full")
+FORMATS = ("synthetic", *READERS)  # the embedded default, then every reader
+STRATEGIES = ("progressive", "all", "random", "flat", "full", "prior")  # prior: `taxadiffusion pretrain`
 
 
-class ConfigError(ValueError):
-    """A bad configuration value, with the key that holds it."""
+def check_range(
+    key: str,
+    value: float | None,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    open_low=False,
+    open_high=False,
+    optional=False,
+) -> None:
+    """Refuse a value outside [low, high] (ends open where asked), NaN or infinite, naming the key."""
+    if value is None and optional:
+        return
+    if value is None or not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number, got {value!r}")
+    too_low = low is not None and (value <= low if open_low else value < low)
+    too_high = high is not None and (value >= high if open_high else value > high)
+    if too_low or too_high:
+        left = "(" if open_low else "["
+        right = ")" if open_high else "]"
+        bounds = f"in {left}{low if low is not None else '-inf'}, {high if high is not None else 'inf'}{right}"
+        raise ConfigError(f"{key} must be {bounds}, got {value!r}")
 
 
 @dataclass
@@ -35,6 +59,9 @@ class DataConfig:
     resolve_taxonomy: bool = False  # folder/csv: complete missing ranks from species names (iNaturalist)
     crop: str = "random_crop"  # random_crop | squash | pad (DESIGN.md: iNat crop, BIOSCAN pad)
     num_workers: int = 0
+    # Every training image is decoded once before step 1; unusable ones stop the run with their names listed,
+    # or, with this on, are left out and counted (the plan lists them).
+    skip_bad_images: bool = False
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
     def __post_init__(self) -> None:
@@ -43,6 +70,7 @@ class DataConfig:
         if self.format != "synthetic" and not self.path:
             raise ConfigError(f"data.path is required for data.format={self.format}")
         CropPolicy.parse(self.crop)
+        check_range("data.num_workers", self.num_workers, 0)
         if self.resolve_taxonomy and self.format not in RESOLVABLE:
             raise ConfigError(
                 f"data.resolve_taxonomy works with the {' and '.join(RESOLVABLE)} formats, not {self.format}"
@@ -58,6 +86,48 @@ class TextConfig:
     def __post_init__(self) -> None:
         if "{name}" not in self.template:
             raise ConfigError(f"text.template must contain {{name}}, got {self.template!r}")
+        check_range("text.max_length", self.max_length, 1, 4096, optional=True)
+
+
+@dataclass
+class CaptionConfig:
+    """A prior's captions (`taxadiffusion pretrain`): a template over ranks no finer than `rank`, so that the prior
+    learns the domain and its coarse groups but no family, genus or species name, as Stable Diffusion knows "a
+    songbird" but not a rare warbler. Placeholders are rank names, e.g. "a photo of {class}, {order}"."""
+
+    rank: str = "order"
+    template: str = "a photo of {class}, {order}"
+
+    def __post_init__(self) -> None:
+        import string
+
+        try:
+            finest = Rank.parse(self.rank)
+            fields = [f for _, f, _, _ in string.Formatter().parse(self.template) if f is not None]
+        except (InputError, ValueError) as error:
+            raise ConfigError(f"caption: {error}") from None
+        if not fields:
+            raise ConfigError(f"caption.template must name at least one rank, e.g. {{order}}; got {self.template!r}")
+        for name in fields:
+            try:
+                rank = Rank.parse(name)
+            except InputError:
+                raise ConfigError(f"caption.template: {{{name}}} is not a rank") from None
+            if STANDARD_RANKS.index(rank) > STANDARD_RANKS.index(finest):
+                raise ConfigError(f"caption.template names {rank}, finer than caption.rank ({finest})")
+
+    @property
+    def ranks(self) -> list[Rank]:
+        import string
+
+        return [Rank.parse(f) for _, f, _, _ in string.Formatter().parse(self.template) if f is not None]
+
+    def caption(self, lineage) -> str | None:
+        """The caption of a lineage, or None where it is not labelled down to every rank the template names."""
+        names = {rank.value: lineage.name(rank) if rank in lineage.ranks else None for rank in self.ranks}
+        if any(not name for name in names.values()):
+            return None
+        return self.template.format(**names)
 
 
 @dataclass
@@ -79,6 +149,10 @@ class TrainConfig:
     condition_dropout: float = 1 / 21  # per rank, at most one rank per sample (published FishNet/BIOSCAN)
     cascade_dropout: bool = False
     coarse_dropout: float = 0.0  # per sample, condition on rank 0 alone (keeps taxonomic CFG's c_0 trained)
+    # Exponential moving average of the weights a stage trains (diffusers' EMAModel), e.g. 0.999; None: off
+    # (published). At each stage's end the averaged weights replace the trained ones, so the saved pipeline and
+    # every later stage use them.
+    ema_decay: float | None = None
     gradient_checkpointing: bool = False
     # Deterministic kernels (process-wide): on a GPU, a resumed run then equals an uninterrupted one bit for bit,
     # as it always does on the CPU. Slower on GPUs.
@@ -104,8 +178,17 @@ class TrainConfig:
         for name in ("batch_size", "gradient_accumulation", "checkpoint_every", "keep_checkpoints", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        if self.learning_rate <= 0:
-            raise ConfigError(f"train.learning_rate must be > 0, got {self.learning_rate}")
+        check_range("train.learning_rate", self.learning_rate, 0, open_low=True)
+        for i, rate in enumerate(self.stage_learning_rates or []):
+            check_range(f"train.stage_learning_rates[{i}]", rate, 0, open_low=True)
+        check_range("train.encoder_learning_rate", self.encoder_learning_rate, 0, open_low=True, optional=True)
+        check_range("train.adam_beta1", self.adam_beta1, 0, 1, open_high=True)
+        check_range("train.adam_beta2", self.adam_beta2, 0, 1, open_high=True)
+        check_range("train.weight_decay", self.weight_decay, 0)
+        check_range("train.max_grad_norm", self.max_grad_norm, 0, open_low=True)
+        check_range("train.snr_gamma", self.snr_gamma, 0, open_low=True, optional=True)
+        check_range("train.seed", self.seed, 0)
+        check_range("train.ema_decay", self.ema_decay, 0, 1, open_low=True, open_high=True, optional=True)
         if not 0.0 <= self.condition_dropout < 1.0:
             raise ConfigError(f"train.condition_dropout must be in [0, 1), got {self.condition_dropout}")
         if not 0.0 <= self.coarse_dropout < 1.0:
@@ -113,23 +196,18 @@ class TrainConfig:
 
 
 @dataclass
-class SampleConfig:
-    """Sampling for the per-stage grids, the final pipeline's scheduler and evaluation."""
+class SampleConfig(SamplingSettings):
+    """Sampling for the per-stage grids, and the settings the final pipeline is saved with."""
 
-    scheduler: str = "pndm"  # pndm (published), ddim, dpm
-    steps: int = 25
-    guidance: str = "taxonomic"
-    scale: float = 9.0  # s = 1 + w (published 9.0)
-    window: tuple[float, float] = (0.0, 1.0)
+    key_prefix = "sample."
+
     grid_taxa: int = 4  # species shown in each stage's grid
     grid_images: int = 4  # images per row
 
     def __post_init__(self) -> None:
-        self.window = tuple(self.window)
-        if self.scheduler not in ("pndm", "ddim", "dpm"):
-            raise ConfigError(f"sample.scheduler must be pndm, ddim or dpm, got {self.scheduler!r}")
-        if self.guidance not in ("taxonomic", "vanilla", "none"):
-            raise ConfigError(f"sample.guidance must be taxonomic, vanilla or none, got {self.guidance!r}")
+        super().__post_init__()
+        for name in ("grid_taxa", "grid_images"):
+            check_range(f"sample.{name}", getattr(self, name), 1)
 
 
 # Keys that change nothing a checkpoint holds; they may differ when a run resumes.
@@ -145,12 +223,19 @@ class Config:
     text: TextConfig = field(default_factory=TextConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    caption: CaptionConfig = field(default_factory=CaptionConfig)  # a prior's captions (strategy prior)
+    corpus: list[DataConfig] = field(default_factory=list)  # a prior's datasets besides `data` (strategy prior)
 
     def __post_init__(self) -> None:
+        has_vae = self.model.codec == "vae"
         if self.train.cache_latents is None:
-            self.train.cache_latents = self.model.is_latent
-        elif self.train.cache_latents and not self.model.is_latent:
+            self.train.cache_latents = has_vae
+        elif self.train.cache_latents and not has_vae:
             raise ConfigError("train.cache_latents needs a latent model (a Stable Diffusion base in model.base)")
+        if self.train.strategy == "prior" and "{rank}" in self.text.template:
+            raise ConfigError('a prior reads its captions whole: set text.template: "{name}"')
+        if self.corpus and self.train.strategy != "prior":
+            raise ConfigError("corpus lists a prior's datasets: it needs train.strategy: prior (pretrain)")
 
     # -- construction -------------------------------------------------------------------------------
 
@@ -163,9 +248,20 @@ class Config:
         """A YAML preset with `key.sub=value` overrides applied (values parsed as YAML)."""
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"config not found: {path}")
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        return cls.from_dict(apply_overrides(data, overrides))
+            raise MissingInput(f"config not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError:
+            raise UnreadableFile(path, "not UTF-8 text", "a config is a YAML file") from None
+        except yaml.YAMLError as error:
+            where = getattr(error, "problem_mark", None)
+            line = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+            problem = getattr(error, "problem", None) or "not valid YAML"
+            raise UnreadableFile(path, f"not valid YAML{line} ({problem})", "fix the file's syntax") from None
+        try:
+            return cls.from_dict(apply_overrides(data, overrides))
+        except ConfigError as error:
+            raise ConfigError(f"{path}: {error}") from None
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -205,7 +301,10 @@ def apply_overrides(data: dict, overrides) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML") from None
     return data
 
 
@@ -232,8 +331,13 @@ def _build(cls, data: dict, prefix: str):
             hint = f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys: {', '.join(names)}"
             raise ConfigError(f"unknown config key {prefix}{key}{hint}")
         hint = hints[key]
+        item = typing.get_args(hint)[0] if typing.get_origin(hint) is list else None
         if dataclasses.is_dataclass(hint):
             value = _build(hint, value, f"{prefix}{key}.")
+        elif item is not None and dataclasses.is_dataclass(item):
+            if not isinstance(value, list):
+                raise ConfigError(f"{prefix}{key} must be a list, got {value!r}")
+            value = [_build(item, entry, f"{prefix}{key}[{i}].") for i, entry in enumerate(value)]
         else:
             value = _check_scalar(f"{prefix}{key}", hint, value)
         kwargs[key] = value

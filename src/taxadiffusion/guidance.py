@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from .choices import Choice
+from .errors import InputError
 
 
 class Guidance(Choice):
@@ -45,6 +46,6 @@ def in_window(step: int, num_steps: int, window: tuple[float, float] = (0.0, 1.0
     """
     start, end = window
     if not 0.0 <= start <= end <= 1.0:
-        raise ValueError(f"guidance window must satisfy 0 <= r0 <= r1 <= 1, got {window}")
+        raise InputError(f"guidance window must satisfy 0 <= r0 <= r1 <= 1, got {window}")
     position = step / num_steps
     return start <= position and (position < end or end == 1.0)

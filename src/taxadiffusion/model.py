@@ -6,6 +6,8 @@ the published code trained with `linear` betas while sampling with `scaled_linea
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from .conditioning import TaxonomyEncoder
+from .errors import InputError, MissingInput
 
 TINY = "tiny"
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -41,22 +44,30 @@ class TinyUNetConfig:
     beta_schedule: str = "squaredcos_cap_v2"
     num_train_timesteps: int = 1000
     prediction_type: str = "epsilon"  # epsilon (as SD 1.5), v_prediction or sample
+    # Read text features of the text encoder's own width through a projection inside the UNet (diffusers'
+    # `encoder_hid_dim`), as SD's UNet reads CLIP's: a prior built so is steered by text-width features.
+    text_projection: bool = False
 
     def __post_init__(self) -> None:
         self.block_out_channels = tuple(self.block_out_channels)
         self.down_block_types = tuple(self.down_block_types)
         self.up_block_types = tuple(self.up_block_types)
         if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
-            raise ValueError(
+            raise InputError(
                 f"tiny UNet: prediction_type must be epsilon, v_prediction or sample, got {self.prediction_type!r}"
             )
-        if self.patch_size < 1:
-            raise ValueError(f"tiny UNet: patch_size must be >= 1, got {self.patch_size}")
+        for name in ("patch_size", "layers_per_block", "attention_head_dim", "cross_attention_dim", "norm_num_groups"):
+            if getattr(self, name) < 1:
+                raise InputError(f"tiny UNet: {name} must be >= 1, got {getattr(self, name)}")
+        if self.num_train_timesteps < 2:
+            raise InputError(f"tiny UNet: num_train_timesteps must be >= 2, got {self.num_train_timesteps}")
+        if not self.block_out_channels:
+            raise InputError("tiny UNet: block_out_channels needs at least one level")
         n = len(self.block_out_channels)
         if len(self.down_block_types) != n or len(self.up_block_types) != n:
-            raise ValueError("tiny UNet: block_out_channels, down_block_types and up_block_types need equal lengths")
+            raise InputError("tiny UNet: block_out_channels, down_block_types and up_block_types need equal lengths")
         if any(c % self.norm_num_groups for c in self.block_out_channels):
-            raise ValueError(
+            raise InputError(
                 f"tiny UNet: every block width must be divisible by norm_num_groups={self.norm_num_groups}"
             )
 
@@ -81,15 +92,46 @@ class ModelConfig:
             self.tiny = TinyUNetConfig(**self.tiny)
         self.lora_targets = tuple(self.lora_targets)
         if self.finetune not in ("lora", "full"):
-            raise ValueError(f"finetune must be 'lora' or 'full', got {self.finetune!r}")
+            raise InputError(f"finetune must be 'lora' or 'full', got {self.finetune!r}")
         if self.lora_rank < 1:
-            raise ValueError(f"lora_rank must be >= 1, got {self.lora_rank}")
-        if self.resolution % 8:
-            raise ValueError(f"resolution must be a multiple of 8, got {self.resolution}")
+            raise InputError(f"lora_rank must be >= 1, got {self.lora_rank}")
+        if self.resolution < 8 or self.resolution % 8:
+            raise InputError(f"resolution must be a positive multiple of 8, got {self.resolution}")
+        if not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
+            raise InputError(f"lora_alpha must be a finite number > 0, got {self.lora_alpha}")
+        if self.encoder_layers < 1 or self.encoder_heads < 1:
+            raise InputError(
+                f"encoder_layers and encoder_heads must be >= 1, got {self.encoder_layers}, {self.encoder_heads}"
+            )
+        if not 0.0 <= self.encoder_dropout < 1.0:
+            raise InputError(f"encoder_dropout must be in [0, 1), got {self.encoder_dropout}")
+        if not self.is_latent:
+            factor = self.tiny.patch_size * 2 ** (len(self.tiny.block_out_channels) - 1)
+            if self.resolution % factor:
+                raise InputError(
+                    f"resolution {self.resolution} must be a multiple of {factor} for this tiny UNet "
+                    f"(patch_size x 2^(levels - 1))"
+                )
 
     @property
     def is_latent(self) -> bool:
+        """A base model from a folder or hub id (Stable Diffusion, or a prior made by `pretrain`)."""
         return self.base != TINY
+
+    @property
+    def base_path(self) -> str:
+        """`base` as a local folder or hub id (a packaged prior, `packaged:NAME`, is unpacked once)."""
+        from .prior import resolve_base
+
+        return resolve_base(self.base)
+
+    @property
+    def codec(self) -> str:
+        """What turns pixels into the UNet's input: "vae" (an AutoencoderKL), "patches" (the lossless
+        space-to-depth codec) or "pixels". A base folder says which in `vae/config.json`."""
+        if not self.is_latent:
+            return "patches" if self.tiny.patch_size > 1 else "pixels"
+        return base_codec(self.base_path)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -116,6 +158,19 @@ class SpaceToDepth(ModelMixin, ConfigMixin):
         return (F.pixel_shuffle(latents, self.config.factor),)
 
 
+def base_codec(base: str) -> str:
+    """The codec of a base folder or hub id: "vae" unless its `vae/config.json` names another (a prior)."""
+    config_file = Path(base) / "vae" / "config.json"
+    if not config_file.is_file():
+        # a prior in pixel space has no codec; else a hub id, or a folder checked elsewhere
+        return "pixels" if (Path(base) / "prior.json").is_file() else "vae"
+    try:
+        name = json.loads(config_file.read_text(encoding="utf-8")).get("_class_name")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return "vae"  # the loader names the damaged file
+    return "patches" if name == SpaceToDepth.__name__ else "vae"
+
+
 def spatial_factor(vae: nn.Module | None) -> int:
     """How many pixels one latent cell spans."""
     if vae is None:
@@ -129,8 +184,12 @@ def config_spatial_factor(config: ModelConfig) -> int:
     """`spatial_factor` of the model a config builds, from config files alone (no weights read)."""
     if not config.is_latent:
         return config.tiny.patch_size
-    _check_base(config.base)
-    vae_config = AutoencoderKL.load_config(config.base, subfolder="vae")
+    _check_base(config.base_path)
+    if config.codec == "pixels":
+        return 1
+    vae_config = AutoencoderKL.load_config(config.base_path, subfolder="vae")
+    if config.codec == "patches":
+        return vae_config["factor"]
     return 2 ** (len(vae_config["block_out_channels"]) - 1)
 
 
@@ -154,9 +213,14 @@ class Denoiser:
     vae: AutoencoderKL | SpaceToDepth | None
 
 
-def build_tiny_unet(config: TinyUNetConfig, resolution: int) -> UNet2DConditionModel:
+def build_tiny_unet(config: TinyUNetConfig, resolution: int, text_width: int | None = None) -> UNet2DConditionModel:
+    """`text_width`: the text encoder's width, read through the UNet's own projection when
+    `config.text_projection` is on."""
     channels = 3 * config.patch_size**2
+    if config.text_projection and not text_width:
+        raise InputError("model.tiny.text_projection needs the text encoder's width")
     return UNet2DConditionModel(
+        encoder_hid_dim=text_width if config.text_projection else None,
         sample_size=resolution // config.patch_size,
         in_channels=channels,
         out_channels=channels,
@@ -171,8 +235,11 @@ def build_tiny_unet(config: TinyUNetConfig, resolution: int) -> UNet2DConditionM
     )
 
 
-def build_denoiser(config: ModelConfig, torch_dtype: torch.dtype | None = None) -> Denoiser:
-    """The UNet (random tiny, or the base model's), its training noise scheduler, and the VAE if latent."""
+def build_denoiser(
+    config: ModelConfig, torch_dtype: torch.dtype | None = None, text_width: int | None = None
+) -> Denoiser:
+    """The UNet (random tiny, or the base model's), its training noise scheduler, and the codec (the VAE, the
+    patch codec of a prior, or none)."""
     if not config.is_latent:
         scheduler = DDPMScheduler(
             num_train_timesteps=config.tiny.num_train_timesteps,
@@ -181,16 +248,19 @@ def build_denoiser(config: ModelConfig, torch_dtype: torch.dtype | None = None) 
             clip_sample=False,
         )
         codec = SpaceToDepth(config.tiny.patch_size) if config.tiny.patch_size > 1 else None
-        return Denoiser(build_tiny_unet(config.tiny, config.resolution), scheduler, codec)
-    _check_base(config.base)
-    unet = UNet2DConditionModel.from_pretrained(config.base, subfolder="unet", torch_dtype=torch_dtype)
-    vae = AutoencoderKL.from_pretrained(config.base, subfolder="vae", torch_dtype=torch_dtype)
-    scheduler = DDPMScheduler.from_pretrained(config.base, subfolder="scheduler")
+        return Denoiser(build_tiny_unet(config.tiny, config.resolution, text_width), scheduler, codec)
+    _check_base(config.base_path)
+    unet = UNet2DConditionModel.from_pretrained(config.base_path, subfolder="unet", torch_dtype=torch_dtype)
+    scheduler = DDPMScheduler.from_pretrained(config.base_path, subfolder="scheduler")
+    if config.codec == "pixels":
+        return Denoiser(unet, scheduler, None)
+    codec = SpaceToDepth if config.codec == "patches" else AutoencoderKL
+    vae = codec.from_pretrained(config.base_path, subfolder="vae", torch_dtype=torch_dtype)
     vae.requires_grad_(False).eval()
     return Denoiser(unet, scheduler, vae)
 
 
-def build_unet_skeleton(config: ModelConfig) -> UNet2DConditionModel:
+def build_unet_skeleton(config: ModelConfig, text_width: int | None = None) -> UNet2DConditionModel:
     """The UNet with its parameters on the meta device: shapes and counts, no weights read or allocated.
 
     For a Stable Diffusion base only `unet/config.json` is read (a local folder, or one small file from the Hub).
@@ -199,12 +269,12 @@ def build_unet_skeleton(config: ModelConfig) -> UNet2DConditionModel:
 
     if not config.is_latent:
         with init_empty_weights():
-            return build_tiny_unet(config.tiny, config.resolution)
-    _check_base(config.base)
+            return build_tiny_unet(config.tiny, config.resolution, text_width)
+    _check_base(config.base_path)
     try:
-        unet_config = UNet2DConditionModel.load_config(config.base, subfolder="unet")
+        unet_config = UNet2DConditionModel.load_config(config.base_path, subfolder="unet")
     except OSError as error:
-        raise FileNotFoundError(
+        raise MissingInput(
             f"cannot read the UNet config of {config.base!r} ({error}); give a local Stable Diffusion folder "
             "with --set model.base=PATH, or log in / go online for a hub id"
         ) from None
@@ -215,7 +285,7 @@ def build_unet_skeleton(config: ModelConfig) -> UNet2DConditionModel:
 def _check_base(base: str) -> None:
     path = Path(base)
     if path.exists() and not (path / "unet").is_dir():
-        raise FileNotFoundError(
+        raise MissingInput(
             f"{base} is not a Stable Diffusion folder (no unet/ subfolder); give a diffusers-format folder or a hub id"
         )
 
@@ -272,7 +342,7 @@ class TaxaDiffusionModel(nn.Module):
         self.unet.requires_grad_(unet == "full")
         if unet == "lora":
             if not has_lora(self.unet):
-                raise ValueError("the UNet has no LoRA adapter; build it with finetune='lora'")
+                raise InputError("the UNet has no LoRA adapter; build it with finetune='lora'")
             for p in lora_parameters(self.unet):
                 p.requires_grad_(True)
         encoder = self.taxonomy_encoder
@@ -282,23 +352,35 @@ class TaxaDiffusionModel(nn.Module):
         encoder.proj.requires_grad_(0 in levels)
         return [p for p in self.parameters() if p.requires_grad]
 
-    def trainable_parameters(self, stage: int, unet: str = "lora") -> list[nn.Parameter]:
-        """The published progressive schedule: stage 0 trains the UNet (LoRA) and encoder 0; stage k >= 1
-        trains encoder k only, everything else frozen."""
-        if not 0 <= stage < self.taxonomy_encoder.num_ranks:
-            raise ValueError(f"stage {stage} out of range 0..{self.taxonomy_encoder.num_ranks - 1}")
-        return self.configure_trainable(unet if stage == 0 else None, [stage])
+
+def conditioning_width(unet: UNet2DConditionModel) -> int:
+    """The width of the features the UNet takes as `encoder_hidden_states`: the text width when it projects
+    them itself (SD reading CLIP, a prior), else its cross-attention width."""
+    return unet.config.encoder_hid_dim or unet.config.cross_attention_dim
 
 
-def build_taxonomy_encoder(config: ModelConfig, num_ranks: int, text_width: int, cross_attention_dim: int):
+def build_taxonomy_encoder(
+    config: ModelConfig, num_ranks: int, text_width: int, cross_attention_dim: int, num_layers: int | None = None
+):
+    """The rank encoders; `num_layers` 0 passes the text features through unchanged (a prior's text path)."""
     return TaxonomyEncoder(
         num_ranks=num_ranks,
         text_width=text_width,
         cross_attention_dim=cross_attention_dim,
-        num_layers=config.encoder_layers,
+        num_layers=config.encoder_layers if num_layers is None else num_layers,
         num_heads=config.encoder_heads,
         dropout=config.encoder_dropout,
     )
+
+
+def assemble_model(config: ModelConfig, unet: UNet2DConditionModel, num_ranks: int, text_width: int, prior: bool):
+    """The UNet (with the LoRA when `finetune: lora`) and the rank encoders as one module. A prior being
+    pretrained (`prior`) trains its whole UNet on the text features themselves: no LoRA, no rank encoder layers,
+    as SD's UNet reads CLIP's."""
+    if config.finetune == "lora" and not prior:
+        add_lora(unet, config.lora_rank, config.lora_alpha, config.lora_targets)
+    encoder = build_taxonomy_encoder(config, num_ranks, text_width, conditioning_width(unet), 0 if prior else None)
+    return TaxaDiffusionModel(unet, encoder)
 
 
 def count_parameters(parameters: list[nn.Parameter]) -> int:

@@ -30,22 +30,22 @@ from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .conditioning import DROPPED, TaxonomyEncoder
-from .guidance import Guidance, cfg, in_window, taxonomic_cfg
+from .conditioning import TaxonomyEncoder
+from .errors import InputError
+from .guidance import Guidance, cfg, in_window
 from .model import SpaceToDepth, has_lora, spatial_factor
-from .taxonomy import Lineage, Rank, Taxonomy
+from .sampling import SamplingSettings, Scheduler
+from .saved_files import check_saved_folder
+from .taxonomy import NONE_ID, Lineage, Rank, Taxonomy
 from .text import TextEmbeddingCache
 
-SCHEDULERS = {"pndm": PNDMScheduler, "ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler}
+SCHEDULERS = {Scheduler.PNDM: PNDMScheduler, Scheduler.DDIM: DDIMScheduler, Scheduler.DPM: DPMSolverMultistepScheduler}
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
 def make_scheduler(name: str, config) -> PNDMScheduler | DDIMScheduler | DPMSolverMultistepScheduler:
     """A sampling scheduler from a scheduler config: PNDM (published, SD default), DDIM, or DPM-Solver++."""
-    try:
-        cls = SCHEDULERS[name]
-    except KeyError:
-        raise ValueError(f"unknown scheduler {name!r}; choose {', '.join(SCHEDULERS)}") from None
+    cls = SCHEDULERS[Scheduler.parse(name)]
     if cls is DPMSolverMultistepScheduler:
         return cls.from_config(config, algorithm_type="dpmsolver++")
     if cls is PNDMScheduler:
@@ -91,10 +91,21 @@ class TaxaDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         )
         self.vae_scale_factor = spatial_factor(vae)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+        # The defaults of `__call__`: the run's own settings once trained, saved as `sampling.json`.
+        self.sampling = SamplingSettings()
 
     @property
     def taxonomy(self) -> Taxonomy:
         return self.text_embeddings.taxonomy
+
+    def configure_sampling(self, **changes) -> SamplingSettings:
+        """Change the default sampling settings (a change of None keeps the value); a scheduler of another
+        name replaces the pipeline's scheduler, built from its config."""
+        settings = self.sampling.replace(**changes)
+        if settings.scheduler != self.sampling.scheduler:
+            self.scheduler = make_scheduler(settings.scheduler, self.scheduler.config)
+        self.sampling = settings
+        return settings
 
     # 1. inputs -------------------------------------------------------------------------------------
 
@@ -107,13 +118,13 @@ class TaxaDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
 
     def check_inputs(self, num_inference_steps: int, guidance_scale: float, window, height: int, width: int):
         if num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+            raise InputError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         if guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
+            raise InputError(f"guidance_scale must be >= 0, got {guidance_scale}")
         in_window(0, 1, window)  # validates the window
         factor = self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
         if height % factor or width % factor:
-            raise ValueError(f"height and width must be multiples of {factor}, got {height}x{width}")
+            raise InputError(f"height and width must be multiples of {factor}, got {height}x{width}")
 
     # 2. conditioning ---------------------------------------------------------------------------------
 
@@ -123,7 +134,7 @@ class TaxaDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         """(condition c_k, negative) each (B * n, L, C); the negative is c_0 (taxonomic), all-None (vanilla)."""
         device = self._execution_device
         ranks = len(self.taxonomy.ranks)
-        ids = torch.full((len(lineages), ranks), DROPPED, dtype=torch.long)
+        ids = torch.full((len(lineages), ranks), NONE_ID, dtype=torch.long)
         for row, lineage in enumerate(lineages):
             known = self.taxonomy.ids(lineage)
             ids[row, : len(known)] = torch.tensor(known)
@@ -135,7 +146,7 @@ class TaxaDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         if guidance is Guidance.TAXONOMIC:
             negative = self.taxonomy_encoder(features, torch.ones_like(depth))
         elif guidance is Guidance.VANILLA:
-            empty = self.text_embeddings.lookup(torch.full_like(ids, DROPPED))
+            empty = self.text_embeddings.lookup(torch.full_like(ids, NONE_ID))
             negative = self.taxonomy_encoder(empty.to(device=device, dtype=features.dtype), depth)
 
         def expand(x: torch.Tensor | None) -> torch.Tensor | None:
@@ -169,10 +180,10 @@ class TaxaDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         taxa: str | Lineage | Sequence[str | Lineage],
         rank: Rank | str | None = None,
         condition_rank: Rank | str | None = None,
-        num_inference_steps: int = 25,
-        guidance: Guidance | str = Guidance.TAXONOMIC,
-        guidance_scale: float = 9.0,
-        guidance_window: tuple[float, float] = (0.0, 1.0),
+        num_inference_steps: int | None = None,
+        guidance: Guidance | str | None = None,
+        guidance_scale: float | None = None,
+        guidance_window: tuple[float, float] | None = None,
         num_images_per_prompt: int = 1,
         height: int | None = None,
         width: int | None = None,
@@ -186,23 +197,27 @@ class TaxaDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
 
         Args:
             taxa: taxon name(s) at any rank or `Lineage`(s). Each is conditioned down to its finest known
-                rank unless `condition_rank` names a coarser one.
+                rank unless `condition_rank` names a coarser one (each must be labelled down to it).
             rank: the rank to look names up at (to tell homonyms apart).
             guidance: "taxonomic" (negative = level-0 conditioning; the paper's rule), "vanilla"
                 (negative = every rank "None") or "none".
             guidance_scale: s = 1 + w (published 9.0); s <= 1 runs one conditional pass.
             guidance_window: fractions (r0, r1) of the schedule where guidance applies; elsewhere one
                 conditional pass.
+            Sampling settings not given are the pipeline's `sampling` (its run's settings once trained).
         """
-        guidance = Guidance.parse(guidance)
+        defaults = self.sampling
+        num_inference_steps = defaults.steps if num_inference_steps is None else num_inference_steps
+        guidance = Guidance.parse(defaults.guidance if guidance is None else guidance)
+        guidance_scale = defaults.scale if guidance_scale is None else guidance_scale
+        guidance_window = defaults.window if guidance_window is None else guidance_window
         height = height or self.unet.config.sample_size * self.vae_scale_factor
         width = width or self.unet.config.sample_size * self.vae_scale_factor
         self.check_inputs(num_inference_steps, guidance_scale, guidance_window, height, width)
         items = [taxa] if isinstance(taxa, str | Lineage) else list(taxa)
         lineages = [self.resolve(item, rank) for item in items]
         if condition_rank is not None:
-            level = self.taxonomy.level(condition_rank)
-            lineages = [lin.truncate(min(lin.depth, level + 1)) for lin in lineages]
+            lineages = [lineage.down_to(condition_rank) for lineage in lineages]
         guided = guidance is not Guidance.NONE and guidance_scale > 1.0
 
         # 1. conditioning: c_k and the negative branch
@@ -225,12 +240,9 @@ class TaxaDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                 model_input = self.scheduler.scale_model_input(model_input, t)
                 hidden = both if use_guidance else condition
                 noise = self.unet(model_input, t, encoder_hidden_states=hidden, return_dict=False)[0]
-                if use_guidance:
+                if use_guidance:  # taxonomic and vanilla CFG differ only in the negative branch
                     eps_negative, eps_condition = noise.chunk(2)
-                    if guidance is Guidance.TAXONOMIC:
-                        noise = taxonomic_cfg(eps_condition, eps_negative, guidance_scale - 1.0)
-                    else:
-                        noise = cfg(eps_condition, eps_negative, guidance_scale)
+                    noise = cfg(eps_condition, eps_negative, guidance_scale)
                 latents = self.scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
                 progress.update()
 
@@ -260,6 +272,7 @@ class TaxaDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         directory = Path(save_directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.save_config(directory)
+        self.sampling.save(directory)
         for name in self.components:
             component = getattr(self, name)
             if component is None:
@@ -280,11 +293,29 @@ class TaxaDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs) -> TaxaDiffusionPipeline:
-        """Load a saved pipeline; a LoRA saved with it is loaded through `load_lora_weights`."""
+        """Load a saved pipeline; a LoRA saved with it is loaded through `load_lora_weights`. A local folder is
+        checked first: one that is not a saved pipeline, or holds a damaged file, raises an error naming it."""
+        if is_local(pretrained_model_name_or_path):
+            check_saved_folder(
+                pretrained_model_name_or_path, "a saved pipeline", "model_index.json", "pass a training run's pipeline/"
+            )
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        if is_local(pretrained_model_name_or_path):
+            pipe.sampling = SamplingSettings.load(pretrained_model_name_or_path)
+        if not isinstance(pipe.scheduler, SCHEDULERS[Scheduler.parse(pipe.sampling.scheduler)]):
+            # saved without its settings: the scheduler it holds is the one it samples with
+            held = next((name for name, cls in SCHEDULERS.items() if isinstance(pipe.scheduler, cls)), None)
+            if held is not None:
+                pipe.sampling = pipe.sampling.replace(scheduler=held.value)
         if (Path(pretrained_model_name_or_path) / LORA_WEIGHT_NAME).is_file():
             pipe.load_lora_weights(pretrained_model_name_or_path, weight_name=LORA_WEIGHT_NAME)
         return pipe
+
+
+def is_local(name: str | Path) -> bool:
+    """A path on this machine, as opposed to a Hub id ("owner/name"): it exists, or it is not shaped like an id."""
+    text = str(name)
+    return Path(text).exists() or text.startswith(("/", ".", "~")) or text.count("/") != 1
 
 
 def save_base_unet(unet: UNet2DConditionModel, directory: Path) -> None:

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
+from .errors import InputError, TaxaDiffusionError
+
 
 class Rank(StrEnum):
     """The seven standard ranks, coarse to fine."""
@@ -40,7 +42,7 @@ class Rank(StrEnum):
             return cls(key)
         except ValueError:
             valid = ", ".join(r.value for r in cls)
-            raise ValueError(f"unknown rank {name!r}; valid ranks: {valid} (or 'species')") from None
+            raise InputError(f"unknown rank {name!r}; valid ranks: {valid} (or 'species')") from None
 
 
 STANDARD_RANKS: tuple[Rank, ...] = tuple(Rank)
@@ -54,10 +56,10 @@ def parse_ranks(ranks: Iterable[str | Rank]) -> tuple[Rank, ...]:
     """Validate an ordered subset of the standard ranks (coarse to fine, no repeats)."""
     parsed = tuple(Rank.parse(r) for r in ranks)
     if not parsed:
-        raise ValueError("a taxonomy needs at least one rank")
+        raise InputError("a taxonomy needs at least one rank")
     order = [STANDARD_RANKS.index(r) for r in parsed]
     if order != sorted(set(order)):
-        raise ValueError(
+        raise InputError(
             f"ranks must be distinct and ordered coarse to fine ({', '.join(STANDARD_RANKS)}), got {', '.join(parsed)}"
         )
     return parsed
@@ -72,7 +74,12 @@ def condition_text(rank: Rank | str, name: str | None) -> str:
     return f"{Rank.parse(rank).value}: {name if name else 'None'}"
 
 
-class LineageError(ValueError):
+# The taxon id of the `"<rank>: None"` text: a rank dropped by condition dropout, or one finer than a record's
+# label. Every per-rank table keeps that text in its last row (`none_rows` maps the id there).
+NONE_ID = -1
+
+
+class LineageError(InputError):
     """A lineage that cannot be used; `reason` is a short, countable key."""
 
     def __init__(self, reason: str, message: str):
@@ -133,8 +140,20 @@ class Lineage:
     def truncate(self, depth: int) -> Lineage:
         """The ancestor lineage with the first `depth` ranks."""
         if not 0 <= depth <= self.depth:
-            raise ValueError(f"cannot truncate a lineage of depth {self.depth} to {depth}")
+            raise InputError(f"cannot truncate a lineage of depth {self.depth} to {depth}")
         return Lineage(self.ranks, self.names[:depth])
+
+    def down_to(self, rank: Rank | str) -> Lineage:
+        """The lineage to condition on down to `rank` (the pipeline's, the CLI's and the app's `condition_rank`):
+        cut at that rank. A lineage that stops above `rank` has no name there, and raises (a genus cannot be
+        conditioned down to the species rank)."""
+        rank = Rank.parse(rank)
+        if rank not in self.ranks:
+            raise InputError(f"rank {rank} is not one of this taxonomy's ranks ({', '.join(self.ranks)})")
+        depth = self.ranks.index(rank) + 1
+        if depth > self.depth:
+            raise InputError(f"{self.scientific_name} is a {self.finest_rank}: it has no {rank}")
+        return self.truncate(depth)
 
     def texts(self) -> list[str]:
         """One conditioning text per dataset rank; unknown ranks read `"<rank>: None"`."""
@@ -171,7 +190,7 @@ class Taxon:
         return f"{self.rank}: {' > '.join(self.path)}"
 
 
-class UnknownTaxonError(KeyError):
+class UnknownTaxonError(TaxaDiffusionError, KeyError):
     """A name that matches no taxon; the message lists close matches."""
 
     def __init__(self, name: str, rank: Rank | None, suggestions: list[str]):
@@ -181,20 +200,14 @@ class UnknownTaxonError(KeyError):
         self.name = name
         self.suggestions = suggestions
 
-    def __str__(self) -> str:
-        return str(self.args[0])
 
-
-class AmbiguousTaxonError(KeyError):
+class AmbiguousTaxonError(TaxaDiffusionError, KeyError):
     """A name shared by several taxa (homonyms, or one name at several ranks)."""
 
     def __init__(self, name: str, matches: list[Taxon]):
         listed = "; ".join(str(t) for t in matches)
         super().__init__(f"{name!r} names {len(matches)} taxa ({listed}); give --rank or the full lineage")
         self.matches = matches
-
-    def __str__(self) -> str:
-        return str(self.args[0])
 
 
 class Taxonomy:
@@ -209,10 +222,10 @@ class Taxonomy:
         self.ranks = parse_ranks(ranks)
         for path in counts:
             if not 0 < len(path) <= len(self.ranks):
-                raise ValueError(f"path {path!r} does not fit ranks {self.ranks}")
+                raise InputError(f"path {path!r} does not fit ranks {self.ranks}")
             for depth in range(1, len(path)):
                 if path[:depth] not in counts:
-                    raise ValueError(f"path {path!r} has no ancestor {path[:depth]!r}")
+                    raise InputError(f"path {path!r} has no ancestor {path[:depth]!r}")
         self._levels: list[list[Taxon]] = []
         self._by_path: dict[tuple[str, ...], Taxon] = {}
         for level, rank in enumerate(self.ranks):
@@ -245,12 +258,12 @@ class Taxonomy:
             if seen_ranks is None:
                 seen_ranks = lineage.ranks
             elif lineage.ranks != seen_ranks:
-                raise ValueError(f"lineage ranks {lineage.ranks} differ from taxonomy ranks {seen_ranks}")
+                raise InputError(f"lineage ranks {lineage.ranks} differ from taxonomy ranks {seen_ranks}")
             for depth in range(1, lineage.depth + 1):
                 path = lineage.names[:depth]
                 counts[path] = counts.get(path, 0) + 1
         if seen_ranks is None:
-            raise ValueError("cannot build a taxonomy from no lineages and no ranks")
+            raise InputError("cannot build a taxonomy from no lineages and no ranks")
         return cls(seen_ranks, counts)
 
     # -- queries --------------------------------------------------------------------------------
@@ -268,7 +281,7 @@ class Taxonomy:
     def level(self, rank: Rank | str) -> int:
         rank = Rank.parse(rank)
         if rank not in self.ranks:
-            raise ValueError(f"rank {rank} is not in this taxonomy ({', '.join(self.ranks)})")
+            raise InputError(f"rank {rank} is not in this taxonomy ({', '.join(self.ranks)})")
         return self.ranks.index(rank)
 
     def num_taxa(self, rank: Rank | str) -> int:
@@ -300,7 +313,7 @@ class Taxonomy:
     def ids(self, lineage: Lineage) -> tuple[int, ...]:
         """Per-rank ids of a lineage's labelled ranks."""
         if lineage.ranks != self.ranks:
-            raise ValueError(f"lineage ranks {lineage.ranks} differ from taxonomy ranks {self.ranks}")
+            raise InputError(f"lineage ranks {lineage.ranks} differ from taxonomy ranks {self.ranks}")
         return tuple(self.by_path(lineage.names[: d + 1]).id for d in range(lineage.depth))
 
     def leaves(self) -> list[Taxon]:
@@ -327,14 +340,14 @@ class Taxonomy:
         return matches[0]
 
     def suggest(self, name: str, rank: Rank | str | None = None, n: int = 5) -> list[str]:
-        """Known names closest to `name` (difflib ratio), for error messages."""
-        if rank is not None:
-            level = self.level(rank)
-            pool = {t.name for t in self._levels[level]}
-            if Rank.parse(rank) is Rank.SPECIFIC_EPITHET and level and self.ranks[level - 1] is Rank.GENUS:
+        """Known names closest to `name` (difflib ratio), for error messages; species are also matched by their
+        binomial ("Genus epithet"), so a misspelled binomial finds its species."""
+        levels = [self.level(rank)] if rank is not None else range(len(self.ranks))
+        pool: set[str] = set()
+        for level in levels:
+            pool |= {t.name for t in self._levels[level]}
+            if self.ranks[level] is Rank.SPECIFIC_EPITHET and level and self.ranks[level - 1] is Rank.GENUS:
                 pool |= {f"{t.path[-2]} {t.name}" for t in self._levels[level]}
-        else:
-            pool = {t.name for t in self._by_path.values()}
         by_lower: dict[str, str] = {}
         for candidate in sorted(pool):
             by_lower.setdefault(candidate.lower(), candidate)
@@ -354,9 +367,9 @@ class Taxonomy:
     @classmethod
     def from_dict(cls, data: dict) -> Taxonomy:
         if data.get("format") != "taxadiffusion.taxonomy":
-            raise ValueError("not a taxadiffusion taxonomy file (missing 'format': 'taxadiffusion.taxonomy')")
+            raise InputError("not a taxadiffusion taxonomy file (missing 'format': 'taxadiffusion.taxonomy')")
         if data.get("version") != cls.FORMAT_VERSION:
-            raise ValueError(f"taxonomy format version {data.get('version')} is not supported")
+            raise InputError(f"taxonomy format version {data.get('version')} is not supported")
         return cls(data["ranks"], {tuple(t["path"]): int(t["count"]) for t in data["taxa"]})
 
     def save(self, path: str | Path) -> None:

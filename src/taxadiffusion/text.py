@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,9 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
+from .errors import InputError, UnreadableFile
 from .packaged import package_path
+from .saved_files import check_saved_folder
 from .taxonomy import Rank, Taxonomy
 
 DEFAULT_TEMPLATE = "{rank}: {name}"
@@ -124,12 +127,18 @@ class TransformersTextEncoder:
 def rank_texts(taxonomy: Taxonomy, template: str = DEFAULT_TEMPLATE) -> list[list[str]]:
     """Per rank, the text of every taxon (by id) followed by the `None` text of a dropped rank."""
     if "{name}" not in template:
-        raise ValueError(f"text template {template!r} must contain '{{name}}'")
+        raise InputError(f"text template {template!r} must contain '{{name}}'")
     return [
         [template.format(rank=rank.value, name=t.name) for t in taxonomy.taxa(rank)]
         + [template.format(rank=rank.value, name="None")]
         for rank in taxonomy.ranks
     ]
+
+
+def none_rows(taxon_ids: torch.Tensor, rows: int) -> torch.Tensor:
+    """Row indices into a per-rank table of `rows` rows: `NONE_ID` (any negative id) maps to the last row, the
+    `"<rank>: None"` text."""
+    return torch.where(taxon_ids < 0, torch.full_like(taxon_ids, rows - 1), taxon_ids)
 
 
 class TextEmbeddingCache(ModelMixin, ConfigMixin):
@@ -206,10 +215,17 @@ class TextEmbeddingCache(ModelMixin, ConfigMixin):
         """Reuse `cache_dir/<key>/` when it holds this taxonomy, encoder and template; else encode and save."""
         folder = Path(cache_dir) / f"text-{cls.key(taxonomy, spec.identity(), template)}"
         if (folder / cls.config_name).is_file():
-            return cls.from_pretrained(folder)
+            try:
+                check_saved_folder(folder, "a text-feature cache", cls.config_name, "it is rebuilt")
+                return cls.from_pretrained(folder)
+            except UnreadableFile as error:  # a cache: rebuild it rather than stop
+                print(f"taxadiffusion: rebuilding the damaged text-feature cache ({error})")
         cache = cls.build(taxonomy, spec.load(), template, progress=progress)
         tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a killed build; the cache folder is the run's own
         cache.save_pretrained(tmp)
+        if folder.exists():
+            shutil.rmtree(folder)
         tmp.replace(folder)
         return cache
 
@@ -218,7 +234,6 @@ class TextEmbeddingCache(ModelMixin, ConfigMixin):
         columns = []
         for level in range(taxon_ids.shape[1]):
             table = self.table(level)
-            ids = taxon_ids[:, level].to(table.device)
-            ids = torch.where(ids < 0, torch.full_like(ids, table.shape[0] - 1), ids)
+            ids = none_rows(taxon_ids[:, level].to(table.device), table.shape[0])
             columns.append(table[ids])
         return torch.stack(columns, dim=1)

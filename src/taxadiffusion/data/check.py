@@ -8,9 +8,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import InputError
 from .images import ImageCheck, check_image
+from .records import RecordSet
 
-UNUSABLE = ("missing", "unreadable", "truncated")
+UNUSABLE = ("missing", "unreadable", "truncated", "oversized")
 
 
 @dataclass
@@ -35,6 +37,15 @@ class CheckReport:
     def unusable(self) -> int:
         return sum(self.problems.values())
 
+    def describe(self) -> str:
+        """The report as `data check` prints it."""
+        result = self.to_dict()
+        lines = [f"checked {self.checked} images, {self.unusable} unusable"]
+        lines += [f"  {kind}: {n}" for kind, n in result["problems"].items()]
+        lines += [f"  mode {mode} (usable, converted to RGB): {n}" for mode, n in result["odd_modes"].items()]
+        lines += [f"  first {kind}: " + ", ".join(paths) for kind, paths in self.examples.items()]
+        return "\n".join(lines)
+
     def to_dict(self) -> dict:
         return {
             "checked": self.checked,
@@ -56,3 +67,33 @@ def check_images(paths: Iterable[Path], workers: int = 4, progress: bool = True)
         for result in tqdm(results, total=len(paths), desc="checking images", unit="img", disable=not progress):
             report.add(result)
     return report
+
+
+def screen_records(records: RecordSet, skip_bad: bool, workers: int, progress: bool = True) -> RecordSet:
+    """Decode every training image once before training starts. Unusable images are refused, each named
+    (or, with `skip_bad`, dropped and counted as skipped rows), so no bad file can stop a run mid-epoch."""
+    report, bad = CheckReport(), []
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        from tqdm.auto import tqdm
+
+        results = pool.map(check_image, (r.image for r in records))
+        for result in tqdm(results, total=len(records), desc="checking images", unit="img", disable=not progress):
+            report.add(result)
+            if result.problem:
+                bad.append(result)
+    if not bad:
+        return records
+    if not skip_bad:
+        listed = "; ".join(f"{b.path} ({b.problem})" for b in bad[:10])
+        more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
+        raise InputError(
+            f"{len(bad)} unusable training image(s): {listed}{more}. Fix or remove them, or set "
+            "data.skip_bad_images=true to train without them (`taxadiffusion data check` lists them all)"
+        )
+    unusable = {b.path for b in bad}
+    kept = RecordSet(records.ranks, [r for r in records if r.image not in unusable], records.skipped.copy())
+    kept.source, kept.notes = records.source, list(records.notes)
+    for result in bad:
+        kept.skip(f"unusable image ({result.problem})")
+    kept.notes.append("unusable images skipped: " + ", ".join(str(b.path) for b in bad[:20]))
+    return kept

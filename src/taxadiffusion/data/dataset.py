@@ -13,11 +13,14 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..taxonomy import Lineage, Taxonomy
+from ..errors import UnreadableFile
+from ..taxonomy import NONE_ID, Lineage, Taxonomy
 from .images import CropPolicy, load_image, prepare_image
 from .records import Record
 
-UNLABELLED = -1  # taxon id of a rank finer than the record's label
+
+class UnusableTrainingImage(UnreadableFile, RuntimeError):
+    """A training image that fails to load while training (the pre-flight check screens them first)."""
 
 
 class PathTable(Sequence[str]):
@@ -55,7 +58,7 @@ class PathTable(Sequence[str]):
 class ImageDataset(Dataset):
     """Items are `{"pixel_values": (3, size, size) float in [-1, 1], "taxon_ids": (R,) long, "index": int}`.
 
-    `taxon_ids[r]` is the record's id at rank r, or `UNLABELLED` where it is labelled only to a coarser
+    `taxon_ids[r]` is the record's id at rank r, or `NONE_ID` where it is labelled only to a coarser
     rank. Random crops are drawn from a generator seeded by (seed, epoch, index), so an epoch is
     reproducible whatever the worker layout; call `set_epoch` between epochs. The records are kept as
     arrays (`paths`, `taxon_ids`), which forked workers share instead of copying.
@@ -90,11 +93,12 @@ class ImageDataset(Dataset):
         path = self.paths[index]
         try:
             return load_image(path)
-        except (OSError, ValueError) as error:
-            raise RuntimeError(
-                f"cannot load training image {path}: {error}. "
-                "Run `taxadiffusion data check` on this dataset to list every unusable image."
-            ) from error
+        except UnreadableFile as error:
+            raise UnusableTrainingImage(
+                path,
+                f"{error.args[0].removeprefix(f'{path}: ')} (training image)",
+                "run `taxadiffusion data check` on this dataset to list every unusable image",
+            ) from None
 
     def crop_rng(self, index: int) -> random.Random | None:
         """The generator of an item's random crop in this epoch (None: centre crops)."""
@@ -114,12 +118,12 @@ def pixel_tensor(image: np.ndarray) -> torch.Tensor:
 
 
 def _taxon_id_table(lineages: Sequence[Lineage], taxonomy: Taxonomy) -> torch.Tensor:
-    """(N, R) per-rank taxon ids, `UNLABELLED` below each lineage's depth; looked up once per distinct lineage."""
+    """(N, R) per-rank taxon ids, `NONE_ID` below each lineage's depth; looked up once per distinct lineage."""
     width = len(taxonomy.ranks)
     rows: dict[Lineage, tuple[int, ...]] = {}
     for lineage in lineages:
         if lineage not in rows:
             ids = taxonomy.ids(lineage)
-            rows[lineage] = ids + (UNLABELLED,) * (width - len(ids))
+            rows[lineage] = ids + (NONE_ID,) * (width - len(ids))
     table = np.array([rows[lineage] for lineage in lineages], dtype=np.int64).reshape(len(lineages), width)
     return torch.from_numpy(table)

@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from ..choices import Choice
+from ..errors import UnreadableFile
 
 WHITE = (255, 255, 255)
 # Modes `load_image` converts without loss of meaning; anything else is reported as odd.
@@ -44,11 +45,19 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 
 def load_image(path: str | Path) -> Image.Image:
-    """Open an image as 8-bit RGB with its EXIF orientation applied."""
-    with Image.open(path) as image:
-        image.load()
-        image = ImageOps.exif_transpose(image)
-        return _to_rgb(image)
+    """Open an image as 8-bit RGB with its EXIF orientation applied; a file that cannot be decoded raises
+    `UnreadableFile` naming it."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            return _to_rgb(image)
+    except Image.DecompressionBombError as error:
+        raise UnreadableFile(path, f"image too large to decode safely ({error})") from None
+    except FileNotFoundError:
+        raise UnreadableFile(path, "image file is missing") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise UnreadableFile(path, f"cannot decode the image ({error})") from None
 
 
 def square_window(width: int, height: int, side: int, rng: random.Random | None = None) -> tuple[int, int]:
@@ -96,7 +105,7 @@ class ImageCheck:
     """The health of one image file; `problem` is None for a usable file."""
 
     path: Path
-    problem: str | None = None  # missing | unreadable | truncated
+    problem: str | None = None  # missing | unreadable | truncated | oversized
     mode: str | None = None
     size: tuple[int, int] | None = None
 
@@ -125,6 +134,8 @@ def check_image(path: str | Path) -> ImageCheck:
                     "truncated" if "truncat" in str(error).lower() or "broken" in str(error).lower() else "unreadable"
                 )
                 return ImageCheck(path, problem, mode, size)
+    except Image.DecompressionBombError:  # a header claiming more pixels than Pillow's safety limit
+        return ImageCheck(path, "oversized")
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         return ImageCheck(path, "unreadable")
     finally:

@@ -12,6 +12,7 @@ import json
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path, PurePosixPath
 
+from ..errors import InputError, MissingInput, UnreadableFile
 from ..taxonomy import BIOSCAN_RANKS, FISHNET_RANKS, INAT21_RANKS, STANDARD_RANKS, Rank, parse_ranks
 from .records import RecordSet
 
@@ -53,12 +54,19 @@ def _split_from_name(path: Path) -> str | None:
 def _require_file(path: Path, what: str) -> Path:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path}")
+        raise MissingInput(f"{what} not found: {path}")
     return path
 
 
 def _read_table(path: Path) -> Iterator[dict[str, str]]:
     """Rows of a CSV/TSV (delimiter from the suffix) or of a JSON-lines file."""
+    try:
+        yield from _table_rows(path)
+    except UnicodeDecodeError as error:
+        raise UnreadableFile(path, f"not UTF-8 text (byte {error.start})", "save it as UTF-8") from None
+
+
+def _table_rows(path: Path) -> Iterator[dict[str, str]]:
     if path.suffix.lower() in (".jsonl", ".ndjson"):
         with path.open(encoding="utf-8") as handle:
             for number, line in enumerate(handle, 1):
@@ -66,7 +74,7 @@ def _read_table(path: Path) -> Iterator[dict[str, str]]:
                     try:
                         yield json.loads(line)
                     except json.JSONDecodeError as error:
-                        raise ValueError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+                        raise InputError(f"{path}:{number}: not valid JSON ({error.msg})") from None
         return
     delimiter = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
     with path.open(encoding="utf-8-sig", newline="") as handle:
@@ -118,7 +126,7 @@ class _Completion:
     iNaturalist taxonomy (lineage.py). Every distinct name is resolved once, in one join."""
 
     def __init__(self, rows: list[tuple[dict[Rank, str | None], str | None]]):
-        from ..lineage import LineageResolver, query_name
+        from ..resolver import LineageResolver, query_name
 
         self.names = [
             None if all(values.get(r) for r in STANDARD_RANKS) else query_name(values, scientific)
@@ -129,7 +137,7 @@ class _Completion:
 
     def values(self, index: int, values: dict[Rank, str | None]) -> tuple[dict[Rank, str | None], str | None]:
         """The completed values, and a skip reason when the row stays incomplete."""
-        from ..lineage import complete
+        from ..resolver import complete
 
         name = self.names[index]
         if name is None:
@@ -157,10 +165,15 @@ def read_inat21(path: str | Path, root: str | Path | None = None) -> RecordSet:
     """
     path = _require_file(Path(path), "iNat21 JSON")
     root = Path(root) if root is not None else path.parent
-    data = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise UnreadableFile(path, f"not UTF-8 text (byte {error.start})", "save it as UTF-8") from None
+    except json.JSONDecodeError as error:
+        raise UnreadableFile(path, f"not valid JSON ({error})", "an iNat21 file is COCO-style JSON") from None
     for key in ("images", "annotations", "categories"):
         if key not in data:
-            raise ValueError(f"{path} is not an iNat21 file: no {key!r} list")
+            raise InputError(f"{path} is not an iNat21 file: no {key!r} list")
     # Each category's names are read once: the release has 2.7 M images of 10,000 categories.
     values_of = {c["id"]: {rank: _clean(c.get(rank.value)) for rank in INAT21_RANKS} for c in data["categories"]}
     label_of = {a["image_id"]: a.get("category_id") for a in data["annotations"]}
@@ -247,18 +260,18 @@ def read_folder(
     """
     path = Path(path)
     if not path.is_dir():
-        raise NotADirectoryError(f"folder dataset not found: {path}")
+        raise MissingInput(f"folder dataset not found: {path}")
     table_path = _require_file(Path(table) if table else path / "taxonomy.csv", "taxonomy table")
     rows = list(_read_table(table_path))
     if not rows:
-        raise ValueError(f"taxonomy table {table_path} has no rows")
+        raise InputError(f"taxonomy table {table_path} has no rows")
     columns = list(rows[0])
     folder_column = next((c for c in columns if c.strip().lower() in ("folder", "dir", "directory")), None)
     if folder_column is None:
-        raise ValueError(f"taxonomy table {table_path} needs a 'folder' column; it has {', '.join(columns)}")
+        raise InputError(f"taxonomy table {table_path} needs a 'folder' column; it has {', '.join(columns)}")
     rank_columns = _columns_by_rank(columns)
     if not rank_columns and not resolve:
-        raise ValueError(
+        raise InputError(
             f"taxonomy table {table_path} has no rank columns ({', '.join(STANDARD_RANKS)}); "
             "pass --resolve-taxonomy to look species names up in the iNaturalist taxonomy"
         )
@@ -328,11 +341,11 @@ def read_table(
     rows = _read_table(path)
     first = next(rows, None)
     if first is None:
-        raise ValueError(f"metadata table {path} has no rows")
+        raise InputError(f"metadata table {path} has no rows")
     columns = list(first)
     file_column = next((c for c in columns if c.strip().lower() in FILE_COLUMNS), None)
     if file_column is None:
-        raise ValueError(f"{path} needs a file column (one of {', '.join(FILE_COLUMNS)}); it has {', '.join(columns)}")
+        raise InputError(f"{path} needs a file column (one of {', '.join(FILE_COLUMNS)}); it has {', '.join(columns)}")
     rank_columns = _columns_by_rank(columns)
     if resolve:
         chosen = STANDARD_RANKS
@@ -340,7 +353,7 @@ def read_table(
         chosen = parse_ranks(ranks) if ranks else tuple(r for r in STANDARD_RANKS if r in rank_columns)
     missing = [] if resolve else [r.value for r in chosen if r not in rank_columns]
     if missing or not chosen:
-        raise ValueError(
+        raise InputError(
             f"{path} has no column for rank(s) {', '.join(missing) or 'any'}; columns: {', '.join(columns)}"
         )
     split_column = next((c for c in columns if c.strip().lower() == "split"), None)
@@ -394,9 +407,9 @@ def read_records(fmt: str, path: str | Path, root: str | Path | None = None, res
     try:
         reader = READERS[fmt]
     except KeyError:
-        raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(READERS)}") from None
+        raise InputError(f"unknown format {fmt!r}; choose one of {', '.join(READERS)}") from None
     if resolve:
         if fmt not in RESOLVABLE:
-            raise ValueError(f"--resolve-taxonomy works with the {' and '.join(RESOLVABLE)} formats, not {fmt}")
+            raise InputError(f"--resolve-taxonomy works with the {' and '.join(RESOLVABLE)} formats, not {fmt}")
         return reader(path, root=root, resolve=True)
     return reader(path, root=root)

@@ -7,6 +7,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import InputError
 from ..taxonomy import Lineage, LineageError, Rank, Taxonomy
 
 
@@ -90,6 +91,17 @@ class RecordSet:
         return summary
 
 
+def describe_summary(summary: dict, title: str) -> str:
+    """A `RecordSet.summary()` as a table a person reads: taxa and records labelled per rank, skipped rows."""
+    width = max((len(r) for r in summary["taxa"]), default=0)
+    lines = [title, f"  records: {summary['records']}", f"  {'rank':<{width}}  {'taxa':>8}  {'labelled to':>12}"]
+    lines += [f"  {r:<{width}}  {n:>8}  {summary['labelled_to'][r]:>12}" for r, n in summary["taxa"].items()]
+    lines.append("  skipped:" + ("" if summary["skipped"] else " none"))
+    lines += [f"    {reason}: {n}" for reason, n in summary["skipped"].items()]
+    lines += [f"  note: {note}" for note in summary.get("notes", [])]
+    return "\n".join(lines)
+
+
 def split_records(records: Sequence[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
     """Hold out `fraction` of each leaf taxon's records (at least one where a taxon has two or more).
 
@@ -98,7 +110,7 @@ def split_records(records: Sequence[Record], fraction: float, seed: int) -> tupl
     import random
 
     if not 0.0 < fraction < 1.0:
-        raise ValueError(f"held-out fraction must be in (0, 1), got {fraction}")
+        raise InputError(f"held-out fraction must be in (0, 1), got {fraction}")
     by_taxon: dict[tuple[str, ...], list[Record]] = {}
     for record in records:
         by_taxon.setdefault(record.lineage.names, []).append(record)

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import InputError, OutputExists
 from ..taxonomy import STANDARD_RANKS, Lineage, Rank, Taxonomy
 from .records import RecordSet
 
@@ -112,19 +113,19 @@ class SyntheticConfig:
         branching = tuple(tuple(int(v) for v in pair) for pair in self.branching)
         object.__setattr__(self, "branching", branching)
         if len(branching) != len(STANDARD_RANKS):
-            raise ValueError(
+            raise InputError(
                 f"branching needs one (min, max) pair per rank ({len(STANDARD_RANKS)}), got {len(branching)}"
             )
         for rank, (low, high), size in zip(STANDARD_RANKS, branching, PALETTE_SIZES, strict=True):
             if not 1 <= low <= high <= size:
-                raise ValueError(
+                raise InputError(
                     f"branching for {rank} must satisfy 1 <= min <= max <= {size} "
                     f"(siblings need distinct traits), got ({low}, {high})"
                 )
         if not 1 <= self.min_images <= self.max_images:
-            raise ValueError(f"need 1 <= min_images <= max_images, got {self.min_images}, {self.max_images}")
+            raise InputError(f"need 1 <= min_images <= max_images, got {self.min_images}, {self.max_images}")
         if self.resolution < 8:
-            raise ValueError(f"resolution must be at least 8 px, got {self.resolution}")
+            raise InputError(f"resolution must be at least 8 px, got {self.resolution}")
 
 
 @dataclass(frozen=True)
@@ -195,13 +196,13 @@ class SyntheticTaxonomy:
         try:
             return self._by_names[names]
         except KeyError:
-            raise KeyError(f"{' > '.join(names)} is not a species of this synthetic taxonomy") from None
+            raise InputError(f"{' > '.join(names)} is not a species of this synthetic taxonomy") from None
 
     def descendants(self, path: tuple[str, ...]) -> list[SyntheticSpecies]:
         """Species under a taxon given by its path (any depth)."""
         found = [s for s in self.species if s.lineage.names[: len(path)] == tuple(path)]
         if not found:
-            raise KeyError(f"{' > '.join(path)} is not a taxon of this synthetic taxonomy")
+            raise InputError(f"{' > '.join(path)} is not a taxon of this synthetic taxonomy")
         return found
 
     # -- images ------------------------------------------------------------------------------------
@@ -236,6 +237,21 @@ class SyntheticTaxonomy:
             "seed": self.config.seed,
         }
 
+    def describe(self, folder: str | Path | None = None) -> str:
+        """The summary as `data synth` prints it."""
+        summary = self.summary()
+        per = summary["images_per_species"]
+        lines = [
+            f"synthetic taxonomy (seed {summary['seed']}, {summary['resolution']} px)",
+            f"  species: {summary['species']}, training images: {summary['images']}",
+            "  taxa per rank: " + ", ".join(f"{r} {n}" for r, n in summary["taxa"].items()),
+            f"  images per species: max {per['max']}, median {per['median']}, min {per['min']}",
+            f"  rare species (< 10 images): {summary['rare_species_under_10_images']}",
+        ]
+        if folder:
+            lines.append(f"  written to {folder} (read it with: taxadiffusion data inspect --format folder {folder})")
+        return "\n".join(lines)
+
     def records(self, out: str | Path) -> RecordSet:
         """The records `write_folder(out)` produces, without rendering an image (for planning a run)."""
         out = Path(out)
@@ -262,7 +278,7 @@ class SyntheticTaxonomy:
         if marker.is_file() and json.loads(marker.read_text()) == json.loads(json.dumps(stamp)):
             return out
         if out.exists() and any(out.iterdir()) and not overwrite:
-            raise FileExistsError(
+            raise OutputExists(
                 f"{out} exists and is not this synthetic dataset; choose another folder or pass --overwrite"
             )
         images = out / "images"

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..errors import InputError, MissingInput
+
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 DEFAULT_TOKENIZER = "openai/clip-vit-base-patch16"  # BioCLIP's tokenizer is OpenAI CLIP's BPE
@@ -114,7 +116,7 @@ def load_open_clip_checkpoint(path: str | Path) -> tuple[dict, bool]:
     folder = path if path.is_dir() else path.parent
     file = path if path.is_file() else next((folder / n for n in CHECKPOINT_NAMES if (folder / n).is_file()), None)
     if file is None:
-        raise FileNotFoundError(f"no open_clip checkpoint ({', '.join(CHECKPOINT_NAMES)}) in {folder}")
+        raise MissingInput(f"no open_clip checkpoint ({', '.join(CHECKPOINT_NAMES)}) in {folder}")
     if file.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -141,7 +143,7 @@ class BioCLIPScorer:
         missing, unexpected = self.model.load_state_dict(convert_open_clip_state_dict(state), strict=False)
         missing = [k for k in missing if not k.endswith("position_ids")]
         if missing or unexpected:
-            raise ValueError(
+            raise InputError(
                 f"BioCLIP checkpoint does not convert cleanly: missing {missing[:3]}, unexpected {unexpected[:3]}"
             )
         source = tokenizer or (checkpoint if (Path(checkpoint) / "vocab.json").is_file() else DEFAULT_TOKENIZER)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import InputError
 from .weights import lpips_weights
 
 # (out_channels, kernel, stride, padding) per conv; "M" = max pool. Taps after the listed ReLUs.
@@ -65,7 +66,7 @@ class LPIPS(nn.Module):
     def __init__(self, net: str = "vgg", weights: str | Path | dict | None = None):
         super().__init__()
         if net not in ("alex", "vgg"):
-            raise ValueError(f"LPIPS backbone must be 'alex' or 'vgg', got {net!r}")
+            raise InputError(f"LPIPS backbone must be 'alex' or 'vgg', got {net!r}")
         self.net = net
         self.backbone = Backbone(net)
         widths = [self.backbone.channels[i] for i in self.backbone.taps]

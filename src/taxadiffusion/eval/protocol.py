@@ -2,12 +2,14 @@
 to that rank and score them against the real images of that taxon.
 
 Generated images are written to `out/images/<rank>/<taxon>/NN.png` and reused when the evaluation is run
-again (finished taxa are not regenerated); `--images DIR` scores another system's images laid out the same
-way. Every number lands in `metrics.json` with the settings that produced it.
+again with the same model and every setting that shapes an image (`out/images/generation.json` records them;
+on a mismatch the images are refused, or replaced with `regenerate`); `--images DIR` scores another system's
+images laid out the same way. Every number lands in `metrics.json` with the settings that produced it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from dataclasses import asdict, dataclass, field
@@ -19,6 +21,9 @@ from PIL import Image
 
 from ..data.images import load_image, prepare_image
 from ..data.records import RecordSet
+from ..errors import InputError
+from ..sampling import SamplingSettings
+from ..saved_files import check_saved_folder
 from ..taxonomy import Rank, Taxon, Taxonomy, UnknownTaxonError
 from .bioclip import BioCLIPScorer, taxon_text
 from .classifier import TaxonClassifier, accuracy_by_rank, to_unit
@@ -35,11 +40,7 @@ class EvalSettings:
     max_real_per_taxon: int = 50  # real reference images per taxon (a fixed random subset)
     resolution: int | None = None  # default: the model's
     seed: int = 0
-    steps: int = 25
-    scheduler: str | None = None  # default: the pipeline's own
-    guidance: str = "taxonomic"
-    scale: float = 9.0
-    window: tuple[float, float] = (0.0, 1.0)
+    sampling: SamplingSettings | None = None  # default: the pipeline's own (its run's settings)
     batch_size: int = 32
     lpips_net: str = "vgg"  # paper default
     rare_threshold: int = 50  # taxa with fewer training images are "rare"
@@ -61,6 +62,31 @@ def image_seed(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
 
 
+GENERATION_FILE = "generation.json"
+
+
+def weights_digest(pipeline) -> str:
+    """A hash of a pipeline's weights and configs (every component), whether loaded from disk or in memory."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name in sorted(pipeline.components):
+        component = pipeline.components[name]
+        if component is None:
+            continue
+        config = getattr(component, "config", None)
+        digest.update(json.dumps([name, type(component).__name__, dict(config or {})], default=str).encode())
+        if isinstance(component, torch.nn.Module):
+            for key, value in sorted(component.state_dict().items()):
+                digest.update(key.encode())
+                flat = value.detach().cpu().contiguous().reshape(-1)
+                digest.update(str(value.dtype).encode() + memoryview(flat.view(torch.uint8).numpy()))
+    return digest.hexdigest()
+
+
+def generation_key(pipeline, seed: int) -> dict:
+    """What decides the pixels of a generated image: the model, its sampling settings and the seed."""
+    return {"model": weights_digest(pipeline), **pipeline.sampling.to_dict(), "seed": seed}
+
+
 def _uint8_batch(images: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
 
@@ -76,22 +102,31 @@ class Evaluation:
         pipeline=None,
         images=None,
         taxonomy: Taxonomy | None = None,
+        regenerate: bool = False,
     ):
         """`taxonomy`: the training taxonomy when scoring a folder of images, so that rare and common taxa
-        are told apart by their training counts (default: the real set's own counts)."""
+        are told apart by their training counts (default: the real set's own counts). `regenerate`: replace
+        images generated earlier in `out` with another model or other settings (else they are refused)."""
         if (pipeline is None) == (images is None):
-            raise ValueError("evaluate either a model (--model) or a folder of generated images (--images)")
+            raise InputError("evaluate either a model (--model) or a folder of generated images (--images)")
+        if settings.classifier:  # checked before any image is generated
+            hint = "train one with `taxadiffusion classifier train`"
+            check_saved_folder(settings.classifier, "a taxonomic classifier", "config.json", hint)
         self.settings = settings
         self.out = Path(out)
         self.pipeline = pipeline
+        if pipeline is not None and settings.sampling is not None:
+            pipeline.configure_sampling(**settings.sampling.to_dict())
+        self.regenerate = regenerate
+        self._claimed: dict | None = None  # the generation key this evaluation checked and recorded
         self.images_dir = Path(images) if images else None
         self.taxonomy: Taxonomy = pipeline.taxonomy if pipeline is not None else (taxonomy or real.taxonomy())
         if tuple(real.ranks) != tuple(self.taxonomy.ranks):
             ours, theirs = ", ".join(real.ranks), ", ".join(self.taxonomy.ranks)
-            raise ValueError(f"the real data's ranks ({ours}) differ from the model's ({theirs})")
+            raise InputError(f"the real data's ranks ({ours}) differ from the model's ({theirs})")
         unknown = [r for r in settings.ranks if Rank.parse(r) not in self.taxonomy.ranks]
         if unknown:
-            raise ValueError(f"rank(s) {', '.join(unknown)} not in this taxonomy ({', '.join(self.taxonomy.ranks)})")
+            raise InputError(f"rank(s) {', '.join(unknown)} not in this taxonomy ({', '.join(self.taxonomy.ranks)})")
         self.ranks = [Rank.parse(r) for r in settings.ranks]
         self.resolution = settings.resolution or self._model_resolution()
         self.real_by_path: dict[tuple[str, ...], list[Path]] = {}
@@ -102,7 +137,7 @@ class Evaluation:
 
     def _model_resolution(self) -> int:
         if self.pipeline is None:
-            raise ValueError("give --resolution when scoring a folder of images")
+            raise InputError("give --resolution when scoring a folder of images")
         return self.pipeline.unet.config.sample_size * self.pipeline.vae_scale_factor
 
     # -- taxa and images --------------------------------------------------------------------------
@@ -149,6 +184,7 @@ class Evaluation:
         resumed evaluation draws exactly the images an uninterrupted one would."""
         from tqdm.auto import tqdm
 
+        self._claim_images()
         s = self.settings
         level = self.taxonomy.level(rank)
         jobs = []
@@ -165,19 +201,44 @@ class Evaluation:
             chunk = jobs[start : start + s.batch_size]
             lineages = [self.taxonomy.lineage(taxon) for taxon, _, _ in chunk]
             generators = [torch.Generator().manual_seed(image_seed(s.seed, level, t.id, i)) for t, i, _ in chunk]
-            images = pipe(
-                lineages,
-                num_inference_steps=s.steps,
-                guidance=s.guidance,
-                guidance_scale=s.scale,
-                guidance_window=s.window,
-                generator=generators,
-            ).images
+            images = pipe(lineages, generator=generators).images  # the pipeline's sampling settings
             for image, (_, _, target) in zip(images, chunk, strict=True):
                 target.parent.mkdir(parents=True, exist_ok=True)
                 tmp = target.with_suffix(".tmp.png")
                 image.save(tmp)
                 tmp.replace(target)
+
+    def _claim_images(self) -> None:
+        """Record what generates the images in `out/images`; images of another model or other settings there
+        are refused, or deleted with `regenerate` (only the files this evaluation writes)."""
+        if self._claimed is not None:  # checked once per evaluation: the model and settings do not change
+            return
+        folder = self.out / "images"
+        key = generation_key(self.pipeline, self.settings.seed)
+        marker = folder / GENERATION_FILE
+        ours = sorted(folder.glob("*/*/[0-9][0-9]*.png")) if folder.is_dir() else []
+        saved = None
+        if marker.is_file():
+            try:
+                saved = json.loads(marker.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+                saved = {}
+        if ours and saved != key:
+            changed = [k for k in key if (saved or {}).get(k) != key[k]] if saved is not None else []
+            why = f"other {', '.join(changed)}" if changed else f"unknown settings (no {GENERATION_FILE})"
+            if not self.regenerate:
+                raise InputError(
+                    f"{folder} holds {len(ours)} images generated with {why}; pass --regenerate to replace them "
+                    "with this model and these settings, or choose another --out"
+                )
+            print(f"taxadiffusion: regenerating {len(ours)} images in {folder} (they were made with {why})")
+            for path in ours:
+                path.unlink()
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = marker.with_suffix(".tmp")
+        tmp.write_text(json.dumps(key, indent=1) + "\n")
+        tmp.replace(marker)
+        self._claimed = key
 
     # -- metrics ----------------------------------------------------------------------------------
 
@@ -196,7 +257,7 @@ class Evaluation:
             generated = self.generated_images(rank, taxa, progress)
             taxa = [t for t in taxa if t.path in generated]
             if not taxa:
-                raise ValueError(f"no {rank} taxon has both real and generated images")
+                raise InputError(f"no {rank} taxon has both real and generated images")
             (self.out / "grids").mkdir(exist_ok=True)
             save_grid(generated, taxa[:8], self.out / "grids" / f"{rank.value}.png")
             real = {t.path: self.real_images(t) for t in taxa}
@@ -272,7 +333,7 @@ class Evaluation:
             return None
         model = TaxonClassifier.from_pretrained(self.settings.classifier).eval()
         if tuple(model.taxonomy.ranks) != tuple(self.taxonomy.ranks):
-            raise ValueError("the classifier was trained on a taxonomy with other ranks")
+            raise InputError("the classifier was trained on a taxonomy with other ranks")
         return model
 
     def _bioclip(self):
@@ -288,6 +349,9 @@ class Evaluation:
         from .. import __version__
 
         settings = asdict(self.settings)
+        del settings["sampling"]
+        if self.pipeline is not None:  # flat, as the report reads them
+            settings.update(self.pipeline.sampling.to_dict())
         settings.update(
             resolution=self.resolution,
             model=str(self.pipeline.name_or_path) if self.pipeline is not None else None,
@@ -318,3 +382,39 @@ def save_grid(images: dict, taxa: list[Taxon], path: Path, per_row: int = 6) -> 
             per_row - len(picked)
         )
     image_grid(tiles, columns=per_row, labels=[t.name for t in rows]).save(path)
+
+
+def evaluate(
+    data: tuple[str, str | Path],
+    out: str | Path,
+    settings: EvalSettings,
+    model: str | Path | None = None,
+    images: str | Path | None = None,
+    root: str | Path | None = None,
+    split: str | None = None,
+    device: str = "cpu",
+    regenerate: bool = False,
+    progress: bool = True,
+) -> dict:
+    """The whole evaluation: read the real images (`data` = (reader format, path)), generate with `model` (or
+    score the folder `images`), score every rank, and write `metrics.json` and the report into `out`."""
+    from ..data.readers import read_records
+    from .report import write_report
+
+    if (model is None) == (images is None):
+        raise InputError("give exactly one of --model DIR (generate and score) or --images DIR (score a folder)")
+    if settings.classifier:  # before the data and the model load
+        hint = "train one with `taxadiffusion classifier train`"
+        check_saved_folder(settings.classifier, "a taxonomic classifier", "config.json", hint)
+    real = read_records(data[0], data[1], root=root)
+    if split:
+        real = real.split(split)
+    pipeline = None
+    if model is not None:
+        from ..pipeline import TaxaDiffusionPipeline
+
+        pipeline = TaxaDiffusionPipeline.from_pretrained(model).to(device)
+        pipeline.set_progress_bar_config(disable=True)
+    metrics = Evaluation(real, out, settings, pipeline=pipeline, images=images, regenerate=regenerate).run(progress)
+    write_report(out, {Path(out).name: metrics})
+    return metrics

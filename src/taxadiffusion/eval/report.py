@@ -9,6 +9,8 @@ import html
 import json
 from pathlib import Path
 
+from ..errors import MissingInput, UnreadableFile
+
 # (key in metrics.json, column title, format, higher is better)
 METRICS = (
     ("fid", "FID", "{:.2f}", False),
@@ -37,12 +39,35 @@ def load_runs(paths: list[str | Path]) -> dict[str, dict]:
         path = Path(path)
         file = path / "metrics.json" if path.is_dir() else path
         if not file.is_file():
-            raise FileNotFoundError(f"{file} not found; run `taxadiffusion evaluate` for {path} first")
+            raise MissingInput(f"{file} not found; run `taxadiffusion evaluate` for {path} first")
         name = file.parent.name
         while name in runs:
             name += "'"
-        runs[name] = json.loads(file.read_text())
+        try:
+            runs[name] = json.loads(file.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise UnreadableFile(file, f"not valid JSON ({error})", "run `taxadiffusion evaluate` again") from None
     return runs
+
+
+def summary_lines(metrics: dict) -> str:
+    """One line per rank of an evaluation's headline numbers, as `evaluate` prints them."""
+    lines = []
+    for rank, groups in metrics["ranks"].items():
+        scores = groups["all"]
+        line = f"  {rank:<17} FID {scores['fid']:8.2f}  KID {scores.get('kid', float('nan')):.4f}"
+        line += f"  LPIPS {scores['lpips']:.4f}"
+        if "accuracy" in scores:
+            line += f"  acc {scores['accuracy'][rank]:.1%} (real {scores['real_accuracy'][rank]:.1%})"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def compare(run_folders: list[str | Path], out: str | Path) -> tuple[int, Path, Path]:
+    """One report tabulating evaluated runs: (how many, report.md, report.html)."""
+    runs = load_runs(run_folders)
+    md, html_path = write_report(out, runs, title="taxadiffusion: runs compared")
+    return len(runs), md, html_path
 
 
 def _ranks(runs: dict[str, dict]) -> list[str]:

@@ -1,4 +1,4 @@
-"""Checkpoints: written atomically (temporary folder + rename), the last K kept.
+"""Checkpoints: written atomically (temporary folder, fsync, rename), the last K kept.
 
 A checkpoint holds only what training changes (LoRA or UNet weights that train, the taxonomy encoder),
 the optimizer and LR scheduler, every process's RNG state and the position in the data. accelerate's
@@ -8,6 +8,7 @@ the optimizer and LR scheduler, every process's RNG state and the position in th
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 from dataclasses import asdict, dataclass
@@ -17,9 +18,18 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..errors import UnreadableFile
+
 PREFIX = "step-"
+TMP_PREFIX = ".tmp-"  # being written
+DELETED_PREFIX = ".del-"  # being pruned: renamed first, so a kill mid-delete leaves no listed half-checkpoint
 STATE = "state.json"
 WEIGHTS = "weights.safetensors"
+OPTIM = "optim.pt"
+
+
+class CorruptCheckpoint(UnreadableFile):
+    """A checkpoint file that cannot be read back (truncated, empty, or not what it should be)."""
 
 
 @dataclass
@@ -71,45 +81,118 @@ def write_checkpoint(
     barrier,
     keep: int,
     files: dict[str, str] | None = None,
+    ema=None,
 ) -> Path:
     """Every process writes its RNG state; the main process writes the rest (and `files`, e.g. the resolved
-    config and taxonomy) and publishes the folder by rename."""
+    config and taxonomy, and the EMA of the trained weights when there is one) and publishes the folder by
+    rename."""
     final = checkpoint_dir(root, state.global_step)
-    tmp = root / f".tmp-{final.name}"
+    tmp = root / f"{TMP_PREFIX}{final.name}"
     if is_main:
-        shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a run killed mid-write; ours, never a user's
+        sweep(root)  # leftovers of a run killed mid-write or mid-prune; ours, never a user's
         tmp.mkdir(parents=True)
     barrier()
     torch.save(rng_state(), tmp / f"rng-{process_index}.pt")
     if is_main:
         save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, tmp / WEIGHTS)
-        torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict()}, tmp / "optim.pt")
+        optim = {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict()}
+        if ema is not None:
+            optim["ema"] = ema.state_dict()
+        torch.save(optim, tmp / OPTIM)
         for name, text in (files or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")
         (tmp / STATE).write_text(json.dumps(asdict(state), indent=1) + "\n")
     barrier()
     if is_main:
+        fsync_folder(tmp)  # the files reach the disk before the rename that publishes them
         if final.exists():
-            shutil.rmtree(final)
+            remove(final)
         tmp.rename(final)
+        fsync_folder(root, files=False)
         for old in list_checkpoints(root)[:-keep]:
-            shutil.rmtree(old)
+            remove(old)
     barrier()
     return final
 
 
+def remove(checkpoint: Path) -> None:
+    """Delete a checkpoint: rename it out of the listing first, then delete the renamed folder."""
+    doomed = checkpoint.with_name(f"{DELETED_PREFIX}{checkpoint.name}")
+    if doomed.exists():
+        shutil.rmtree(doomed)
+    checkpoint.rename(doomed)
+    shutil.rmtree(doomed)
+
+
+def sweep(root: Path) -> None:
+    """Delete what killed writes and prunes left behind (never a listed checkpoint)."""
+    if not root.is_dir():
+        return
+    for leftover in root.iterdir():
+        if leftover.is_dir() and leftover.name.startswith((TMP_PREFIX, DELETED_PREFIX)):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def fsync_folder(folder: Path, files: bool = True) -> None:
+    """Flush a folder's files and its entry list to disk (POSIX; a no-op where folders cannot be opened)."""
+    if files:
+        for path in folder.iterdir():
+            if path.is_file():
+                with path.open("rb+") as handle:
+                    os.fsync(handle.fileno())
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def read_state(path: Path) -> TrainingState:
-    return TrainingState(**json.loads((path / STATE).read_text()))
+    try:
+        return TrainingState(**json.loads((path / STATE).read_text()))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError) as error:
+        raise CorruptCheckpoint(path / STATE, f"unreadable training state ({error})") from None
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(path / WEIGHTS)
+    try:
+        return load_file(path / WEIGHTS)
+    except Exception as error:  # safetensors raises its own error type, or OSError, for truncated files
+        raise CorruptCheckpoint(path / WEIGHTS, f"unreadable weights ({error})") from None
 
 
 def read_optim(path: Path) -> dict:
-    return torch.load(path / "optim.pt", weights_only=False)
+    return _torch_load(path / OPTIM)
 
 
 def read_rng(path: Path, process_index: int) -> dict | None:
     file = path / f"rng-{process_index}.pt"
-    return torch.load(file, weights_only=False) if file.is_file() else None
+    return _torch_load(file) if file.is_file() else None
+
+
+def _torch_load(file: Path):
+    try:
+        # Our own files, written by `write_checkpoint`: optimizer state and RNG states hold non-tensor objects.
+        return torch.load(file, weights_only=False)
+    except Exception as error:  # a truncated pickle raises EOFError, RuntimeError or UnpicklingError
+        raise CorruptCheckpoint(file, f"unreadable ({type(error).__name__}: {error})") from None
+
+
+@dataclass
+class Checkpoint:
+    """One checkpoint read back whole, so that a damaged file shows before any of it is used."""
+
+    path: Path
+    state: TrainingState
+    weights: dict[str, torch.Tensor]
+    optim: dict
+    rng: dict | None
+
+
+def read_checkpoint(path: Path, process_index: int) -> Checkpoint:
+    return Checkpoint(path, read_state(path), read_weights(path), read_optim(path), read_rng(path, process_index))

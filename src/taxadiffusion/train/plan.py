@@ -8,7 +8,7 @@ the text encoder's width comes from its config. The trainer prints the same plan
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -17,14 +17,15 @@ from ..config import Config
 from ..data.readers import read_folder, read_records
 from ..data.records import RecordSet
 from ..data.synthetic import SyntheticTaxonomy
+from ..errors import InputError
 from ..model import (
     TaxaDiffusionModel,
-    add_lora,
-    build_taxonomy_encoder,
+    assemble_model,
     build_unet_skeleton,
     config_spatial_factor,
     count_parameters,
 )
+from ..prior import read_prior
 from ..taxonomy import Rank, Taxonomy
 from ..text import TextEncoderSpec
 from .stages import Stage, plan_stages
@@ -46,7 +47,7 @@ def load_training_records(config: Config, data_folder: Path, render: bool = True
     if data.split:
         records = records.split(data.split)
     if not records.records:
-        raise ValueError(f"no training records in {data.path or data_folder} (split {data.split!r})")
+        raise InputError(f"no training records in {data.path or data_folder} (split {data.split!r})")
     return records
 
 
@@ -61,23 +62,58 @@ def flatten_to_species(records: RecordSet) -> RecordSet:
     return flat
 
 
+def caption_records(sources: list[RecordSet], caption) -> RecordSet:
+    """A prior's records: every image of every source with its caption as one text (in the one-rank slot the
+    one-text baselines use); images not labelled down to the caption's ranks are counted."""
+    captioned = RecordSet((Rank.SPECIFIC_EPITHET,), source=" + ".join(s.source for s in sources))
+    for records in sources:
+        absent = [rank.value for rank in caption.ranks if rank not in records.ranks]
+        if absent:
+            raise InputError(
+                f"caption.template names {', '.join(absent)}, which the dataset {records.source} does not have "
+                f"(its ranks: {', '.join(records.ranks)})"
+            )
+        captioned.skipped.update(records.skipped)
+        for record in records:
+            text = caption.caption(record.lineage)
+            if text is None:
+                captioned.skip(f"not labelled down to {caption.rank} (caption)")
+                continue
+            captioned.add(record.image, {Rank.SPECIFIC_EPITHET: text}, record.split)
+    return captioned
+
+
 def run_records(config: Config, data_folder: Path, render: bool = True) -> tuple[RecordSet, tuple[Rank, ...]]:
-    """The records the run trains on (flattened for the one-text baselines) and the dataset's ranks."""
+    """The records the run trains on (flattened for the one-text baselines, captioned for a prior) and the
+    dataset's ranks."""
     records = load_training_records(config, data_folder, render)
     ranks = records.ranks
     if config.train.strategy in ("flat", "full"):
         records = flatten_to_species(records)
+    elif config.train.strategy == "prior":
+        extra = [
+            load_training_records(replace(config, data=data), data_folder / f"corpus-{i}", render)
+            for i, data in enumerate(config.corpus)
+        ]
+        records = caption_records([records, *extra], config.caption)
+        ranks = records.ranks
     return records, ranks
 
 
 def text_encoder_spec(config: Config) -> TextEncoderSpec:
-    if config.text.encoder == "base":
+    """The run's text encoder: the config's, the base's CLIP (`base`), or the one a prior was trained with."""
+    encoder, max_length = config.text.encoder, config.text.max_length
+    prior = read_prior(config.model.base_path) if config.model.is_latent else None
+    if prior is not None:  # a prior made by `pretrain`: its own text encoder, at its resolution
+        prior.check_fits(config)
+        encoder, max_length = prior.text_encoder, prior.max_length
+    elif encoder == "base":
         if not config.model.is_latent:
-            raise ValueError("text.encoder=base needs a Stable Diffusion base model (model.base)")
-        return TextEncoderSpec(config.model.base, "text_encoder", "tokenizer", config.text.max_length)
-    if (Path(config.text.encoder) / "text_encoder").is_dir():  # a Stable Diffusion folder: use its CLIP
-        return TextEncoderSpec(config.text.encoder, "text_encoder", "tokenizer", config.text.max_length)
-    return TextEncoderSpec(config.text.encoder, max_length=config.text.max_length)
+            raise InputError("text.encoder=base needs a Stable Diffusion base model (model.base)")
+        return TextEncoderSpec(config.model.base_path, "text_encoder", "tokenizer", max_length)
+    if (Path(encoder) / "text_encoder").is_dir():  # a Stable Diffusion folder: use its CLIP
+        return TextEncoderSpec(encoder, "text_encoder", "tokenizer", max_length)
+    return TextEncoderSpec(encoder, max_length=max_length)
 
 
 # -- the plan --------------------------------------------------------------------------------------
@@ -150,9 +186,15 @@ class RunPlan:
         lines += [
             f"model: {model.base} at {model.resolution} px (UNet denoises {c}x{h}x{w}); "
             f"UNet {self.unet_parameters / 1e6:,.1f} M parameters, {tuning}",
-            f"taxonomy encoder: {len(self.taxonomy.ranks)} ranks x {model.encoder_layers} layers x "
-            f"{model.encoder_heads} heads, text width {self.text_width}, dropout {model.encoder_dropout:g} "
-            f"({self.encoder_parameters / 1e6:,.2f} M parameters)",
+            (
+                f"captions: {config.caption.template!r} (ranks down to {config.caption.rank}), "
+                f"{self.taxonomy.num_taxa(self.taxonomy.ranks[0]):,} distinct; read by the UNet as text features "
+                f"of width {self.text_width}, no rank encoders"
+                if config.train.strategy == "prior"
+                else f"taxonomy encoder: {len(self.taxonomy.ranks)} ranks x {model.encoder_layers} layers x "
+                f"{model.encoder_heads} heads, text width {self.text_width}, dropout {model.encoder_dropout:g} "
+                f"({self.encoder_parameters / 1e6:,.2f} M parameters)"
+            ),
             f"text: {config.text.encoder}, template {config.text.template!r}; features of "
             f"{self.text_feature_rows():,} texts x {self.text_tokens} tokens x {self.text_width} "
             f"({_size(self.text_feature_bytes())}, on the training device); condition dropout "
@@ -185,6 +227,40 @@ class RunPlan:
         )
         return "\n".join(lines)
 
+    @classmethod
+    def from_model(
+        cls,
+        config: Config,
+        records: RecordSet,
+        taxonomy: Taxonomy,
+        stages: list[Stage],
+        model: TaxaDiffusionModel,
+        factor: int,
+        text_width: int,
+        num_processes: int = 1,
+        text_tokens: int = 77,
+        device: str | None = None,
+    ) -> RunPlan:
+        """The plan of a run from its (real or meta-device) model; `factor`: pixels per latent cell."""
+        per_stage, trained = stage_parameter_counts(model, stages)
+        unet = model.unet
+        side = config.model.resolution // factor
+        return cls(
+            config=config,
+            records=records,
+            taxonomy=taxonomy,
+            stages=stages,
+            stage_parameters=per_stage,
+            trained_parameters=trained,
+            unet_parameters=sum(p.numel() for n, p in unet.named_parameters() if ".lora_" not in n),
+            encoder_parameters=count_parameters(list(model.taxonomy_encoder.parameters())),
+            text_width=text_width,
+            latent_shape=(unet.config.in_channels, side, side),
+            num_processes=num_processes,
+            text_tokens=text_tokens,
+            device=device,
+        )
+
 
 def stage_parameter_counts(model: TaxaDiffusionModel, stages: list[Stage]) -> tuple[list[int], int]:
     """Trainable parameters per stage, and in the union of all stages. Leaves the model as the last stage set it."""
@@ -194,39 +270,6 @@ def stage_parameter_counts(model: TaxaDiffusionModel, stages: list[Stage]) -> tu
         per_stage.append(count_parameters(params))
         union.update({id(p): p for p in params})
     return per_stage, count_parameters(list(union.values()))
-
-
-def describe_model(
-    config: Config,
-    records: RecordSet,
-    taxonomy: Taxonomy,
-    stages: list[Stage],
-    model: TaxaDiffusionModel,
-    factor: int,
-    text_width: int,
-    num_processes: int = 1,
-    text_tokens: int = 77,
-    device: str | None = None,
-) -> RunPlan:
-    """The plan of a run from its (real or meta-device) model; `factor`: pixels per latent cell."""
-    per_stage, trained = stage_parameter_counts(model, stages)
-    unet = model.unet
-    side = config.model.resolution // factor
-    return RunPlan(
-        config=config,
-        records=records,
-        taxonomy=taxonomy,
-        stages=stages,
-        stage_parameters=per_stage,
-        trained_parameters=trained,
-        unet_parameters=sum(p.numel() for n, p in unet.named_parameters() if ".lora_" not in n),
-        encoder_parameters=count_parameters(list(model.taxonomy_encoder.parameters())),
-        text_width=text_width,
-        latent_shape=(unet.config.in_channels, side, side),
-        num_processes=num_processes,
-        text_tokens=text_tokens,
-        device=device,
-    )
 
 
 def describe_device(device: torch.device) -> str:
@@ -246,16 +289,13 @@ def plan_run(config: Config, data_folder: str | Path, num_processes: int = 1) ->
     records, dataset_ranks = run_records(config, Path(data_folder), render=False)
     stages = plan_stages(config.train, config.model, dataset_ranks)
     text_width = text_encoder_spec(config).width()
-    unet = build_unet_skeleton(config.model)
+    unet = build_unet_skeleton(config.model, text_width)
     with init_empty_weights():
-        if config.model.finetune == "lora":
-            add_lora(unet, config.model.lora_rank, config.model.lora_alpha, config.model.lora_targets)
-        encoder = build_taxonomy_encoder(config.model, len(records.ranks), text_width, unet.config.cross_attention_dim)
-        model = TaxaDiffusionModel(unet, encoder)
+        model = assemble_model(config.model, unet, len(records.ranks), text_width, config.train.strategy == "prior")
     factor = config_spatial_factor(config.model)
     tokens = config.text.max_length or 77  # without it: min(the tokenizer's limit, 77), which no weights decide
     taxonomy = records.taxonomy()
-    return describe_model(config, records, taxonomy, stages, model, factor, text_width, num_processes, tokens)
+    return RunPlan.from_model(config, records, taxonomy, stages, model, factor, text_width, num_processes, tokens)
 
 
 def _size(count: int) -> str:
@@ -264,3 +304,16 @@ def _size(count: int) -> str:
 
 def _on(flag: bool) -> str:
     return "on" if flag else "off"
+
+
+def dry_run_report(config: Config, output: Path) -> str:
+    """The resolved config and the plan, as `train --dry-run` prints them: metadata and config files are read,
+    nothing is written."""
+    import os
+
+    import yaml
+
+    processes = int(os.environ.get("WORLD_SIZE", "1"))  # set by `accelerate launch`
+    plan = plan_run(config, Path(output) / "data", num_processes=processes)
+    resolved = yaml.safe_dump(config.to_dict(), sort_keys=False).rstrip()
+    return f"# resolved config\n{resolved}\n\n# plan (output {output})\n{plan.describe()}"

@@ -71,6 +71,8 @@ def plan_stages(train: TrainConfig, model: ModelConfig, dataset_ranks: tuple[Ran
         levels = tuple(range(n))
         depth = n if train.strategy == "all" else None
         return [Stage(0, train.strategy, total, rate(0), model.finetune, levels, depth)]
+    if train.strategy == "prior":  # pretraining: the whole UNet on captions through the text path alone
+        return [Stage(0, "prior", total, rate(0), "full", (), 1)]
     # flat / full: the species name as one text (the SD + LoRA and SD + full fine-tuning baselines)
     unet = "full" if train.strategy == "full" else model.finetune
     return [Stage(0, train.strategy, total, rate(0), unet, (0,), 1)]

@@ -1,7 +1,8 @@
 """The training loop: every stage in one process, on accelerate; running the same command again resumes.
 
-Read top to bottom: output folder, data, text features, model, then one loop per stage (step,
-logging, checkpoint, sample grid), then the final pipeline.
+Read top to bottom: the stage's optimizer and endless batches, then the `Trainer`: output folder, data, text
+features, model and plan, resume, then one flat loop per stage in labelled paragraphs (forward / backward /
+update, log, checkpoint, done), then the final pipeline.
 """
 
 from __future__ import annotations
@@ -10,8 +11,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -20,12 +20,12 @@ from torch.utils.data import DataLoader
 
 from ..conditioning import FrozenRankTables, cut_to_coarsest, drop_ranks
 from ..config import Config
+from ..data.check import screen_records
 from ..data.dataset import ImageDataset
+from ..errors import InputError, TaxaDiffusionError
 from ..model import (
-    TaxaDiffusionModel,
-    add_lora,
+    assemble_model,
     build_denoiser,
-    build_taxonomy_encoder,
     encode_images,
     spatial_factor,
 )
@@ -33,61 +33,13 @@ from ..taxonomy import Lineage, Taxonomy
 from ..text import TextEmbeddingCache
 from . import checkpoint as ckpt
 from .latents import build_latent_dataset, sample_latents
-from .plan import describe_device, describe_model, run_records, text_encoder_spec
+from .plan import RunPlan, describe_device, run_records, text_encoder_spec
+from .run_folder import RunConflict, RunPaths, prepare_output
 from .stages import Stage, plan_stages
 
-# What a run writes into its output folder; `--overwrite` removes these and nothing else.
-OWNED = ("config.yaml", "taxonomy.json", "plan.txt", "checkpoints", "logs", "samples", "pipeline", "cache", "data")
 
-
-class RunConflict(ValueError):
-    """The output folder holds something this run must not touch or cannot continue."""
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite."""
-
-
-@dataclass(frozen=True)
-class RunPaths:
-    root: Path
-
-    def __getattr__(self, name: str) -> Path:
-        files = {"config": "config.yaml", "taxonomy": "taxonomy.json", "plan": "plan.txt"}
-        if name in files:
-            return self.root / files[name]
-        if name in OWNED:
-            return self.root / name
-        raise AttributeError(name)
-
-
-# -- output folder ---------------------------------------------------------------------------------
-
-
-def prepare_output(paths: RunPaths, config: Config, overwrite: bool) -> None:
-    """Create the output folder, or accept it for resuming; never wipe a user's folder without the flag."""
-    root = paths.root
-    if root.exists() and any(root.iterdir()):
-        if overwrite:
-            for name in OWNED:
-                target = root / name
-                if target.is_dir():
-                    shutil.rmtree(target)
-                elif target.exists():
-                    target.unlink()
-        elif paths.config.is_file():
-            saved = Config.load(paths.config)
-            if saved.fingerprint() != config.fingerprint():
-                changes = "; ".join(config.differences(saved)[:8])
-                raise RunConflict(
-                    f"{root} holds a run with a different config ({changes}); "
-                    "resume it with its own config, choose a new --output, or pass --overwrite to start over"
-                )
-        else:
-            raise RunConflict(
-                f"{root} exists and is not a taxadiffusion run; choose a new --output or pass --overwrite"
-            )
-    root.mkdir(parents=True, exist_ok=True)
+class TrainingDiverged(TaxaDiffusionError, RuntimeError):
+    """The loss or a trained weight became NaN or infinite."""
 
 
 # -- data --------------------------------------------------------------------------------------------
@@ -104,6 +56,72 @@ def grid_lineages(taxonomy: Taxonomy, n: int) -> list[Lineage]:
     return [taxonomy.lineage(t) for t in chosen]
 
 
+def make_accelerator(train, paths: RunPaths):
+    """accelerate for this run: precision, accumulation, TensorBoard under `logs/`, a seedable sampler."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+
+    return Accelerator(
+        mixed_precision=train.mixed_precision,
+        gradient_accumulation_steps=train.gradient_accumulation,
+        log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=str(paths.root), logging_dir=str(paths.logs)),
+        # Shuffle order = f(seed, epoch) on every process, so a resumed run sees the same batches.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=train.seed),
+    )
+
+
+def seed_everything(train) -> None:
+    from accelerate.utils import set_seed
+
+    if train.deterministic:
+        # cuBLAS is reproducible only with a fixed workspace, read when its first handle is made.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    set_seed(train.seed, deterministic=train.deterministic)
+
+
+# -- the stage's optimizer and batches ---------------------------------------------------------------
+
+
+def build_optimizer(params: list[torch.nn.Parameter], encoder_params: set[int], stage: Stage, train) -> tuple:
+    """AdamW over what the stage trains (the taxonomy encoders at `train.encoder_learning_rate` when set) and a
+    constant LR schedule, as published."""
+    rates = {False: stage.learning_rate, True: train.encoder_learning_rate or stage.learning_rate}
+    groups = [
+        {"params": [p for p in params if (id(p) in encoder_params) is is_encoder], "lr": rate}
+        for is_encoder, rate in rates.items()
+    ]
+    optimizer = torch.optim.AdamW(
+        [g for g in groups if g["params"]],
+        lr=stage.learning_rate,
+        betas=(train.adam_beta1, train.adam_beta2),
+        weight_decay=train.weight_decay,
+    )
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+def endless_batches(loader, dataset, accelerator, state: ckpt.TrainingState) -> Iterator[tuple[dict, int, int]]:
+    """(batch, epoch, batches of the epoch consumed) forever, epoch after epoch, from the state's position.
+
+    A resumed run skips the batches its epoch had already consumed (as EDM2's `InfiniteSampler(start_idx=...)`);
+    the shuffle order and the random crops are functions of (seed, epoch), so it sees the same batches.
+    """
+    epoch, skip = state.epoch, state.batch_in_epoch
+    while True:
+        loader.set_epoch(epoch)
+        dataset.set_epoch(epoch)
+        position = skip
+        for batch in accelerator.skip_first_batches(loader, skip) if skip else loader:
+            position += 1
+            yield batch, epoch, position
+        epoch, skip = epoch + 1, 0
+
+
+def nonfinite(weights: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the tensors holding NaN or infinite values."""
+    return [name for name, value in weights.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+
+
 # -- the run -----------------------------------------------------------------------------------------
 
 
@@ -118,90 +136,83 @@ class Trainer:
         on_step: Callable[[ckpt.TrainingState, dict], None] | None = None,
         progress: bool = True,
     ):
-        from accelerate import Accelerator
-        from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
-
         self.config = config
         self.paths = RunPaths(Path(output))
         self.on_step = on_step
         self.progress = progress
-        self.resume_from: Path | None = None
-        train = config.train
-        self.accelerator = Accelerator(
-            mixed_precision=train.mixed_precision,
-            gradient_accumulation_steps=train.gradient_accumulation,
-            log_with="tensorboard",
-            project_config=ProjectConfiguration(project_dir=str(self.paths.root), logging_dir=str(self.paths.logs)),
-            # Shuffle order = f(seed, epoch) on every process, so a resumed run sees the same batches.
-            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=train.seed),
-        )
-        acc = self.accelerator
+        self.accelerator = acc = make_accelerator(config.train, self.paths)
         if acc.is_main_process:
             prepare_output(self.paths, config, overwrite)
         acc.wait_for_everyone()
-        if train.deterministic:
-            # cuBLAS is reproducible only with a fixed workspace, read when its first handle is made.
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        set_seed(train.seed, deterministic=train.deterministic)
+        seed_everything(config.train)
+        records = self._build_data()
+        self._build_model()
+        self.plan = self._write_plan(records)
+        del records  # at iNat21's 2.7 M images it holds 1.6 GB per process (benchmarks/data_scale.py)
+        self.resumed = self._resume()
+        self.state = self.resumed.state if self.resumed else self._fresh_state()
 
-        # 1. data (the main process renders the synthetic set first)
-        with acc.main_process_first():
+    # -- construction ---------------------------------------------------------------------------------
+
+    def _build_data(self):
+        """Records (screened: every image decodes), the taxonomy, the stages and the text features."""
+        acc, config = self.accelerator, self.config
+        with acc.main_process_first():  # the main process renders the synthetic set first
             records, self.dataset_ranks = run_records(config, self.paths.data)
-        # `records` is dropped once the dataset and the plan are built: at iNat21's 2.7 M images it holds
-        # 1.6 GB per process, where the dataset's arrays hold a fraction (benchmarks/data_scale.py).
-        self.taxonomy = records.taxonomy()
-        self.stages = plan_stages(train, config.model, self.dataset_ranks)
-
-        # 2. text features: each taxon's text encoded once, cached on disk
-        with acc.main_process_first():
-            cache = TextEmbeddingCache.load_or_build(
-                self.paths.cache, self.taxonomy, text_encoder_spec(config), config.text.template, progress
+            records = screen_records(
+                records, config.data.skip_bad_images, os.cpu_count() or 1, self.progress and acc.is_main_process
             )
-        self.text_embeddings = cache.to(acc.device)
+        self.taxonomy = records.taxonomy()
+        self.stages = plan_stages(config.train, config.model, self.dataset_ranks)
+        with acc.main_process_first():  # each taxon's text encoded once, cached on disk
+            self.cache = TextEmbeddingCache.load_or_build(
+                self.paths.cache, self.taxonomy, text_encoder_spec(config), config.text.template, self.progress
+            )
+        self.text_embeddings = self.cache.to(acc.device)
+        return records
 
-        # 3. model: the UNet (+ LoRA) and the taxonomy encoder as one module
-        denoiser = build_denoiser(config.model)
-        if config.model.finetune == "lora":
-            add_lora(denoiser.unet, config.model.lora_rank, config.model.lora_alpha, config.model.lora_targets)
-        if train.gradient_checkpointing:
+    def _build_model(self) -> None:
+        """The UNet (+ LoRA) and the taxonomy encoder as one module, the noise schedule, the VAE."""
+        acc, config = self.accelerator, self.config
+        width = self.cache.config.width
+        denoiser = build_denoiser(config.model, text_width=width)
+        if config.train.gradient_checkpointing:
             denoiser.unet.enable_gradient_checkpointing()
-        encoder = build_taxonomy_encoder(
-            config.model, len(self.taxonomy.ranks), cache.config.width, denoiser.unet.config.cross_attention_dim
-        )
-        self.model = TaxaDiffusionModel(denoiser.unet, encoder).to(acc.device)
+        prior = config.train.strategy == "prior"
+        self.model = assemble_model(config.model, denoiser.unet, len(self.taxonomy.ranks), width, prior).to(acc.device)
         self.noise_scheduler = denoiser.noise_scheduler
         self.vae = denoiser.vae.to(acc.device) if denoiser.vae is not None else None
         self.trained_keys = self._trained_keys()
 
+    def _write_plan(self, records) -> str:
+        """The dataset (its latents cached for latent models), then the plan, printed and saved with the config."""
+        acc, config, train = self.accelerator, self.config, self.config.train
         self.dataset = ImageDataset(
             records.records, self.taxonomy, config.model.resolution, config.data.crop, seed=train.seed
         )
         if train.cache_latents:  # the config refuses it without a VAE
             with acc.main_process_first():
-                self.dataset = build_latent_dataset(self.dataset, self.vae, self.paths.cache, progress=progress)
+                self.dataset = build_latent_dataset(self.dataset, self.vae, self.paths.cache, progress=self.progress)
         needed = train.batch_size * acc.num_processes
         if len(self.dataset) < needed:
-            raise ValueError(f"{len(self.dataset)} training images but one step needs {needed}; lower train.batch_size")
-
-        self.plan = describe_model(
+            raise InputError(f"{len(self.dataset)} training images but one step needs {needed}; lower train.batch_size")
+        plan = RunPlan.from_model(
             config,
             records,
             self.taxonomy,
             self.stages,
             self.model,
             spatial_factor(self.vae),
-            cache.config.width,
+            self.cache.config.width,
             acc.num_processes,
-            cache.config.max_length,
+            self.cache.config.max_length,
             describe_device(acc.device),
         ).describe()
         if acc.is_main_process:
             config.save(self.paths.config)
             self.taxonomy.save(self.paths.taxonomy)
-            self.paths.plan.write_text(self.plan + "\n")
-        self.state = self._resume()
-
-    # -- plan and resume --------------------------------------------------------------------------
+            self.paths.plan.write_text(plan + "\n")
+        return plan
 
     def describe(self) -> str:
         """The plan: data, then each stage with what trains and how many parameters."""
@@ -218,67 +229,128 @@ class Trainer:
             keys |= {f"unet.{k}" for k in unet_keys if ".lora_" in k}
         return keys
 
-    def _resume(self) -> ckpt.TrainingState:
-        fingerprint, tax = self.config.fingerprint(), taxonomy_hash(self.taxonomy)
+    # -- resume ---------------------------------------------------------------------------------------
+
+    def _fresh_state(self) -> ckpt.TrainingState:
+        return ckpt.TrainingState(fingerprint=self.config.fingerprint(), taxonomy=taxonomy_hash(self.taxonomy))
+
+    def _resume(self) -> ckpt.Checkpoint | None:
+        """Load the newest readable checkpoint of this run (an unreadable one is reported and passed over)."""
         found = ckpt.list_checkpoints(self.paths.checkpoints)
-        if not found:
-            return ckpt.TrainingState(fingerprint=fingerprint, taxonomy=tax)
-        latest = found[-1]
-        state = ckpt.read_state(latest)
+        main = self.accelerator.is_main_process
+        for path in reversed(found):
+            try:
+                checkpoint = ckpt.read_checkpoint(path, self.accelerator.process_index)
+            except ckpt.CorruptCheckpoint as error:
+                if main:
+                    print(f"taxadiffusion: skipping damaged checkpoint {path} ({error}); trying the one before")
+                continue
+            self._check_fits(checkpoint)
+            if checkpoint.rng is not None:
+                ckpt.set_rng_state(checkpoint.rng)
+            if main:
+                print(f"resuming from {path} (stage {checkpoint.state.stage}, step {checkpoint.state.step})")
+            return checkpoint
+        if found:
+            raise RunConflict(
+                f"no checkpoint in {self.paths.checkpoints} can be read back ({len(found)} damaged); "
+                "pass --overwrite to start this run over"
+            )
+        return None
+
+    def _check_fits(self, checkpoint: ckpt.Checkpoint) -> None:
+        """The checkpoint was written by this config on this data, and fits this model; its weights are loaded."""
+        state, path = checkpoint.state, checkpoint.path
         # Re-fingerprint the checkpoint's own config.yaml: a key added since (at its default) is no change.
-        saved = latest / "config.yaml"
+        saved = path / "config.yaml"
         saved_fingerprint = Config.load(saved).fingerprint() if saved.is_file() else state.fingerprint
+        fingerprint, tax = self.config.fingerprint(), taxonomy_hash(self.taxonomy)
         if saved_fingerprint != fingerprint or state.taxonomy != tax:
             what = "config" if saved_fingerprint != fingerprint else "training taxonomy (the data changed)"
             raise RunConflict(
-                f"checkpoint {latest} was written with a different {what}; "
+                f"checkpoint {path} was written with a different {what}; "
                 "choose a new --output, or pass --overwrite to start over"
             )
-        weights = ckpt.read_weights(latest)
-        absent = self.trained_keys - set(weights)
-        _, unexpected = self.model.load_state_dict(weights, strict=False)
+        absent = self.trained_keys - set(checkpoint.weights)
+        _, unexpected = self.model.load_state_dict(checkpoint.weights, strict=False)
         if unexpected or absent:
             keys = sorted(unexpected or absent)[:3]
-            raise RunConflict(f"checkpoint {latest} does not fit this model (keys such as {keys})")
-        rng = ckpt.read_rng(latest, self.accelerator.process_index)
-        if rng is not None:
-            ckpt.set_rng_state(rng)
-        if self.accelerator.is_main_process:
-            print(f"resuming from {latest} (stage {state.stage}, step {state.step})")
-        self.resume_from = latest
-        return state
+            raise RunConflict(f"checkpoint {path} does not fit this model (keys such as {keys})")
 
-    # -- training ---------------------------------------------------------------------------------
+    # -- training -------------------------------------------------------------------------------------
 
     def run(self) -> Path:
         acc = self.accelerator
         acc.init_trackers("taxadiffusion", config=_hparams(self.config))
         for stage in self.stages:
-            if stage.index < self.state.stage or (stage.index == self.state.stage and self.state.stage_complete):
-                continue
-            self._train_stage(stage)
-        pipeline = self.save_pipeline()
+            done = stage.index < self.state.stage or (stage.index == self.state.stage and self.state.stage_complete)
+            if not done:
+                self._train_stage(stage)
+        saved = self.save_prior() if self.config.train.strategy == "prior" else self.save_pipeline()
         acc.end_training()  # closes the trackers and the process group: last
-        return pipeline
+        return saved
 
     def _train_stage(self, stage: Stage) -> None:
         acc, train = self.accelerator, self.config.train
+        model, params, optimizer, lr_scheduler, loader = self._stage_setup(stage)
+        ema = self._stage_ema(stage, params)
+        state = self.state
+        tables = self._frozen_tables(stage)
+        batches = endless_batches(loader, self.dataset, acc, state)
+        bar = self._progress_bar(stage, state)
+        while state.step < stage.steps:
+            # forward / backward / update
+            batch, epoch, position = next(batches)
+            with acc.accumulate(model):
+                loss = self.loss(model, batch, stage, tables)
+                if not torch.isfinite(loss):
+                    raise self._diverged(f"loss became {loss.item()}", stage, state.step + 1)
+                acc.backward(loss)
+                if acc.sync_gradients:
+                    clip_gradients(acc, params, train.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            if not acc.sync_gradients:
+                continue
+            if ema is not None:
+                ema.step(params)
+            state.step += 1
+            state.global_step += 1
+            state.epoch, state.batch_in_epoch = epoch, position
+
+            # log
+            if state.step % train.log_every == 0 or state.step == stage.steps:
+                mean = acc.gather(loss.detach().reshape(1)).mean().item()
+                acc.log({"train/loss": mean, f"train/loss_stage_{stage.name}": mean}, step=state.global_step)
+                bar.set_postfix(loss=f"{mean:.4f}")
+            bar.update()
+            if self.on_step is not None:
+                self.on_step(state, batch)
+
+            # checkpoint (the stage's last one is written below, marked complete)
+            if state.step % train.checkpoint_every == 0 and state.step < stage.steps:
+                self._checkpoint(model, optimizer, lr_scheduler, state, stage, ema)
+
+        # done: the averaged weights replace the trained ones; the stage's final checkpoint and sample grid
+        batches.close()
+        bar.close()
+        if ema is not None:
+            ema.copy_to(params)
+        state.stage_complete = True
+        self._checkpoint(model, optimizer, lr_scheduler, state, stage)
+        if acc.is_main_process:
+            self.sample_grid(stage)
+        acc.wait_for_everyone()
+        acc.free_memory(model, optimizer, loader, lr_scheduler)
+
+    def _stage_setup(self, stage: Stage) -> tuple:
+        """What the stage trains, its optimizer and data loader (prepared by accelerate), and its state: the
+        resumed one (optimizer included) inside this stage, else a fresh one."""
+        acc, train = self.accelerator, self.config.train
         params = self.model.configure_trainable(stage.unet, stage.encoder_levels)
-        encoder_ids = {id(p) for p in self.model.taxonomy_encoder.parameters()}
-        groups = [
-            {"params": [p for p in params if id(p) not in encoder_ids], "lr": stage.learning_rate},
-            {
-                "params": [p for p in params if id(p) in encoder_ids],
-                "lr": train.encoder_learning_rate or stage.learning_rate,
-            },
-        ]
-        optimizer = torch.optim.AdamW(
-            [g for g in groups if g["params"]],
-            lr=stage.learning_rate,
-            betas=(train.adam_beta1, train.adam_beta2),
-            weight_decay=train.weight_decay,
-        )
-        lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)  # constant, as published
+        encoder_params = {id(p) for p in self.model.taxonomy_encoder.parameters()}
+        optimizer, lr_scheduler = build_optimizer(params, encoder_params, stage, train)
         # The loader's own generator: creating an iterator must not draw from the global RNG, whose
         # state a checkpoint restores (else a run resumed mid-epoch would draw different noise).
         loader = DataLoader(
@@ -290,87 +362,51 @@ class Trainer:
             generator=torch.Generator().manual_seed(train.seed),
         )
         model, optimizer, loader, lr_scheduler = acc.prepare(self.model, optimizer, loader, lr_scheduler)
-
         state = self.state
         if state.stage == stage.index and state.step > 0:  # resume inside this stage
-            saved = ckpt.read_optim(self.resume_from)
-            optimizer.load_state_dict(saved["optimizer"])
-            lr_scheduler.load_state_dict(saved["lr_scheduler"])
+            optimizer.load_state_dict(self.resumed.optim["optimizer"])
+            lr_scheduler.load_state_dict(self.resumed.optim["lr_scheduler"])
         else:
-            state = ckpt.TrainingState(
+            self.state = ckpt.TrainingState(
                 stage=stage.index, global_step=state.global_step, fingerprint=state.fingerprint, taxonomy=state.taxonomy
             )
+        return model, params, optimizer, lr_scheduler, loader
 
-        # Frozen rank encoders give a fixed output per taxon: tabulate them once for the stage.
+    def _stage_ema(self, stage: Stage, params: list[torch.nn.Parameter]):
+        """The EMA of what the stage trains (None when `train.ema_decay` is off), resumed inside the stage."""
+        decay = self.config.train.ema_decay
+        if decay is None:
+            return None
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(params, decay=decay)
+        saved = self.resumed.optim.get("ema") if self.resumed is not None else None
+        if saved is not None and self.state.stage == stage.index and self.state.step > 0:
+            ema.load_state_dict(saved)
+        return ema
+
+    def _frozen_tables(self, stage: Stage) -> FrozenRankTables | None:
+        """Frozen rank encoders give a fixed output per taxon: tabulate them once for the stage."""
         first = min(stage.encoder_levels) if stage.encoder_levels else len(self.taxonomy.ranks)
-        tables = None
-        if first > 0:
-            text = [self.text_embeddings.table(i) for i in range(first)]
-            tables = FrozenRankTables(self.model.taxonomy_encoder, text, first)
+        if first == 0:
+            return None
+        text = [self.text_embeddings.table(i) for i in range(first)]
+        return FrozenRankTables(self.model.taxonomy_encoder, text, first)
 
+    def _progress_bar(self, stage: Stage, state: ckpt.TrainingState):
         from tqdm.auto import tqdm
 
-        bar = tqdm(
-            total=stage.steps,
-            initial=state.step,
-            desc=f"stage {stage.name}",
-            disable=not (self.progress and acc.is_main_process),
+        show = self.progress and self.accelerator.is_main_process
+        return tqdm(total=stage.steps, initial=state.step, desc=f"stage {stage.name}", disable=not show)
+
+    def _diverged(self, what: str, stage: Stage, step: int) -> TrainingDiverged:
+        last = ckpt.list_checkpoints(self.paths.checkpoints)
+        return TrainingDiverged(
+            f"{what} at stage {stage.name}, step {step}; last good checkpoint: {last[-1] if last else 'none'}. "
+            "Lower train.learning_rate or use train.mixed_precision=no."
         )
-        skip = state.batch_in_epoch
-        while state.step < stage.steps:
-            loader.set_epoch(state.epoch)
-            self.dataset.set_epoch(state.epoch)
-            batches = acc.skip_first_batches(loader, skip) if skip else loader
-            position = skip
-            for batch in batches:
-                position += 1
-                with acc.accumulate(model):
-                    loss = self._loss(model, batch, stage, tables)
-                    if not torch.isfinite(loss):
-                        last = ckpt.list_checkpoints(self.paths.checkpoints)
-                        raise TrainingDiverged(
-                            f"loss became {loss.item()} at stage {stage.name}, step {state.step + 1}; "
-                            f"last good checkpoint: {last[-1] if last else 'none'}. "
-                            "Lower train.learning_rate or use train.mixed_precision=no."
-                        )
-                    acc.backward(loss)
-                    if acc.sync_gradients:
-                        clip_gradients(acc, params, train.max_grad_norm)
-                    optimizer.step()
-                    lr_scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                if not acc.sync_gradients:
-                    continue
-                state.step += 1
-                state.global_step += 1
-                state.batch_in_epoch = position
-                if state.step % train.log_every == 0 or state.step == stage.steps:
-                    mean = acc.gather(loss.detach().reshape(1)).mean().item()
-                    acc.log({"train/loss": mean, f"train/loss_stage_{stage.name}": mean}, step=state.global_step)
-                    bar.set_postfix(loss=f"{mean:.4f}")
-                bar.update()
-                if self.on_step is not None:
-                    self.on_step(state, batch)
-                if state.step % train.checkpoint_every == 0 and state.step < stage.steps:
-                    self._checkpoint(model, optimizer, lr_scheduler, state)
-                if state.step >= stage.steps:
-                    break
-            else:
-                state.epoch += 1
-                state.batch_in_epoch = skip = 0
-                continue
-            break
-        bar.close()
 
-        state.stage_complete = True
-        self._checkpoint(model, optimizer, lr_scheduler, state)
-        self.state = state
-        if acc.is_main_process:
-            self.sample_grid(stage)
-        acc.wait_for_everyone()
-        acc.free_memory(model, optimizer, loader, lr_scheduler)
-
-    def _loss(self, model, batch: dict, stage: Stage, tables: FrozenRankTables | None) -> torch.Tensor:
+    def loss(self, model, batch: dict, stage: Stage, tables: FrozenRankTables | None) -> torch.Tensor:
         """Epsilon-prediction MSE (or v-prediction, if the base scheduler says so) for one batch."""
         train = self.config.train
         if "latent_params" in batch:  # cached VAE latents: the encoder never runs here
@@ -401,22 +437,26 @@ class Trainer:
             return F.mse_loss(prediction.float(), target.float())
         return min_snr_loss(prediction, target, timesteps, self.noise_scheduler, train.snr_gamma)
 
-    def _checkpoint(self, model, optimizer, lr_scheduler, state: ckpt.TrainingState) -> None:
+    def _checkpoint(self, model, optimizer, lr_scheduler, state: ckpt.TrainingState, stage: Stage, ema=None) -> None:
+        """Write a checkpoint of what trains (and its EMA, inside a stage); weights that are no longer finite
+        are never saved."""
         acc = self.accelerator
-        weights = None
-        if acc.is_main_process:
-            full = acc.unwrap_model(model).state_dict()
-            weights = {k: v for k, v in full.items() if k in self.trained_keys}
-        self.resume_from = ckpt.write_checkpoint(
+        trained = {k: v for k, v in acc.unwrap_model(model).state_dict().items() if k in self.trained_keys}
+        bad = nonfinite(trained)  # every process checks its own replica, so all of them stop together
+        if bad:
+            raise self._diverged(f"{len(bad)} trained weight tensor(s) became NaN or infinite", stage, state.step)
+        self.resumed = None  # a later stage starts from its own fresh state
+        ckpt.write_checkpoint(
             self.paths.checkpoints,
             state,
-            weights,
+            trained if acc.is_main_process else None,
             optimizer,
             lr_scheduler,
             acc.process_index,
             acc.is_main_process,
             acc.wait_for_everyone,
             self.config.train.keep_checkpoints,
+            ema=ema,
             files={"config.yaml": self.paths.config.read_text(), "taxonomy.json": self.paths.taxonomy.read_text()}
             if acc.is_main_process
             else None,
@@ -434,6 +474,7 @@ class Trainer:
             text_embeddings=self.text_embeddings,
             vae=self.vae,
         )
+        pipe.sampling = self.config.sample.sampling()  # saved with the pipeline: its default settings
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
@@ -448,19 +489,13 @@ class Trainer:
         chosen = grid_lineages(self.taxonomy, sample.grid_taxa)
         rows: list[Lineage] = [chosen[0].truncate(d) for d in range(1, min(depth, chosen[0].depth) + 1)]
         for lineage in chosen[1:]:
-            cut = lineage.truncate(min(depth, lineage.depth))
+            cut = lineage.truncate(min(depth, lineage.depth))  # a taxon labelled above the stage's rank: whole
             if cut not in rows:
                 rows.append(cut)
         self.model.eval()
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]):  # the pipeline samples with config.sample, its saved settings
             images = self.pipeline()(
-                rows,
-                num_images_per_prompt=sample.grid_images,
-                num_inference_steps=sample.steps,
-                guidance=sample.guidance,
-                guidance_scale=sample.scale,
-                guidance_window=sample.window,
-                generator=torch.Generator().manual_seed(0),
+                rows, num_images_per_prompt=sample.grid_images, generator=torch.Generator().manual_seed(0)
             ).images
         self.model.train()
         self.paths.samples.mkdir(parents=True, exist_ok=True)
@@ -468,6 +503,25 @@ class Trainer:
         labels = [f"{lin.finest_rank}: {lin.scientific_name}" for lin in rows]
         image_grid(images, columns=sample.grid_images, labels=labels).save(path)
         return path
+
+    def save_prior(self) -> Path:
+        """`pretrain`'s result: the run folder becomes a base folder that `model.base` loads."""
+        from ..prior import PriorInfo, save_base_folder
+
+        if self.accelerator.is_main_process:
+            config = self.config
+            info = PriorInfo(
+                text_encoder=config.text.encoder,
+                max_length=self.cache.config.max_length,
+                resolution=config.model.resolution,
+                codec=config.model.codec,
+                caption_rank=config.caption.rank,
+                caption_template=config.caption.template,
+                captions={t.name: t.count for t in self.taxonomy.leaves()},
+            )
+            save_base_folder(self.paths.root, self.model.unet, self.noise_scheduler, self.vae, info)
+        self.accelerator.wait_for_everyone()
+        return self.paths.root
 
     def save_pipeline(self) -> Path:
         """The final pipeline folder (written aside, then renamed into place)."""

@@ -8,7 +8,7 @@ import pytest
 from format_fixtures import write_image
 from taxadiffusion.cli import main
 from taxadiffusion.data.readers import read_records
-from taxadiffusion.lineage import LineageResolver, complete
+from taxadiffusion.resolver import LineageResolver, complete
 from taxadiffusion.taxonomy import STANDARD_RANKS, Rank
 
 CLARKII = ("Animalia", "Chordata", "Actinopterygii", "Blenniiformes", "Pomacentridae", "Amphiprion", "clarkii")

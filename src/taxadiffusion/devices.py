@@ -1,0 +1,31 @@
+"""Which device a command samples or evaluates on: the one asked for, checked to exist here, or the best one."""
+
+from __future__ import annotations
+
+from .errors import InputError
+
+DEVICE_HELP = "cpu, cuda, cuda:1 or mps (default: a CUDA GPU if one is visible, else Apple's MPS, else the CPU)"
+
+
+def choose_device(name: str | None) -> str:
+    """The asked device, checked before anything loads; without one, the best available."""
+    import torch
+
+    if not name:
+        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"--device {name!r} is not a device; use cpu, cuda, cuda:1 or mps") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise InputError(
+                f"--device {name}: torch {torch.__version__} sees no CUDA GPU here (a CPU-only build, no driver, "
+                "or CUDA_VISIBLE_DEVICES hides them); use --device cpu"
+            )
+        if (device.index or 0) >= count:
+            raise InputError(f"--device {name}: only {count} CUDA GPU(s) here (cuda:0 .. cuda:{count - 1})")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise InputError(f"--device {name}: MPS is not available here; use --device cpu")
+    return name

@@ -1,0 +1,204 @@
+"""A prior made by `taxadiffusion pretrain`: a base folder that `model.base` loads where it loads Stable
+Diffusion (`unet/`, `scheduler/`, `vae/` holding the codec) plus `prior.json`, which names the text encoder
+it was trained with, its resolution, codec and captions.
+
+TaxaDiffusion adapts a pretrained text-to-image model (DESIGN.md, "The method needs a prior"): the UNet reads
+the text encoder's features through its own projection (diffusers' `encoder_hid_dim`, as SD's UNet reads
+CLIP's), so the rank encoders of the adaptation output text-width features, as published.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import InputError, UnreadableFile
+
+PRIOR_FILE = "prior.json"
+FORMAT = "taxadiffusion.prior"
+
+
+@dataclass
+class PriorInfo:
+    text_encoder: str  # what `text.encoder` named when it was trained (e.g. "minilm", a folder, a hub id)
+    max_length: int | None
+    resolution: int
+    codec: str  # patches | vae
+    caption_rank: str
+    caption_template: str
+    captions: dict[str, int] = field(default_factory=dict)  # caption -> training images
+
+    def save(self, folder: str | Path) -> None:
+        data = {"format": FORMAT, **asdict(self)}
+        (Path(folder) / PRIOR_FILE).write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+
+    def check_fits(self, config) -> None:
+        """A config adapting this prior must use its text encoder and resolution (the UNet's cross-attention
+        learned this encoder's features at this size)."""
+        base = config.model.base
+        if config.text.encoder not in ("base", self.text_encoder):
+            raise InputError(
+                f"model.base {base} is a prior trained with text encoder {self.text_encoder!r}, but text.encoder is "
+                f"{config.text.encoder!r}; set text.encoder: base (or {self.text_encoder})"
+            )
+        if config.model.resolution != self.resolution:
+            raise InputError(
+                f"model.base {base} is a prior trained at {self.resolution} px, but model.resolution is "
+                f"{config.model.resolution}; set model.resolution: {self.resolution}"
+            )
+        if config.text.max_length not in (None, self.max_length):
+            raise InputError(
+                f"model.base {base} is a prior trained with text.max_length {self.max_length}, not "
+                f"{config.text.max_length}; leave text.max_length unset"
+            )
+
+
+def read_prior(base: str | Path) -> PriorInfo | None:
+    """The prior's description, or None for a base that is not a prior (Stable Diffusion)."""
+    path = Path(base) / PRIOR_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UnreadableFile(path, f"not valid JSON ({error})", "pretrain the prior again") from None
+    if data.pop("format", None) != FORMAT:
+        raise UnreadableFile(path, f"not a prior description (no format {FORMAT!r})", "pretrain the prior again")
+    try:
+        return PriorInfo(**data)
+    except TypeError as error:
+        raise UnreadableFile(path, f"unexpected fields ({error})", "pretrain the prior again") from None
+
+
+BASE_PARTS = ("unet", "scheduler", "vae", PRIOR_FILE)  # what a base folder holds
+
+
+def save_base_folder(folder: Path, unet, noise_scheduler, codec, info: PriorInfo) -> Path:
+    """Write a prior's parts into `folder` (the run's own folder, so that `model.base` names the run): each is
+    written aside, then renamed into place."""
+    import shutil
+
+    tmp = folder / ".tmp-base"
+    shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a killed save; the run's own
+    unet.save_pretrained(tmp / "unet")
+    noise_scheduler.save_pretrained(tmp / "scheduler")
+    if codec is not None:
+        codec.save_pretrained(tmp / "vae")
+    info.save(tmp)
+    for part in BASE_PARTS:
+        target = folder / part
+        if target.is_dir():
+            shutil.rmtree(target)
+        if (tmp / part).exists():
+            (tmp / part).replace(target)
+    tmp.rmdir()
+    return folder
+
+
+# -- a prior shipped in the package: one safetensors file ----------------------------------------------------
+
+PACKAGED = "packaged:"  # `model.base: packaged:demo` names src/taxadiffusion/priors/demo.safetensors
+PACKED_FILES = {  # metadata key -> the file of the base folder it holds
+    "unet_config": "unet/config.json",
+    "scheduler_config": "scheduler/scheduler_config.json",
+    "codec_config": "vae/config.json",
+    "prior": PRIOR_FILE,
+}
+
+
+def packaged_file(name: str) -> Path:
+    return Path(__file__).parent / "priors" / f"{name}.safetensors"
+
+
+def pack_prior(base: str | Path, out: str | Path, recipe: str) -> Path:
+    """A base folder as one safetensors file: the UNet's weights, with every config (and `recipe`, the config
+    that pretrained it) as metadata. The codec has no weights of its own (a patch codec)."""
+    from safetensors.torch import load_file, save_file
+
+    base = Path(base)
+    metadata = {key: (base / file).read_text(encoding="utf-8") for key, file in PACKED_FILES.items()}
+    metadata["recipe"] = recipe
+    weights = load_file(base / "unet" / "diffusion_pytorch_model.safetensors")
+    save_file(weights, str(out), metadata=metadata)
+    return Path(out)
+
+
+def unpack_prior(file: str | Path, folder: str | Path) -> Path:
+    """Write the base folder a packed prior holds (once: a complete folder is reused)."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from .model import SpaceToDepth
+
+    folder = Path(folder)
+    if (folder / PRIOR_FILE).is_file():
+        return folder
+    with safe_open(str(file), framework="pt") as handle:
+        metadata = handle.metadata()
+        weights = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (safe_open has no iteration)
+    tmp = folder.with_name(f".tmp-{folder.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for key, relative in PACKED_FILES.items():
+        (tmp / relative).parent.mkdir(parents=True, exist_ok=True)
+        (tmp / relative).write_text(metadata[key], encoding="utf-8")
+    save_file(weights, str(tmp / "unet" / "diffusion_pytorch_model.safetensors"))
+    codec = json.loads(metadata["codec_config"])
+    SpaceToDepth(codec["factor"], codec["channels"], codec["scaling_factor"]).save_pretrained(tmp / "vae")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+    return folder
+
+
+def resolve_base(base: str) -> str:
+    """A base as a local folder or hub id: `packaged:NAME` is unpacked into the user's cache first."""
+    if not base.startswith(PACKAGED):
+        return base
+    import hashlib
+    import os
+
+    name = base.removeprefix(PACKAGED)
+    file = packaged_file(name)
+    if not file.is_file():
+        shipped = sorted(p.stem for p in file.parent.glob("*.safetensors"))
+        raise InputError(f"no packaged prior {name!r}; the package ships: {', '.join(shipped) or 'none'}")
+    digest = hashlib.sha256(file.read_bytes()).hexdigest()[:12]
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "taxadiffusion" / "priors"
+    return str(unpack_prior(file, cache / f"{name}-{digest}"))
+
+
+def prior_pipeline(base: str | Path, captions: list[str], scheduler: str = "pndm"):
+    """A prior prompted with captions of its own kind, no adaptation (the paper's SD row, and the check that
+    its cross-attention responds to the text): the captions are encoded by the prior's text encoder and read
+    by the UNet as they are (rank encoders of no layers)."""
+    from .conditioning import TaxonomyEncoder
+    from .model import ModelConfig, build_denoiser
+    from .pipeline import TaxaDiffusionPipeline, make_scheduler
+    from .taxonomy import Lineage, Rank, Taxonomy
+    from .text import TextEmbeddingCache, TextEncoderSpec
+
+    info = read_prior(base)
+    if info is None:
+        raise InputError(f"{base} is not a prior made by `taxadiffusion pretrain` (no {PRIOR_FILE})")
+    encoder = TextEncoderSpec(info.text_encoder, max_length=info.max_length)
+    if (Path(info.text_encoder) / "text_encoder").is_dir():
+        encoder = TextEncoderSpec(info.text_encoder, "text_encoder", "tokenizer", info.max_length)
+    ranks = (Rank.SPECIFIC_EPITHET,)  # the one-text slot `pretrain` trained through
+    taxonomy = Taxonomy.from_lineages(Lineage(ranks, (caption,)) for caption in captions)
+    cache = TextEmbeddingCache.build(taxonomy, encoder.load(), "{name}")
+    denoiser = build_denoiser(ModelConfig(base=str(base), resolution=info.resolution))
+    width = cache.config.width
+    identity = TaxonomyEncoder(num_ranks=1, text_width=width, cross_attention_dim=width, num_layers=0).eval()
+    pipe = TaxaDiffusionPipeline(
+        unet=denoiser.unet.eval(),
+        scheduler=make_scheduler(scheduler, denoiser.noise_scheduler.config),
+        taxonomy_encoder=identity,
+        text_embeddings=cache,
+        vae=denoiser.vae,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -1,0 +1,50 @@
+"""Checks of the folders a command reads or writes.
+
+A saved folder is checked before a library reads it: every JSON file parses and every safetensors file is
+whole, else one error names the damaged file (diffusers and transformers would raise deep inside their
+loaders, often without the path). An output folder that holds something is refused unless told to replace.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .errors import MissingInput, OutputExists, UnreadableFile
+
+
+def check_saved_folder(folder: str | Path, what: str, marker: str, hint: str) -> Path:
+    """`folder` must hold `marker` (e.g. model_index.json) and only readable JSON and safetensors files."""
+    folder = Path(folder)
+    if not (folder / marker).is_file():
+        raise MissingInput(f"{folder} is not {what} (no {marker}); {hint}")
+    for path in sorted(folder.rglob("*.json")):
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            hint = f"the {what} is damaged; save or copy it again"
+            raise UnreadableFile(path, f"not valid JSON ({error})", hint) from None
+    for path in sorted(folder.rglob("*.safetensors")):
+        check_safetensors(path, f"the {what} is damaged; save or copy it again")
+    return folder
+
+
+def check_safetensors(path: Path, hint: str) -> None:
+    """Open the file's header: safetensors checks that the header is whole and the data covers every tensor."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except Exception as error:  # SafetensorError (truncated, empty) or OSError
+        raise UnreadableFile(path, f"unreadable safetensors file ({error})", hint) from None
+
+
+def refuse_nonempty(folder: str | Path, overwrite: bool) -> Path:
+    """An output folder must be new or empty, unless `overwrite` (checked before the work, not after)."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise OutputExists(f"{folder} is a file; choose a folder for --out")
+    if folder.is_dir() and any(folder.iterdir()) and not overwrite:
+        raise OutputExists(f"{folder} is not empty; choose another --out or pass --overwrite")
+    return folder

@@ -1,0 +1,346 @@
+"""The fault matrix: bad inputs and damaged files, each through the command's entry point.
+
+Every case asserts the exit code, a one-line message that names the file or key, no traceback, and that the
+user's data is still there byte for byte.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import socket
+import struct
+import zlib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from taxadiffusion.cli import main
+from taxadiffusion.train import checkpoint as ckpt
+from tiny_models import TINY_MODEL, write_two_rank_dataset
+
+
+def write_dataset(root: Path) -> Path:
+    """A user's folder dataset (two ranks, 4 species, 16 px), without the synthetic render's marker."""
+    write_two_rank_dataset(root)
+    (root / "synthetic.json").unlink()
+    return root
+
+
+def write_config(path: Path, data: Path, text_encoder: Path, **train) -> Path:
+    settings = {"steps": [1, 1], "batch_size": 4, "checkpoint_every": 1, "log_every": 1, "learning_rate": 1e-3}
+    config = {
+        "model": TINY_MODEL,
+        "text": {"encoder": str(text_encoder)},
+        "data": {"format": "folder", "path": str(data), "crop": "squash"},
+        "train": settings | train,
+        "sample": {"steps": 2, "grid_taxa": 2, "grid_images": 2},
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file under `folder` and the hash of its bytes."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()
+    }
+
+
+def run(capsys, *argv) -> tuple[int, str]:
+    """Exit code and stderr of one command; stderr must be one line without a traceback."""
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    return code, err
+
+
+def one_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("taxadiffusion:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    data = write_dataset(tmp_path / "dataset")
+    return data, snapshot(data)
+
+
+# -- data loss -------------------------------------------------------------------------------------
+
+
+def test_overwrite_never_deletes_a_folder_it_did_not_make(tmp_path, tiny_sd, capsys):
+    out = tmp_path / "out"
+    data = write_dataset(out / "data")  # the user's dataset lies where a synthetic run renders its own
+    before = snapshot(out)
+    config = write_config(tmp_path / "c.yaml", data, tiny_sd)
+    code, err = run(capsys, "train", "--config", config, "--output", out, "--overwrite")
+    message = one_line(err)
+    assert code == 2 and str(out) in message and "not a taxadiffusion run" in message
+    assert "--overwrite" not in message  # no invitation to delete it
+    assert snapshot(out) == before
+
+
+def test_overwrite_keeps_the_dataset_a_run_folder_holds(tmp_path, tiny_sd, capsys):
+    out = tmp_path / "run"
+    first = write_dataset(tmp_path / "first")
+    assert (
+        main(["train", "--config", str(write_config(tmp_path / "a.yaml", first, tiny_sd)), "--output", str(out)]) == 0
+    )
+    (out / "notes.txt").write_text("mine")
+    # A run recorded `data` as its own (a synthetic render); the user has since put a dataset there.
+    manifest = json.loads((out / "run.json").read_text())
+    (out / "run.json").write_text(json.dumps(manifest | {"owns": [*manifest["owns"], "data"]}))
+    data = write_dataset(out / "data")
+    before = snapshot(data)
+    config = write_config(tmp_path / "b.yaml", data, tiny_sd, learning_rate=5e-4)
+    code, err = run(capsys, "train", "--config", config, "--output", out, "--overwrite")
+    assert code == 2 and "the dataset" in one_line(err) and str(out / "data") in err
+    assert snapshot(data) == before
+    # Overwriting a run with its dataset elsewhere removes only what the run made.
+    code, _ = run(capsys, "train", "--config", write_config(tmp_path / "c.yaml", first, tiny_sd, learning_rate=5e-4),
+                  "--output", out, "--overwrite")  # fmt: skip
+    assert code == 0 and (out / "notes.txt").read_text() == "mine" and snapshot(data) == before
+
+
+def test_a_foreign_config_file_is_not_a_run(tmp_path, dataset, tiny_sd, capsys):
+    data, before = dataset
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.yaml").write_text("server:\n  port: 80\n")
+    code, err = run(capsys, "train", "--config", write_config(tmp_path / "c.yaml", data, tiny_sd), "--output", out)
+    assert code == 2 and "not a taxadiffusion run" in one_line(err) and "unknown config key" not in err
+    assert (out / "config.yaml").read_text() == "server:\n  port: 80\n" and snapshot(data) == before
+
+
+# -- values that would train to "success" ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("train.learning_rate=.inf", "train.learning_rate"),
+        ("train.learning_rate=.nan", "train.learning_rate"),
+        ("train.encoder_learning_rate=-1e-4", "train.encoder_learning_rate"),
+        ("train.snr_gamma=-5", "train.snr_gamma"),
+        ("train.weight_decay=-0.1", "train.weight_decay"),
+        ("train.max_grad_norm=0", "train.max_grad_norm"),
+        ("sample.steps=0", "sample.steps"),
+        ("sample.window=[0.8, 0.2]", "sample.window"),
+        ("sample.scale=-1", "sample.scale"),
+        ("text.max_length=0", "text.max_length"),
+        ("model.resolution=0", "resolution"),
+        ("model.resolution=20", "resolution"),
+        ("data.num_workers=-1", "data.num_workers"),
+    ],
+)
+def test_bad_values_are_refused_by_the_dry_run(tmp_path, dataset, tiny_sd, capsys, override, key):
+    data, before = dataset
+    config = write_config(tmp_path / "c.yaml", data, tiny_sd)
+    code, err = run(capsys, "train", "--config", config, "--set", override, "--output", tmp_path / "o", "--dry-run")
+    assert code == 2 and key in one_line(err) and str(config) in err
+    assert not (tmp_path / "o").exists() and snapshot(data) == before
+
+
+def test_no_non_finite_weight_is_ever_saved(tmp_path, dataset, tiny_sd):
+    import torch
+
+    from taxadiffusion.config import Config
+    from taxadiffusion.train.trainer import Trainer, TrainingDiverged
+
+    data, _ = dataset
+    config = Config.load(write_config(tmp_path / "c.yaml", data, tiny_sd, steps=[2, 2]))
+
+    def poison(state, batch):  # the last step's update turns a weight into NaN (as lr=inf did)
+        if state.global_step == 2:
+            with torch.no_grad():
+                next(trainer.model.taxonomy_encoder.parameters()).fill_(float("nan"))
+
+    trainer = Trainer(config, tmp_path / "run", on_step=poison, progress=False)
+    with pytest.raises(TrainingDiverged, match="became NaN or infinite at stage 0-genus, step 2"):
+        trainer.run()
+    for folder in ckpt.list_checkpoints(tmp_path / "run" / "checkpoints"):
+        weights = ckpt.read_weights(folder)
+        assert all(torch.isfinite(w).all() for w in weights.values())
+    assert not (tmp_path / "run" / "pipeline").exists()
+
+
+# -- messages instead of tracebacks ----------------------------------------------------------------
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height pixels (a decompression bomb; the data is one row)."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 4)) + chunk(b"IEND", b"")
+    )
+
+
+def test_a_decompression_bomb_is_counted_not_fatal(dataset, capsys):
+    data, _ = dataset
+    bomb = next((data / "images").iterdir()) / "bomb.png"
+    bomb.write_bytes(png_claiming(30000, 30000))
+    code = main(["data", "check", "--format", "folder", str(data)])
+    captured = capsys.readouterr()
+    assert code == 1 and "Traceback" not in captured.err
+    assert "oversized: 1" in captured.out and str(bomb) in captured.out
+
+
+def test_bad_training_images_are_named_before_step_one_or_skipped(tmp_path, dataset, tiny_sd, capsys):
+    data, _ = dataset
+    folders = sorted((data / "images").iterdir())
+    broken = folders[0] / "0000.png"
+    broken.write_bytes(b"not a png")
+    (folders[1] / "0001.png").write_bytes(png_claiming(30000, 30000))
+    config = write_config(tmp_path / "c.yaml", data, tiny_sd)
+    code, err = run(capsys, "train", "--config", config, "--output", tmp_path / "run")
+    message = one_line(err)
+    assert code == 2 and "2 unusable training image(s)" in message and str(broken) in message
+    assert "0001.png (oversized)" in message and "data.skip_bad_images" in message
+    assert not (tmp_path / "run" / "checkpoints").exists()  # stopped before step 1
+    code, _ = run(
+        capsys, "train", "--config", config, "--set", "data.skip_bad_images=true", "--output", tmp_path / "skip"
+    )
+    plan = (tmp_path / "skip" / "plan.txt").read_text()
+    assert code == 0 and "unusable image (unreadable): 1" in plan and "unusable image (oversized): 1" in plan
+
+
+def test_malformed_yaml_names_the_file(tmp_path, capsys):
+    config = tmp_path / "broken.yaml"
+    config.write_text("train:\n  steps: [1, 2\n")
+    code, err = run(capsys, "train", "--config", config, "--output", tmp_path / "o", "--dry-run")
+    assert code == 2 and str(config) in one_line(err) and "not valid YAML at line" in err
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "bad json"])
+def test_a_damaged_pipeline_names_its_file(tmp_path, tiny_pipeline, capsys, damage):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_pipeline, model)
+    if damage == "bad json":
+        target = model / "unet" / "config.json"
+        target.write_text("{not json")
+    else:
+        target = model / "unet" / "diffusion_pytorch_model.safetensors"
+        target.write_bytes(target.read_bytes()[: 100 if damage == "truncated" else 0])
+    code, err = run(
+        capsys, "sample", "--model", model, "--taxon", "Chromis", "--rank", "genus", "--out", tmp_path / "s"
+    )
+    assert code == 2 and str(target) in one_line(err) and not (tmp_path / "s").exists()
+    code, err = run(capsys, "sample", "--model", tmp_path, "--taxon", "Chromis", "--out", tmp_path / "s")
+    assert code == 2 and "is not a saved pipeline (no model_index.json)" in one_line(err)
+
+
+def test_a_truncated_latest_checkpoint_falls_back_to_the_one_before(tmp_path, dataset, tiny_sd, capsys):
+    data, _ = dataset
+    config = write_config(tmp_path / "c.yaml", data, tiny_sd, steps=[2, 2], keep_checkpoints=3)
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(config), "--output", str(out)]) == 0
+    shutil.rmtree(out / "pipeline")
+    latest = ckpt.list_checkpoints(out / "checkpoints")[-1]
+    weights = latest / ckpt.WEIGHTS
+    weights.write_bytes(weights.read_bytes()[:50])
+    code = main(["train", "--config", str(config), "--output", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0 and "Traceback" not in captured.err
+    assert f"skipping damaged checkpoint {latest}" in captured.out and str(weights) in captured.out
+    assert (out / "pipeline" / "model_index.json").is_file()
+
+
+def test_evaluate_without_the_classifier_folder(tmp_path, tiny_pipeline, dataset, capsys):
+    data, _ = dataset
+    missing = tmp_path / "no-classifier"
+    code, err = run(
+        capsys, "evaluate", "--model", tiny_pipeline, "--data", "folder", data, "--classifier", missing,
+        "--ranks", "genus", "--out", tmp_path / "e",
+    )  # fmt: skip
+    assert code == 2 and str(missing) in one_line(err)
+
+
+def test_a_busy_port_is_a_message(tmp_path, tiny_pipeline, capsys):
+    pytest.importorskip("gradio")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code, err = run(capsys, "app", "--model", tiny_pipeline, "--port", port, "--device", "cpu")
+    assert code == 2 and f"--port {port}" in one_line(err)
+
+
+def test_taxonomy_resolve_refuses_folders_and_existing_tables(tmp_path, capsys):
+    code, err = run(capsys, "taxonomy", "resolve", "--file", tmp_path)
+    assert code == 2 and str(tmp_path) in one_line(err) and "is a folder" in err
+    code, err = run(capsys, "taxonomy", "resolve", "Chromis", "--csv", tmp_path)
+    assert code == 2 and str(tmp_path) in one_line(err) and "is a folder" in err
+    table = tmp_path / "lineages.csv"
+    table.write_text("precious")
+    code, err = run(capsys, "taxonomy", "resolve", "Chromis", "--csv", table)
+    assert code == 2 and "--overwrite" in one_line(err) and table.read_text() == "precious"
+
+
+def test_a_misspelled_binomial_gets_its_species_suggested(tmp_path, tiny_pipeline, capsys):
+    code, err = run(capsys, "sample", "--model", tiny_pipeline, "--taxon", "Amphiprion clarki", "--out", tmp_path)
+    assert code == 2 and "did you mean 'Amphiprion clarkii'" in one_line(err)
+    code, err = run(capsys, "sample", "--model", tiny_pipeline, "--taxon", "Hemigymnus fasciatos", "--out", tmp_path)
+    assert code == 2 and "Hemigymnus fasciatus" in one_line(err)
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "says"),
+    [
+        ("--n", "0", "--n must be between"),
+        ("--n", "1000000000", "--n must be between"),
+        ("--batch-size", "0", "--batch-size"),
+    ],
+)
+def test_sample_counts_are_checked_before_the_model_loads(tmp_path, capsys, option, value, says):
+    out = tmp_path / "samples"
+    code, err = run(capsys, "sample", "--model", tmp_path / "absent", "--taxon", "x", "--out", out, option, value)
+    assert code == 2 and says in one_line(err) and not out.exists()
+
+
+def test_data_check_on_a_folder_without_images(tmp_path, capsys):
+    (tmp_path / "taxonomy.csv").write_text("folder,genus\n")
+    code, err = run(capsys, "data", "check", "--format", "folder", tmp_path)
+    assert code != 0 and str(tmp_path) in one_line(err)
+
+
+def test_a_table_that_is_not_utf8_names_the_file(tmp_path, capsys):
+    table = tmp_path / "metadata.csv"
+    table.write_bytes("file_name,genus\nimg.png,Chétodon\n".encode("latin-1"))
+    code, err = run(capsys, "data", "inspect", "--format", "csv", table)
+    assert code == 2 and str(table) in one_line(err) and "UTF-8" in err
+
+
+def test_a_kill_during_pruning_leaks_no_checkpoint(tmp_path):
+    import torch
+
+    root = tmp_path / "checkpoints"
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+    def write(step: int) -> Path:
+        state = ckpt.TrainingState(global_step=step)
+        return ckpt.write_checkpoint(root, state, {"w": torch.zeros(1)}, optimizer, scheduler, 0, True, lambda: None, 2)
+
+    write(1)
+    write(2)
+    # A kill mid-prune leaves a renamed, half-deleted checkpoint; a kill mid-write leaves a temporary folder.
+    (root / f"{ckpt.DELETED_PREFIX}step-00000000").mkdir()
+    (root / f"{ckpt.TMP_PREFIX}step-00000009").mkdir()
+    write(3)
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000002", "step-00000003"]
+
+
+def test_messages_keep_their_quotes():
+    """Errors that are also KeyErrors print their message as written, quotes included (the app showed them cut)."""
+    from taxadiffusion.taxonomy import UnknownTaxonError
+
+    error = UnknownTaxonError("Amphiprion clarki", None, ["Amphiprion clarkii"])
+    assert str(error) == "unknown taxon 'Amphiprion clarki'; did you mean 'Amphiprion clarkii'?"

@@ -1,0 +1,148 @@
+"""A prior made by `pretrain`, then adapted by the published recipe (LoRA, `unet_stages: first`), then sampled."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from taxadiffusion.cli import main
+from tiny_models import TINY_MODEL, write_two_rank_dataset
+
+PRIOR_MODEL = TINY_MODEL | {"tiny": TINY_MODEL["tiny"] | {"patch_size": 2, "text_projection": True}}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_two_rank_dataset(tmp_path_factory.mktemp("two-rank"))
+
+
+def prior_config(path, data, text_encoder, **train):
+    config = {
+        "model": PRIOR_MODEL,
+        "text": {"encoder": str(text_encoder), "template": "{name}"},
+        "data": {"format": "folder", "path": str(data), "crop": "squash"},
+        "caption": {"rank": "genus", "template": "a photo of {genus}"},
+        "train": {"strategy": "prior", "steps": 3, "batch_size": 4, "checkpoint_every": 2, "learning_rate": 1e-3}
+        | train,
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def prior(data, tiny_sd, tmp_path_factory):
+    root = tmp_path_factory.mktemp("prior")
+    config = prior_config(root / "prior.yaml", data, tiny_sd, ema_decay=0.9)
+    assert main(["pretrain", "--config", str(config), "--output", str(root / "run")]) == 0
+    return root / "run"
+
+
+def test_pretrain_writes_a_base_folder(prior, tiny_sd):
+    info = json.loads((prior / "prior.json").read_text())
+    assert info["format"] == "taxadiffusion.prior" and info["text_encoder"] == str(tiny_sd)
+    assert info["codec"] == "patches" and info["resolution"] == 16
+    assert len(info["captions"]) == 2 and all(c.startswith("a photo of ") for c in info["captions"])
+    unet_config = json.loads((prior / "unet" / "config.json").read_text())
+    assert unet_config["encoder_hid_dim"] == 32  # reads the text encoder's features as SD reads CLIP's
+    assert json.loads((prior / "vae" / "config.json").read_text())["_class_name"] == "SpaceToDepth"
+
+
+def test_the_published_recipe_adapts_the_prior(prior, data, tiny_sd, tmp_path, capsys):
+    config = {
+        "model": {"base": str(prior), "resolution": 16, "finetune": "lora", "encoder_heads": 4},
+        "text": {"encoder": "base"},
+        "data": {"format": "folder", "path": str(data), "crop": "squash"},
+        "train": {"steps": [2, 2], "batch_size": 4, "unet_stages": "first", "learning_rate": 1e-3},
+        "sample": {"steps": 2, "grid_taxa": 2, "grid_images": 2},
+    }
+    path = tmp_path / "adapt.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["train", "--config", str(path), "--output", str(tmp_path / "run")]) == 0
+    pipeline = tmp_path / "run" / "pipeline"
+    base = load_file(prior / "unet" / "diffusion_pytorch_model.safetensors")
+    adapted = load_file(pipeline / "unet" / "diffusion_pytorch_model.safetensors")
+    assert base.keys() == adapted.keys() and all(torch.equal(base[k], adapted[k]) for k in base)  # frozen UNet
+    lora = load_file(pipeline / "pytorch_lora_weights.safetensors")
+    assert lora and all("lora" in k for k in lora)
+    encoder = json.loads((pipeline / "taxonomy_encoder" / "config.json").read_text())
+    assert encoder["cross_attention_dim"] == encoder["text_width"] == 32  # no projection of its own
+    from taxadiffusion.taxonomy import Taxonomy
+
+    genus = Taxonomy.load(tmp_path / "run" / "taxonomy.json").taxa("genus")[0].name
+    out = tmp_path / "samples"
+    assert main(["sample", "--model", str(pipeline), "--taxon", genus, "--n", "2", "--out", str(out)]) == 0
+    assert len(list(out.glob("*.png"))) == 3
+    capsys.readouterr()
+
+
+def test_a_prior_refuses_another_text_encoder_or_resolution(prior, data, tmp_path, capsys):
+    config = {
+        "model": {"base": str(prior), "resolution": 16, "encoder_heads": 4},
+        "text": {"encoder": "minilm"},
+        "data": {"format": "folder", "path": str(data)},
+    }
+    path = tmp_path / "adapt.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["train", "--config", str(path), "--output", str(tmp_path / "o"), "--dry-run"]) == 2
+    assert "trained with text encoder" in capsys.readouterr().err
+    args = ["--set", "text.encoder=base", "--set", "model.resolution=32"]
+    assert main(["train", "--config", str(path), *args, "--output", str(tmp_path / "o"), "--dry-run"]) == 2
+    assert "trained at 16 px" in capsys.readouterr().err
+
+
+def test_caption_ranks_are_checked(data, tiny_sd, tmp_path, capsys):
+    path = prior_config(tmp_path / "p.yaml", data, tiny_sd)
+    absent = ["--set", "caption.template=a photo of {family}"]  # the dataset has genus and species only
+    assert main(["pretrain", "--config", str(path), *absent, "--output", str(tmp_path / "o"), "--dry-run"]) == 2
+    assert "does not have" in capsys.readouterr().err
+    finer = ["--set", "caption.template=a photo of {specific_epithet}"]
+    assert main(["pretrain", "--config", str(path), *finer, "--output", str(tmp_path / "o"), "--dry-run"]) == 2
+    assert "finer than caption.rank" in capsys.readouterr().err
+    assert main(["train", "--config", str(path), "--output", str(tmp_path / "o"), "--dry-run"]) == 2
+    assert "taxadiffusion pretrain" in capsys.readouterr().err
+
+
+def test_the_shipped_prior_loads_offline_and_is_the_committed_recipe(tmp_path, monkeypatch):
+    """`model.base: packaged:demo` is one safetensors file in the package, made from configs/prior_demo.yaml."""
+    from safetensors import safe_open
+
+    from taxadiffusion.config import Config
+    from taxadiffusion.model import build_denoiser
+    from taxadiffusion.prior import packaged_file, read_prior
+    from taxadiffusion.train.plan import text_encoder_spec
+
+    shipped = packaged_file("demo")
+    assert shipped.stat().st_size <= 25 * 2**20
+    with safe_open(str(shipped), framework="pt") as handle:
+        recipe = handle.metadata()["recipe"]
+    committed = Path(__file__).resolve().parents[1] / "configs" / "prior_demo.yaml"
+    assert recipe == committed.read_text(encoding="utf-8")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # unpacked into the user's cache, once
+    config = Config.load(Path(__file__).resolve().parents[1] / "configs" / "demo_prior.yaml")
+    prior = read_prior(config.model.base_path)
+    assert config.model.base_path.startswith(str(tmp_path)) and prior.resolution == config.model.resolution
+    spec = text_encoder_spec(config)
+    denoiser = build_denoiser(config.model, text_width=spec.width())
+    assert denoiser.unet.config.encoder_hid_dim == spec.width() == 384 and denoiser.vae.config.factor == 2
+    assert Config.from_dict(yaml.safe_load(recipe)).caption.rank == "order"  # the prior never saw a finer name
+
+
+def test_the_prior_prompted_alone_responds_to_its_captions(prior):
+    """The zero-shot row: the prior sampled from its own captions, no adaptation."""
+    import numpy as np
+
+    from taxadiffusion.prior import prior_pipeline, read_prior
+
+    captions = sorted(read_prior(prior).captions)
+    pipe = prior_pipeline(prior, captions)
+    images = [
+        pipe(caption, num_inference_steps=2, guidance="vanilla", generator=torch.Generator().manual_seed(0),
+             output_type="np").images
+        for caption in captions
+    ]  # fmt: skip
+    assert images[0].shape == (1, 16, 16, 3) and not np.array_equal(images[0], images[1])
