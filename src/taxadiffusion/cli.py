@@ -132,17 +132,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .devices import choose_device
     from .eval.protocol import EvalSettings, evaluate
     from .eval.report import summary_lines
-    from .sampling import SamplingSettings
 
     device = choose_device(args.device) if args.model else "cpu"  # checked before any data or weights load
-    given = {k: v for k, v in _sampling(args).items() if v is not None}
     settings = EvalSettings(
         ranks=tuple(r.strip() for r in args.ranks.split(",")),
         per_taxon=args.per_taxon,
         max_real_per_taxon=args.max_real,
         resolution=args.resolution,
         seed=args.seed,
-        sampling=SamplingSettings.load(args.model).replace(**given) if args.model and given else None,
         batch_size=args.batch_size,
         lpips_net=args.lpips_net,
         rare_threshold=args.rare_threshold,
@@ -152,8 +149,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         bioclip_tokenizer=args.bioclip_tokenizer,
     )
     metrics = evaluate(
-        tuple(args.data), args.out, settings, args.model, args.images, args.root, args.split, device, args.regenerate
-    )
+        tuple(args.data), args.out, settings, args.model, args.images, args.root, args.split, device, args.regenerate,
+        sampling_changes=_sampling(args),
+    )  # fmt: skip
     print(summary_lines(metrics))
     print(f"report: {Path(args.out) / 'report.md'} and {Path(args.out) / 'report.html'}")
     return 0

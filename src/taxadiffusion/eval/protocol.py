@@ -395,9 +395,11 @@ def evaluate(
     device: str = "cpu",
     regenerate: bool = False,
     progress: bool = True,
+    sampling_changes: dict | None = None,
 ) -> dict:
     """The whole evaluation: read the real images (`data` = (reader format, path)), generate with `model` (or
-    score the folder `images`), score every rank, and write `metrics.json` and the report into `out`."""
+    score the folder `images`), score every rank, and write `metrics.json` and the report into `out`.
+    `sampling_changes`: sampling settings that differ from the model's saved ones (e.g. {"scale": 3.0})."""
     from ..data.readers import read_records
     from .report import write_report
 
@@ -415,6 +417,7 @@ def evaluate(
 
         pipeline = TaxaDiffusionPipeline.from_pretrained(model).to(device)
         pipeline.set_progress_bar_config(disable=True)
+        pipeline.configure_sampling(**(sampling_changes or {}))
     metrics = Evaluation(real, out, settings, pipeline=pipeline, images=images, regenerate=regenerate).run(progress)
     write_report(out, {Path(out).name: metrics})
     return metrics
