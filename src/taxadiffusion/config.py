@@ -108,6 +108,7 @@ class CaptionConfig:
             raise ConfigError(f"caption: {error}") from None
         if not fields:
             raise ConfigError(f"caption.template must name at least one rank, e.g. {{order}}; got {self.template!r}")
+        self._ranks = []
         for name in fields:
             try:
                 rank = Rank.parse(name)
@@ -115,12 +116,12 @@ class CaptionConfig:
                 raise ConfigError(f"caption.template: {{{name}}} is not a rank") from None
             if STANDARD_RANKS.index(rank) > STANDARD_RANKS.index(finest):
                 raise ConfigError(f"caption.template names {rank}, finer than caption.rank ({finest})")
+            self._ranks.append(rank)
 
     @property
     def ranks(self) -> list[Rank]:
-        import string
-
-        return [Rank.parse(f) for _, f, _, _ in string.Formatter().parse(self.template) if f is not None]
+        """The ranks the template names, in its order (parsed once, when the config is built)."""
+        return self._ranks
 
     def caption(self, lineage) -> str | None:
         """The caption of a lineage, or None where it is not labelled down to every rank the template names."""

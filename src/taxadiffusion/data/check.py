@@ -22,9 +22,12 @@ class CheckReport:
     odd_modes: Counter[str] = field(default_factory=Counter)  # usable, converted to RGB on load
     examples: dict[str, list[str]] = field(default_factory=dict)
     max_examples: int = 5
+    unusable_images: list[ImageCheck] = field(default_factory=list)  # every one, for the pre-flight screen
 
     def add(self, result: ImageCheck) -> None:
         self.checked += 1
+        if result.problem:
+            self.unusable_images.append(result)
         kind = result.problem or (f"mode {result.odd_mode}" if result.odd_mode else None)
         if kind is None:
             return
@@ -72,15 +75,7 @@ def check_images(paths: Iterable[Path], workers: int = 4, progress: bool = True)
 def screen_records(records: RecordSet, skip_bad: bool, workers: int, progress: bool = True) -> RecordSet:
     """Decode every training image once before training starts. Unusable images are refused, each named
     (or, with `skip_bad`, dropped and counted as skipped rows), so no bad file can stop a run mid-epoch."""
-    report, bad = CheckReport(), []
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        from tqdm.auto import tqdm
-
-        results = pool.map(check_image, (r.image for r in records))
-        for result in tqdm(results, total=len(records), desc="checking images", unit="img", disable=not progress):
-            report.add(result)
-            if result.problem:
-                bad.append(result)
+    bad = check_images((r.image for r in records), workers, progress).unusable_images
     if not bad:
         return records
     if not skip_bad:
@@ -91,8 +86,8 @@ def screen_records(records: RecordSet, skip_bad: bool, workers: int, progress: b
             "data.skip_bad_images=true to train without them (`taxadiffusion data check` lists them all)"
         )
     unusable = {b.path for b in bad}
-    kept = RecordSet(records.ranks, [r for r in records if r.image not in unusable], records.skipped.copy())
-    kept.source, kept.notes = records.source, list(records.notes)
+    kept = [r for r in records if r.image not in unusable]
+    kept = RecordSet(records.ranks, kept, records.skipped.copy(), records.source, list(records.notes))
     for result in bad:
         kept.skip(f"unusable image ({result.problem})")
     kept.notes.append("unusable images skipped: " + ", ".join(str(b.path) for b in bad[:20]))

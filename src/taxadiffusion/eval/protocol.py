@@ -87,6 +87,13 @@ def generation_key(pipeline, seed: int) -> dict:
     return {"model": weights_digest(pipeline), **pipeline.sampling.to_dict(), "seed": seed}
 
 
+def check_classifier(settings: EvalSettings) -> None:
+    """The classifier folder, if one is set, is a saved taxonomic classifier (not a Hub id to reach)."""
+    if settings.classifier:
+        hint = "train one with `taxadiffusion classifier train`"
+        check_saved_folder(settings.classifier, "a taxonomic classifier", "config.json", hint)
+
+
 def _uint8_batch(images: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
 
@@ -109,9 +116,7 @@ class Evaluation:
         images generated earlier in `out` with another model or other settings (else they are refused)."""
         if (pipeline is None) == (images is None):
             raise InputError("evaluate either a model (--model) or a folder of generated images (--images)")
-        if settings.classifier:  # checked before any image is generated
-            hint = "train one with `taxadiffusion classifier train`"
-            check_saved_folder(settings.classifier, "a taxonomic classifier", "config.json", hint)
+        check_classifier(settings)  # before any image is generated
         self.settings = settings
         self.out = Path(out)
         self.pipeline = pipeline
@@ -405,9 +410,7 @@ def evaluate(
 
     if (model is None) == (images is None):
         raise InputError("give exactly one of --model DIR (generate and score) or --images DIR (score a folder)")
-    if settings.classifier:  # before the data and the model load
-        hint = "train one with `taxadiffusion classifier train`"
-        check_saved_folder(settings.classifier, "a taxonomic classifier", "config.json", hint)
+    check_classifier(settings)  # before the data and the model load
     real = read_records(data[0], data[1], root=root)
     if split:
         real = real.split(split)
