@@ -21,7 +21,10 @@ def test_taxonomic_cfg_by_hand():
 
 def test_window():
     assert all(in_window(i, 10) for i in range(10))
-    assert [in_window(i, 10, (0.0, 0.5)) for i in range(10)] == [True] * 5 + [False] * 5
+    # Both ends included, as published (`i >= r0 * N and i <= r1 * N`): steps 0..5 of 10, 0..10 of 20.
+    assert [in_window(i, 10, (0.0, 0.5)) for i in range(10)] == [True] * 6 + [False] * 4
+    assert [i for i in range(20) if in_window(i, 20, (0.0, 0.5))] == list(range(11))
+    assert [i for i in range(20) if in_window(i, 20, (0.25, 0.5))] == list(range(5, 11))
     assert [in_window(i, 4, (0.5, 1.0)) for i in range(4)] == [False, False, True, True]
     assert not any(in_window(i, 4, (0.3, 0.3)) for i in range(4))
     with pytest.raises(ValueError, match="r0 <= r1"):

@@ -99,7 +99,7 @@ def test_window_is_honoured_step_by_step(sd, parts):
     hook = ours.unet.register_forward_hook(lambda module, args, out: batches.append(args[0].shape[0]))
     try:
         ours("Amphiprion clarkii", num_inference_steps=8, guidance_window=(0.25, 0.75), output_type="np")
-        assert batches == [1, 1, 2, 2, 2, 2, 1, 1]
+        assert batches == [1, 1, 2, 2, 2, 2, 2, 1]  # steps 2..6: 0.25 x 8 <= i <= 0.75 x 8, as published
         batches.clear()
         ours(["Amphiprion clarkii", "Chromis viridis"], num_inference_steps=4, guidance="none", output_type="np")
         assert batches == [2, 2, 2, 2]
@@ -206,3 +206,44 @@ def test_sample_cli(tiny_pipeline, tmp_path, capsys):
     bad = ["sample", "--model", model, "--taxon", "Amphiprio", "--out", str(out)]
     assert main(bad) == 2
     assert "did you mean 'Amphiprion'" in capsys.readouterr().err
+
+
+def test_published_nulls_are_the_raw_text_features(sd, parts):
+    """negative=text: at depth 1 taxonomic guidance contrasts c_0 with the raw "<first rank>: None" features
+    (so it does something; the encoded negative there is c_0 itself), and vanilla guidance with the raw
+    empty prompt; each equals diffusers' pipeline given those features as the negative."""
+    ours = _ours(sd, parts)
+    sd.scheduler = make_scheduler("pndm", sd.scheduler.config)
+    cache = ours.text_embeddings
+    lineage = ours.resolve("Actinopterygii")
+    with torch.no_grad():
+        c_0 = _embeds(ours, lineage, 1, None)
+    none_0, empty = cache.table(0)[-1:], cache.empty_text
+    assert not torch.equal(none_0, c_0) and not torch.equal(empty, c_0)
+    for guidance, raw in (("taxonomic", none_0), ("vanilla", empty)):
+        kwargs = {"guidance_scale": 9.0, "num_inference_steps": 4}
+        with torch.no_grad():
+            expected = sd(
+                prompt_embeds=c_0,
+                negative_prompt_embeds=raw,
+                generator=torch.Generator().manual_seed(0),
+                output_type="np",
+                **kwargs,
+            ).images
+        got = ours(
+            "Actinopterygii",
+            guidance=guidance,
+            negative="text",
+            generator=torch.Generator().manual_seed(0),
+            output_type="np",
+            **kwargs,
+        ).images
+        np.testing.assert_allclose(got, expected, atol=1e-6)
+    # The encoded negative at depth 1 is the condition itself: guidance changes nothing there.
+    plain = ours("Actinopterygii", guidance="none", generator=torch.Generator().manual_seed(0), output_type="np")
+    encoded = ours("Actinopterygii", generator=torch.Generator().manual_seed(0), output_type="np", guidance_scale=9.0)
+    np.testing.assert_allclose(plain.images, encoded.images, atol=1e-5)
+    # At depth > 1 both read c_0 as the negative.
+    a = ours("Amphiprion clarkii", negative="text", generator=torch.Generator().manual_seed(0), output_type="np")
+    b = ours("Amphiprion clarkii", negative="encoded", generator=torch.Generator().manual_seed(0), output_type="np")
+    np.testing.assert_array_equal(a.images, b.images)

@@ -41,7 +41,7 @@ def test_preset_holds_the_published_settings(name):
     assert config.model.resolution == 512
     assert (config.model.finetune, config.model.lora_rank, config.model.lora_alpha) == ("lora", 4, 4.0)
     assert config.model.lora_targets == ("to_q", "to_k", "to_v", "to_out.0")
-    assert (config.model.encoder_layers, config.model.encoder_heads) == (2, 8)
+    assert (config.model.encoder_layers, config.model.encoder_heads, config.model.encoder_feedforward) == (2, 8, 2048)
     assert (config.text.encoder, config.text.max_length, config.text.template) == ("base", 77, "{rank}: {name}")
     train = config.train
     assert (train.strategy, train.unet_stages, train.learning_rate, train.batch_size) == (
@@ -54,9 +54,11 @@ def test_preset_holds_the_published_settings(name):
     assert train.encoder_learning_rate is None and train.snr_gamma is None and train.mixed_precision == "no"
     sample = config.sample
     assert (sample.scheduler, sample.steps, sample.guidance, sample.scale) == ("pndm", 25, "taxonomic", 9.0)
-    fmt, ranks = PRESETS[name]
-    assert config.data.format == fmt and len(train.steps) == ranks
-    assert config.data.crop == {"inat21": "random_crop", "fishnet": "random_crop", "bioscan": "pad"}[fmt]
+    assert (sample.window, sample.negative) == ((0.0, 1.0), "text")  # the published nulls
+    fmt = PRESETS[name][0]
+    assert config.data.format == fmt and train.epochs == 20  # max_train_epoch: 20, per stage
+    assert config.data.crop == {"inat21": "random_crop", "fishnet": "fishnet", "bioscan": "pad"}[fmt]
+    assert config.text.species == ("epithet" if fmt == "inat21" else "binomial")
     dropout = 0.0 if fmt == "inat21" else 1 / 21
     assert train.condition_dropout == pytest.approx(dropout, abs=1e-5)
 
@@ -164,6 +166,7 @@ def test_preset_trains_one_step_per_stage(name, fixtures, tiny_sd, tmp_path):
         f"model.base={tiny_sd}",
         "model.resolution=32",
         "text.max_length=16",
+        "train.epochs=null",  # the presets' 20 epochs per stage give way to one step
         "train.steps=1",
         "train.batch_size=2",
         "data.num_workers=0",

@@ -32,8 +32,9 @@ def test_each_unique_text_is_encoded_once(small_taxonomy):
     encoder = CountingEncoder()
     cache = TextEmbeddingCache.build(small_taxonomy, encoder)
     texts = rank_texts(small_taxonomy)
-    unique = {t for rank_list in texts for t in rank_list}
+    unique = {"", *(t for rank_list in texts for t in rank_list)}  # "": the published vanilla-CFG negative
     assert sorted(encoder.seen) == sorted(unique)  # once each
+    assert cache.empty_text.shape == (1, 4, 6)
     # The two genera called Chromis are two taxa but one text, encoded once.
     assert sum(t == "genus: Chromis" for rank_list in texts for t in rank_list) == 2
     assert encoder.seen.count("genus: Chromis") == 1

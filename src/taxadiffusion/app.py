@@ -135,6 +135,7 @@ class Explorer:
             guidance=chosen.guidance,
             guidance_scale=chosen.scale,
             guidance_window=chosen.window,
+            negative=chosen.negative,
             generator=[torch.Generator().manual_seed(int(seed)) for seed in seeds],
         ).images
 

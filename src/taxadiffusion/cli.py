@@ -100,7 +100,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _sampling(args: argparse.Namespace) -> dict:
     """The sampling options given on the command line (None: the pipeline's saved setting)."""
     window = tuple(args.window) if args.window else None
-    return dict(scheduler=args.scheduler, steps=args.steps, guidance=args.guidance, scale=args.scale, window=window)
+    return dict(
+        scheduler=args.scheduler,
+        steps=args.steps,
+        guidance=args.guidance,
+        scale=args.scale,
+        window=window,
+        negative=args.negative,
+    )
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -117,6 +124,95 @@ def cmd_sample(args: argparse.Namespace) -> int:
         lineage = lineage.down_to(args.condition_rank)
     paths = write_samples(pipe, lineage, args.n, args.out, args.seed, args.batch_size, args.overwrite)
     print(f"{args.n} images of {lineage} ({lineage.finest_rank}) written to {args.out}; grid: {paths[-1].name}")
+    return 0
+
+
+def _generation_plan(args: argparse.Namespace, taxonomy):
+    """The images `generate` makes, from --per-taxon / --fill-to / --taxa."""
+    from . import generate as gen
+
+    if args.fill_to is not None:
+        if not args.data:
+            raise CommandError("--fill-to counts the real images of a dataset: give --data FORMAT PATH")
+        from .data.readers import read_records
+
+        real = read_records(args.data[0], args.data[1], root=args.root)
+        if tuple(real.ranks) != tuple(taxonomy.ranks):
+            raise CommandError(f"--data has ranks {', '.join(real.ranks)}; the model {', '.join(taxonomy.ranks)}")
+        lineages = [record.lineage for record in real]
+        return gen.plan_fill_to(taxonomy, args.fill_to, lineages, args.seed, source=args.data[1])
+    if args.taxa is not None:
+        from .resolver import read_names_file
+
+        lines = read_names_file(args.taxa)
+        return gen.plan_taxa(taxonomy, lines, args.per_taxon or 10, args.seed, source=str(args.taxa))
+    if args.per_taxon is None:
+        raise CommandError("say what to generate: --per-taxon N, --fill-to N --data FORMAT PATH, or --taxa FILE")
+    return gen.plan_per_taxon(taxonomy, args.per_taxon, args.rank, args.seed)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import time
+
+    from accelerate import PartialState
+
+    from . import generate as gen
+    from .devices import choose_device
+    from .eval.protocol import generation_key
+    from .pipeline import TaxaDiffusionPipeline
+    from .saved_files import check_saved_folder
+    from .text import TextEmbeddingCache
+
+    if args.batch_size < 1:
+        raise CommandError(f"--batch-size must be >= 1, got {args.batch_size}")
+    check_saved_folder(args.model, "a saved pipeline", "model_index.json", "train one with `taxadiffusion train`")
+    taxonomy = TextEmbeddingCache.from_config(TextEmbeddingCache.load_config(args.model / "text_embeddings")).taxonomy
+    plan = _generation_plan(args, taxonomy)
+    print(f"plan: {plan.describe()}; into {args.out}")
+    if args.dry_run or not plan.items:
+        return 0
+    state = PartialState()
+    device = choose_device(args.device) if state.num_processes == 1 else state.device
+    pipe = TaxaDiffusionPipeline.from_pretrained(args.model).to(device)
+    pipe.configure_sampling(**_sampling(args))
+    pipe.set_progress_bar_config(disable=True)
+    key = generation_key(pipe, args.seed)
+    if state.is_main_process:
+        gen.claim_output(args.out, key, args.add)
+    state.wait_for_everyone()
+    single = state.num_processes == 1
+
+    begun, said = time.perf_counter(), []
+
+    def on_batch(done: int) -> None:  # the plan's estimated time, from the first batch
+        if not said and state.is_main_process:
+            said.append(True)
+            per_image = (time.perf_counter() - begun) / done
+            print(f"estimated: {gen.estimate(per_image, len(plan.items) // state.num_processes)} in all")
+
+    result = gen.generate(
+        pipe,
+        plan,
+        args.out,
+        key,
+        batch_size=args.batch_size,
+        shard=(state.process_index, state.num_processes),
+        write_table=single,
+        progress=state.is_main_process,
+        on_batch=on_batch,
+    )
+    state.wait_for_everyone()
+    if state.is_main_process:
+        rows = result.rows if single else gen.write_metadata(args.out, taxonomy, plan, gen.generation_tag(key), key)
+        print(
+            "done: "
+            + (
+                f"{result.written:,} images made ({result.images_per_second:.2f} images/s)"
+                if result.written
+                else "no image left to make"
+            )
+            + f", {result.existing:,} already there; {args.out / gen.METADATA_FILE} lists {rows:,} images"
+        )
     return 0
 
 
@@ -142,6 +238,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         seed=args.seed,
         batch_size=args.batch_size,
         lpips_net=args.lpips_net,
+        protocol=args.protocol,
         rare_threshold=args.rare_threshold,
         inception=args.inception,
         classifier=str(args.classifier) if args.classifier else None,
@@ -221,6 +318,7 @@ COMMANDS = {
     "train": cmd_train,
     "pretrain": cmd_train,
     "sample": cmd_sample,
+    "generate": cmd_generate,
     "evaluate": cmd_evaluate,
     "classifier train": cmd_classifier_train,
     "app": cmd_app,

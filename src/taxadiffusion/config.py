@@ -21,6 +21,7 @@ from .errors import ConfigError, InputError, MissingInput, UnreadableFile
 from .model import ModelConfig
 from .sampling import SamplingSettings
 from .taxonomy import STANDARD_RANKS, Rank
+from .text import SPECIES_TEXTS
 
 FORMATS = ("synthetic", *READERS)  # the embedded default, then every reader
 STRATEGIES = ("progressive", "all", "random", "flat", "full", "prior")  # prior: `taxadiffusion pretrain`
@@ -57,7 +58,13 @@ class DataConfig:
     root: str | None = None  # image root, when not next to the metadata
     split: str | None = None  # keep only records of this split (e.g. "train")
     resolve_taxonomy: bool = False  # folder/csv: complete missing ranks from species names (iNaturalist)
-    crop: str = "random_crop"  # random_crop | squash | pad (DESIGN.md: iNat crop, BIOSCAN pad)
+    crop: str = "random_crop"  # random_crop | squash | pad | fishnet (DESIGN.md: iNat crop, BIOSCAN pad)
+    boxes: str | None = None  # fishnet: the bounding-box JSON {image id: {x, y, w, h}}; images crop to their box
+    random_flip: bool = False  # horizontal flips with p = 0.5 (not in the published recipe; priors use it)
+    # Leave out a fixed, stratified fraction of each species (split_records with holdout_seed): the part a
+    # benchmark evaluates on, so that a prior or a run trained on this config never sees it.
+    holdout: float | None = None
+    holdout_seed: int = 0
     num_workers: int = 0
     # Every training image is decoded once before step 1; unusable ones stop the run with their names listed,
     # or, with this on, are left out and counted (the plan lists them).
@@ -71,6 +78,11 @@ class DataConfig:
             raise ConfigError(f"data.path is required for data.format={self.format}")
         CropPolicy.parse(self.crop)
         check_range("data.num_workers", self.num_workers, 0)
+        check_range("data.holdout", self.holdout, 0.0, 1.0, optional=True, open_low=True, open_high=True)
+        if self.boxes and self.format != "fishnet":
+            raise ConfigError(
+                f"data.boxes is FishNet's bounding-box JSON: it needs data.format: fishnet, not {self.format}"
+            )
         if self.resolve_taxonomy and self.format not in RESOLVABLE:
             raise ConfigError(
                 f"data.resolve_taxonomy works with the {' and '.join(RESOLVABLE)} formats, not {self.format}"
@@ -81,12 +93,18 @@ class DataConfig:
 class TextConfig:
     encoder: str = "minilm"  # "minilm" (offline default), "base" (the SD folder's CLIP), or a folder / hub id
     max_length: int | None = None  # tokens per text; default min(tokenizer limit, 77)
-    template: str = "{rank}: {name}"  # paper: "<rank>: <name>", the species rank holding the epithet
+    template: str = "{rank}: {name}"  # paper: "<rank>: <name>"
+    # The species rank's name: "epithet" ("specific_epithet: reticulatus", iNat21's published loader) or
+    # "binomial" ("specific_epithet: Dascyllus reticulatus", the published FishNet and BIOSCAN loaders, which
+    # put the dataset's `species` column there).
+    species: str = "epithet"
 
     def __post_init__(self) -> None:
         if "{name}" not in self.template:
             raise ConfigError(f"text.template must contain {{name}}, got {self.template!r}")
         check_range("text.max_length", self.max_length, 1, 4096, optional=True)
+        if self.species not in SPECIES_TEXTS:
+            raise ConfigError(f"text.species must be one of {', '.join(SPECIES_TEXTS)}, got {self.species!r}")
 
 
 @dataclass
@@ -135,6 +153,10 @@ class CaptionConfig:
 class TrainConfig:
     strategy: str = "progressive"  # progressive | all | random | flat | full (the paper's ablations)
     steps: list[int] | int = 500  # optimizer steps per stage (a list: one per stage); one-stage strategies use the sum
+    # Training length in epochs per stage (a number or a list) instead of steps: each stage runs
+    # ceil(epochs x training images / images per step) steps, images per step being batch_size x processes x
+    # gradient_accumulation. Published: 20 per stage (`max_train_epoch: 20`, 16 GPUs x 32 per step).
+    epochs: list[float] | float | None = None
     unet_stages: str = "first"  # which progressive stages train the UNet: "first" (published) or "all"
     learning_rate: float = 1e-4
     stage_learning_rates: list[float] | None = None  # per stage; overrides learning_rate
@@ -172,6 +194,12 @@ class TrainConfig:
         steps = self.steps if isinstance(self.steps, list) else [self.steps]
         if not steps or any(not isinstance(s, int) or s < 0 for s in steps):
             raise ConfigError(f"train.steps must be a non-negative int or a list of them, got {self.steps!r}")
+        if self.epochs is not None:
+            epochs = self.epochs if isinstance(self.epochs, list) else [self.epochs]
+            if not epochs:
+                raise ConfigError("train.epochs must be a number or a non-empty list of them")
+            for i, value in enumerate(epochs):
+                check_range(f"train.epochs[{i}]" if isinstance(self.epochs, list) else "train.epochs", value, 0)
         if self.unet_stages not in ("first", "all"):
             raise ConfigError(f"train.unet_stages must be 'first' or 'all', got {self.unet_stages!r}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
@@ -233,10 +261,24 @@ class Config:
             self.train.cache_latents = has_vae
         elif self.train.cache_latents and not has_vae:
             raise ConfigError("train.cache_latents needs a latent model (a Stable Diffusion base in model.base)")
+        if self.train.cache_latents and self.data.crop == "fishnet":
+            raise ConfigError(
+                "data.crop: fishnet draws a crop or a squash per sample, which the latent cache cannot hold: "
+                "set train.cache_latents: false"
+            )
+        if self.train.cache_latents and self.data.random_flip:
+            raise ConfigError("data.random_flip needs the images decoded at every step: set train.cache_latents: false")
         if self.train.strategy == "prior" and "{rank}" in self.text.template:
             raise ConfigError('a prior reads its captions whole: set text.template: "{name}"')
         if self.corpus and self.train.strategy != "prior":
             raise ConfigError("corpus lists a prior's datasets: it needs train.strategy: prior (pretrain)")
+        for i, data in enumerate(self.corpus):  # one dataset of images: data's preparation applies to all
+            for key in ("crop", "random_flip"):
+                if getattr(data, key) != getattr(self.data, key):
+                    raise ConfigError(
+                        f"corpus[{i}].{key} is {getattr(data, key)!r} but data.{key} is {getattr(self.data, key)!r}: "
+                        "a prior prepares every corpus image as data does, so set them alike"
+                    )
 
     # -- construction -------------------------------------------------------------------------------
 

@@ -39,13 +39,13 @@ def taxonomic_cfg(eps_fine: torch.Tensor, eps_coarse: torch.Tensor, w: float) ->
 
 
 def in_window(step: int, num_steps: int, window: tuple[float, float] = (0.0, 1.0)) -> bool:
-    """Whether sampling step `step` (0-based, of `num_steps`) lies in the guidance window [r0, r1).
+    """Whether sampling step `step` (0-based, of `num_steps`) lies in the guidance window.
 
-    The window is given as fractions of the sampling schedule: (0, 1) guides every step, (0, 0.5)
-    only the first (noisiest) half; r1 = 1 includes the last step.
+    The window is given as fractions (r0, r1) of the sampling schedule: (0, 1) guides every step, (0, 0.5)
+    the first (noisiest) half. As published (`i >= r0 * N and i <= r1 * N`) both ends are included, so with
+    N = 20 the window (0, 0.5) guides steps 0..10.
     """
     start, end = window
     if not 0.0 <= start <= end <= 1.0:
         raise InputError(f"guidance window must satisfy 0 <= r0 <= r1 <= 1, got {window}")
-    position = step / num_steps
-    return start <= position and (position < end or end == 1.0)
+    return start * num_steps <= step <= end * num_steps

@@ -84,6 +84,10 @@ class ModelConfig:
     lora_targets: tuple[str, ...] = LORA_TARGETS
     encoder_layers: int = 2
     encoder_heads: int = 8
+    # The rank encoders' feed-forward width. Published: `nn.TransformerEncoderLayer(d_model=768, nhead=8)`, so
+    # PyTorch's default 2048 (55.1 M parameters for 5 ranks at CLIP's 768). The tiny presets set 4 x MiniLM's
+    # 384 = 1536, the width they were measured with.
+    encoder_feedforward: int = 2048
     encoder_dropout: float = 0.1
     tiny: TinyUNetConfig = field(default_factory=TinyUNetConfig)
 
@@ -99,6 +103,8 @@ class ModelConfig:
             raise InputError(f"resolution must be a positive multiple of 8, got {self.resolution}")
         if not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
             raise InputError(f"lora_alpha must be a finite number > 0, got {self.lora_alpha}")
+        if self.encoder_feedforward < 1:
+            raise InputError(f"encoder_feedforward must be >= 1, got {self.encoder_feedforward}")
         if self.encoder_layers < 1 or self.encoder_heads < 1:
             raise InputError(
                 f"encoder_layers and encoder_heads must be >= 1, got {self.encoder_layers}, {self.encoder_heads}"
@@ -370,6 +376,7 @@ def build_taxonomy_encoder(
         num_layers=config.encoder_layers if num_layers is None else num_layers,
         num_heads=config.encoder_heads,
         dropout=config.encoder_dropout,
+        dim_feedforward=config.encoder_feedforward,
     )
 
 

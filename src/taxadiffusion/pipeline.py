@@ -34,7 +34,7 @@ from .conditioning import TaxonomyEncoder
 from .errors import InputError
 from .guidance import Guidance, cfg, in_window
 from .model import SpaceToDepth, has_lora, spatial_factor
-from .sampling import SamplingSettings, Scheduler
+from .sampling import Negative, SamplingSettings, Scheduler
 from .saved_files import check_saved_folder
 from .taxonomy import NONE_ID, Lineage, Rank, Taxonomy
 from .text import TextEmbeddingCache
@@ -129,9 +129,15 @@ class TaxaDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     # 2. conditioning ---------------------------------------------------------------------------------
 
     def encode(
-        self, lineages: Sequence[Lineage], guidance: Guidance, num_images_per_prompt: int
+        self,
+        lineages: Sequence[Lineage],
+        guidance: Guidance,
+        num_images_per_prompt: int,
+        negative: Negative = Negative.ENCODED,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(condition c_k, negative) each (B * n, L, C); the negative is c_0 (taxonomic), all-None (vanilla)."""
+        """(condition c_k, negative) each (B * n, L, C). The negative (see `Negative`) is c_0 or, as published,
+        the raw `"<first rank>: None"` features at depth 1 (taxonomic); every rank "None" through the encoders,
+        or as published the raw empty prompt (vanilla)."""
         device = self._execution_device
         ranks = len(self.taxonomy.ranks)
         ids = torch.full((len(lineages), ranks), NONE_ID, dtype=torch.long)
@@ -140,19 +146,39 @@ class TaxaDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             ids[row, : len(known)] = torch.tensor(known)
         depth = torch.tensor([lineage.depth for lineage in lineages], device=device)
         dtype = self.unet.dtype
-        features = self.text_embeddings.lookup(ids).to(device=device, dtype=self.taxonomy_encoder.dtype)
+        encoder_dtype = self.taxonomy_encoder.dtype
+        features = self.text_embeddings.lookup(ids).to(device=device, dtype=encoder_dtype)
         condition = self.taxonomy_encoder(features, depth)
-        negative = None
+
+        def raw(text_features: torch.Tensor) -> torch.Tensor:
+            """Text features as the UNet reads them without the rank encoders (through the projection only,
+            where the text width differs from the UNet's)."""
+            return self.taxonomy_encoder.proj(text_features.to(device=device, dtype=encoder_dtype))
+
+        negative_branch = None
         if guidance is Guidance.TAXONOMIC:
-            negative = self.taxonomy_encoder(features, torch.ones_like(depth))
+            negative_branch = self.taxonomy_encoder(features, torch.ones_like(depth))
+            if negative is Negative.TEXT:
+                table = self.text_embeddings.table(0)
+                none_0 = raw(table[-1:]).expand_as(negative_branch)
+                negative_branch = torch.where((depth == 1)[:, None, None], none_0, negative_branch)
         elif guidance is Guidance.VANILLA:
-            empty = self.text_embeddings.lookup(torch.full_like(ids, NONE_ID))
-            negative = self.taxonomy_encoder(empty.to(device=device, dtype=features.dtype), depth)
+            if negative is Negative.TEXT:
+                empty = getattr(self.text_embeddings, "empty_text", None)
+                if empty is None:
+                    raise InputError(
+                        "this pipeline's text features predate the empty prompt (negative: text); sample with "
+                        "negative: encoded, or retrain to rebuild its text cache"
+                    )
+                negative_branch = raw(empty).expand_as(condition)
+            else:
+                empty = self.text_embeddings.lookup(torch.full_like(ids, NONE_ID))
+                negative_branch = self.taxonomy_encoder(empty.to(device=device, dtype=features.dtype), depth)
 
         def expand(x: torch.Tensor | None) -> torch.Tensor | None:
             return None if x is None else x.to(dtype).repeat_interleave(num_images_per_prompt, dim=0)
 
-        return expand(condition), expand(negative)
+        return expand(condition), expand(negative_branch)
 
     # 3. latents ----------------------------------------------------------------------------------------
 
@@ -184,6 +210,7 @@ class TaxaDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         guidance: Guidance | str | None = None,
         guidance_scale: float | None = None,
         guidance_window: tuple[float, float] | None = None,
+        negative: Negative | str | None = None,
         num_images_per_prompt: int = 1,
         height: int | None = None,
         width: int | None = None,
@@ -202,8 +229,10 @@ class TaxaDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             guidance: "taxonomic" (negative = level-0 conditioning; the paper's rule), "vanilla"
                 (negative = every rank "None") or "none".
             guidance_scale: s = 1 + w (published 9.0); s <= 1 runs one conditional pass.
-            guidance_window: fractions (r0, r1) of the schedule where guidance applies; elsewhere one
-                conditional pass.
+            guidance_window: fractions (r0, r1) of the schedule where guidance applies (both ends included,
+                as published); elsewhere one conditional pass.
+            negative: what the negative branch reads: "encoded" (the rank encoders' output) or "text" (the raw
+                text features, as published); see `taxadiffusion.sampling.Negative`.
             Sampling settings not given are the pipeline's `sampling` (its run's settings once trained).
         """
         defaults = self.sampling
@@ -211,6 +240,7 @@ class TaxaDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         guidance = Guidance.parse(defaults.guidance if guidance is None else guidance)
         guidance_scale = defaults.scale if guidance_scale is None else guidance_scale
         guidance_window = defaults.window if guidance_window is None else guidance_window
+        negative = Negative.parse(defaults.negative if negative is None else negative)
         height = height or self.unet.config.sample_size * self.vae_scale_factor
         width = width or self.unet.config.sample_size * self.vae_scale_factor
         self.check_inputs(num_inference_steps, guidance_scale, guidance_window, height, width)
@@ -221,8 +251,10 @@ class TaxaDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         guided = guidance is not Guidance.NONE and guidance_scale > 1.0
 
         # 1. conditioning: c_k and the negative branch
-        condition, negative = self.encode(lineages, guidance if guided else Guidance.NONE, num_images_per_prompt)
-        both = torch.cat([negative, condition]) if guided else None
+        condition, uncondition = self.encode(
+            lineages, guidance if guided else Guidance.NONE, num_images_per_prompt, negative
+        )
+        both = torch.cat([uncondition, condition]) if guided else None
 
         # 2. timesteps and initial noise
         device = self._execution_device

@@ -21,6 +21,22 @@ from .guidance import Guidance
 SETTINGS_FILE = "sampling.json"
 
 
+class Negative(Choice):
+    """What the negative branch of guidance reads.
+
+    ENCODED (the project's): the rank encoders' output, for vanilla CFG every rank "None", for taxonomic CFG
+    c_0 at every depth (at depth 1 that is the condition itself, so guidance changes nothing there). It is the
+    input condition dropout trains, so a model without a pretrained prior (whose UNet never saw raw text
+    features) has a trained negative.
+    TEXT (published): the raw text-encoder features, never passed through the rank encoders: the empty prompt
+    for vanilla CFG, and at depth 1 `"<first rank>: None"` for taxonomic CFG (c_0 at depth > 1). On a
+    pretrained prior these are what its UNet knows as unconditional.
+    """
+
+    ENCODED = "encoded"
+    TEXT = "text"
+
+
 class Scheduler(Choice):
     PNDM = "pndm"  # published (Stable Diffusion's default)
     DDIM = "ddim"
@@ -34,6 +50,7 @@ class SamplingSettings:
     guidance: str = Guidance.TAXONOMIC.value  # taxonomic | vanilla | none
     scale: float = 9.0  # s = 1 + w (published 9.0)
     window: tuple[float, float] = (0.0, 1.0)  # fractions of the schedule where guidance applies
+    negative: str = Negative.ENCODED.value  # encoded | text (published): see `Negative`
 
     # The prefix of the keys in messages ("sample." in a run's config).
     key_prefix = ""
@@ -41,7 +58,7 @@ class SamplingSettings:
     def __post_init__(self) -> None:
         key = self.key_prefix
         self.window = tuple(self.window)
-        for name, choice in (("scheduler", Scheduler), ("guidance", Guidance)):
+        for name, choice in (("scheduler", Scheduler), ("guidance", Guidance), ("negative", Negative)):
             value = getattr(self, name)
             if value not in {c.value for c in choice}:
                 valid = ", ".join(c.value for c in choice)

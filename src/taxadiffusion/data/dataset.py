@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 
 from ..errors import UnreadableFile
 from ..taxonomy import NONE_ID, Lineage, Taxonomy
-from .images import CropPolicy, load_image, prepare_image
+from .images import CropPolicy, crop_to_box, load_image, prepare_image
 from .records import Record
 
 
@@ -59,7 +59,8 @@ class ImageDataset(Dataset):
     """Items are `{"pixel_values": (3, size, size) float in [-1, 1], "taxon_ids": (R,) long, "index": int}`.
 
     `taxon_ids[r]` is the record's id at rank r, or `NONE_ID` where it is labelled only to a coarser
-    rank. Random crops are drawn from a generator seeded by (seed, epoch, index), so an epoch is
+    rank. Random crops (and, with `random_flip`, horizontal flips with p = 0.5, as diffusers' text-to-image
+    scripts' `--random_flip`) are drawn from generators seeded by (seed, epoch, index), so an epoch is
     reproducible whatever the worker layout; call `set_epoch` between epochs. The records are kept as
     arrays (`paths`, `taxon_ids`), which forked workers share instead of copying.
     """
@@ -72,15 +73,20 @@ class ImageDataset(Dataset):
         policy: CropPolicy | str = CropPolicy.RANDOM_CROP,
         random_crop: bool = True,
         seed: int = 0,
+        random_flip: bool = False,
     ):
         self.paths = PathTable(record.image for record in records)
         self.taxonomy = taxonomy
         self.size = size
         self.policy = CropPolicy.parse(policy)
         self.random_crop = random_crop
+        self.random_flip = random_flip
         self.seed = seed
         self.epoch = 0
         self.taxon_ids = _taxon_id_table([record.lineage for record in records], taxonomy)
+        # (x, y, w, h) per record, -1 where there is none; an array, which forked workers share
+        boxes = [record.box or (-1, -1, -1, -1) for record in records]
+        self.boxes = np.asarray(boxes, dtype=np.int64).reshape(-1, 4) if any(r.box for r in records) else None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -89,10 +95,12 @@ class ImageDataset(Dataset):
         return len(self.paths)
 
     def open(self, index: int) -> Image.Image:
-        """The record's image as RGB, or an error that names the file and the command that lists them all."""
+        """The record's image as RGB (cropped to its bounding box where it has one), or an error that names the
+        file and the command that lists them all."""
         path = self.paths[index]
+        box = None if self.boxes is None or self.boxes[index, 2] < 0 else tuple(int(v) for v in self.boxes[index])
         try:
-            return load_image(path)
+            return crop_to_box(load_image(path), box)
         except UnreadableFile as error:
             raise UnusableTrainingImage(
                 path,
@@ -106,7 +114,11 @@ class ImageDataset(Dataset):
 
     def load(self, index: int) -> np.ndarray:
         """The prepared image (size, size, 3) uint8."""
-        return np.array(prepare_image(self.open(index), self.size, self.policy, self.crop_rng(index)))
+        image = prepare_image(self.open(index), self.size, self.policy, self.crop_rng(index))
+        # Its own generator (salt 1), so that turning flips on leaves every crop as it was.
+        if self.random_flip and random.Random(hash((self.seed, self.epoch, index, 1))).random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return np.array(image)
 
     def __getitem__(self, index: int) -> dict:
         return {"pixel_values": pixel_tensor(self.load(index)), "taxon_ids": self.taxon_ids[index], "index": index}

@@ -25,6 +25,9 @@ class CropPolicy(Choice):
     RANDOM_CROP = "random_crop"  # a random square of side min(w, h), then resize (centre crop when not random)
     SQUASH = "squash"  # resize to a square, ignoring the aspect ratio
     PAD = "pad"  # pad the short side with white to a square, then resize
+    # Published FishNet preparation: per sample a random square crop with p = 0.5, else squash; a centre crop
+    # when not random (upstream's validation). The box crop before it is the record's (`crop_to_box`).
+    FISHNET = "fishnet"
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -73,6 +76,8 @@ def prepare_image(
     """Square `size` x `size` RGB image by one crop policy; `rng` None means deterministic (centre)."""
     policy = CropPolicy.parse(policy)
     width, height = image.size
+    if policy is CropPolicy.FISHNET:
+        policy = CropPolicy.RANDOM_CROP if rng is None or rng.random() < 0.5 else CropPolicy.SQUASH
     if policy is CropPolicy.RANDOM_CROP:
         side = min(width, height)
         left, top = square_window(width, height, side, rng)
@@ -85,6 +90,17 @@ def prepare_image(
     if image.size != (size, size):
         image = image.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=3.0)
     return image
+
+
+def crop_to_box(image: Image.Image, box: tuple[int, int, int, int] | None) -> Image.Image:
+    """The part of the image inside an (x, y, w, h) box (clipped to the image); the whole image without one
+    or where the box lies outside it."""
+    if box is None:
+        return image
+    x, y, w, h = box
+    left, top = min(max(x, 0), image.width), min(max(y, 0), image.height)
+    right, bottom = min(x + w, image.width), min(y + h, image.height)
+    return image.crop((left, top, right, bottom)) if right > left and bottom > top else image
 
 
 def resize_short_side(image: Image.Image, size: int, multiple: int = 1) -> Image.Image:

@@ -191,24 +191,53 @@ def read_inat21(path: str | Path, root: str | Path | None = None) -> RecordSet:
 # -- FishNet ---------------------------------------------------------------------------------------
 
 
-def read_fishnet(path: str | Path, root: str | Path | None = None) -> RecordSet:
+def read_fishnet_boxes(path: str | Path) -> dict[str, tuple[int, int, int, int]]:
+    """FishNet's bounding boxes: a JSON object {image id: {"x", "y", "w", "h"}} in pixels, the image id being
+    the image's file name without its extension."""
+    path = _require_file(Path(path), "FishNet bounding-box JSON")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UnreadableFile(path, f"not valid JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise UnreadableFile(path, "expected a JSON object {image id: {x, y, w, h}}")
+    boxes = {}
+    for key, box in data.items():
+        try:
+            x, y, w, h = (int(box[k]) for k in ("x", "y", "w", "h"))
+        except (KeyError, TypeError, ValueError):
+            raise UnreadableFile(path, f"box {key!r} is not {{x, y, w, h}} in pixels: {box!r}") from None
+        if w > 0 and h > 0 and x >= 0 and y >= 0:
+            boxes[str(key)] = (x, y, w, h)
+    return boxes
+
+
+def read_fishnet(path: str | Path, root: str | Path | None = None, boxes: str | Path | None = None) -> RecordSet:
     """FishNet `anns/{train,test}.csv`; the image is `root / Folder / basename(image)`.
 
     `species` is empty for most iNat-sourced rows (labelled to genus); FishBase rows give the image as
     a URL whose file name is the stored file. Class names are kept as given (the release mixes
-    `Actinopterygii` and `Actinopteri`).
+    `Actinopterygii` and `Actinopteri`). With `boxes` (the release's bounding-box JSON) each record carries its
+    fish's box where there is one, which the `fishnet` crop policy crops to first, as published.
     """
     path = _require_file(Path(path), "FishNet CSV")
     root = Path(root) if root is not None else path.parent
+    table = read_fishnet_boxes(boxes) if boxes is not None else {}
     out = RecordSet(FISHNET_RANKS, source=str(path))
     split = _split_from_name(path)
+    boxed = 0
     for row in _read_table(path):
         folder, image = _clean(row.get("Folder")), _clean(row.get("image"))
         if not folder or not image:
             out.skip("no image path")
             continue
         values = _class_to_species(row, ("Class", "Order", "Family", "Genus"), "species")
-        out.add(root / folder / PurePosixPath(image).name, values, split)
+        name = PurePosixPath(image).name
+        box = table.get(PurePosixPath(name).stem)
+        if out.add(root / folder / name, values, split, box=box) and box is not None:
+            boxed += 1
+    if boxes is not None:
+        out.notes.append(f"{boxed} of {len(out.records)} images have a bounding box ({boxes})")
     return out
 
 
@@ -402,14 +431,22 @@ READERS: dict[str, Callable[..., RecordSet]] = {
 RESOLVABLE = ("folder", "csv")  # formats whose rows may name only a species or genus
 
 
-def read_records(fmt: str, path: str | Path, root: str | Path | None = None, resolve: bool = False) -> RecordSet:
-    """Read a dataset in one of the formats of `READERS`; `resolve` completes lineages (folder, csv)."""
+def read_records(
+    fmt: str, path: str | Path, root: str | Path | None = None, resolve: bool = False, boxes: str | Path | None = None
+) -> RecordSet:
+    """Read a dataset in one of the formats of `READERS`; `resolve` completes lineages (folder, csv); `boxes` is
+    FishNet's bounding-box JSON (fishnet)."""
     try:
         reader = READERS[fmt]
     except KeyError:
         raise InputError(f"unknown format {fmt!r}; choose one of {', '.join(READERS)}") from None
+    options = {}
     if resolve:
         if fmt not in RESOLVABLE:
             raise InputError(f"--resolve-taxonomy works with the {' and '.join(RESOLVABLE)} formats, not {fmt}")
-        return reader(path, root=root, resolve=True)
-    return reader(path, root=root)
+        options["resolve"] = True
+    if boxes is not None:
+        if fmt != "fishnet":
+            raise InputError(f"bounding boxes are read for the fishnet format only, not {fmt}")
+        options["boxes"] = boxes
+    return reader(path, root=root, **options)

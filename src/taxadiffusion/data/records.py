@@ -16,6 +16,7 @@ class Record:
     image: Path
     lineage: Lineage
     split: str | None = None
+    box: tuple[int, int, int, int] | None = None  # (x, y, w, h) in pixels: the subject's bounding box (FishNet)
 
 
 @dataclass
@@ -37,7 +38,13 @@ class RecordSet:
     def __iter__(self) -> Iterator[Record]:
         return iter(self.records)
 
-    def add(self, image: str | Path, values: dict[Rank, str | None], split: str | None = None) -> bool:
+    def add(
+        self,
+        image: str | Path,
+        values: dict[Rank, str | None],
+        split: str | None = None,
+        box: tuple[int, int, int, int] | None = None,
+    ) -> bool:
         """Add a record from {rank: name}; a row with a gap in its lineage is counted, not kept."""
         key = tuple(values.get(rank) for rank in self.ranks)
         lineage = self._lineages.get(key)
@@ -46,7 +53,7 @@ class RecordSet:
         if isinstance(lineage, str):
             self.skip(lineage)
             return False
-        self.records.append(Record(image if isinstance(image, Path) else Path(image), lineage, split))
+        self.records.append(Record(image if isinstance(image, Path) else Path(image), lineage, split, box))
         return True
 
     def _lineage(self, values: dict[Rank, str | None]) -> Lineage | str:

@@ -141,13 +141,15 @@ def synthetic_pool(synth, per_species: int, resolution: int, seed: int) -> tuple
 def record_pool(
     records, taxonomy: Taxonomy, resolution: int, crop: str = "random_crop"
 ) -> tuple[np.ndarray, torch.Tensor]:
-    """Real images of `records` at `resolution` (centre crops) with their per-rank ids (-1 = unlabelled)."""
-    from ..data.images import load_image, prepare_image
+    """Real images of `records` at `resolution` (centre crops, inside each record's box where it has one) with
+    their per-rank ids (-1 = unlabelled)."""
+    from ..data.images import crop_to_box, load_image, prepare_image
 
     images, ids = [], []
     ranks = len(taxonomy.ranks)
     for record in records:
-        images.append(np.asarray(prepare_image(load_image(record.image), resolution, crop, None)))
+        image = crop_to_box(load_image(record.image), record.box)
+        images.append(np.asarray(prepare_image(image, resolution, crop, None)))
         known = list(taxonomy.ids(record.lineage))
         ids.append(known + [-1] * (ranks - len(known)))
     return np.stack(images), torch.tensor(ids)

@@ -49,7 +49,29 @@ class EvalSettings:
     bioclip: str | None = None
     bioclip_tokenizer: str | None = None
     bioclip_template: str = "{names}"
+    # "project": FID, KID and LPIPS on the images at the compared resolution. "authors": as the authors'
+    # evaluation code does, real and generated images resized to 512 px first (FID 2048-d, LPIPS on same-class
+    # real/generated pairs); BioCLIP's text is the taxonomy path joined by spaces under both.
+    protocol: str = "project"
     notes: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise InputError(f"evaluation protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
+
+    @property
+    def metric_size(self) -> int | None:
+        """The side images are resized to before FID, KID and LPIPS (None: as compared)."""
+        return PROTOCOLS[self.protocol]
+
+
+# The evaluation protocols: the side FID, KID and LPIPS images are resized to first.
+PROTOCOLS = {"project": None, "authors": 512}
+PROTOCOL_TEXT = {
+    "project": "the project's: FID, KID and LPIPS at the compared resolution",
+    "authors": "the authors' evaluation code: images resized to 512 px for FID (2048-d), KID and LPIPS "
+    "(same-class real/generated pairs); BioCLIP text = the taxonomy path joined by spaces",
+}
 
 
 def taxon_folder(taxon: Taxon) -> str:
@@ -94,8 +116,13 @@ def check_classifier(settings: EvalSettings) -> None:
         check_saved_folder(settings.classifier, "a taxonomic classifier", "config.json", hint)
 
 
-def _uint8_batch(images: list[np.ndarray]) -> torch.Tensor:
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+def _uint8_batch(images: list[np.ndarray], size: int | None = None) -> torch.Tensor:
+    """(B, 3, H, W) uint8 of (H, W, 3) arrays, resized to `size` x `size` (bicubic, antialiased) when given."""
+    batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+    if size is None or batch.shape[-2:] == (size, size):
+        return batch
+    resized = torch.nn.functional.interpolate(batch.float(), size=(size, size), mode="bicubic", antialias=True)
+    return resized.round().clamp(0, 255).to(torch.uint8)
 
 
 class Evaluation:
@@ -228,6 +255,8 @@ class Evaluation:
                 saved = json.loads(marker.read_text(encoding="utf-8"))
             except (OSError, UnicodeDecodeError, json.JSONDecodeError):
                 saved = {}
+            if isinstance(saved.get("sampling"), dict):  # recorded before `negative` existed: the encoded one
+                saved["sampling"].setdefault("negative", "encoded")
         if ours and saved != key:
             changed = [k for k in key if (saved or {}).get(k) != key[k]] if saved is not None else []
             why = f"other {', '.join(changed)}" if changed else f"unknown settings (no {GENERATION_FILE})"
@@ -279,8 +308,9 @@ class Evaluation:
         return metrics
 
     def _score(self, rank, taxa, real, generated, features, lpips, classifier, bioclip) -> dict:
-        real_all = _uint8_batch([image for t in taxa for image in real[t.path]])
-        fake_all = _uint8_batch([image for t in taxa for image in generated[t.path]])
+        size = self.settings.metric_size
+        real_all = _uint8_batch([image for t in taxa for image in real[t.path]], size)
+        fake_all = _uint8_batch([image for t in taxa for image in generated[t.path]], size)
         scores = {"taxa": len(taxa), **fid_kid(features, real_all, fake_all, seed=self.settings.seed)}
         scores["lpips"] = self._paired_lpips(lpips, taxa, real, generated)
         if bioclip is not None:
@@ -296,8 +326,8 @@ class Evaluation:
         for taxon in taxa:
             fake = generated[taxon.path]
             pairs = [real[taxon.path][i % len(real[taxon.path])] for i in range(len(fake))]
-            a = _uint8_batch(fake).float() / 127.5 - 1
-            b = _uint8_batch(pairs).float() / 127.5 - 1
+            a = _uint8_batch(fake, self.settings.metric_size).float() / 127.5 - 1
+            b = _uint8_batch(pairs, self.settings.metric_size).float() / 127.5 - 1
             with torch.no_grad():
                 per_taxon.append(float(lpips(a, b).mean()))
         return float(np.mean(per_taxon))
@@ -363,6 +393,7 @@ class Evaluation:
             images=str(self.images_dir) if self.images_dir else None,
             feature_network=network,
             resize_rule=resize,
+            protocol_description=PROTOCOL_TEXT[self.settings.protocol],
             lpips=f"LPIPS v0.1, {self.settings.lpips_net} backbone, paired real/generated per taxon",
             versions={
                 "taxadiffusion": __version__,

@@ -180,6 +180,8 @@ def write_report(out: str | Path, runs: dict[str, dict], title: str = "taxadiffu
     main, split = main_table(runs), split_table(runs)
     settings = next(iter(runs.values()))["settings"]
     notes = [
+        f"Protocol: {settings.get('protocol', 'project')} "
+        f"({settings.get('protocol_description', 'FID, KID and LPIPS at the compared resolution')}).",
         f"Feature network: {settings.get('feature_network')}; {settings.get('resize_rule')}.",
         f"LPIPS: {settings.get('lpips')}.",
         f"Per taxon: {settings.get('per_taxon')} generated images, up to {settings.get('max_real_per_taxon')} real; "

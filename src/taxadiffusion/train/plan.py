@@ -15,7 +15,7 @@ import torch
 
 from ..config import Config
 from ..data.readers import read_folder, read_records
-from ..data.records import RecordSet
+from ..data.records import RecordSet, split_records
 from ..data.synthetic import SyntheticTaxonomy
 from ..errors import InputError
 from ..model import (
@@ -43,9 +43,13 @@ def load_training_records(config: Config, data_folder: Path, render: bool = True
             return synthetic.records(data_folder)
         records = read_folder(synthetic.write_folder(data_folder, progress=False))
     else:
-        records = read_records(data.format, data.path, root=data.root, resolve=data.resolve_taxonomy)
+        records = read_records(data.format, data.path, root=data.root, resolve=data.resolve_taxonomy, boxes=data.boxes)
     if data.split:
         records = records.split(data.split)
+    if data.holdout:
+        kept, held = split_records(records.records, data.holdout, seed=data.holdout_seed)
+        note = f"{len(held)} images held out (data.holdout {data.holdout}, seed {data.holdout_seed})"
+        records = RecordSet(records.ranks, kept, records.skipped, records.source, [*records.notes, note])
     if not records.records:
         raise InputError(f"no training records in {data.path or data_folder} (split {data.split!r})")
     return records
@@ -58,7 +62,7 @@ def flatten_to_species(records: RecordSet) -> RecordSet:
         if record.lineage.depth < len(record.lineage.ranks):
             flat.skip("not labelled to species (flat baseline)")
             continue
-        flat.add(record.image, {Rank.SPECIFIC_EPITHET: record.lineage.scientific_name}, record.split)
+        flat.add(record.image, {Rank.SPECIFIC_EPITHET: record.lineage.scientific_name}, record.split, record.box)
     return flat
 
 
@@ -79,7 +83,7 @@ def caption_records(sources: list[RecordSet], caption) -> RecordSet:
             if text is None:
                 captioned.skip(f"not labelled down to {caption.rank} (caption)")
                 continue
-            captioned.add(record.image, {Rank.SPECIFIC_EPITHET: text}, record.split)
+            captioned.add(record.image, {Rank.SPECIFIC_EPITHET: text}, record.split, record.box)
     return captioned
 
 
@@ -192,7 +196,8 @@ class RunPlan:
                 f"of width {self.text_width}, no rank encoders"
                 if config.train.strategy == "prior"
                 else f"taxonomy encoder: {len(self.taxonomy.ranks)} ranks x {model.encoder_layers} layers x "
-                f"{model.encoder_heads} heads, text width {self.text_width}, dropout {model.encoder_dropout:g} "
+                f"{model.encoder_heads} heads, text width {self.text_width}, feed-forward {model.encoder_feedforward}, "
+                f"dropout {model.encoder_dropout:g} "
                 f"({self.encoder_parameters / 1e6:,.2f} M parameters)"
             ),
             f"text: {config.text.encoder}, template {config.text.template!r}; features of "
@@ -287,7 +292,9 @@ def plan_run(config: Config, data_folder: str | Path, num_processes: int = 1) ->
     from accelerate import init_empty_weights
 
     records, dataset_ranks = run_records(config, Path(data_folder), render=False)
-    stages = plan_stages(config.train, config.model, dataset_ranks)
+    train = config.train
+    per_step = train.batch_size * num_processes * train.gradient_accumulation
+    stages = plan_stages(train, config.model, dataset_ranks, len(records), per_step)
     text_width = text_encoder_spec(config).width()
     unet = build_unet_skeleton(config.model, text_width)
     with init_empty_weights():

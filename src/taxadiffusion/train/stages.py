@@ -7,6 +7,7 @@ conditioning on ranks 0..k, with everything else frozen.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ..config import ConfigError, TrainConfig
@@ -34,18 +35,35 @@ class Stage:
         )
 
 
-def steps_per_stage(train: TrainConfig, n_ranks: int) -> list[int]:
-    if isinstance(train.steps, int):
-        return [train.steps] * n_ranks
-    if len(train.steps) != n_ranks:
-        raise ConfigError(f"train.steps lists {len(train.steps)} stages but the dataset has {n_ranks} ranks")
-    return list(train.steps)
+def per_stage(value, n_ranks: int, key: str) -> list:
+    """A per-stage setting given as one value for every stage or as a list of one per rank."""
+    if not isinstance(value, list):
+        return [value] * n_ranks
+    if len(value) != n_ranks:
+        raise ConfigError(f"{key} lists {len(value)} stages but the dataset has {n_ranks} ranks")
+    return list(value)
 
 
-def plan_stages(train: TrainConfig, model: ModelConfig, dataset_ranks: tuple[Rank, ...]) -> list[Stage]:
+def steps_per_stage(train: TrainConfig, n_ranks: int, images: int = 0, images_per_step: int = 1) -> list[int]:
+    """Optimizer steps per rank: `train.steps`, or `train.epochs` over `images` training images at
+    `images_per_step` (the global batch)."""
+    if train.epochs is None:
+        return per_stage(train.steps, n_ranks, "train.steps")
+    if images < 1:
+        raise ConfigError("train.epochs needs the number of training images")
+    return [math.ceil(e * images / images_per_step) for e in per_stage(train.epochs, n_ranks, "train.epochs")]
+
+
+def plan_stages(
+    train: TrainConfig,
+    model: ModelConfig,
+    dataset_ranks: tuple[Rank, ...],
+    images: int = 0,
+    images_per_step: int = 1,
+) -> list[Stage]:
     """The stages of a run. One-stage strategies get the progressive schedule's total step budget."""
     n = len(dataset_ranks)
-    steps = steps_per_stage(train, n)
+    steps = steps_per_stage(train, n, images, images_per_step)
     rates = train.stage_learning_rates
     if rates is not None and len(rates) != (n if train.strategy == "progressive" else 1):
         raise ConfigError(f"train.stage_learning_rates needs one rate per stage, got {len(rates)}")

@@ -163,10 +163,17 @@ class Trainer:
                 records, config.data.skip_bad_images, os.cpu_count() or 1, self.progress and acc.is_main_process
             )
         self.taxonomy = records.taxonomy()
-        self.stages = plan_stages(config.train, config.model, self.dataset_ranks)
+        train = config.train
+        per_step = train.batch_size * acc.num_processes * train.gradient_accumulation
+        self.stages = plan_stages(train, config.model, self.dataset_ranks, len(records), per_step)
         with acc.main_process_first():  # each taxon's text encoded once, cached on disk
             self.cache = TextEmbeddingCache.load_or_build(
-                self.paths.cache, self.taxonomy, text_encoder_spec(config), config.text.template, self.progress
+                self.paths.cache,
+                self.taxonomy,
+                text_encoder_spec(config),
+                config.text.template,
+                self.progress,
+                species=config.text.species,
             )
         self.text_embeddings = self.cache.to(acc.device)
         return records
@@ -188,7 +195,12 @@ class Trainer:
         """The dataset (its latents cached for latent models), then the plan, printed and saved with the config."""
         acc, config, train = self.accelerator, self.config, self.config.train
         self.dataset = ImageDataset(
-            records.records, self.taxonomy, config.model.resolution, config.data.crop, seed=train.seed
+            records.records,
+            self.taxonomy,
+            config.model.resolution,
+            config.data.crop,
+            seed=train.seed,
+            random_flip=config.data.random_flip,
         )
         if train.cache_latents:  # the config refuses it without a VAE
             with acc.main_process_first():
