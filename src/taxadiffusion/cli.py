@@ -188,7 +188,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if not said and state.is_main_process:
             said.append(True)
             per_image = (time.perf_counter() - begun) / done
-            print(f"estimated: {gen.estimate(per_image, len(plan.items) // state.num_processes)} in all")
+            from tqdm.auto import tqdm
+
+            tqdm.write(f"estimated: {gen.estimate(per_image, len(plan.items) // state.num_processes)} in all")
 
     result = gen.generate(
         pipe,

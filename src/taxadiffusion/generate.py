@@ -1,0 +1,335 @@
+"""Synthetic training sets (`taxadiffusion generate`): images of many taxa, written as an image dataset that the
+project's `csv` reader and Hugging Face `datasets` ("imagefolder") both load.
+
+Layout of the output folder:
+
+    images/<taxon>/<tag>-<index>.png    one image; <tag> names the model, sampling settings and seed
+    metadata.csv                        file_name (relative), the lineage, the sampling settings, each seed
+    generation.json                     what the <tag>s stand for
+
+Each image's seed is a function of the run's seed, the taxon's names and the image's index, never of the batch. The
+plan is sampled in fixed blocks of `--batch-size` items, so a rerun, a resumed run or another number of processes
+gives the same images bit for bit; another batch size gives the same images up to float rounding (about one 8-bit
+level on a few pixels in a thousand: convolution kernels choose their algorithm by batch size). An image is written
+under a temporary name and renamed, so a killed run leaves no half-written file; the same command continues from
+the images on disk. `metadata.csv` is rewritten (atomically) from the images on disk, at intervals and at the end,
+so each of its rows names a complete image. Across processes (`accelerate launch`) each process draws the items of
+its own blocks (block k goes to process k mod N) and the main process writes the metadata."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import InputError, OutputExists
+from .samples import slug
+from .taxonomy import AmbiguousTaxonError, Lineage, Rank, Taxonomy, UnknownTaxonError
+
+METADATA_FILE = "metadata.csv"
+GENERATION_FILE = "generation.json"
+MAX_IMAGES = 10_000_000
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image to generate: the lineage it is conditioned on, its index within the taxon, its seed."""
+
+    lineage: Lineage
+    index: int
+    seed: int
+
+
+@dataclass
+class GenerationPlan:
+    """The images of a run, in a fixed order; `counts` per taxon, for the plan and the summary."""
+
+    items: list[Item]
+    source: str  # what decided the counts ("--per-taxon 10 at species", "--fill-to 30 counting DATA", ...)
+
+    @property
+    def taxa(self) -> int:
+        return len({item.lineage.names for item in self.items})
+
+    def describe(self) -> str:
+        counts = Counter(item.lineage.names for item in self.items)
+        low, high = (min(counts.values()), max(counts.values())) if counts else (0, 0)
+        return f"{len(self.items):,} images of {len(counts):,} taxa ({low}..{high} per taxon; {self.source})"
+
+
+# -- the plan ---------------------------------------------------------------------------------------
+
+
+def taxon_seed(seed: int, lineage: Lineage, index: int) -> int:
+    """The seed of image `index` of a taxon: from the run's seed, the taxon's names and the index alone."""
+    digest = hashlib.blake2b("\x1f".join(lineage.names).encode(), digest_size=8).digest()
+    words = np.frombuffer(digest, dtype=np.uint32).tolist()
+    return int(np.random.SeedSequence([seed, *words, index]).generate_state(1)[0])
+
+
+def _items(counts: Sequence[tuple[Lineage, int]], seed: int) -> list[Item]:
+    return [Item(lineage, i, taxon_seed(seed, lineage, i)) for lineage, n in counts for i in range(n)]
+
+
+def _check_total(total: int) -> None:
+    if total > MAX_IMAGES:
+        raise InputError(f"the plan holds {total:,} images, more than {MAX_IMAGES:,}; generate in parts")
+
+
+def plan_per_taxon(taxonomy: Taxonomy, n: int, rank: Rank | str | None = None, seed: int = 0) -> GenerationPlan:
+    """`n` images of every taxon at `rank` (default the finest)."""
+    if n < 1:
+        raise InputError(f"--per-taxon must be >= 1, got {n}")
+    rank = Rank.parse(rank) if rank else taxonomy.ranks[-1]
+    taxa = [taxonomy.lineage(t) for t in taxonomy.taxa(rank)]
+    _check_total(n * len(taxa))
+    return GenerationPlan(_items([(lineage, n) for lineage in taxa], seed), f"--per-taxon {n} at {rank}")
+
+
+def plan_fill_to(
+    taxonomy: Taxonomy, target: int, real: Sequence[Lineage], seed: int = 0, source: str = "the dataset"
+) -> GenerationPlan:
+    """Top every species of the model's taxonomy up to `target` images, counting the real ones (`real`: the
+    lineages of a dataset's images); species with `target` or more real images get none."""
+    if target < 1:
+        raise InputError(f"--fill-to must be >= 1, got {target}")
+    species_rank = taxonomy.ranks[-1]
+    have = Counter(lineage.names for lineage in real if lineage.depth == len(taxonomy.ranks))
+    counts = [(taxonomy.lineage(t), max(0, target - have[t.path])) for t in taxonomy.taxa(species_rank)]
+    _check_total(sum(n for _, n in counts))
+    return GenerationPlan(_items([c for c in counts if c[1]], seed), f"--fill-to {target} counting {source}")
+
+
+def parse_taxa_line(line: str) -> tuple[str, ...]:
+    """A line of a --taxa file: one name at any rank, or a lineage from the top rank down with its names
+    separated by '>' or ';' ("Actinopterygii > Perciformes > Pomacentridae")."""
+    if not line.strip():
+        return ()
+    for separator in (">", ";"):
+        if separator in line:
+            return tuple(part.strip() for part in line.split(separator) if part.strip())
+    return (line.strip(),)
+
+
+def plan_taxa(
+    taxonomy: Taxonomy, lines: Sequence[str], n: int, seed: int = 0, source: str = "--taxa"
+) -> GenerationPlan:
+    """`n` images of each taxon named in `lines`. Every unknown or ambiguous name is reported at once, with
+    suggestions and a count, before anything is generated."""
+    if n < 1:
+        raise InputError(f"--per-taxon must be >= 1, got {n}")
+    lineages, problems = [], []
+    for line in lines:
+        parts = parse_taxa_line(line)
+        if not parts:
+            continue
+        try:
+            taxon = taxonomy.by_path(parts) if len(parts) > 1 else taxonomy.resolve(parts[0])
+        except (UnknownTaxonError, AmbiguousTaxonError) as error:
+            problems.append(str(error))
+            continue
+        lineage = taxonomy.lineage(taxon)
+        if lineage not in lineages:
+            lineages.append(lineage)
+    if problems:
+        listed = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+        raise InputError(f"{len(problems)} of {len(lines)} names in {source} are not in the model:\n  {listed}")
+    if not lineages:
+        raise InputError(f"{source} names no taxon")
+    _check_total(n * len(lineages))
+    return GenerationPlan(_items([(lineage, n) for lineage in lineages], seed), f"{source}, {n} per taxon")
+
+
+# -- the output folder ------------------------------------------------------------------------------
+
+
+def generation_tag(key: dict) -> str:
+    """A short name for what decides the pixels (model, sampling settings, seed): part of every file name, so
+    images of other settings added to the same folder never clash."""
+    return hashlib.blake2b(json.dumps(key, sort_keys=True).encode(), digest_size=4).hexdigest()
+
+
+def image_path(lineage: Lineage, tag: str, index: int) -> str:
+    """The image's path relative to the output folder."""
+    return f"images/{'__'.join(slug(name) for name in lineage.names)}/{tag}-{index:05d}.png"
+
+
+def claim_output(out: Path, key: dict, add: bool) -> str:
+    """Record this run's settings in `generation.json`; a folder holding images of other settings is refused
+    unless `add` (then both kinds stay, told apart by their tags). A non-empty folder that is not a generated
+    dataset is refused."""
+    tag = generation_tag(key)
+    record_file = out / GENERATION_FILE
+    known: dict = {}
+    if record_file.is_file():
+        try:
+            known = json.loads(record_file.read_text(encoding="utf-8"))["tags"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise InputError(f"{record_file} is damaged; move it away to start a new dataset in {out}") from None
+    elif out.is_dir() and any(out.iterdir()):
+        raise OutputExists(f"{out} is not empty and holds no {GENERATION_FILE}: choose another --out")
+    others = [t for t in known if t != tag]
+    if others and not add:
+        changed = sorted(k for k in key if any(known[t].get(k) != key[k] for t in others))
+        raise OutputExists(
+            f"{out} holds images generated with other {', '.join(changed) or 'settings'}; pass --add to add these "
+            "to them (each row of metadata.csv names its settings), or choose another --out"
+        )
+    known[tag] = key
+    out.mkdir(parents=True, exist_ok=True)
+    _write_atomic(record_file, json.dumps({"tags": known}, indent=1) + "\n")
+    return tag
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    with open(tmp, "w", encoding="utf-8", newline="") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    tmp.replace(path)
+
+
+def metadata_columns(ranks: Sequence[Rank]) -> list[str]:
+    return ["file_name", *(r.value for r in ranks), "scientific_name", "index", "seed", "tag", *SETTING_COLUMNS]
+
+
+SETTING_COLUMNS = ("scheduler", "steps", "guidance", "scale", "window", "negative")
+
+
+def write_metadata(out: Path, taxonomy: Taxonomy, plan: GenerationPlan, tag: str, key: dict) -> int:
+    """Rewrite `metadata.csv` from the images on disk: the rows of this run's images that exist, and the rows of
+    other runs (other tags) kept from the previous table where their image exists. Returns the row count."""
+    columns = metadata_columns(taxonomy.ranks)
+    rows: dict[str, dict] = {}
+    table = out / METADATA_FILE
+    if table.is_file():
+        with open(table, encoding="utf-8", newline="") as handle:
+            for row in csv.DictReader(handle):
+                if row.get("tag") != tag and (out / row.get("file_name", "")).is_file():
+                    rows[row["file_name"]] = row
+    settings = {name: json.dumps(key[name]) if name == "window" else key[name] for name in SETTING_COLUMNS}
+    for item in plan.items:
+        name = image_path(item.lineage, tag, item.index)
+        if (out / name).is_file():
+            ranks = dict(zip((r.value for r in taxonomy.ranks), item.lineage.names, strict=False))
+            rows[name] = {
+                "file_name": name,
+                **ranks,
+                "scientific_name": item.lineage.scientific_name,
+                "index": item.index,
+                "seed": item.seed,
+                "tag": tag,
+                **settings,
+            }
+    from io import StringIO
+
+    buffer = StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for name in sorted(rows):
+        writer.writerow(rows[name])
+    _write_atomic(table, buffer.getvalue())
+    return len(rows)
+
+
+# -- generating -------------------------------------------------------------------------------------
+
+
+@dataclass
+class GenerationResult:
+    written: int  # images this call made
+    existing: int  # images of the plan already on disk (a resumed run)
+    rows: int  # rows of metadata.csv (all tags)
+    seconds: float
+
+    @property
+    def images_per_second(self) -> float:
+        return self.written / self.seconds if self.seconds > 0 else 0.0
+
+
+def generate(
+    pipe,
+    plan: GenerationPlan,
+    out: str | Path,
+    key: dict,
+    *,
+    batch_size: int = 16,
+    shard: tuple[int, int] = (0, 1),
+    write_table: bool = True,
+    metadata_every: int = 256,
+    progress: bool = True,
+    on_batch: Callable[[int], None] | None = None,
+) -> GenerationResult:
+    """Make the plan's images that are not on disk yet, `batch_size` at a time, with the pipeline's sampling
+    settings (`key`: `generation_key` of the pipeline; the folder claimed with `claim_output` first).
+    `shard` = (process index, number of processes): the plan is cut into blocks of `batch_size` items, and this
+    process makes blocks k with k mod N = index; a block with any image missing is sampled whole.
+    `write_table`: this process rewrites metadata.csv (every `metadata_every` images and at the end); with
+    several processes none does, and the main one calls `write_metadata` once all have finished."""
+    from tqdm.auto import tqdm
+
+    if batch_size < 1:
+        raise InputError(f"--batch-size must be >= 1, got {batch_size}")
+    out = Path(out)
+    index, processes = shard
+    tag = generation_tag(key)
+    # Fixed blocks of `batch_size` plan items, block k made by process k mod N: an image's pixels depend on its
+    # seed and its block alone, not on kills, reruns or the number of processes. (Across batch sizes they agree
+    # to float rounding only: the convolution kernels choose their algorithm by batch size.)
+    blocks = [plan.items[k : k + batch_size] for k in range(0, len(plan.items), batch_size)][index::processes]
+    mine = [item for block in blocks for item in block]
+    for item in mine:  # a killed run's partial file (never counted as an image) of this shard
+        target = out / image_path(item.lineage, tag, item.index)
+        target.with_name(f".tmp-{target.name}").unlink(missing_ok=True)
+
+    def missing(block: list[Item]) -> list[Item]:
+        return [item for item in block if not (out / image_path(item.lineage, tag, item.index)).is_file()]
+
+    existing = len(mine) - sum(len(missing(block)) for block in blocks)
+    start, since_table, written = time.perf_counter(), 0, 0
+    bar = tqdm(total=len(mine), initial=existing, desc="generating", unit="img", disable=not progress)
+    for block in blocks:
+        todo = missing(block)
+        if not todo:
+            continue
+        generators = [torch.Generator().manual_seed(item.seed) for item in block]
+        images = pipe([item.lineage for item in block], generator=generators).images  # the whole block, always
+        for item, image in zip(block, images, strict=True):
+            if item not in todo:
+                continue
+            target = out / image_path(item.lineage, tag, item.index)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".tmp-{target.name}")
+            image.save(tmp, format="PNG")
+            tmp.replace(target)
+        written += len(todo)
+        bar.update(len(todo))
+        since_table += len(todo)
+        if write_table and since_table >= metadata_every:
+            write_metadata(out, pipe.taxonomy, plan, tag, key)
+            since_table = 0
+        if on_batch is not None:
+            on_batch(written)
+    bar.close()
+    seconds = time.perf_counter() - start
+    rows = write_metadata(out, pipe.taxonomy, plan, tag, key) if write_table else 0
+    return GenerationResult(written, existing, rows, seconds)
+
+
+def estimate(seconds_per_image: float, images: int) -> str:
+    """A duration as a person reads it."""
+    total = seconds_per_image * images
+    if total < 60:
+        return f"{total:.0f} s"
+    return f"{total / 3600:.1f} h" if total >= 3600 else f"{math.ceil(total / 60)} min"
