@@ -317,7 +317,7 @@ def test_latent_model_with_lora_and_cached_latents(two_rank_data, tiny_sd, tmp_p
     assert f"latent cache on (at least {payload / 2**20:,.1f} MB on disk)" in plan
     tables = trainer.text_embeddings
     text_bytes = sum(tables.table(i).nbytes for i in range(len(tables.ranks)))
-    assert f"({text_bytes / 2**20:,.1f} MB, on the training device)" in plan
+    assert f"({text_bytes / 2**20:,.1f} MB in fp32, on the training device" in plan
 
 
 @pytest.mark.parametrize("strategy", ["random", "flat"])

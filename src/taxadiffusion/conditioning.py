@@ -157,7 +157,17 @@ class FrozenRankTables:
     progressive schedule then runs one rank encoder instead of k + 1.
     """
 
-    def __init__(self, encoder: TaxonomyEncoder, text_tables: list[torch.Tensor], levels: int, chunk: int = 256):
+    def __init__(
+        self,
+        encoder: TaxonomyEncoder,
+        text_tables: list[torch.Tensor],
+        levels: int,
+        chunk: int = 256,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        """`device`, `dtype`: where and how the tables are stored (default: the text tables'); each chunk is
+        computed in fp32 on the encoder's device."""
         self.levels = levels
         self.tables = []
         with torch.no_grad():
@@ -166,7 +176,12 @@ class FrozenRankTables:
                 if block.training or any(p.requires_grad for p in block.parameters()):
                     raise ValueError(f"rank encoder {level} is not frozen; only frozen encoders can be tabulated")
                 rows = text_tables[level]
-                self.tables.append(torch.cat([block(rows[i : i + chunk]) for i in range(0, len(rows), chunk)]))
+                where = next(block.parameters(), rows).device
+                store = {"device": device or rows.device, "dtype": dtype or rows.dtype}
+                outputs = [
+                    block(rows[i : i + chunk].to(where, torch.float32)).to(**store) for i in range(0, len(rows), chunk)
+                ]
+                self.tables.append(torch.cat(outputs))
 
     def sum(self, taxon_ids: torch.Tensor, depth: torch.Tensor) -> torch.Tensor | None:
         """(B, R) ids (negative: the "None" row) and (B,) depths -> sum over ranks < min(depth, levels)."""

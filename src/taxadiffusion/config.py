@@ -177,6 +177,18 @@ class TrainConfig:
     # every later stage use them.
     ema_decay: float | None = None
     gradient_checkpointing: bool = False
+    # Under mixed precision, weights that never train (a LoRA run's UNet base, the VAE) are kept in that precision
+    # instead of being autocast from fp32 every step, as diffusers' LoRA scripts do with `weight_dtype`; what
+    # trains stays fp32, and the saved pipeline re-reads the base's own weights.
+    frozen_in_low_precision: bool = True
+    compile: bool = False  # torch.compile the UNet (in place: state-dict keys unchanged)
+    channels_last: bool = False  # the UNet's weights and inputs in channels-last memory layout
+    fused_optimizer: bool = False  # AdamW's fused kernel (CUDA; the foreach one elsewhere)
+    # The text-feature tables (and the frozen ranks' tables): kept on the training device or in CPU memory (each
+    # batch's rows copied over), stored in fp32, fp16 or bf16 (the model computes in fp32 either way). iNat21
+    # with CLIP holds 3.6 GiB of text features per process.
+    text_features: str = "device"  # device | cpu
+    text_features_dtype: str = "fp32"  # fp32 | fp16 | bf16
     # Deterministic kernels (process-wide): on a GPU, a resumed run then equals an uninterrupted one bit for bit,
     # as it always does on the CPU. Slower on GPUs.
     deterministic: bool = False
@@ -207,6 +219,13 @@ class TrainConfig:
         for name in ("batch_size", "gradient_accumulation", "checkpoint_every", "keep_checkpoints", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.text_features not in ("device", "cpu"):
+            raise ConfigError(f"train.text_features must be device or cpu, got {self.text_features!r}")
+        if self.text_features_dtype not in STORAGE_DTYPES:
+            raise ConfigError(
+                f"train.text_features_dtype must be one of {', '.join(STORAGE_DTYPES)}, "
+                f"got {self.text_features_dtype!r}"
+            )
         check_range("train.learning_rate", self.learning_rate, 0, open_low=True)
         for i, rate in enumerate(self.stage_learning_rates or []):
             check_range(f"train.stage_learning_rates[{i}]", rate, 0, open_low=True)
@@ -222,6 +241,9 @@ class TrainConfig:
             raise ConfigError(f"train.condition_dropout must be in [0, 1), got {self.condition_dropout}")
         if not 0.0 <= self.coarse_dropout < 1.0:
             raise ConfigError(f"train.coarse_dropout must be in [0, 1), got {self.coarse_dropout}")
+
+
+STORAGE_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # torch dtype names
 
 
 @dataclass
@@ -241,7 +263,16 @@ class SampleConfig(SamplingSettings):
 
 # Keys that change nothing a checkpoint holds; they may differ when a run resumes.
 RUNTIME_KEYS = frozenset(
-    {"data.num_workers", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every"}
+    {
+        "data.num_workers",
+        "train.checkpoint_every",
+        "train.keep_checkpoints",
+        "train.log_every",
+        # how the same computation runs, not what it computes: a run may resume on another machine with them
+        "train.compile",
+        "train.channels_last",
+        "train.text_features",
+    }
 ) | {f"sample.{f.name}" for f in dataclasses.fields(SampleConfig)}
 
 
@@ -279,6 +310,17 @@ class Config:
                         f"corpus[{i}].{key} is {getattr(data, key)!r} but data.{key} is {getattr(self.data, key)!r}: "
                         "a prior prepares every corpus image as data does, so set them alike"
                     )
+
+    @property
+    def frozen_precision(self) -> str | None:
+        """The precision the never-trained weights are kept in ("bf16", "fp16"; None: fp32 as loaded): under
+        mixed precision, for a LoRA run on a pretrained base, whose UNet base and VAE never train."""
+        train, model = self.train, self.model
+        if train.mixed_precision == "no" or not train.frozen_in_low_precision or not model.is_latent:
+            return None
+        if model.finetune != "lora" or train.strategy in ("full", "prior"):
+            return None
+        return train.mixed_precision
 
     # -- construction -------------------------------------------------------------------------------
 

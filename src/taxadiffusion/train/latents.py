@@ -73,7 +73,10 @@ class LatentDataset(Dataset):
 
 
 def cache_key(dataset: ImageDataset, vae) -> str:
-    payload = repr((list(dataset.paths), dataset.size, dataset.policy.value, vae.config, FORMAT))
+    parts = (list(dataset.paths), dataset.size, dataset.policy.value, vae.config, FORMAT)
+    if vae.dtype != torch.float32:  # a VAE kept in low precision encodes other latents (fp32 keys unchanged)
+        parts += (str(vae.dtype),)
+    payload = repr(parts)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 

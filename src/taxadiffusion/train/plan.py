@@ -166,9 +166,18 @@ class RunPlan:
         return sum(self.taxonomy.num_taxa(rank) + 1 for rank in self.taxonomy.ranks)
 
     def text_feature_bytes(self) -> int:
-        """The fp32 text-feature tables, which training holds on its device (iNat21 with CLIP: 16,334 rows of
-        77 x 768, about 3.6 GiB)."""
-        return self.text_feature_rows() * self.text_tokens * self.text_width * 4
+        """The text-feature tables in `train.text_features_dtype` (iNat21 with CLIP: 16,334 rows of 77 x 768,
+        about 3.6 GiB in fp32)."""
+        return self.text_feature_rows() * self.text_tokens * self.text_width * self._feature_bytes
+
+    def frozen_table_bytes(self) -> int:
+        """The frozen ranks' tables at the last stage (every rank but the finest), same layout as the text's."""
+        rows = sum(self.taxonomy.num_taxa(rank) for rank in self.taxonomy.ranks[:-1])
+        return rows * self.text_tokens * self.text_width * self._feature_bytes
+
+    @property
+    def _feature_bytes(self) -> int:
+        return 4 if self.config.train.text_features_dtype == "fp32" else 2
 
     def describe(self) -> str:
         config, train, model = self.config, self.config.train, self.config.model
@@ -202,7 +211,14 @@ class RunPlan:
             ),
             f"text: {config.text.encoder}, template {config.text.template!r}; features of "
             f"{self.text_feature_rows():,} texts x {self.text_tokens} tokens x {self.text_width} "
-            f"({_size(self.text_feature_bytes())}, on the training device); condition dropout "
+            f"({_size(self.text_feature_bytes())} in {train.text_features_dtype}, "
+            + ("in CPU memory" if train.text_features == "cpu" else "on the training device")
+            + (
+                f"; the frozen ranks' tables up to {_size(self.frozen_table_bytes())} at the last stage"
+                if train.strategy == "progressive" and len(self.taxonomy.ranks) > 1
+                else ""
+            )
+            + "); condition dropout "
             f"{train.condition_dropout:.4g} per rank{' (cascading)' if train.cascade_dropout else ''}"
             + (f"; rank 0 alone for {train.coarse_dropout:.3g} of samples" if train.coarse_dropout else ""),
             "optimizer: AdamW, constant lr (per stage below"
@@ -214,7 +230,18 @@ class RunPlan:
             + " x "
             f"{train.gradient_accumulation} accumulation = {self.images_per_step} images per step; "
             f"one epoch = {math.ceil(len(self.records) / self.images_per_step):,} steps; "
-            f"precision {train.mixed_precision}, gradient checkpointing {_on(train.gradient_checkpointing)}, "
+            f"precision {train.mixed_precision}"
+            + (f" (frozen base weights kept in {config.frozen_precision})" if config.frozen_precision else "")
+            + f", gradient checkpointing {_on(train.gradient_checkpointing)}, "
+            + "".join(
+                f"{name}, "
+                for name, on in (
+                    ("compiled UNet", train.compile),
+                    ("channels-last", train.channels_last),
+                    ("fused AdamW", train.fused_optimizer),
+                )
+                if on
+            )
             + ("deterministic kernels, " if train.deterministic else "")
             + f"latent cache {_on(train.cache_latents)}"
             + (f" (at least {_size(self.latent_cache_bytes())} on disk)" if train.cache_latents else ""),

@@ -19,14 +19,16 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from ..conditioning import FrozenRankTables, cut_to_coarsest, drop_ranks
-from ..config import Config
+from ..config import STORAGE_DTYPES, Config
 from ..data.check import screen_records
 from ..data.dataset import ImageDataset
 from ..errors import InputError, TaxaDiffusionError
 from ..model import (
+    SpaceToDepth,
     assemble_model,
     build_denoiser,
     encode_images,
+    lora_parameters,
     spatial_factor,
 )
 from ..taxonomy import Lineage, Taxonomy
@@ -36,6 +38,8 @@ from .latents import build_latent_dataset, sample_latents
 from .plan import RunPlan, describe_device, run_records, text_encoder_spec
 from .run_folder import RunConflict, RunPaths, prepare_output
 from .stages import Stage, plan_stages
+
+STORAGE_DTYPE = {name: getattr(torch, torch_name) for name, torch_name in STORAGE_DTYPES.items()}
 
 
 class TrainingDiverged(TaxaDiffusionError, RuntimeError):
@@ -91,11 +95,13 @@ def build_optimizer(params: list[torch.nn.Parameter], encoder_params: set[int], 
         {"params": [p for p in params if (id(p) in encoder_params) is is_encoder], "lr": rate}
         for is_encoder, rate in rates.items()
     ]
+    cuda = all(p.is_cuda for g in groups for p in g["params"])
     optimizer = torch.optim.AdamW(
         [g for g in groups if g["params"]],
         lr=stage.learning_rate,
         betas=(train.adam_beta1, train.adam_beta2),
         weight_decay=train.weight_decay,
+        fused=True if train.fused_optimizer and cuda else None,  # the fused kernel is CUDA's
     )
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
@@ -175,8 +181,20 @@ class Trainer:
                 self.progress,
                 species=config.text.species,
             )
-        self.text_embeddings = self.cache.to(acc.device)
+        # The tables where and how train.text_features says; the saved pipeline re-reads the fp32 cache.
+        self.text_embeddings = self.cache.to(self.text_device, STORAGE_DTYPE[config.train.text_features_dtype])
         return records
+
+    @property
+    def text_device(self) -> torch.device:
+        """Where the text-feature tables (and the frozen ranks' tables) live."""
+        return torch.device("cpu") if self.config.train.text_features == "cpu" else self.accelerator.device
+
+    @property
+    def weight_dtype(self) -> torch.dtype | None:
+        """The dtype of the never-trained weights (`Config.frozen_precision`); None: fp32."""
+        precision = self.config.frozen_precision
+        return STORAGE_DTYPE[precision] if precision else None
 
     def _build_model(self) -> None:
         """The UNet (+ LoRA) and the taxonomy encoder as one module, the noise schedule, the VAE."""
@@ -189,6 +207,17 @@ class Trainer:
         self.model = assemble_model(config.model, denoiser.unet, len(self.taxonomy.ranks), width, prior).to(acc.device)
         self.noise_scheduler = denoiser.noise_scheduler
         self.vae = denoiser.vae.to(acc.device) if denoiser.vae is not None else None
+        if self.weight_dtype is not None:  # the frozen base in low precision; the LoRA and encoders stay fp32
+            unet = self.model.unet
+            unet.to(self.weight_dtype)
+            for parameter in lora_parameters(unet):
+                parameter.data = parameter.data.float()
+            if isinstance(self.vae, torch.nn.Module) and not isinstance(self.vae, SpaceToDepth):
+                self.vae.to(self.weight_dtype)
+        if config.train.channels_last:
+            self.model.unet.to(memory_format=torch.channels_last)
+        if config.train.compile:  # in place (nn.Module.compile): the state dict keeps its keys
+            self.model.unet.compile()
         self.trained_keys = self._trained_keys()
 
     def _write_plan(self, records) -> str:
@@ -403,7 +432,8 @@ class Trainer:
         if first == 0:
             return None
         text = [self.text_embeddings.table(i) for i in range(first)]
-        return FrozenRankTables(self.model.taxonomy_encoder, text, first)
+        dtype = STORAGE_DTYPE[self.config.train.text_features_dtype]
+        return FrozenRankTables(self.model.taxonomy_encoder, text, first, device=self.text_device, dtype=dtype)
 
     def _progress_bar(self, stage: Stage, state: ckpt.TrainingState):
         from tqdm.auto import tqdm
@@ -424,7 +454,9 @@ class Trainer:
         if "latent_params" in batch:  # cached VAE latents: the encoder never runs here
             targets = sample_latents(batch["latent_params"], self.vae.config.scaling_factor)
         else:
-            targets = encode_images(self.vae, batch["pixel_values"])
+            targets = encode_images(self.vae, batch["pixel_values"]).float()  # fp32 noise and targets
+        if self.config.train.channels_last:
+            targets = targets.contiguous(memory_format=torch.channels_last)
         noise = torch.randn_like(targets)
         batch_size = targets.shape[0]
         timesteps = torch.randint(
@@ -442,8 +474,9 @@ class Trainer:
         ranks = len(self.taxonomy.ranks)
         depth = stage.depth if stage.depth is not None else int(torch.randint(1, ranks + 1, ()))
         depth = cut_to_coarsest(torch.full((batch_size,), depth), train.coarse_dropout).to(targets.device)
-        features = self.text_embeddings.lookup(ids)
-        frozen = tables.sum(ids, depth) if tables is not None else None
+        device = targets.device
+        features = self.text_embeddings.lookup(ids).to(device=device, dtype=torch.float32, non_blocking=True)
+        frozen = tables.sum(ids, depth).to(device=device, dtype=torch.float32) if tables is not None else None
         prediction = model(noisy, timesteps, features, depth, frozen_sum=frozen, start=tables.levels if tables else 0)
         if train.snr_gamma is None:
             return F.mse_loss(prediction.float(), target.float())
@@ -535,12 +568,35 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         return self.paths.root
 
+    def _restore_full_precision(self) -> None:
+        """Before the pipeline is saved: the frozen parts kept in low precision get the base's own weights back
+        (re-read from the base, not the rounded copy), and the text features their fp32 cache."""
+        config = self.config
+        if self.weight_dtype is not None:
+            base = build_denoiser(config.model, text_width=self.cache.config.width)
+            unet = self.model.unet.to(torch.float32)
+            own = base.unet.state_dict()
+            frozen = {k: own[k.replace(".base_layer.", ".")] for k in unet.state_dict() if ".lora_" not in k}
+            unet.load_state_dict(frozen, strict=False)
+            if base.vae is not None:
+                self.vae = base.vae.to(self.accelerator.device)
+        if config.train.text_features_dtype != "fp32":
+            self.text_embeddings = TextEmbeddingCache.load_or_build(
+                self.paths.cache,
+                self.taxonomy,
+                text_encoder_spec(config),
+                config.text.template,
+                False,
+                species=config.text.species,
+            )
+
     def save_pipeline(self) -> Path:
         """The final pipeline folder (written aside, then renamed into place)."""
         target = self.paths.pipeline
         if self.accelerator.is_main_process:
             tmp = target.with_name(".tmp-pipeline")
             shutil.rmtree(tmp, ignore_errors=True)
+            self._restore_full_precision()
             self.pipeline().save_pretrained(tmp)
             if target.exists():
                 shutil.rmtree(target)
