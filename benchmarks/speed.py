@@ -431,6 +431,7 @@ def main(argv=None) -> int:
         print("preparing the model and data ...")
         results["parameters"] = prepare(root, spec)
         results["flops"] = {key: flops_per_sample(SPECS[key]) for key in ("small", "sd15")}
+        results["peak_tflops"] = peak_tflops(results["machine"], args.precision)
         # Rounds interleave the configurations, so that a slow spell of the machine falls on all of them.
         train, sample = defaultdict(list), defaultdict(list)
         args.out.mkdir(parents=True, exist_ok=True)
@@ -481,6 +482,29 @@ def machine(device: str) -> str:
         return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
     cpu = platform.processor() or platform.machine()
     return f"{cpu}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}"
+
+
+# Dense peak TFLOP/s of the GPUs this benchmark has run on, per precision (the vendors' data sheets). For fp32
+# the TF32 tensor-core rate: PyTorch runs fp32 convolutions (most of a UNet's FLOPs) in TF32 by default
+# (`torch.backends.cudnn.allow_tf32`). Model FLOP utilisation (MFU) = the FLOPs a step must compute / its time /
+# this peak; a device not listed has none.
+PEAK_TFLOPS = {
+    "H100": {"bf16": 989.0, "no": 495.0},
+    "H200": {"bf16": 989.0, "no": 495.0},
+    "A100": {"bf16": 312.0, "no": 156.0},
+}
+
+
+def peak_tflops(machine_name: str, precision: str) -> float | None:
+    """The dense peak of the GPU a results file names (`machine`) for the precision; None for CPUs and GPUs not
+    in the table."""
+    return next((peaks[precision] for gpu, peaks in PEAK_TFLOPS.items() if gpu in machine_name), None)
+
+
+def utilisation(gflops_per_sample: float, batch: int, entry: dict, peak: float | None) -> str:
+    """Achieved TFLOP/s of a timed step, and its share of the peak (MFU) where the peak is known."""
+    achieved = gflops_per_sample * batch / entry["seconds"]["median"] / 1e3
+    return f"{achieved:.2f}" + (f" ({100 * achieved / peak:.1f}%)" if peak else " (peak n/a)")
 
 
 def speedup(reference: dict, ours: dict) -> str:
@@ -554,6 +578,25 @@ def report(results: dict, spec: ModelSpec, argv: list[str]) -> str:
     flops = results["flops"]
     bounds = {name: flop_bounds(parts) for name, parts in flops.items()}
     names = {"small": f"{SMALL.name}, {SMALL.resolution} px", "sd15": f"{SD15.name}, {SD15.resolution} px"}
+    step_flops = bounds["sd15" if results["settings"]["sd15"] else "small"]
+    peak = results.get("peak_tflops") or peak_tflops(results["machine"], results["settings"]["precision"])
+    batch = results["settings"]["batch"]
+    lines += [
+        "",
+        "Achieved TFLOP/s of each step (the FLOPs it must compute, from the table below, over its median time) and",
+        "in brackets the model FLOP utilisation (MFU): its share of the device's dense peak for the precision"
+        + (f" ({peak:g} TFLOP/s)." if peak else "; this device's peak is not known (CPU), so none is given."),
+        "",
+        "| stage | published | ours (default: latent cache) | ours, VAE every step |",
+        "|---|---|---|---|",
+    ]
+    for stage in ("first", "last"):
+        p, c, o = (train[f"{k}/{stage}"] for k in ("published", "ours+latents", "ours"))
+        lines.append(
+            f"| {stage} | {utilisation(step_flops[f'published, {stage} stage'], batch, p, peak)} | "
+            f"{utilisation(step_flops['ours (latent cache)'], batch, c, peak)} | "
+            f"{utilisation(step_flops['ours, VAE every step'], batch, o, peak)} |"
+        )
     lines += [
         "",
         "## Where the work is",

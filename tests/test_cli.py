@@ -84,3 +84,16 @@ def test_device_is_checked_before_anything_loads(monkeypatch):
     with pytest.raises(CommandError, match=r"only 1 CUDA GPU\(s\) here \(cuda:0 .. cuda:0\)"):
         _device("cuda:1")
     assert _device("cuda:0") == "cuda:0" and _device("cpu") == "cpu"
+
+
+def test_fast_preset_fills_in_what_is_not_given():
+    from taxadiffusion.cli import _sampling
+    from taxadiffusion.cli_parser import build_parser
+    from taxadiffusion.sampling import FAST
+
+    base = ["sample", "--model", "m", "--taxon", "t", "--out", "o"]
+    parse = build_parser().parse_args
+    assert {k: v for k, v in _sampling(parse([*base, "--fast"])).items() if v is not None} == FAST
+    mine = _sampling(parse([*base, "--fast", "--steps", "14", "--scale", "3"]))
+    assert mine["steps"] == 14 and mine["scale"] == 3.0 and mine["scheduler"] == FAST["scheduler"]
+    assert all(v is None for v in _sampling(parse(base)).values())

@@ -98,9 +98,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _sampling(args: argparse.Namespace) -> dict:
-    """The sampling options given on the command line (None: the pipeline's saved setting)."""
+    """The sampling options given on the command line (None: the pipeline's saved setting); `--fast` fills in the
+    fast preset's."""
+    from .sampling import FAST
+
     window = tuple(args.window) if args.window else None
-    return dict(
+    given = dict(
         scheduler=args.scheduler,
         steps=args.steps,
         guidance=args.guidance,
@@ -108,6 +111,9 @@ def _sampling(args: argparse.Namespace) -> dict:
         window=window,
         negative=args.negative,
     )
+    if getattr(args, "fast", False):  # the preset, under the options given beside it
+        return {**given, **{k: v for k, v in FAST.items() if given.get(k) is None}}
+    return given
 
 
 def cmd_sample(args: argparse.Namespace) -> int:

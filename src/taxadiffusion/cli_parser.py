@@ -9,7 +9,7 @@ from pathlib import Path
 from . import __version__
 from .devices import DEVICE_HELP
 from .guidance import Guidance
-from .sampling import Negative, Scheduler
+from .sampling import FAST, Negative, Scheduler
 
 
 def _add_source(parser: argparse.ArgumentParser) -> None:
@@ -29,6 +29,12 @@ def _add_source(parser: argparse.ArgumentParser) -> None:
 def _add_sampling(parser: argparse.ArgumentParser) -> None:
     """Sampling options; each one not given is the pipeline's saved setting (its run's own)."""
     saved = "default: the pipeline's saved setting"
+    parser.add_argument(
+        "--fast",
+        action="store_true",
+        help=f"the fast preset: {', '.join(f'{k} {v}' for k, v in FAST.items())}, at the published setting's quality "
+        "(benchmarks/results/sampling.md); options given beside it win",
+    )
     parser.add_argument("--scheduler", choices=[s.value for s in Scheduler], help=f"sampler ({saved})")
     parser.add_argument("--steps", type=int, help=f"sampling steps (published: PNDM 25; {saved})")
     parser.add_argument("--guidance", choices=[g.value for g in Guidance], help=f"guidance rule ({saved})")

@@ -1,0 +1,222 @@
+"""Sampling speed against quality: images/s, species accuracy and KID for samplers, step counts and guidance
+windows on one trained model, beside diffusers' `StableDiffusionPipeline` at its defaults.
+
+    make demo   # or any trained run with its oracle/taxonomic classifier
+    python benchmarks/sampling.py --model runs/demo/pipeline --data folder runs/demo/data \
+        --classifier runs/demo/classifier --scale 3
+
+Every setting generates the same images (the same seeds, the same taxa) and is scored by the evaluation protocol
+at the species rank: top-1 accuracy of the classifier (the rate at which samples are recognised as the species
+they were conditioned on) and KID with its subset standard deviation. Speed is images/s of a fixed batch,
+all settings and diffusers' pipeline timed in one process, interleaved over rounds, with the same UNet and the
+same conditioning (diffusers receives c_k and the negative as prompt embeddings; PNDM, 25 steps, CFG on every
+step: its defaults). The fastest setting whose species accuracy is within 1 point of the published setting and
+whose KID is within the published setting's KID standard deviation is the `fast` preset (`--fast`).
+Results: benchmarks/results/sampling.md and sampling.json. Resumable: each setting's evaluation is kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from taxadiffusion.eval.protocol import EvalSettings, evaluate
+from taxadiffusion.eval.report import markdown_table
+from taxadiffusion.pipeline import TaxaDiffusionPipeline
+from taxadiffusion.sampling import FAST
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+
+# The settings compared, as changes of the model's own (published: PNDM 25, guidance on every step).
+SETTINGS: dict[str, dict] = {
+    "published: PNDM 25": {},
+    "DDIM 25": {"scheduler": "ddim", "steps": 25},
+    "DDIM 15": {"scheduler": "ddim", "steps": 15},
+    "DPM-Solver++ 20": {"scheduler": "dpm", "steps": 20},
+    "DPM-Solver++ 15": {"scheduler": "dpm", "steps": 15},
+    "DPM-Solver++ 10": {"scheduler": "dpm", "steps": 10},
+    "DPM-Solver++ 8": {"scheduler": "dpm", "steps": 8},
+    "PNDM 25, guidance in the first 60%": {"window": (0.0, 0.6)},
+    "DPM-Solver++ 10, guidance in the first 60%": {"scheduler": "dpm", "steps": 10, "window": (0.0, 0.6)},
+    "fast preset": FAST,
+}
+
+
+def time_ours(pipe, lineages, changes: dict, generators) -> float:
+    """Seconds for one batch with the pipeline at `changes`."""
+    pipe.configure_sampling(**changes)
+    start = time.perf_counter()
+    pipe(lineages, generator=generators(), output_type="latent")
+    return time.perf_counter() - start
+
+
+def diffusers_pipeline(pipe):
+    """diffusers' StableDiffusionPipeline around the same UNet, at its defaults (PNDM)."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    sd = StableDiffusionPipeline(
+        vae=None,
+        text_encoder=None,
+        tokenizer=None,
+        unet=pipe.unet,
+        scheduler=PNDMScheduler.from_config(pipe.scheduler.config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    sd.set_progress_bar_config(disable=True)
+    return sd
+
+
+def time_diffusers(sd, pipe, lineages, generators, scale: float) -> float:
+    """Seconds for one batch of diffusers' default sampling: PNDM 25 steps, CFG at `scale` on every step, given
+    our c_k and c_0 as prompt embeddings (diffusers' own text encoding is not what is compared)."""
+    from taxadiffusion.guidance import Guidance
+
+    condition, negative = pipe.encode(lineages, Guidance.TAXONOMIC, 1)
+    side = pipe.unet.config.sample_size
+    start = time.perf_counter()
+    sd(
+        prompt_embeds=condition,
+        negative_prompt_embeds=negative,
+        guidance_scale=scale,
+        height=side * sd.vae_scale_factor,
+        width=side * sd.vae_scale_factor,
+        generator=generators(),
+        output_type="latent",
+    )
+    return time.perf_counter() - start
+
+
+def measure_speed(model: Path, scale: float, batch: int, rounds: int) -> dict[str, dict]:
+    pipe = TaxaDiffusionPipeline.from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.configure_sampling(scale=scale)
+    saved = pipe.sampling
+    species = pipe.taxonomy.leaves()
+    lineages = [pipe.taxonomy.lineage(species[i % len(species)]) for i in range(batch)]
+
+    def generators():
+        return [torch.Generator().manual_seed(i) for i in range(batch)]
+
+    sd = diffusers_pipeline(pipe)
+    seconds: dict[str, list[float]] = {name: [] for name in ["diffusers default", *SETTINGS]}
+    with torch.no_grad():
+        time_ours(pipe, lineages, {}, generators)  # warm-up, both pipelines
+        time_diffusers(sd, pipe, lineages, generators, scale)
+        for _ in range(rounds):
+            seconds["diffusers default"].append(time_diffusers(sd, pipe, lineages, generators, scale))
+            for name, changes in SETTINGS.items():
+                pipe.sampling = saved
+                seconds[name].append(time_ours(pipe, lineages, {"scale": scale, **changes}, generators))
+    return {
+        name: {"seconds": values, "images_per_s": batch / statistics.median(values)} for name, values in seconds.items()
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--data", nargs=2, required=True, metavar=("FORMAT", "PATH"))
+    parser.add_argument("--classifier", type=Path, required=True)
+    parser.add_argument("--scale", type=float, default=None, help="guidance scale (default: the model's)")
+    parser.add_argument("--per-taxon", type=int, default=10)
+    parser.add_argument("--max-real", type=int, default=6)
+    parser.add_argument("--batch", type=int, default=16, help="the timed batch")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--work", type=Path, default=REPO / "runs" / "sampling-benchmark")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+
+    pipe = TaxaDiffusionPipeline.from_pretrained(args.model)
+    scale = args.scale if args.scale is not None else pipe.sampling.scale
+    quality = {}
+    for i, (name, changes) in enumerate(SETTINGS.items()):
+        print(f"[{i + 1}/{len(SETTINGS)}] quality: {name}")
+        settings = EvalSettings(
+            ranks=("specific_epithet",),
+            per_taxon=args.per_taxon,
+            max_real_per_taxon=args.max_real,
+            classifier=str(args.classifier),
+            rare_threshold=0,
+        )
+        out = args.work / f"setting-{i}"
+        metrics = evaluate(
+            tuple(args.data), out, settings, args.model, progress=False, sampling_changes={"scale": scale, **changes}
+        )
+        scores = metrics["ranks"]["specific_epithet"]["all"]
+        quality[name] = {
+            "accuracy": 100 * scores["accuracy"]["specific_epithet"],
+            "kid": scores["kid"],
+            "kid_std": scores["kid_std"],
+            "images": scores["n_fake"],
+        }
+    print("speed ...")
+    speed = measure_speed(args.model, scale, args.batch, args.rounds)
+    results = {"argv": argv or sys.argv[1:], "scale": scale, "quality": quality, "speed": speed}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "sampling.json").write_text(json.dumps(results, indent=1) + "\n")
+    text = report(results)
+    (args.out / "sampling.md").write_text(text)
+    print(text)
+    return 0
+
+
+def equal_quality(row: dict, reference: dict) -> bool:
+    """Species accuracy within 1 point and KID within the reference's KID standard deviation."""
+    return (
+        abs(row["accuracy"] - reference["accuracy"]) <= 1.0
+        and abs(row["kid"] - reference["kid"]) <= reference["kid_std"]
+    )
+
+
+def report(results: dict) -> str:
+    quality, speed = results["quality"], results["speed"]
+    reference = quality["published: PNDM 25"]
+    base = speed["diffusers default"]["images_per_s"]
+    rows = [["setting", "images/s", "x diffusers' default", "species accuracy (%)", "KID (std)", "equal quality"]]
+    rows.append(["diffusers StableDiffusionPipeline (PNDM 25, CFG)", f"{base:.2f}", "1.00x", "-", "-", "-"])
+    for name, q in quality.items():
+        rate = speed[name]["images_per_s"]
+        same = "reference" if q is reference else ("yes" if equal_quality(q, reference) else "no")
+        rows.append(
+            [
+                name,
+                f"{rate:.2f}",
+                f"{rate / base:.2f}x",
+                f"{q['accuracy']:.1f}",
+                f"{q['kid']:.4f} ({q['kid_std']:.4f})",
+                same,
+            ]
+        )
+    fast = quality["fast preset"]
+    lines = [
+        "# Sampling: speed at equal quality",
+        "",
+        f"Command: `python benchmarks/sampling.py {' '.join(results['argv'])}`; guidance scale {results['scale']:g}.",
+        "",
+        "Each setting generates the same taxa from the same seeds; quality at the species rank (the classifier's "
+        "top-1 accuracy on the generated images, KID with its standard deviation over 20 subsets). Speed: images/s "
+        "of one batch, every row timed in one process, interleaved over rounds (median). Equal quality: species "
+        "accuracy within 1 point of the published setting and KID within its standard deviation.",
+        "",
+        markdown_table(rows),
+        "",
+        f"The `fast` preset ({', '.join(f'{k} {v}' for k, v in FAST.items())}; `--fast` on `sample`, `evaluate`, "
+        f"`generate`): {speed['fast preset']['images_per_s'] / base:.2f}x diffusers' default images/s, species "
+        f"accuracy {fast['accuracy']:.1f}% against {reference['accuracy']:.1f}%, KID {fast['kid']:.4f} against "
+        f"{reference['kid']:.4f} ({'equal quality' if equal_quality(fast, reference) else 'NOT equal quality'}).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
