@@ -568,6 +568,13 @@ def report(results: dict, spec: ModelSpec, argv: list[str]) -> str:
         "| speed-up (VAE every step) | peak MiB published / ours / VAE every step |",
         "|---|---|---|---|---|---|---|",
     ]
+    flops = results["flops"]
+    bounds = {name: flop_bounds(parts) for name, parts in flops.items()}
+    names = {"small": f"{SMALL.name}, {SMALL.resolution} px", "sd15": f"{SD15.name}, {SD15.resolution} px"}
+    step_flops = bounds["sd15" if results["settings"]["sd15"] else "small"]
+    peak = results.get("peak_tflops") or peak_tflops(results["machine"], results["settings"]["precision"])
+    batch = results["settings"]["batch"]
+    utilisation_rows = []
     for stage in ("first", "last"):
         p, c, o = (train[f"{k}/{stage}"] for k in ("published", "ours+latents", "ours"))
         lines.append(
@@ -575,12 +582,9 @@ def report(results: dict, spec: ModelSpec, argv: list[str]) -> str:
             f"{speedup(p, c)} | {speedup(p, o)} | "
             f"{p['peak_mib']:.0f} / {c['peak_mib']:.0f} / {o['peak_mib']:.0f} |"
         )
-    flops = results["flops"]
-    bounds = {name: flop_bounds(parts) for name, parts in flops.items()}
-    names = {"small": f"{SMALL.name}, {SMALL.resolution} px", "sd15": f"{SD15.name}, {SD15.resolution} px"}
-    step_flops = bounds["sd15" if results["settings"]["sd15"] else "small"]
-    peak = results.get("peak_tflops") or peak_tflops(results["machine"], results["settings"]["precision"])
-    batch = results["settings"]["batch"]
+        work = (f"published, {stage} stage", "ours (latent cache)", "ours, VAE every step")
+        cells = [utilisation(step_flops[w], batch, entry, peak) for w, entry in zip(work, (p, c, o), strict=True)]
+        utilisation_rows.append(f"| {stage} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "Achieved TFLOP/s of each step (the FLOPs it must compute, from the table below, over its median time) and",
@@ -589,14 +593,8 @@ def report(results: dict, spec: ModelSpec, argv: list[str]) -> str:
         "",
         "| stage | published | ours (default: latent cache) | ours, VAE every step |",
         "|---|---|---|---|",
+        *utilisation_rows,
     ]
-    for stage in ("first", "last"):
-        p, c, o = (train[f"{k}/{stage}"] for k in ("published", "ours+latents", "ours"))
-        lines.append(
-            f"| {stage} | {utilisation(step_flops[f'published, {stage} stage'], batch, p, peak)} | "
-            f"{utilisation(step_flops['ours (latent cache)'], batch, c, peak)} | "
-            f"{utilisation(step_flops['ours, VAE every step'], batch, o, peak)} |"
-        )
     lines += [
         "",
         "## Where the work is",

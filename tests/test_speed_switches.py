@@ -45,6 +45,19 @@ def _lora_config(data, base, **train):
     )
 
 
+def _tiny_config(data, text_encoder, **train):
+    """The tiny pixel-space model (no pretrained base) on the two-rank data, one step per stage."""
+    return Config.from_dict(
+        {
+            "model": TINY_MODEL,
+            "text": {"encoder": str(text_encoder)},
+            "data": {"format": "folder", "path": str(data), "crop": "squash"},
+            "train": {"steps": [1, 1], "batch_size": 4, **train},
+            "sample": {"steps": 2, "grid_taxa": 1, "grid_images": 1},
+        }
+    )
+
+
 def test_frozen_base_in_low_precision_and_saved_unrounded(two_rank_data, tiny_sd, tmp_path, mixed_precision_state):
     trainer = Trainer(_lora_config(two_rank_data, tiny_sd, mixed_precision="bf16"), tmp_path / "run", progress=False)
     unet = trainer.model.unet
@@ -78,15 +91,7 @@ def test_low_precision_only_where_nothing_trains(two_rank_data, tiny_sd):
 
 
 def test_text_features_in_cpu_memory_and_half_precision(two_rank_data, tiny_sd, tmp_path):
-    config = Config.from_dict(
-        {
-            "model": TINY_MODEL,
-            "text": {"encoder": str(tiny_sd)},
-            "data": {"format": "folder", "path": str(two_rank_data), "crop": "squash"},
-            "train": {"steps": [1, 1], "batch_size": 4, "text_features": "cpu", "text_features_dtype": "fp16"},
-            "sample": {"steps": 2, "grid_taxa": 1, "grid_images": 1},
-        }
-    )
+    config = _tiny_config(two_rank_data, tiny_sd, text_features="cpu", text_features_dtype="fp16")
     trainer = Trainer(config, tmp_path / "run", progress=False)
     assert trainer.text_embeddings.table(0).dtype == torch.float16
     assert trainer.text_embeddings.table(0).device.type == "cpu"
@@ -107,14 +112,7 @@ def test_text_features_in_cpu_memory_and_half_precision(two_rank_data, tiny_sd, 
 
 def test_compile_and_channels_last_keep_the_state_dict(two_rank_data, tiny_sd, tmp_path):
     """Compiled in place (nn.Module.compile): the checkpoint and pipeline keys are the plain ones."""
-    config = Config.from_dict(
-        {
-            "model": TINY_MODEL,
-            "text": {"encoder": str(tiny_sd)},
-            "data": {"format": "folder", "path": str(two_rank_data), "crop": "squash"},
-            "train": {"steps": [1, 1], "batch_size": 4, "compile": True, "channels_last": True},
-        }
-    )
+    config = _tiny_config(two_rank_data, tiny_sd, compile=True, channels_last=True)
     trainer = Trainer(config, tmp_path / "run", progress=False)
     unet = trainer.model.unet
     assert unet._compiled_call_impl is not None
@@ -140,13 +138,5 @@ def test_fused_optimizer_only_on_cuda():
 
 @pytest.mark.slow
 def test_compiled_training_runs(two_rank_data, tiny_sd, tmp_path):
-    config = Config.from_dict(
-        {
-            "model": TINY_MODEL,
-            "text": {"encoder": str(tiny_sd)},
-            "data": {"format": "folder", "path": str(two_rank_data), "crop": "squash"},
-            "train": {"steps": [1, 1], "batch_size": 4, "compile": True, "channels_last": True},
-            "sample": {"steps": 2, "grid_taxa": 1, "grid_images": 1},
-        }
-    )
+    config = _tiny_config(two_rank_data, tiny_sd, compile=True, channels_last=True)
     assert (Trainer(config, tmp_path / "run", progress=False).run() / "model_index.json").is_file()
