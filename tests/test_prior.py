@@ -80,6 +80,37 @@ def test_the_published_recipe_adapts_the_prior(prior, data, tiny_sd, tmp_path, c
     capsys.readouterr()
 
 
+@pytest.mark.parametrize("strategy", ["flat", "full"])
+def test_one_text_baselines_on_a_prior_read_the_caption_through_its_text_path(prior, data, tmp_path, strategy):
+    """SD + LoRA and SD + full fine-tuning: the species caption goes through the prior's own text path (no
+    rank-encoder layers to train), as diffusers' text-to-image scripts train SD."""
+    from taxadiffusion.config import Config
+    from taxadiffusion.train.trainer import Trainer
+
+    config = Config.from_dict(
+        {
+            "model": {"base": str(prior), "resolution": 16, "finetune": "lora", "encoder_heads": 4},
+            "text": {"encoder": "base", "template": "a photo of {name}"},
+            "data": {"format": "folder", "path": str(data), "crop": "squash"},
+            "train": {"strategy": strategy, "steps": [1, 1], "batch_size": 4},
+            "sample": {"steps": 2, "grid_taxa": 1, "grid_images": 1},
+        }
+    )
+    trainer = Trainer(config, tmp_path / "run", progress=False)
+    encoder = trainer.model.taxonomy_encoder
+    assert not list(encoder.parameters())  # the text features themselves
+    (stage,) = trainer.stages
+    trained = trainer.model.configure_trainable(stage.unet, stage.encoder_levels)
+    unet_parameters = list(trainer.model.unet.parameters())
+    if strategy == "flat":
+        assert trained and all(any(p is q for q in unet_parameters) for p in trained)  # the LoRA alone
+        assert len(trained) < len(unet_parameters)
+    else:
+        assert len(trained) == len(unet_parameters)  # the whole UNet
+    assert "the base's own text path" in trainer.describe()
+    assert (trainer.run() / "model_index.json").is_file()
+
+
 def test_a_prior_refuses_another_text_encoder_or_resolution(prior, data, tmp_path, capsys):
     config = {
         "model": {"base": str(prior), "resolution": 16, "encoder_heads": 4},

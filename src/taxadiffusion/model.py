@@ -380,13 +380,21 @@ def build_taxonomy_encoder(
     )
 
 
-def assemble_model(config: ModelConfig, unet: UNet2DConditionModel, num_ranks: int, text_width: int, prior: bool):
-    """The UNet (with the LoRA when `finetune: lora`) and the rank encoders as one module. A prior being
-    pretrained (`prior`) trains its whole UNet on the text features themselves: no LoRA, no rank encoder layers,
-    as SD's UNet reads CLIP's."""
+def assemble_model(
+    config: ModelConfig, unet: UNet2DConditionModel, num_ranks: int, text_width: int, strategy: str
+) -> TaxaDiffusionModel:
+    """The UNet (with the LoRA when `finetune: lora`) and the rank encoders as one module.
+
+    A prior being pretrained (`strategy: prior`) trains its whole UNet on the text features themselves: no LoRA, no
+    rank-encoder layers, as SD's UNet reads CLIP's. The one-text baselines on a pretrained base (`flat`, `full`)
+    read the species caption the same way, through the base's own text path: the paper's SD + LoRA and SD + full
+    fine-tuning rows, as diffusers' text-to-image scripts train them. Without a pretrained base (the tiny
+    from-scratch model) they keep a trained encoder, since no UNet there has learned to read raw text features."""
+    prior = strategy == "prior"
+    text_path = prior or (strategy in ("flat", "full") and config.is_latent)
     if config.finetune == "lora" and not prior:
         add_lora(unet, config.lora_rank, config.lora_alpha, config.lora_targets)
-    encoder = build_taxonomy_encoder(config, num_ranks, text_width, conditioning_width(unet), 0 if prior else None)
+    encoder = build_taxonomy_encoder(config, num_ranks, text_width, conditioning_width(unet), 0 if text_path else None)
     return TaxaDiffusionModel(unet, encoder)
 
 

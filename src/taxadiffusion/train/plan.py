@@ -204,6 +204,9 @@ class RunPlan:
                 f"{self.taxonomy.num_taxa(self.taxonomy.ranks[0]):,} distinct; read by the UNet as text features "
                 f"of width {self.text_width}, no rank encoders"
                 if config.train.strategy == "prior"
+                else f"species caption {config.text.template!r} read by the UNet as text features of width "
+                f"{self.text_width} (the base's own text path, as SD + LoRA / full fine-tuning), no rank encoders"
+                if self.encoder_parameters == 0
                 else f"taxonomy encoder: {len(self.taxonomy.ranks)} ranks x {model.encoder_layers} layers x "
                 f"{model.encoder_heads} heads, text width {self.text_width}, feed-forward {model.encoder_feedforward}, "
                 f"dropout {model.encoder_dropout:g} "
@@ -325,7 +328,7 @@ def plan_run(config: Config, data_folder: str | Path, num_processes: int = 1) ->
     text_width = text_encoder_spec(config).width()
     unet = build_unet_skeleton(config.model, text_width)
     with init_empty_weights():
-        model = assemble_model(config.model, unet, len(records.ranks), text_width, config.train.strategy == "prior")
+        model = assemble_model(config.model, unet, len(records.ranks), text_width, config.train.strategy)
     factor = config_spatial_factor(config.model)
     tokens = config.text.max_length or 77  # without it: min(the tokenizer's limit, 77), which no weights decide
     taxonomy = records.taxonomy()

@@ -203,8 +203,8 @@ class Trainer:
         denoiser = build_denoiser(config.model, text_width=width)
         if config.train.gradient_checkpointing:
             denoiser.unet.enable_gradient_checkpointing()
-        prior = config.train.strategy == "prior"
-        self.model = assemble_model(config.model, denoiser.unet, len(self.taxonomy.ranks), width, prior).to(acc.device)
+        ranks = len(self.taxonomy.ranks)
+        self.model = assemble_model(config.model, denoiser.unet, ranks, width, config.train.strategy).to(acc.device)
         self.noise_scheduler = denoiser.noise_scheduler
         self.vae = denoiser.vae.to(acc.device) if denoiser.vae is not None else None
         if self.weight_dtype is not None:  # the frozen base in low precision; the LoRA and encoders stay fp32
