@@ -97,3 +97,28 @@ def test_split_records_holds_out_part_of_every_taxon():
     assert split_records(records.records, 0.2, seed=1)[1] != held
     with pytest.raises(ValueError, match=r"held-out fraction must be in \(0, 1\)"):
         split_records(records.records, 1.0, seed=0)
+
+
+def test_the_pre_flight_screen_is_kept_for_a_resumed_run(tmp_path, monkeypatch):
+    """A resumed run whose files are unchanged decodes none of them again; a changed file is screened anew."""
+    from taxadiffusion.data import check
+    from taxadiffusion.errors import InputError
+    from taxadiffusion.taxonomy import FISHNET_RANKS
+
+    records = RecordSet(FISHNET_RANKS)
+    for i in range(3):
+        Image.new("RGB", (8, 8)).save(tmp_path / f"{i}.png")
+        records.add(tmp_path / f"{i}.png", {FISHNET_RANKS[0]: "Actinopterygii"})
+    decoded = []
+    original = check.check_image
+    monkeypatch.setattr(check, "check_image", lambda path: decoded.append(path) or original(path))
+    cache = tmp_path / "run" / "screen.json"
+    assert check.screen_records(records, False, 1, False, cache=cache) is records and len(decoded) == 3
+    assert check.screen_records(records, False, 1, False, cache=cache) is records and len(decoded) == 3  # reused
+    (tmp_path / "1.png").write_bytes(b"not an image")  # the file changed: screened again, and refused
+    with pytest.raises(InputError, match="1 unusable training image"):
+        check.screen_records(records, False, 1, False, cache=cache)
+    assert len(decoded) == 6
+    cache.write_text("{damaged")  # a damaged cache: screened again
+    kept = check.screen_records(records, True, 1, False, cache=cache)
+    assert len(kept) == 2 and len(decoded) == 9

@@ -166,7 +166,11 @@ class Trainer:
         with acc.main_process_first():  # the main process renders the synthetic set first
             records, self.dataset_ranks = run_records(config, self.paths.data)
             records = screen_records(
-                records, config.data.skip_bad_images, os.cpu_count() or 1, self.progress and acc.is_main_process
+                records,
+                config.data.skip_bad_images,
+                os.cpu_count() or 1,
+                self.progress and acc.is_main_process,
+                cache=self.paths.cache / "screen.json",  # a resumed run with unchanged files decodes none again
             )
         self.taxonomy = records.taxonomy()
         train = config.train
