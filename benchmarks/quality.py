@@ -31,7 +31,7 @@ import torch
 from taxadiffusion.config import Config
 from taxadiffusion.data.readers import read_folder, read_table
 from taxadiffusion.data.records import Record, split_records
-from taxadiffusion.eval.protocol import EvalSettings, Evaluation, image_seed, taxon_folder
+from taxadiffusion.eval.protocol import EvalSettings, Evaluation
 from taxadiffusion.eval.report import (
     load_runs,
     main_table,
@@ -213,38 +213,18 @@ def evaluate_model(pipeline_dir: Path, heldout: Path, out: Path, s: EvalSettings
     Evaluation(read_table(heldout), out, s, pipeline=pipe).run(features=features)
 
 
-@torch.no_grad()
 def evaluate_flat(pipeline_dir: Path, train_csv: Path, heldout: Path, out: Path, s: EvalSettings, features) -> None:
-    """Images of every taxon at each rank from the species-only model, then scored as a folder."""
+    """The species-only model at every rank: a taxon above species is drawn through its species in turn."""
     from taxadiffusion.pipeline import TaxaDiffusionPipeline
 
     if (out / "metrics.json").is_file():
         return
     pipe = TaxaDiffusionPipeline.from_pretrained(pipeline_dir)
     pipe.set_progress_bar_config(disable=True)
-    pipe.configure_sampling(**s.sampling.to_dict())
-    flat = pipe.taxonomy
     full = read_table(train_csv).taxonomy()
-    folder = out / "generated"
-    for rank in (Rank.parse(r) for r in s.ranks):
-        for taxon in full.taxa(rank):
-            target = folder / rank.value / taxon_folder(taxon)
-            if len(list(target.glob("*.png"))) >= s.per_taxon:
-                continue
-            species = [t for t in full.taxa(Rank.SPECIFIC_EPITHET) if t.path[: len(taxon.path)] == taxon.path]
-            if not species:
-                continue  # a taxon without a species below it (F4K's family-level class) has no flat prompt
-            names = [full.lineage(species[i % len(species)]).scientific_name for i in range(s.per_taxon)]
-            lineages = [flat.lineage(flat.by_path((name,))) for name in names]
-            level = full.level(rank)
-            generators = [
-                torch.Generator().manual_seed(image_seed(s.seed, level, taxon.id, i)) for i in range(s.per_taxon)
-            ]
-            images = pipe(lineages, generator=generators).images
-            target.mkdir(parents=True, exist_ok=True)
-            for i, image in enumerate(images):
-                image.save(target / f"{i:02d}.png")
-    Evaluation(read_table(heldout), out, s, images=folder, taxonomy=full).run(features=features)
+    Evaluation(
+        read_table(heldout), out, s, pipeline=pipe, taxonomy=full, one_text=lambda lineage: lineage.scientific_name
+    ).run(features=features)
 
 
 # -- report -------------------------------------------------------------------------------------------

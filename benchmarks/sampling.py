@@ -26,7 +26,9 @@ from pathlib import Path
 
 import torch
 
-from taxadiffusion.eval.protocol import EvalSettings, evaluate
+from taxadiffusion.data.readers import read_records
+from taxadiffusion.eval.fid import InceptionFeatures
+from taxadiffusion.eval.protocol import EvalSettings, Evaluation
 from taxadiffusion.eval.report import markdown_table
 from taxadiffusion.pipeline import TaxaDiffusionPipeline
 from taxadiffusion.sampling import FAST
@@ -136,7 +138,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     pipe = TaxaDiffusionPipeline.from_pretrained(args.model)
-    scale = args.scale if args.scale is not None else pipe.sampling.scale
+    pipe.set_progress_bar_config(disable=True)
+    saved = pipe.sampling
+    scale = args.scale if args.scale is not None else saved.scale
+    real = read_records(args.data[0], args.data[1])
+    features = InceptionFeatures()  # shared: each real image is featurised once for every setting
     quality = {}
     for i, (name, changes) in enumerate(SETTINGS.items()):
         print(f"[{i + 1}/{len(SETTINGS)}] quality: {name}")
@@ -146,11 +152,9 @@ def main(argv=None) -> int:
             max_real_per_taxon=args.max_real,
             classifier=str(args.classifier),
             rare_threshold=0,
+            sampling=saved.replace(scale=scale, **changes),
         )
-        out = args.work / f"setting-{i}"
-        metrics = evaluate(
-            tuple(args.data), out, settings, args.model, progress=False, sampling_changes={"scale": scale, **changes}
-        )
+        metrics = Evaluation(real, args.work / f"setting-{i}", settings, pipeline=pipe).run(False, features)
         scores = metrics["ranks"]["specific_epithet"]["all"]
         quality[name] = {
             "accuracy": 100 * scores["accuracy"]["specific_epithet"],

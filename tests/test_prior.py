@@ -108,7 +108,37 @@ def test_one_text_baselines_on_a_prior_read_the_caption_through_its_text_path(pr
     else:
         assert len(trained) == len(unet_parameters)  # the whole UNet
     assert "the base's own text path" in trainer.describe()
-    assert (trainer.run() / "model_index.json").is_file()
+    pipeline = trainer.run()
+    if strategy == "flat":  # a species-only model is evaluated at every rank through its species
+        out = tmp_path / "eval"
+        assert (
+            main(["evaluate", "--model", str(pipeline), "--data", "folder", str(data), "--out", str(out), *EVAL]) == 0
+        )
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert set(metrics["ranks"]) == {"genus", "specific_epithet"}
+        assert len(list((out / "images" / "genus").glob("*/*.png"))) == 2 * len(metrics_taxa(metrics, "genus"))
+
+
+EVAL = ["--ranks", "genus,specific_epithet", "--per-taxon", "2", "--steps", "2", "--max-real", "3"]
+
+
+def metrics_taxa(metrics: dict, rank: str) -> range:
+    return range(metrics["ranks"][rank]["all"]["taxa"])
+
+
+def test_zero_shot_prompts_the_prior_with_species_captions(prior, data, tmp_path, capsys):
+    """The paper's SD row: the prior, unadapted, prompted with a caption per species; classifier-free guidance
+    against its own unconditional input."""
+    out = tmp_path / "zero-shot"
+    args = ["evaluate", "--model", str(prior), "--zero-shot", "a photo of {scientific_name}", "--data", "folder"]
+    assert main([*args, str(data), "--out", str(out), *EVAL]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["ranks"]) == {"genus", "specific_epithet"} and metrics["settings"]["guidance"] == "vanilla"
+    species = metrics["ranks"]["specific_epithet"]["all"]["taxa"]
+    assert len(list((out / "images" / "specific_epithet").glob("*/*.png"))) == 2 * species
+    capsys.readouterr()
+    assert main([*args[:4], "a photo of {colour}", *args[5:], str(data), "--out", str(tmp_path / "x"), *EVAL]) == 2
+    assert "not {scientific_name} or a rank" in capsys.readouterr().err
 
 
 def test_a_prior_refuses_another_text_encoder_or_resolution(prior, data, tmp_path, capsys):

@@ -255,7 +255,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     )
     metrics = evaluate(
         tuple(args.data), args.out, settings, args.model, args.images, args.root, args.split, device, args.regenerate,
-        sampling_changes=_sampling(args),
+        sampling_changes=_sampling(args), zero_shot=args.zero_shot,
     )  # fmt: skip
     print(summary_lines(metrics))
     print(f"report: {Path(args.out) / 'report.md'} and {Path(args.out) / 'report.html'}")

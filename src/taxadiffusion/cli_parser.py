@@ -140,6 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-real", type=int, default=50, help="real images per taxon (fixed random subset)")
     evaluate.add_argument("--out", required=True, type=Path)
     evaluate.add_argument(
+        "--zero-shot",
+        metavar="CAPTION",
+        help="--model is a prior (pretrain): prompt it, unadapted, with this caption per species, e.g. "
+        "'a photo of {scientific_name}' (the paper's SD row)",
+    )
+    evaluate.add_argument(
         "--regenerate", action="store_true", help="replace images in --out made with another model or settings"
     )
     evaluate.add_argument("--classifier", type=Path, help="a taxonomic classifier (taxadiffusion classifier train)")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from ..data.records import RecordSet
 from ..errors import InputError
 from ..sampling import SamplingSettings
 from ..saved_files import check_saved_folder
-from ..taxonomy import Rank, Taxon, Taxonomy, UnknownTaxonError
+from ..taxonomy import Lineage, Rank, Taxon, Taxonomy, UnknownTaxonError
 from .bioclip import BioCLIPScorer, taxon_text
 from .classifier import TaxonClassifier, accuracy_by_rank, to_unit
 from .fid import FEATURE_NETWORK, RESIZE_RULE, InceptionFeatures, fid_kid
@@ -137,10 +138,14 @@ class Evaluation:
         images=None,
         taxonomy: Taxonomy | None = None,
         regenerate: bool = False,
+        one_text: Callable[[Lineage], str] | None = None,
     ):
-        """`taxonomy`: the training taxonomy when scoring a folder of images, so that rare and common taxa
-        are told apart by their training counts (default: the real set's own counts). `regenerate`: replace
-        images generated earlier in `out` with another model or other settings (else they are refused)."""
+        """`taxonomy`: the training taxonomy when scoring a folder of images or a one-text model, so that rare and
+        common taxa are told apart by their training counts (default: the real set's own counts). `regenerate`:
+        replace images generated earlier in `out` with another model or other settings (else they are refused).
+        `one_text`: the pipeline knows one text per species (the flat and full baselines, a prior prompted
+        zero-shot), the one this maps a species' lineage to; a taxon above species is drawn through its species
+        in turn."""
         if (pipeline is None) == (images is None):
             raise InputError("evaluate either a model (--model) or a folder of generated images (--images)")
         check_classifier(settings)  # before any image is generated
@@ -152,7 +157,9 @@ class Evaluation:
         self.regenerate = regenerate
         self._claimed: dict | None = None  # the generation key this evaluation checked and recorded
         self.images_dir = Path(images) if images else None
-        self.taxonomy: Taxonomy = pipeline.taxonomy if pipeline is not None else (taxonomy or real.taxonomy())
+        self.one_text = one_text
+        own = pipeline is not None and one_text is None
+        self.taxonomy: Taxonomy = pipeline.taxonomy if own else (taxonomy or real.taxonomy())
         if tuple(real.ranks) != tuple(self.taxonomy.ranks):
             ours, theirs = ", ".join(real.ranks), ", ".join(self.taxonomy.ranks)
             raise InputError(f"the real data's ranks ({ours}) differ from the model's ({theirs})")
@@ -221,6 +228,8 @@ class Evaluation:
         level = self.taxonomy.level(rank)
         jobs = []
         for taxon in taxa:
+            if self.one_text is not None and not self._species_below(taxon):
+                continue  # nothing a one-text model can draw it through (F4K's class labelled to family)
             folder = self.out / "images" / rank.value / taxon_folder(taxon)
             for i in range(s.per_taxon):
                 target = folder / f"{i:02d}.png"
@@ -231,7 +240,7 @@ class Evaluation:
         pipe = self.pipeline
         for start in tqdm(range(0, len(jobs), s.batch_size), desc=f"generating {rank}", disable=not progress):
             chunk = jobs[start : start + s.batch_size]
-            lineages = [self.taxonomy.lineage(taxon) for taxon, _, _ in chunk]
+            lineages = [self._prompt(taxon, i) for taxon, i, _ in chunk]
             generators = [torch.Generator().manual_seed(image_seed(s.seed, level, t.id, i)) for t, i, _ in chunk]
             images = pipe(lineages, generator=generators).images  # the pipeline's sampling settings
             for image, (_, _, target) in zip(images, chunk, strict=True):
@@ -239,6 +248,20 @@ class Evaluation:
                 tmp = target.with_suffix(".tmp.png")
                 image.save(tmp)
                 tmp.replace(target)
+
+    def _species_below(self, taxon: Taxon) -> list[Taxon]:
+        finest = self.taxonomy.ranks[-1]
+        return [t for t in self.taxonomy.taxa(finest) if t.path[: len(taxon.path)] == taxon.path]
+
+    def _prompt(self, taxon: Taxon, index: int) -> Lineage:
+        """What image `index` of a taxon is conditioned on: the taxon's lineage, or for a one-text model the text
+        of one of its species (in turn)."""
+        if self.one_text is None:
+            return self.taxonomy.lineage(taxon)
+        species = self._species_below(taxon)
+        text = self.one_text(self.taxonomy.lineage(species[index % len(species)]))
+        known = self.pipeline.taxonomy
+        return known.lineage(known.by_path((text,)))
 
     def _claim_images(self) -> None:
         """Record what generates the images in `out/images`; images of another model or other settings there
@@ -420,6 +443,15 @@ def save_grid(images: dict, taxa: list[Taxon], path: Path, per_row: int = 6) -> 
     image_grid(tiles, columns=per_row, labels=[t.name for t in rows]).save(path)
 
 
+def species_caption(template: str, lineage: Lineage) -> str:
+    """A species' caption from a template over `{scientific_name}` and the rank names (`{genus}`, `{family}`)."""
+    names = {rank.value: name for rank, name in zip(lineage.ranks, lineage.names, strict=False)}
+    try:
+        return template.format(scientific_name=lineage.scientific_name, **names)
+    except (KeyError, IndexError, ValueError) as error:
+        raise InputError(f"caption template {template!r}: {error} is not {{scientific_name}} or a rank") from None
+
+
 def evaluate(
     data: tuple[str, str | Path],
     out: str | Path,
@@ -432,26 +464,53 @@ def evaluate(
     regenerate: bool = False,
     progress: bool = True,
     sampling_changes: dict | None = None,
+    zero_shot: str | None = None,
 ) -> dict:
     """The whole evaluation: read the real images (`data` = (reader format, path)), generate with `model` (or
     score the folder `images`), score every rank, and write `metrics.json` and the report into `out`.
-    `sampling_changes`: sampling settings that differ from the model's saved ones (e.g. {"scale": 3.0})."""
+    `sampling_changes`: sampling settings that differ from the model's saved ones (e.g. {"scale": 3.0}).
+    A model that knows only species names (the flat and full baselines) draws each taxon through its species.
+    `zero_shot`: `model` is a prior made by `pretrain`, prompted with this caption template per species (e.g.
+    "a photo of {scientific_name}"), no adaptation: the paper's SD row."""
     from ..data.readers import read_records
     from .report import write_report
 
     if (model is None) == (images is None):
         raise InputError("give exactly one of --model DIR (generate and score) or --images DIR (score a folder)")
+    if zero_shot is not None and model is None:
+        raise InputError("a zero-shot evaluation prompts a prior: give it as --model")
     check_classifier(settings)  # before the data and the model load
     real = read_records(data[0], data[1], root=root)
     if split:
         real = real.split(split)
-    pipeline = None
-    if model is not None:
+    pipeline, one_text = None, None
+    if zero_shot is not None:
+        from ..prior import prior_pipeline
+
+        taxonomy = real.taxonomy()
+        species = [taxonomy.lineage(t) for t in taxonomy.taxa(taxonomy.ranks[-1])]
+
+        def one_text(lineage: Lineage) -> str:
+            return species_caption(zero_shot, lineage)
+
+        pipeline = prior_pipeline(model, sorted({one_text(lineage) for lineage in species})).to(device)
+        # classifier-free guidance against the prior's own unconditional input (its "None" caption)
+        pipeline.configure_sampling(guidance="vanilla")
+        pipeline.configure_sampling(**(sampling_changes or {}))
+    elif model is not None:
         from ..pipeline import TaxaDiffusionPipeline
 
         pipeline = TaxaDiffusionPipeline.from_pretrained(model).to(device)
         pipeline.set_progress_bar_config(disable=True)
         pipeline.configure_sampling(**(sampling_changes or {}))
-    metrics = Evaluation(real, out, settings, pipeline=pipeline, images=images, regenerate=regenerate).run(progress)
+        if pipeline.taxonomy.ranks == (Rank.SPECIFIC_EPITHET,) and len(real.ranks) > 1:  # a one-text baseline
+
+            def one_text(lineage: Lineage) -> str:
+                return lineage.scientific_name
+
+    evaluation = Evaluation(
+        real, out, settings, pipeline=pipeline, images=images, regenerate=regenerate, one_text=one_text
+    )
+    metrics = evaluation.run(progress)
     write_report(out, {Path(out).name: metrics})
     return metrics
