@@ -10,8 +10,8 @@ at the species rank: top-1 accuracy of the classifier (the rate at which samples
 they were conditioned on) and KID with its subset standard deviation. Speed is images/s of a fixed batch,
 all settings and diffusers' pipeline timed in one process, interleaved over rounds, with the same UNet and the
 same conditioning (diffusers receives c_k and the negative as prompt embeddings; PNDM, 25 steps, CFG on every
-step: its defaults). The fastest setting whose species accuracy is within 1 point of the published setting and
-whose KID is within the published setting's KID standard deviation is the `fast` preset (`--fast`).
+step: its defaults). The fastest setting whose species accuracy is at most 1 point below the published setting's
+and whose KID is at most the published setting's KID standard deviation above it is the `fast` preset (`--fast`).
 Results: benchmarks/results/sampling.md and sampling.json. Resumable: each setting's evaluation is kept.
 """
 
@@ -125,9 +125,9 @@ def measure_speed(model: Path, scale: float, batch: int, rounds: int) -> dict[st
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, required=True)
-    parser.add_argument("--data", nargs=2, required=True, metavar=("FORMAT", "PATH"))
-    parser.add_argument("--classifier", type=Path, required=True)
+    parser.add_argument("--model", type=Path)
+    parser.add_argument("--data", nargs=2, metavar=("FORMAT", "PATH"))
+    parser.add_argument("--classifier", type=Path)
     parser.add_argument("--scale", type=float, default=None, help="guidance scale (default: the model's)")
     parser.add_argument("--per-taxon", type=int, default=10)
     parser.add_argument("--max-real", type=int, default=6)
@@ -135,7 +135,13 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "sampling-benchmark")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--render", type=Path, metavar="JSON", help="only rewrite the report from a results file")
     args = parser.parse_args(argv)
+    if args.render:
+        (args.out / "sampling.md").write_text(report(json.loads(args.render.read_text())))
+        return 0
+    if not (args.model and args.data and args.classifier):
+        parser.error("--model, --data and --classifier are required (or --render JSON)")
 
     pipe = TaxaDiffusionPipeline.from_pretrained(args.model)
     pipe.set_progress_bar_config(disable=True)
@@ -174,11 +180,9 @@ def main(argv=None) -> int:
 
 
 def equal_quality(row: dict, reference: dict) -> bool:
-    """Species accuracy within 1 point and KID within the reference's KID standard deviation."""
-    return (
-        abs(row["accuracy"] - reference["accuracy"]) <= 1.0
-        and abs(row["kid"] - reference["kid"]) <= reference["kid_std"]
-    )
+    """Species accuracy at most 1 point below the reference's and KID at most its standard deviation above (a
+    setting that does better is of equal quality too)."""
+    return row["accuracy"] >= reference["accuracy"] - 1.0 and row["kid"] <= reference["kid"] + reference["kid_std"]
 
 
 def report(results: dict) -> str:
@@ -209,7 +213,10 @@ def report(results: dict) -> str:
         "Each setting generates the same taxa from the same seeds; quality at the species rank (the classifier's "
         "top-1 accuracy on the generated images, KID with its standard deviation over 20 subsets). Speed: images/s "
         "of one batch, every row timed in one process, interleaved over rounds (median). Equal quality: species "
-        "accuracy within 1 point of the published setting and KID within its standard deviation.",
+        "accuracy at most 1 point below the published setting's and KID at most its standard deviation above. "
+        "Both guidance "
+        "branches run as one batched UNet call (as diffusers' pipeline does); outside a guidance window one "
+        "branch runs.",
         "",
         markdown_table(rows),
         "",

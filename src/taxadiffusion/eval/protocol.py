@@ -465,13 +465,15 @@ def evaluate(
     progress: bool = True,
     sampling_changes: dict | None = None,
     zero_shot: str | None = None,
+    taxonomy: Taxonomy | None = None,
 ) -> dict:
     """The whole evaluation: read the real images (`data` = (reader format, path)), generate with `model` (or
     score the folder `images`), score every rank, and write `metrics.json` and the report into `out`.
     `sampling_changes`: sampling settings that differ from the model's saved ones (e.g. {"scale": 3.0}).
     A model that knows only species names (the flat and full baselines) draws each taxon through its species.
     `zero_shot`: `model` is a prior made by `pretrain`, prompted with this caption template per species (e.g.
-    "a photo of {scientific_name}"), no adaptation: the paper's SD row."""
+    "a photo of {scientific_name}"), no adaptation: the paper's SD row. `taxonomy`: the training taxonomy of a
+    one-text or zero-shot model, whose counts tell rare taxa from common ones (default: the real set's)."""
     from ..data.readers import read_records
     from .report import write_report
 
@@ -487,8 +489,8 @@ def evaluate(
     if zero_shot is not None:
         from ..prior import prior_pipeline
 
-        taxonomy = real.taxonomy()
-        species = [taxonomy.lineage(t) for t in taxonomy.taxa(taxonomy.ranks[-1])]
+        known = taxonomy or real.taxonomy()
+        species = [known.lineage(t) for t in known.taxa(known.ranks[-1])]
 
         def one_text(lineage: Lineage) -> str:
             return species_caption(zero_shot, lineage)
@@ -509,7 +511,7 @@ def evaluate(
                 return lineage.scientific_name
 
     evaluation = Evaluation(
-        real, out, settings, pipeline=pipeline, images=images, regenerate=regenerate, one_text=one_text
+        real, out, settings, pipeline, images, taxonomy=taxonomy, regenerate=regenerate, one_text=one_text
     )
     metrics = evaluation.run(progress)
     write_report(out, {Path(out).name: metrics})

@@ -1,0 +1,271 @@
+"""The paper's Table 1 and strategy ablation in miniature, on real birds (CUB-100-LT) and fish (Fish4Knowledge),
+every row adapted from one pretrained prior (configs/prior_birds_fish.yaml).
+
+    python benchmarks/table1.py --dataset cub          # run again to resume; --dataset f4k for the fish
+    python benchmarks/table1.py --dataset cub --quick  # every step in a few minutes (a few-step prior and runs)
+
+Rows (the paper's in brackets): `zero-shot` (SD: the prior prompted with "a photo of <binomial>", no adaptation),
+`flat` (SD + LoRA: LoRA r4 on the prior, the species caption through its text path), `full` (SD + full: the
+whole UNet on the species caption), `taxadiffusion` (the published recipe, configs/adapt_birds_fish.yaml:
+progressive, `unet_stages: first`, taxonomic CFG), `all` and `random` (the strategy ablation, same recipe) and
+`taxadiffusion-vanilla` (the taxadiffusion model sampled with vanilla CFG). Every trained row has the same steps
+in all. A fixed, stratified 20% of each species (seed 0; the species with 4 images keep 3 for training) is held
+out; the prior was trained on the rest only (`data.holdout: 0.2`), and so is every row and the classifier.
+
+Each row is evaluated per rank (order, family, genus, species: FID, KID, LPIPS, accuracy of the taxonomic
+classifier; rare = at most 10 training images, against common), 10 images per taxon. The species-rank images of
+the zero-shot, flat, full and taxadiffusion rows are copied to benchmarks/results/quality_<dataset>/generated/
+<row>/ with an index.csv (path, scientific_name). Results: benchmarks/results/quality_<dataset>.md (a `## Reading`
+section already there is kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from taxadiffusion.config import Config
+from taxadiffusion.data.readers import read_records
+from taxadiffusion.data.records import split_records
+from taxadiffusion.eval.protocol import EvalSettings, evaluate, taxon_folder
+from taxadiffusion.eval.report import (
+    load_runs,
+    main_table,
+    markdown_table,
+    split_table,
+    write_keeping_section,
+    write_report,
+)
+from taxadiffusion.guidance import Guidance
+from taxadiffusion.sampling import SamplingSettings
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality import train_classifier, write_table  # the benchmarks share their data steps
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+DATASETS = {
+    "cub": ("csv", SHARED / "cub100_lt" / "metadata.csv", "CUB-100-LT"),
+    "f4k": ("folder", SHARED / "fish4knowledge", "Fish4Knowledge"),
+}
+PRIOR_CONFIG = REPO / "configs" / "prior_birds_fish.yaml"
+PRIOR_FILE = REPO / "benchmarks" / "priors" / "birds_fish.safetensors"
+RECIPE = REPO / "configs" / "adapt_birds_fish.yaml"
+RESULTS = REPO / "benchmarks" / "results"
+CAPTION = "a photo of {scientific_name}"  # the species caption of zero-shot, flat and full
+RARE = 11  # "rare": at most 10 training images (the evaluation counts taxa with fewer than this)
+
+# (row, strategy or None for zero-shot, overrides, guidance at evaluation)
+ROWS = (
+    ("zero-shot", None, [], Guidance.VANILLA),
+    ("flat", "flat", ["text.template=a photo of {name}"], Guidance.VANILLA),
+    ("full", "full", ["text.template=a photo of {name}", "model.finetune=full"], Guidance.VANILLA),
+    ("taxadiffusion", "progressive", [], Guidance.TAXONOMIC),
+    ("all", "all", [], Guidance.TAXONOMIC),
+    ("random", "random", [], Guidance.TAXONOMIC),
+    ("taxadiffusion-vanilla", "progressive", [], Guidance.VANILLA),
+)
+EXPORTED = ("zero-shot", "flat", "full", "taxadiffusion")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", choices=DATASETS, default="cub")
+    parser.add_argument("--quick", action="store_true", help="a few steps and images: checks every step only")
+    parser.add_argument("--prior", type=Path, default=PRIOR_FILE, help="the packed prior (pretrain --pack)")
+    parser.add_argument("--out", type=Path, help="work folder (default benchmarks/runs/table1-<dataset>[-quick])")
+    parser.add_argument("--per-taxon", type=int, default=10)
+    parser.add_argument("--scale", type=float, default=3.0, help="guidance scale at evaluation")
+    return parser.parse_args(argv)
+
+
+# -- steps ------------------------------------------------------------------------------------------
+
+
+def write_split(dataset: str, out: Path) -> tuple[Path, Path]:
+    """train.csv and heldout.csv: the held-out part is the prior config's `data.holdout` (0.2, seed 0)."""
+    paths = out / "train.csv", out / "heldout.csv"
+    if all(p.is_file() for p in paths):
+        return paths
+    fmt, path, _ = DATASETS[dataset]
+    records = read_records(fmt, path)
+    train, held = split_records(records.records, 0.2, seed=0)
+    out.mkdir(parents=True, exist_ok=True)
+    for target, rows in zip(paths, (train, held), strict=True):
+        write_table(target, rows, records.ranks)
+    print(f"split {path}: {len(train)} training and {len(held)} held-out images")
+    return paths
+
+
+def prior_folder(args, out: Path) -> Path:
+    """The prior's base folder: the committed file unpacked, or with --quick a few-step prior trained here."""
+    from taxadiffusion.prior import unpack_prior
+
+    if not args.quick:
+        if not args.prior.is_file():
+            raise SystemExit(
+                f"{args.prior} not found: make it with `taxadiffusion pretrain --config {PRIOR_CONFIG} "
+                f"--output runs/prior-birds-fish --pack {args.prior}` (or pass --prior)"
+            )
+        return unpack_prior(args.prior, out / "prior")
+    from taxadiffusion.train.trainer import Trainer
+
+    folder = out / "prior"
+    if not (folder / "prior.json").is_file():
+        Trainer(Config.load(PRIOR_CONFIG, ["train.steps=4", "train.checkpoint_every=4"]), folder).run()
+    return folder
+
+
+def train_row(recipe: list[str], out: Path) -> tuple[Path, float]:
+    """Train (or resume, or find finished) one row; returns its pipeline and the seconds it took."""
+    from taxadiffusion.train.trainer import Trainer
+
+    done = out / "train_seconds.json"
+    if (out / "pipeline" / "model_index.json").is_file() and done.is_file():
+        return out / "pipeline", json.loads(done.read_text())["seconds"]
+    config = Config.load(RECIPE, recipe)
+    start = time.perf_counter()
+    trainer = Trainer(config, out)
+    print(trainer.describe())
+    pipeline = trainer.run()
+    seconds = time.perf_counter() - start
+    done.write_text(json.dumps({"seconds": seconds}) + "\n")
+    return pipeline, seconds
+
+
+def export_species_images(evaluation: Path, target: Path, heldout: Path) -> None:
+    """The species-rank images of an evaluation as PNGs under `target` with index.csv (path, scientific_name)."""
+    from taxadiffusion.data.readers import read_table
+
+    taxonomy = read_table(heldout).taxonomy()
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True)
+    rows = []
+    for taxon in taxonomy.taxa(taxonomy.ranks[-1]):
+        lineage = taxonomy.lineage(taxon)
+        for image in sorted((evaluation / "images" / "specific_epithet" / taxon_folder(taxon)).glob("*.png")):
+            name = f"{lineage.scientific_name.replace(' ', '_')}_{image.stem}.png"
+            shutil.copy(image, target / name)
+            rows.append((name, lineage.scientific_name))
+    with (target / "index.csv").open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "scientific_name"])
+        writer.writerows(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    name = f"quality_{args.dataset}" + ("_quick" if args.quick else "")
+    out = args.out or REPO / "benchmarks" / "runs" / f"table1-{args.dataset}{'-quick' if args.quick else ''}"
+    fmt_label = DATASETS[args.dataset][2]
+    steps = Config.load(RECIPE).train.steps
+    if args.quick:
+        steps, args.per_taxon = [2] * len(steps), 1
+    print(
+        f"plan: split {fmt_label} (80% train), the prior, a classifier, {len(ROWS) - 2} trained rows of "
+        f"{sum(steps)} steps each, {len(ROWS)} evaluations (order .. species, {args.per_taxon} images per taxon)"
+    )
+    train_csv, heldout = write_split(args.dataset, out / "data")
+    prior = prior_folder(args, out)
+    classifier = train_classifier(train_csv, out / "classifier", 60 if args.quick else 1500)
+    recipe = [f"model.base={prior}", f"data.path={train_csv}", f"train.steps={steps}"]
+    if args.quick:
+        recipe.append("train.checkpoint_every=2")
+    pipelines, timings = {}, {}
+    for row, strategy, overrides, _ in ROWS:
+        if strategy is None or row in pipelines or row.endswith("-vanilla"):
+            continue
+        pipelines[row], timings[row] = train_row(
+            [*recipe, f"train.strategy={strategy}", *overrides], out / "runs" / row
+        )
+        print(f"{row}: {timings[row] / 60:.1f} min")
+    pipelines["taxadiffusion-vanilla"] = pipelines["taxadiffusion"]
+
+    from taxadiffusion.data.readers import read_table
+
+    training = read_table(train_csv).taxonomy()
+    evaluations = []
+    for row, strategy, _, guidance in ROWS:
+        target = out / "eval" / row
+        evaluations.append(target)
+        if (target / "metrics.json").is_file():
+            continue
+        print(f"evaluating {row} ({guidance} guidance)")
+        settings = EvalSettings(
+            ranks=("specific_epithet",) if args.quick else ("order", "family", "genus", "specific_epithet"),
+            per_taxon=args.per_taxon,
+            max_real_per_taxon=4 if args.quick else 50,
+            sampling=SamplingSettings(guidance=guidance, scale=args.scale, steps=4 if args.quick else 25),
+            rare_threshold=RARE,
+            classifier=str(classifier),
+        )
+        model = prior if strategy is None else pipelines[row]
+        one_text = strategy in (None, "flat", "full")  # their rare and common taxa: by training counts
+        evaluate(
+            ("csv", str(heldout)),
+            target,
+            settings,
+            model,
+            progress=False,
+            sampling_changes=settings.sampling.to_dict(),
+            zero_shot=CAPTION if strategy is None else None,
+            taxonomy=training if one_text else None,
+        )
+    results = (out if args.quick else RESULTS) / name
+    for row in EXPORTED:
+        export_species_images(out / "eval" / row, results / "generated" / row, heldout)
+    print(f"results: {write_results(results, evaluations, timings, classifier, fmt_label, argv, name)}")
+    return 0
+
+
+def write_results(assets: Path, evaluations: list[Path], timings, classifier: Path, label: str, argv, name) -> Path:
+    runs = load_runs(evaluations)
+    write_report(assets, runs, title=f"{label}: the paper's rows from one prior")
+    for evaluation in evaluations:
+        for grid in (evaluation / "grids").glob("*.png"):
+            shutil.copy(grid, assets / f"samples_{evaluation.name}_{grid.name}")
+    accuracy = json.loads((classifier / "heldout_accuracy.json").read_text())
+    lines = [
+        f"# {label}: the paper's Table 1 and strategy ablation from one prior",
+        "",
+        f"Command: `python benchmarks/table1.py {' '.join(argv)}` (resumable). Machine: "
+        f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}.",
+        f"Prior: `{PRIOR_CONFIG.relative_to(REPO)}`; adaptation: `{RECIPE.relative_to(REPO)}`, the same steps for "
+        "every trained row; a fixed, stratified 20% held out of every species (never trained on, prior included).",
+        "",
+        "Training time per row: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items()) + ". "
+        "Classifier held-out accuracy on real images (the ceiling of the Acc columns): "
+        + ", ".join(f"{r} {a:.1%}" for r, a in accuracy["accuracy"].items() if a is not None)
+        + ".",
+        "",
+        "## All taxa (FID/KID/LPIPS lower is better; Acc = generated images classified as the conditioned taxon)",
+        "",
+        markdown_table(main_table(runs)),
+        "",
+        f"## Rare (at most {RARE - 1} training images) vs common taxa",
+        "",
+        markdown_table(split_table(runs)),
+        "",
+        "## Samples",
+        "",
+        *[f"![{p.stem}]({assets.name}/{p.name})" for p in sorted(assets.glob("samples_*_specific_epithet.png"))],
+        "",
+        f"The species-rank images of {', '.join(EXPORTED)} are in `{assets.name}/generated/<row>/` with an "
+        "`index.csv` (path, scientific_name), to score with another classifier or reference set.",
+        "",
+    ]
+    target = assets.parent / f"{name}.md"
+    write_keeping_section(target, "\n".join(lines))
+    return target
+
+
+if __name__ == "__main__":
+    sys.exit(main())
