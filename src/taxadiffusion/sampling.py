@@ -45,7 +45,7 @@ class Scheduler(Choice):
 
 # The `fast` preset (`--fast`): the fastest setting that kept species accuracy within 1 point and KID within its
 # standard deviation of the published PNDM 25 on the demo model (benchmarks/results/sampling.md).
-FAST = {"scheduler": "dpm", "steps": 10}
+FAST = {"scheduler": "dpm", "steps": 8}
 
 
 @dataclass
