@@ -241,6 +241,26 @@ def section(title: str, evals: list[Path], lead: list[str] = (), split: bool = F
     )
 
 
+def result_tables(runs: dict, timings: dict, accuracy: dict, rare: str) -> list[str]:
+    """Training times, the classifier's ceiling, and the all-taxa and rare/common tables (shared with table1.py)."""
+    return [
+        "Training time per run: "
+        + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items())
+        + ". Classifier held-out accuracy (real images, ceiling of the accuracy columns): "
+        + ", ".join(f"{r} {a:.1%}" for r, a in accuracy["accuracy"].items() if a is not None)
+        + ".",
+        "",
+        "## All taxa (FID/KID/LPIPS lower is better; Acc = generated images classified as the conditioned taxon)",
+        "",
+        markdown_table(main_table(runs)),
+        "",
+        f"## Rare ({rare}) vs common taxa",
+        "",
+        markdown_table(split_table(runs)),
+        "",
+    ]
+
+
 def write_results(
     out: Path,
     evals: list[Path],
@@ -269,20 +289,7 @@ def write_results(
         f"Machine: {device}. Model and budget: `configs/f4k.yaml` (tiny pixel-space UNet, 32 px), the same total",
         "steps for every strategy; evaluation on a fixed, stratified 20% of the folder that no run trained on.",
         "",
-        "Training time per run: "
-        + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items())
-        + ". Classifier held-out accuracy (real images, ceiling of the accuracy columns): "
-        + ", ".join(f"{r} {a:.1%}" for r, a in accuracy["accuracy"].items() if a is not None)
-        + ".",
-        "",
-        "## All taxa (FID/KID/LPIPS lower is better; Acc = generated images classified as the conditioned taxon)",
-        "",
-        markdown_table(main_table(runs)),
-        "",
-        "## Rare (< 50 training images) vs common taxa",
-        "",
-        markdown_table(split_table(runs)),
-        "",
+        *result_tables(runs, timings, accuracy, "< 50 training images"),
         *section(
             "Guidance scale sweep (species rank; flat with vanilla CFG, the others with taxonomic)", extra["sweep"]
         ),

@@ -37,9 +37,6 @@ from taxadiffusion.data.records import split_records
 from taxadiffusion.eval.protocol import EvalSettings, evaluate, taxon_folder
 from taxadiffusion.eval.report import (
     load_runs,
-    main_table,
-    markdown_table,
-    split_table,
     write_keeping_section,
     write_report,
 )
@@ -47,7 +44,7 @@ from taxadiffusion.guidance import Guidance
 from taxadiffusion.sampling import SamplingSettings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import train_classifier, write_table  # the benchmarks share their data steps
+from quality import result_tables, train_classifier, write_table  # the benchmarks share their data steps
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
@@ -241,19 +238,7 @@ def write_results(assets: Path, evaluations: list[Path], timings, classifier: Pa
         f"Prior: `{PRIOR_CONFIG.relative_to(REPO)}`; adaptation: `{RECIPE.relative_to(REPO)}`, the same steps for "
         "every trained row; a fixed, stratified 20% held out of every species (never trained on, prior included).",
         "",
-        "Training time per row: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items()) + ". "
-        "Classifier held-out accuracy on real images (the ceiling of the Acc columns): "
-        + ", ".join(f"{r} {a:.1%}" for r, a in accuracy["accuracy"].items() if a is not None)
-        + ".",
-        "",
-        "## All taxa (FID/KID/LPIPS lower is better; Acc = generated images classified as the conditioned taxon)",
-        "",
-        markdown_table(main_table(runs)),
-        "",
-        f"## Rare (at most {RARE - 1} training images) vs common taxa",
-        "",
-        markdown_table(split_table(runs)),
-        "",
+        *result_tables(runs, timings, accuracy, f"at most {RARE - 1} training images"),
         "## Samples",
         "",
         *[f"![{p.stem}]({assets.name}/{p.name})" for p in sorted(assets.glob("samples_*_specific_epithet.png"))],
