@@ -56,8 +56,9 @@ def _embeds(pipe, lineage, depth, negative):
     return pipe.taxonomy_encoder(features, depth)
 
 
-def _both(ours, sd, taxon: str, guidance: str, negative: torch.Tensor, c_k: torch.Tensor, **kwargs):
-    """The same sampling run by our pipeline (from the taxon) and by diffusers' (from the embeddings)."""
+def _both(ours, sd, taxon: str, guidance: str, negative: torch.Tensor, c_k: torch.Tensor, nulls=None, **kwargs):
+    """The same sampling run by our pipeline (from the taxon, its negative of kind `nulls`) and by diffusers'
+    (from the embeddings)."""
     with torch.no_grad():
         expected = sd(
             prompt_embeds=c_k,
@@ -66,7 +67,9 @@ def _both(ours, sd, taxon: str, guidance: str, negative: torch.Tensor, c_k: torc
             output_type="np",
             **kwargs,
         ).images
-    got = ours(taxon, guidance=guidance, generator=torch.Generator().manual_seed(0), output_type="np", **kwargs)
+    got = ours(
+        taxon, guidance=guidance, negative=nulls, generator=torch.Generator().manual_seed(0), output_type="np", **kwargs
+    )
     return got.images, expected
 
 
@@ -222,22 +225,7 @@ def test_published_nulls_are_the_raw_text_features(sd, parts):
     assert not torch.equal(none_0, c_0) and not torch.equal(empty, c_0)
     for guidance, raw in (("taxonomic", none_0), ("vanilla", empty)):
         kwargs = {"guidance_scale": 9.0, "num_inference_steps": 4}
-        with torch.no_grad():
-            expected = sd(
-                prompt_embeds=c_0,
-                negative_prompt_embeds=raw,
-                generator=torch.Generator().manual_seed(0),
-                output_type="np",
-                **kwargs,
-            ).images
-        got = ours(
-            "Actinopterygii",
-            guidance=guidance,
-            negative="text",
-            generator=torch.Generator().manual_seed(0),
-            output_type="np",
-            **kwargs,
-        ).images
+        got, expected = _both(ours, sd, "Actinopterygii", guidance, raw, c_0, nulls="text", **kwargs)
         np.testing.assert_allclose(got, expected, atol=1e-6)
     # The encoded negative at depth 1 is the condition itself: guidance changes nothing there.
     plain = ours("Actinopterygii", guidance="none", generator=torch.Generator().manual_seed(0), output_type="np")
