@@ -22,7 +22,6 @@ import csv
 import hashlib
 import json
 import math
-import os
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -34,6 +33,7 @@ import torch
 
 from .errors import InputError, OutputExists
 from .samples import slug
+from .saved_files import write_text_atomic
 from .taxonomy import AmbiguousTaxonError, Lineage, Rank, Taxonomy, UnknownTaxonError
 
 METADATA_FILE = "metadata.csv"
@@ -187,17 +187,8 @@ def claim_output(out: Path, key: dict, add: bool) -> str:
         )
     known[tag] = key
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(record_file, json.dumps({"tags": known}, indent=1) + "\n")
+    write_text_atomic(record_file, json.dumps({"tags": known}, indent=1) + "\n")
     return tag
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    with open(tmp, "w", encoding="utf-8", newline="") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    tmp.replace(path)
 
 
 def metadata_columns(ranks: Sequence[Rank]) -> list[str]:
@@ -239,7 +230,7 @@ def write_metadata(out: Path, taxonomy: Taxonomy, plan: GenerationPlan, tag: str
     writer.writeheader()
     for name in sorted(rows):
         writer.writerow(rows[name])
-    _write_atomic(table, buffer.getvalue())
+    write_text_atomic(table, buffer.getvalue())
     return len(rows)
 
 

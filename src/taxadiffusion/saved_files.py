@@ -8,6 +8,7 @@ loaders, often without the path). An output folder that holds something is refus
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from .errors import MissingInput, OutputExists, UnreadableFile
@@ -48,3 +49,13 @@ def refuse_nonempty(folder: str | Path, overwrite: bool) -> Path:
     if folder.is_dir() and any(folder.iterdir()) and not overwrite:
         raise OutputExists(f"{folder} is not empty; choose another --out or pass --overwrite")
     return folder
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a text file whole or not at all: to `.tmp-<name>` beside it, flushed to disk, then renamed over it."""
+    tmp = path.with_name(f".tmp-{path.name}")
+    with open(tmp, "w", encoding="utf-8", newline="") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    tmp.replace(path)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InputError
+from ..saved_files import write_text_atomic
 from .images import ImageCheck, check_image
 from .records import RecordSet
 
@@ -110,9 +111,8 @@ def screen_records(
         bad = check_images(paths, workers, progress).unusable_images
         if cache is not None:
             cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_name(f".tmp-{cache.name}")
-            tmp.write_text(json.dumps({"key": key, "unusable": [[str(b.path), b.problem] for b in bad]}) + "\n")
-            tmp.replace(cache)
+            unusable = [[str(b.path), b.problem] for b in bad]
+            write_text_atomic(cache, json.dumps({"key": key, "unusable": unusable}) + "\n")
     if not bad:
         return records
     if not skip_bad:

@@ -158,6 +158,7 @@ class Evaluation:
         self._claimed: dict | None = None  # the generation key this evaluation checked and recorded
         self.images_dir = Path(images) if images else None
         self.one_text = one_text
+        self._below: dict[tuple[str, ...], list[Taxon]] = {}  # one-text models: the species under each taxon
         own = pipeline is not None and one_text is None
         self.taxonomy: Taxonomy = pipeline.taxonomy if own else (taxonomy or real.taxonomy())
         if tuple(real.ranks) != tuple(self.taxonomy.ranks):
@@ -250,8 +251,12 @@ class Evaluation:
                 tmp.replace(target)
 
     def _species_below(self, taxon: Taxon) -> list[Taxon]:
-        finest = self.taxonomy.ranks[-1]
-        return [t for t in self.taxonomy.taxa(finest) if t.path[: len(taxon.path)] == taxon.path]
+        """The species under a taxon, listed once per taxon (every image of it asks again)."""
+        if taxon.path not in self._below:
+            finest = self.taxonomy.ranks[-1]
+            below = [t for t in self.taxonomy.taxa(finest) if t.path[: len(taxon.path)] == taxon.path]
+            self._below[taxon.path] = below
+        return self._below[taxon.path]
 
     def _prompt(self, taxon: Taxon, index: int) -> Lineage:
         """What image `index` of a taxon is conditioned on: the taxon's lineage, or for a one-text model the text

@@ -177,17 +177,18 @@ class Trainer:
         per_step = train.batch_size * acc.num_processes * train.gradient_accumulation
         self.stages = plan_stages(train, config.model, self.dataset_ranks, len(records), per_step)
         with acc.main_process_first():  # each taxon's text encoded once, cached on disk
-            self.cache = TextEmbeddingCache.load_or_build(
-                self.paths.cache,
-                self.taxonomy,
-                text_encoder_spec(config),
-                config.text.template,
-                self.progress,
-                species=config.text.species,
-            )
+            self.cache = self._text_cache(self.progress)
         # The tables where and how train.text_features says; the saved pipeline re-reads the fp32 cache.
         self.text_embeddings = self.cache.to(self.text_device, STORAGE_DTYPE[config.train.text_features_dtype])
         return records
+
+    def _text_cache(self, progress: bool) -> TextEmbeddingCache:
+        """The run's fp32 text features: each taxon's text encoded once, then read from `cache/`."""
+        config = self.config
+        spec = text_encoder_spec(config)
+        return TextEmbeddingCache.load_or_build(
+            self.paths.cache, self.taxonomy, spec, config.text.template, progress, species=config.text.species
+        )
 
     @property
     def text_device(self) -> torch.device:
@@ -585,14 +586,7 @@ class Trainer:
             if base.vae is not None:
                 self.vae = base.vae.to(self.accelerator.device)
         if config.train.text_features_dtype != "fp32":
-            self.text_embeddings = TextEmbeddingCache.load_or_build(
-                self.paths.cache,
-                self.taxonomy,
-                text_encoder_spec(config),
-                config.text.template,
-                False,
-                species=config.text.species,
-            )
+            self.text_embeddings = self._text_cache(progress=False)
 
     def save_pipeline(self) -> Path:
         """The final pipeline folder (written aside, then renamed into place)."""
