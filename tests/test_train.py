@@ -153,6 +153,43 @@ def test_resume_after_a_kill_is_bitwise_identical(two_rank_data, tiny_sd, tmp_pa
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
 
 
+def test_a_resumed_run_may_change_the_running_stages_length(
+    two_rank_data, tiny_sd, tmp_path, restore_determinism, capsys
+):
+    """train.steps may change on resume (stop a prior early, extend a stage), never for a finished stage."""
+    settings = {"checkpoint_every": 1, "condition_dropout": 0.2, "deterministic": True}
+    longer = _config(two_rank_data, tiny_sd, steps=[3, 2], **settings)
+    whole = _weights(train(longer, tmp_path / "whole", progress=False))
+
+    def kill(state, batch):
+        if state.global_step == 1:  # stage 0, step 1
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(two_rank_data, tiny_sd, steps=[2, 2], **settings), tmp_path / "run", on_step=kill, progress=False)
+    extended = _weights(train(longer, tmp_path / "run", progress=False))  # stage 0 runs 3 steps, not 2
+    assert all(torch.equal(whole[k], extended[k]) for k in whole)
+    assert "3 steps" in (tmp_path / "run" / "plan.txt").read_text()
+
+    # The finished run: its stages keep their lengths.
+    with pytest.raises(RunConflict, match=r"stage 0-genus finished at 3 steps, and this config gives it 2"):
+        Trainer(_config(two_rank_data, tiny_sd, steps=[2, 2], **settings), tmp_path / "run", progress=False)
+    with pytest.raises(RunConflict, match=r"stage 1-specific_epithet finished at 2 steps"):
+        Trainer(_config(two_rank_data, tiny_sd, steps=[3, 5], **settings), tmp_path / "run", progress=False)
+
+    # A running stage shortened below the checkpoint's step ends where it is.
+    def kill_later(state, batch):
+        if state.global_step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(longer, tmp_path / "short", on_step=kill_later, progress=False)
+    trainer = Trainer(_config(two_rank_data, tiny_sd, steps=[1, 2], **settings), tmp_path / "short", progress=False)
+    assert "stage 0-genus now ends at 1 steps; it ran 2, and ends there" in capsys.readouterr().out
+    trainer.run()
+    assert trainer.state.global_step == 4 and trainer.state.stage_complete
+
+
 def test_refuses_other_config_and_user_folders(two_rank_data, tiny_sd, tmp_path):
     config = _config(two_rank_data, tiny_sd, steps=[1, 1])
     train(config, tmp_path / "run", progress=False)

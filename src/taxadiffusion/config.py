@@ -275,6 +275,10 @@ RUNTIME_KEYS = frozenset(
     }
 ) | {f"sample.{f.name}" for f in dataclasses.fields(SampleConfig)}
 
+# How long a run trains. A run resumes with them changed (nanoGPT's max_iters: stop a prior early, or extend
+# it) as long as no finished stage changes length; the trainer checks that against the checkpoint.
+LENGTH_KEYS = frozenset({"train.steps", "train.epochs"})
+
 
 @dataclass
 class Config:
@@ -360,8 +364,9 @@ class Config:
         return _flatten(self.to_dict())
 
     def fingerprint(self) -> str:
-        """A hash of everything that shapes the trained weights (not logging, checkpointing or sampling)."""
-        kept = {k: v for k, v in self.flat().items() if k not in RUNTIME_KEYS}
+        """A hash of everything that shapes the trained weights (not logging, checkpointing or sampling, nor
+        how long the stages run: see LENGTH_KEYS)."""
+        kept = {k: v for k, v in self.flat().items() if k not in RUNTIME_KEYS | LENGTH_KEYS}
         return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
 
     def differences(self, other: Config) -> list[str]:
@@ -369,7 +374,7 @@ class Config:
         return [
             f"{k}: {theirs.get(k)!r} -> {mine.get(k)!r}"
             for k in sorted(set(mine) | set(theirs))
-            if k not in RUNTIME_KEYS and mine.get(k) != theirs.get(k)
+            if k not in RUNTIME_KEYS | LENGTH_KEYS and mine.get(k) != theirs.get(k)
         ]
 
 

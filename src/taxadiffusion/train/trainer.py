@@ -175,7 +175,8 @@ class Trainer:
         self.taxonomy = records.taxonomy()
         train = config.train
         per_step = train.batch_size * acc.num_processes * train.gradient_accumulation
-        self.stages = plan_stages(train, config.model, self.dataset_ranks, len(records), per_step)
+        self.stage_budget = len(records), per_step  # what train.epochs counts in
+        self.stages = plan_stages(train, config.model, self.dataset_ranks, *self.stage_budget)
         with acc.main_process_first():  # each taxon's text encoded once, cached on disk
             self.cache = self._text_cache(self.progress)
         # The tables where and how train.text_features says; the saved pipeline re-reads the fp32 cache.
@@ -308,8 +309,8 @@ class Trainer:
         """The checkpoint was written by this config on this data, and fits this model; its weights are loaded."""
         state, path = checkpoint.state, checkpoint.path
         # Re-fingerprint the checkpoint's own config.yaml: a key added since (at its default) is no change.
-        saved = path / "config.yaml"
-        saved_fingerprint = Config.load(saved).fingerprint() if saved.is_file() else state.fingerprint
+        saved = Config.load(path / "config.yaml") if (path / "config.yaml").is_file() else None
+        saved_fingerprint = saved.fingerprint() if saved is not None else state.fingerprint
         fingerprint, tax = self.config.fingerprint(), taxonomy_hash(self.taxonomy)
         if saved_fingerprint != fingerprint or state.taxonomy != tax:
             what = "config" if saved_fingerprint != fingerprint else "training taxonomy (the data changed)"
@@ -317,11 +318,30 @@ class Trainer:
                 f"checkpoint {path} was written with a different {what}; "
                 "choose a new --output, or pass --overwrite to start over"
             )
+        if saved is not None:
+            self._check_lengths(saved, state, path)
         absent = self.trained_keys - set(checkpoint.weights)
         _, unexpected = self.model.load_state_dict(checkpoint.weights, strict=False)
         if unexpected or absent:
             keys = sorted(unexpected or absent)[:3]
             raise RunConflict(f"checkpoint {path} does not fit this model (keys such as {keys})")
+
+    def _check_lengths(self, saved: Config, state: ckpt.TrainingState, path: Path) -> None:
+        """A resumed run may change how long its stages train (LENGTH_KEYS), but not a finished stage's: the
+        stages after it were trained on what it was. A running stage shortened to or below the checkpoint's
+        step ends there."""
+        before = plan_stages(saved.train, self.config.model, self.dataset_ranks, *self.stage_budget)
+        for old, new in zip(before, self.stages, strict=True):
+            finished = old.index < state.stage or (old.index == state.stage and state.stage_complete)
+            if finished and old.steps != new.steps:
+                raise RunConflict(
+                    f"checkpoint {path}: stage {old.name} finished at {old.steps} steps, and this config gives it "
+                    f"{new.steps}; a finished stage keeps its length (only the running stage and those after it "
+                    "may change): restore its steps, choose a new --output, or pass --overwrite to start over"
+                )
+            running = old.index == state.stage and not state.stage_complete
+            if running and new.steps <= state.step and self.accelerator.is_main_process:
+                print(f"stage {new.name} now ends at {new.steps} steps; it ran {state.step}, and ends there")
 
     # -- training -------------------------------------------------------------------------------------
 
