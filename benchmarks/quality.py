@@ -12,7 +12,7 @@ with taxonomic guidance, and the progressive run also with vanilla CFG. `flat` k
 so an image of a higher taxon is an image of one of its species (round robin), with vanilla CFG (its
 taxonomic guidance would contrast the species with itself).
 
-Writes benchmarks/results/quality_f4k.md (tables, plots, sample sheets, command); a `## Reading` section
+Writes benchmarks/results/quality_f4k_scratch.md (tables, plots, sample sheets, command); a `## Reading` section
 already in that file is kept.
 """
 
@@ -272,7 +272,7 @@ def write_results(
 ) -> Path:
     runs = load_runs(evals)
     scale = json.loads((evals[0] / "metrics.json").read_text())["settings"]["scale"]
-    name = "quality_f4k_quick" if quick else "quality_f4k"
+    name = "quality_f4k_scratch_quick" if quick else "quality_f4k_scratch"
     assets = (out if quick else RESULTS) / name
     write_report(assets, runs, title="Fish4Knowledge: training strategies and guidance")
     for path in evals:

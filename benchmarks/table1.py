@@ -78,6 +78,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="a few steps and images: checks every step only")
     parser.add_argument("--prior", type=Path, default=PRIOR_FILE, help="the packed prior (pretrain --pack)")
     parser.add_argument("--out", type=Path, help="work folder (default benchmarks/runs/table1-<dataset>[-quick])")
+    parser.add_argument(
+        "--rows",
+        nargs="+",
+        choices=[row for row, *_ in ROWS],
+        default=[row for row, *_ in ROWS],
+        help="the rows to train and evaluate, in this order (default all); the results list every row evaluated "
+        "so far, so that two processes on different rows share one work folder",
+    )
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where the results go")
     parser.add_argument("--per-taxon", type=int, default=10)
     parser.add_argument("--scale", type=float, default=3.0, help="guidance scale at evaluation")
     return parser.parse_args(argv)
@@ -166,9 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     steps = Config.load(RECIPE).train.steps
     if args.quick:
         steps, args.per_taxon = [2] * len(steps), 1
+    trained_rows = {row.removesuffix("-vanilla") for row in args.rows} - {"zero-shot"}
     print(
-        f"plan: split {fmt_label} (80% train), the prior, a classifier, {len(ROWS) - 2} trained rows of "
-        f"{sum(steps)} steps each, {len(ROWS)} evaluations (order .. species, {args.per_taxon} images per taxon)"
+        f"plan: split {fmt_label} (80% train), the prior, a classifier, {len(trained_rows)} trained rows of "
+        f"{sum(steps)} steps each, {len(args.rows)} evaluations (order .. species, {args.per_taxon} images per "
+        "taxon)"
     )
     train_csv, heldout = write_split(args.dataset, out / "data")
     prior = prior_folder(args, out)
@@ -176,23 +187,25 @@ def main(argv: list[str] | None = None) -> int:
     recipe = [f"model.base={prior}", f"data.path={train_csv}", f"train.steps={steps}"]
     if args.quick:
         recipe.append("train.checkpoint_every=2")
-    pipelines, timings = {}, {}
-    for row, strategy, overrides, _ in ROWS:
-        if strategy is None or row in pipelines or row.endswith("-vanilla"):
-            continue
-        pipelines[row], timings[row] = train_row(
-            [*recipe, f"train.strategy={strategy}", *overrides], out / "runs" / row
-        )
-        print(f"{row}: {timings[row] / 60:.1f} min")
-    pipelines["taxadiffusion-vanilla"] = pipelines["taxadiffusion"]
 
     from taxadiffusion.data.readers import read_table
 
     training = read_table(train_csv).taxonomy()
-    evaluations = []
-    for row, strategy, _, guidance in ROWS:
+    rows = {row: (strategy, overrides, guidance) for row, strategy, overrides, guidance in ROWS}
+    timings = {}
+    for row in args.rows:
+        strategy, _, guidance = rows[row]
+        # train (a -vanilla row samples its base row's model)
+        trained = row.removesuffix("-vanilla")
+        model = prior
+        if strategy is not None:
+            model, timings[trained] = train_row(
+                [*recipe, f"train.strategy={strategy}", *rows[trained][1]], out / "runs" / trained
+            )
+            print(f"{trained}: trained in {timings[trained] / 60:.1f} min")
+
+        # evaluate
         target = out / "eval" / row
-        evaluations.append(target)
         if (target / "metrics.json").is_file():
             continue
         print(f"evaluating {row} ({guidance} guidance)")
@@ -204,7 +217,6 @@ def main(argv: list[str] | None = None) -> int:
             rare_threshold=RARE,
             classifier=str(classifier),
         )
-        model = prior if strategy is None else pipelines[row]
         one_text = strategy in (None, "flat", "full")  # their rare and common taxa: by training counts
         evaluate(
             ("csv", str(heldout)),
@@ -216,9 +228,18 @@ def main(argv: list[str] | None = None) -> int:
             zero_shot=CAPTION if strategy is None else None,
             taxonomy=training if one_text else None,
         )
-    results = (out if args.quick else RESULTS) / name
+
+    # the results: every row evaluated so far, in the table's order
+    evaluations = [out / "eval" / row for row, *_ in ROWS if (out / "eval" / row / "metrics.json").is_file()]
+    timings = {
+        row: json.loads((out / "runs" / row / "train_seconds.json").read_text())["seconds"]
+        for row, *_ in ROWS
+        if (out / "runs" / row / "train_seconds.json").is_file()
+    }
+    results = (out if args.quick else args.results) / name
     for row in EXPORTED:
-        export_species_images(out / "eval" / row, results / "generated" / row, heldout)
+        if out / "eval" / row in evaluations:
+            export_species_images(out / "eval" / row, results / "generated" / row, heldout)
     print(f"results: {write_results(results, evaluations, timings, classifier, fmt_label, argv, name)}")
     return 0
 
@@ -230,6 +251,7 @@ def write_results(assets: Path, evaluations: list[Path], timings, classifier: Pa
         for grid in (evaluation / "grids").glob("*.png"):
             shutil.copy(grid, assets / f"samples_{evaluation.name}_{grid.name}")
     accuracy = json.loads((classifier / "heldout_accuracy.json").read_text())
+    exported = [row for row in EXPORTED if (assets / "generated" / row).is_dir()]
     lines = [
         f"# {label}: the paper's Table 1 and strategy ablation from one prior",
         "",
@@ -243,7 +265,7 @@ def write_results(assets: Path, evaluations: list[Path], timings, classifier: Pa
         "",
         *[f"![{p.stem}]({assets.name}/{p.name})" for p in sorted(assets.glob("samples_*_specific_epithet.png"))],
         "",
-        f"The species-rank images of {', '.join(EXPORTED)} are in `{assets.name}/generated/<row>/` with an "
+        f"The species-rank images of {', '.join(exported)} are in `{assets.name}/generated/<row>/` with an "
         "`index.csv` (path, scientific_name), to score with another classifier or reference set.",
         "",
     ]

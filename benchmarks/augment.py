@@ -1,0 +1,266 @@
+"""Synthetic training sets for the long tail: does filling it with generated images help a classifier?
+
+    python benchmarks/augment.py --dataset cub          # after `benchmarks/table1.py --dataset cub` (its models)
+    python benchmarks/augment.py --dataset f4k
+    python benchmarks/augment.py --dataset cub --quick  # every step in a few minutes, on the --quick Table 1 run
+
+It reads the work folder of benchmarks/table1.py: the same split (a fixed, stratified 20% of every species held
+out), the taxadiffusion and flat models trained on the other 80%. Each model generates `N` images of every
+species with `taxadiffusion generate --per-taxon N` (N: the median training count of the common species, those
+with at least 11 training images), sampled as Table 1 evaluates it (PNDM 25 steps, scale 3; taxonomic guidance
+for taxadiffusion, vanilla for flat). The arms, each the taxonomic classifier of benchmarks/quality.py (same
+size, steps and augmentation), trained with several seeds:
+
+- `real`: the real training images;
+- `real + taxadiffusion`, `real + flat`: the tail filled to N, i.e. each species with n < N real images gets the
+  first N - n generated ones (what `taxadiffusion generate --fill-to N --data csv train.csv` makes: an image's
+  seed derives from its taxon and index, so those are the same images);
+- `taxadiffusion only`, `flat only`: the N generated images per species alone, the classification accuracy
+  score (CAS) of Ravuri & Vinyals (2019).
+
+Every arm is scored on the real held-out images: accuracy per rank over all of them, and species accuracy over
+the images of rare species (at most 10 training images) and of common ones. Results: benchmarks/results/
+augment.md (a `## Reading` section already there is kept) and augment_<dataset>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import subprocess
+import sys
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from taxadiffusion.data.readers import read_records, read_table
+from taxadiffusion.eval.classifier import (
+    ClassifierTraining,
+    pool_batches,
+    record_pool,
+    to_unit,
+    train_classifier,
+)
+from taxadiffusion.eval.report import markdown_table, write_keeping_section
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+LABELS = {"cub": "CUB-100-LT", "f4k": "Fish4Knowledge"}
+RARE = 11  # rare: at most 10 training images, as in benchmarks/table1.py
+MODELS = {"taxadiffusion": "taxonomic", "flat": "vanilla"}  # model row of Table 1 -> its guidance
+ARMS = ("real", "real + taxadiffusion", "real + flat", "taxadiffusion only", "flat only")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", choices=LABELS, default="cub")
+    parser.add_argument("--quick", action="store_true", help="a few images and steps: checks every step only")
+    parser.add_argument("--table1", type=Path, help="benchmarks/table1.py's work folder (default: its own default)")
+    parser.add_argument("--out", type=Path, help="work folder (default benchmarks/runs/augment-<dataset>[-quick])")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where the results go")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="classifier seeds per arm")
+    return parser.parse_args(argv)
+
+
+# -- steps ------------------------------------------------------------------------------------------
+
+
+def species_key(lineage) -> tuple[str, ...]:
+    return lineage.names
+
+
+def fill_target(train_records) -> int:
+    """The common species' median training count: what the tail is filled to."""
+    counts = Counter(species_key(r.lineage) for r in train_records)
+    common = [n for n in counts.values() if n >= RARE] or list(counts.values())
+    return int(statistics.median(common))
+
+
+def generate_images(model: Path, out: Path, per_taxon: int, guidance: str, quick: bool) -> Path:
+    """`taxadiffusion generate` (resumable: run again, it continues), sampled as Table 1 evaluates."""
+    command = [sys.executable, "-m", "taxadiffusion", "generate", "--model", str(model), "--out", str(out)]
+    command += ["--per-taxon", str(per_taxon), "--guidance", guidance, "--scale", "3.0", "--scheduler", "pndm"]
+    command += ["--steps", "4" if quick else "25"]
+    subprocess.run(command, check=True)
+    return out / "metadata.csv"
+
+
+def fill_records(generated, train_records, target: int) -> list:
+    """Of each species' generated images, the first `target - n` by index (n: its real training images)."""
+    have = Counter(species_key(r.lineage) for r in train_records)
+    chosen = []
+    for record, index in generated:
+        if index < target - have[species_key(record.lineage)]:
+            chosen.append(record)
+    return chosen
+
+
+def read_generated(metadata: Path, train_records) -> list:
+    """The generated dataset's records, each with the full lineage of its species in the real training set (a
+    flat model knows the species' name alone) and its index within its taxon (metadata.csv's `index`)."""
+    lineages = {r.lineage.scientific_name: r.lineage for r in train_records}
+    records = read_records("csv", metadata).records
+    with metadata.open(newline="", encoding="utf-8") as handle:
+        rows = {row["file_name"]: row for row in csv.DictReader(handle)}
+    found = []
+    for record in records:
+        row = rows[record.image.relative_to(metadata.parent).as_posix()]
+        found.append((replace(record, lineage=lineages[row["scientific_name"]]), int(row["index"])))
+    return found
+
+
+def score(model, held_images, held_ids, rare_mask, ranks) -> dict[str, float]:
+    """Accuracy per rank over every held-out image, and species accuracy over the rare and common ones."""
+    predicted = model.predict(to_unit(held_images))
+    correct = predicted == held_ids
+    out = {rank.value: float(correct[:, r].float().mean()) for r, rank in enumerate(ranks)}
+    out["rare species"] = float(correct[rare_mask, -1].float().mean())
+    out["common species"] = float(correct[~rare_mask, -1].float().mean())
+    return out
+
+
+def train_arm(pool, taxonomy, held, steps: int, seed: int) -> dict[str, float]:
+    images, ids = pool
+    training = ClassifierTraining(steps=steps)
+    batches = pool_batches(images, ids, training.batch_size, seed=seed)
+    model = train_classifier(taxonomy, batches, steps, training.resolution, training.width, seed=seed, progress=False)
+    return score(model, *held, taxonomy.ranks)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    suffix = "-quick" if args.quick else ""
+    table1 = args.table1 or REPO / "benchmarks" / "runs" / f"table1-{args.dataset}{suffix}"
+    out = args.out or REPO / "benchmarks" / "runs" / f"augment-{args.dataset}{suffix}"
+    out.mkdir(parents=True, exist_ok=True)
+    train_csv, heldout_csv = table1 / "data" / "train.csv", table1 / "data" / "heldout.csv"
+    pipelines = {name: table1 / "runs" / name / "pipeline" for name in MODELS}
+    missing = [str(p) for p in (train_csv, heldout_csv, *pipelines.values()) if not p.exists()]
+    if missing:
+        raise SystemExit(
+            f"run `python benchmarks/table1.py --dataset {args.dataset}{' --quick' if args.quick else ''}` first "
+            f"(missing: {', '.join(missing)})"
+        )
+    steps = 30 if args.quick else 1500  # benchmarks/quality.py's classifier
+
+    # data: the real split, and each model's N images per species
+    train_records = read_records("csv", train_csv).records
+    taxonomy = read_table(train_csv).taxonomy()
+    target = 5 if args.quick else fill_target(train_records)  # quick: the 3- and 4-image species
+    counts = Counter(species_key(r.lineage) for r in train_records)
+    print(f"{len(train_records)} training images, {len(counts)} species; the tail is filled to {target}")
+    generated = {}
+    for name, guidance in MODELS.items():
+        metadata = generate_images(pipelines[name], out / "generated" / name, target, guidance, args.quick)
+        generated[name] = read_generated(metadata, train_records)
+    resolution = ClassifierTraining().resolution
+    held_records = read_records("csv", heldout_csv).records
+    held_images, held_ids = record_pool(held_records, taxonomy, resolution)
+    rare_mask = torch.tensor([counts[species_key(r.lineage)] < RARE for r in held_records])
+    held = (held_images, held_ids, rare_mask)
+    pools = {
+        "real": train_records,
+        **{f"real + {m}": train_records + fill_records(generated[m], train_records, target) for m in MODELS},
+        **{f"{m} only": [r for r, _ in generated[m]] for m in MODELS},
+    }
+
+    # train and score every arm and seed (resumable: one JSON file per finished arm and seed)
+    results: dict[str, list[dict]] = {}
+    for arm in ARMS:
+        pool = None
+        for seed in args.seeds:
+            done = out / "scores" / f"{arm.replace(' ', '').replace('+', '_')}-seed{seed}.json"
+            if not done.is_file():
+                pool = pool or record_pool(pools[arm], taxonomy, resolution)
+                print(f"{arm}, seed {seed}: {len(pools[arm])} training images")
+                done.parent.mkdir(parents=True, exist_ok=True)
+                done.write_text(json.dumps(train_arm(pool, taxonomy, held, steps, seed)) + "\n")
+            results.setdefault(arm, []).append(json.loads(done.read_text()))
+
+    sizes = {arm: len(pools[arm]) for arm in ARMS}
+    name = f"augment_{args.dataset}{'_quick' if args.quick else ''}"
+    target_dir = out if args.quick else args.results
+    (target_dir / f"{name}.json").write_text(
+        json.dumps({"fill_to": target, "seeds": args.seeds, "images": sizes, "scores": results}, indent=1) + "\n"
+    )
+    print(f"results: {write_results(target_dir, args, results, sizes, target, taxonomy, len(held_records))}")
+    return 0
+
+
+# -- the results file ---------------------------------------------------------------------------------
+
+
+def mean_spread(values: list[float]) -> str:
+    mean = statistics.fmean(values)
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{100 * mean:.1f} ± {100 * spread:.1f}"
+
+
+def write_results(target_dir: Path, args, results, sizes, target: int, taxonomy, held: int) -> Path:
+    columns = [r.value for r in taxonomy.ranks if taxonomy.num_taxa(r) > 1] + ["rare species", "common species"]
+    rows = [["arm", "training images", *(c.replace("specific_epithet", "species (all)") for c in columns)]]
+    for arm in ARMS:
+        rows.append([arm, str(sizes[arm]), *(mean_spread([s[c] for s in results[arm]]) for c in columns)])
+    real = results["real"]
+    deltas = [["arm", "rare species", "common species"]]
+    for arm in ARMS[1:3]:
+        deltas.append(
+            [arm]
+            + [
+                f"{100 * (statistics.fmean(s[c] for s in results[arm]) - statistics.fmean(s[c] for s in real)):+.1f}"
+                for c in ("rare species", "common species")
+            ]
+        )
+    label = LABELS[args.dataset]
+    text = "\n".join(
+        [
+            f"## {label}",
+            "",
+            f"Command: `python benchmarks/augment.py --dataset {args.dataset}{' --quick' if args.quick else ''}` "
+            f"(resumable). Tail filled to {target} images per species; {held} real held-out images; accuracy in % "
+            f"(mean ± standard deviation over seeds {', '.join(map(str, args.seeds))}), {torch.get_num_threads()} "
+            "CPU threads.",
+            "",
+            markdown_table(rows),
+            "",
+            "Change against `real` (points):",
+            "",
+            markdown_table(deltas),
+            "",
+        ]
+    )
+    path = target_dir / f"augment{'_quick' if args.quick else ''}.md"
+    sections = _sections(path)
+    sections[label] = text
+    header = [
+        "# Synthetic training sets for the long tail",
+        "",
+        "`benchmarks/augment.py`: the taxonomic classifier trained on real images, on real images with the tail "
+        "filled by a model, and on generated images only (CAS), scored on real held-out images.",
+        "",
+    ]
+    write_keeping_section(path, "\n".join(header + [sections[k] for k in LABELS.values() if k in sections]))
+    return path
+
+
+def _sections(path: Path) -> dict[str, str]:
+    """The per-dataset sections the results file already holds (the other dataset's are kept)."""
+    if not path.is_file():
+        return {}
+    text = path.read_text(encoding="utf-8").split("## Reading")[0]
+    found = {}
+    for label in LABELS.values():
+        start = text.find(f"## {label}\n")
+        if start >= 0:
+            ends = [text.find(f"## {o}\n", start + 1) for o in LABELS.values() if o != label]
+            end = min([e for e in ends if e > start] or [len(text)])
+            found[label] = text[start:end].rstrip() + "\n"
+    return found
+
+
+if __name__ == "__main__":
+    sys.exit(main())
