@@ -167,7 +167,6 @@ def export_species_images(evaluation: Path, target: Path, heldout: Path) -> None
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     name = f"quality_{args.dataset}" + ("_quick" if args.quick else "")
     out = args.out or REPO / "benchmarks" / "runs" / f"table1-{args.dataset}{'-quick' if args.quick else ''}"
@@ -240,11 +239,24 @@ def main(argv: list[str] | None = None) -> int:
     for row in EXPORTED:
         if out / "eval" / row in evaluations:
             export_species_images(out / "eval" / row, results / "generated" / row, heldout)
-    print(f"results: {write_results(results, evaluations, timings, classifier, fmt_label, argv, name)}")
+    print(f"results: {write_results(results, evaluations, timings, classifier, fmt_label, command(args), name)}")
     return 0
 
 
-def write_results(assets: Path, evaluations: list[Path], timings, classifier: Path, label: str, argv, name) -> Path:
+def command(args) -> str:
+    """The command that makes these results, without the options that say only where things go or which
+    process makes which row."""
+    parts = ["python benchmarks/table1.py", f"--dataset {args.dataset}"]
+    if args.quick:
+        parts.append("--quick")
+    if args.per_taxon != 10:
+        parts.append(f"--per-taxon {args.per_taxon}")
+    if args.scale != 3.0:
+        parts.append(f"--scale {args.scale:g}")
+    return " ".join(parts)
+
+
+def write_results(assets: Path, evaluations: list[Path], timings, classifier: Path, label: str, command, name) -> Path:
     runs = load_runs(evaluations)
     write_report(assets, runs, title=f"{label}: the paper's rows from one prior")
     for evaluation in evaluations:
@@ -255,8 +267,7 @@ def write_results(assets: Path, evaluations: list[Path], timings, classifier: Pa
     lines = [
         f"# {label}: the paper's Table 1 and strategy ablation from one prior",
         "",
-        f"Command: `python benchmarks/table1.py {' '.join(argv)}` (resumable). Machine: "
-        f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}.",
+        f"Command: `{command}` (resumable). Machine: {torch.get_num_threads()} CPU threads, torch {torch.__version__}.",
         f"Prior: `{PRIOR_CONFIG.relative_to(REPO)}`; adaptation: `{RECIPE.relative_to(REPO)}`, the same steps for "
         "every trained row; a fixed, stratified 20% held out of every species (never trained on, prior included).",
         "",

@@ -193,6 +193,31 @@ def test_the_shipped_prior_loads_offline_and_is_the_committed_recipe(tmp_path, m
     assert Config.from_dict(yaml.safe_load(recipe)).caption.rank == "order"  # the prior never saw a finer name
 
 
+def test_a_packed_prior_unpacks_to_the_same_base(prior, tmp_path):
+    """`pretrain --pack` writes one file (its folder made if need be) that unpacks to the same UNet."""
+    from safetensors.torch import load_file
+
+    from taxadiffusion.prior import pack_prior, unpack_prior
+
+    packed = pack_prior(prior, tmp_path / "new" / "folder" / "prior.safetensors", "recipe: text")
+    folder = unpack_prior(packed, tmp_path / "unpacked")
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    before, after = load_file(prior / weights), load_file(folder / weights)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert (folder / "prior.json").read_text() == (prior / "prior.json").read_text()
+
+
+def test_the_benchmark_prior_is_the_committed_recipe():
+    """benchmarks/priors/birds_fish.safetensors (Table 1's prior) was made by configs/prior_birds_fish.yaml."""
+    from safetensors import safe_open
+
+    repo = Path(__file__).resolve().parents[1]
+    packed = repo / "benchmarks" / "priors" / "birds_fish.safetensors"
+    assert packed.stat().st_size <= 50 * 2**20
+    with safe_open(str(packed), framework="pt") as handle:
+        assert handle.metadata()["recipe"] == (repo / "configs" / "prior_birds_fish.yaml").read_text(encoding="utf-8")
+
+
 def test_the_prior_prompted_alone_responds_to_its_captions(prior):
     """The zero-shot row: the prior sampled from its own captions, no adaptation."""
     import numpy as np

@@ -120,6 +120,7 @@ def pack_prior(base: str | Path, out: str | Path, recipe: str) -> Path:
     metadata = {key: (base / file).read_text(encoding="utf-8") for key, file in PACKED_FILES.items()}
     metadata["recipe"] = recipe
     weights = load_file(base / "unet" / "diffusion_pytorch_model.safetensors")
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
     save_file(weights, str(out), metadata=metadata)
     return Path(out)
 
