@@ -6,9 +6,9 @@
 
 It reads the work folder of benchmarks/table1.py: the same split (a fixed, stratified 20% of every species held
 out), the taxadiffusion and flat models trained on the other 80%. Each model generates `N` images of every
-species with `taxadiffusion generate --per-taxon N` (N: the median training count of the common species, those
-with at least 11 training images), sampled as Table 1 evaluates it (PNDM 25 steps, scale 3; taxonomic guidance
-for taxadiffusion, vanilla for flat). The arms, each the taxonomic classifier of benchmarks/quality.py (same
+species with `taxadiffusion generate --per-taxon N` (N: the median training count of the common species, split
+from the rare ones as Table 1 splits them), sampled as Table 1 evaluates it (PNDM 25 steps, scale 3; taxonomic
+guidance for taxadiffusion, vanilla for flat). The arms, each the taxonomic classifier of benchmarks/quality.py (same
 size, steps and augmentation), trained with several seeds:
 
 - `real`: the real training images;
@@ -19,8 +19,9 @@ size, steps and augmentation), trained with several seeds:
   score (CAS) of Ravuri & Vinyals (2019).
 
 Every arm is scored on the real held-out images: accuracy per rank over all of them, and species accuracy over
-the images of rare species (at most 10 training images) and of common ones. Results: benchmarks/results/
-augment.md (a `## Reading` section already there is kept) and augment_<dataset>.json.
+the images of rare species (Table 1's split: at most 10 training images in CUB-100-LT, under 50 in F4K) and of
+common ones. Results: benchmarks/results/augment.md (a `## Reading` section already there is kept) and
+augment_<dataset>.json.
 """
 
 from __future__ import annotations
@@ -50,7 +51,9 @@ from taxadiffusion.eval.report import markdown_table, write_keeping_section
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 LABELS = {"cub": "CUB-100-LT", "f4k": "Fish4Knowledge"}
-RARE = 11  # rare: at most 10 training images, as in benchmarks/table1.py
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from table1 import RARE  # noqa: E402 (rare and common as Table 1 splits them, per dataset)
+
 MODELS = {"taxadiffusion": "taxonomic", "flat": "vanilla"}  # model row of Table 1 -> its guidance
 ARMS = ("real", "real + taxadiffusion", "real + flat", "taxadiffusion only", "flat only")
 
@@ -73,10 +76,10 @@ def species_key(lineage) -> tuple[str, ...]:
     return lineage.names
 
 
-def fill_target(train_records) -> int:
+def fill_target(train_records, rare: int) -> int:
     """The common species' median training count: what the tail is filled to."""
     counts = Counter(species_key(r.lineage) for r in train_records)
-    common = [n for n in counts.values() if n >= RARE] or list(counts.values())
+    common = [n for n in counts.values() if n >= rare] or list(counts.values())
     return int(statistics.median(common))
 
 
@@ -150,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     # data: the real split, and each model's N images per species
     train_records = read_records("csv", train_csv).records
     taxonomy = read_table(train_csv).taxonomy()
-    target = 5 if args.quick else fill_target(train_records)  # quick: the 3- and 4-image species
+    rare = RARE[args.dataset]
+    target = 5 if args.quick else fill_target(train_records, rare)  # quick: fills the 3- and 4-image species
     counts = Counter(species_key(r.lineage) for r in train_records)
     print(f"{len(train_records)} training images, {len(counts)} species; the tail is filled to {target}")
     generated = {}
@@ -160,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     resolution = ClassifierTraining().resolution
     held_records = read_records("csv", heldout_csv).records
     held_images, held_ids = record_pool(held_records, taxonomy, resolution)
-    rare_mask = torch.tensor([counts[species_key(r.lineage)] < RARE for r in held_records])
+    rare_mask = torch.tensor([counts[species_key(r.lineage)] < rare for r in held_records])
     held = (held_images, held_ids, rare_mask)
     pools = {
         "real": train_records,
