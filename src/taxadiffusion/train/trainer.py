@@ -570,7 +570,10 @@ class Trainer:
         self.model.train()
         self.paths.samples.mkdir(parents=True, exist_ok=True)
         path = self.paths.samples / f"stage-{stage.name}.png"
-        labels = [f"{lin.finest_rank}: {lin.scientific_name}" for lin in rows]
+        if len(self.taxonomy.ranks) == 1:  # a prior's captions, a flat run's species: one text, no rank to name
+            labels = [lin.scientific_name for lin in rows]
+        else:
+            labels = [f"{lin.finest_rank}: {lin.scientific_name}" for lin in rows]
         image_grid(images, columns=sample.grid_images, labels=labels).save(path)
         return path
 
