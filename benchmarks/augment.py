@@ -76,9 +76,9 @@ def species_key(lineage) -> tuple[str, ...]:
     return lineage.names
 
 
-def fill_target(train_records, rare: int) -> int:
-    """The common species' median training count: what the tail is filled to."""
-    counts = Counter(species_key(r.lineage) for r in train_records)
+def fill_target(counts: Counter, rare: int) -> int:
+    """The common species' median training count (`counts`: training images per species): what the tail is
+    filled to."""
     common = [n for n in counts.values() if n >= rare] or list(counts.values())
     return int(statistics.median(common))
 
@@ -92,12 +92,11 @@ def generate_images(model: Path, out: Path, per_taxon: int, guidance: str, quick
     return out / "metadata.csv"
 
 
-def fill_records(generated, train_records, target: int) -> list:
+def fill_records(generated, counts: Counter, target: int) -> list:
     """Of each species' generated images, the first `target - n` by index (n: its real training images)."""
-    have = Counter(species_key(r.lineage) for r in train_records)
     chosen = []
     for record, index in generated:
-        if index < target - have[species_key(record.lineage)]:
+        if index < target - counts[species_key(record.lineage)]:
             chosen.append(record)
     return chosen
 
@@ -154,8 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     train_records = read_records("csv", train_csv).records
     taxonomy = read_table(train_csv).taxonomy()
     rare = RARE[args.dataset]
-    target = 5 if args.quick else fill_target(train_records, rare)  # quick: fills the 3- and 4-image species
     counts = Counter(species_key(r.lineage) for r in train_records)
+    target = 5 if args.quick else fill_target(counts, rare)  # quick: fills the 3- and 4-image species
     print(f"{len(train_records)} training images, {len(counts)} species; the tail is filled to {target}")
     generated = {}
     for name, guidance in MODELS.items():
@@ -168,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     held = (held_images, held_ids, rare_mask)
     pools = {
         "real": train_records,
-        **{f"real + {m}": train_records + fill_records(generated[m], train_records, target) for m in MODELS},
+        **{f"real + {m}": train_records + fill_records(generated[m], counts, target) for m in MODELS},
         **{f"{m} only": [r for r, _ in generated[m]] for m in MODELS},
     }
 

@@ -278,6 +278,7 @@ RUNTIME_KEYS = frozenset(
 # How long a run trains. A run resumes with them changed (nanoGPT's max_iters: stop a prior early, or extend
 # it) as long as no finished stage changes length; the trainer checks that against the checkpoint.
 LENGTH_KEYS = frozenset({"train.steps", "train.epochs"})
+NOT_IDENTITY = RUNTIME_KEYS | LENGTH_KEYS  # what neither the fingerprint nor a config's differences count
 
 
 @dataclass
@@ -366,7 +367,7 @@ class Config:
     def fingerprint(self) -> str:
         """A hash of everything that shapes the trained weights (not logging, checkpointing or sampling, nor
         how long the stages run: see LENGTH_KEYS)."""
-        kept = {k: v for k, v in self.flat().items() if k not in RUNTIME_KEYS | LENGTH_KEYS}
+        kept = {k: v for k, v in self.flat().items() if k not in NOT_IDENTITY}
         return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
 
     def differences(self, other: Config) -> list[str]:
@@ -374,7 +375,7 @@ class Config:
         return [
             f"{k}: {theirs.get(k)!r} -> {mine.get(k)!r}"
             for k in sorted(set(mine) | set(theirs))
-            if k not in RUNTIME_KEYS | LENGTH_KEYS and mine.get(k) != theirs.get(k)
+            if k not in NOT_IDENTITY and mine.get(k) != theirs.get(k)
         ]
 
 
