@@ -13,7 +13,8 @@ same conditioning (diffusers receives c_k and the negative as prompt embeddings;
 the published 25 steps, the reference of the speed-ups, and at its own default of 50). The fastest setting whose
 species accuracy is at most 1 point below the published setting's and whose KID is at most the published setting's
 KID standard deviation above it is the `fast` preset (`--fast`).
-Results: benchmarks/results/sampling.md and sampling.json. Resumable: each setting's evaluation is kept.
+Results: benchmarks/results/<name>.md and <name>.json (`--name`, default sampling: the demo model's; one name per
+model). Resumable: each setting's evaluation is kept, under --work/<name>.
 """
 
 from __future__ import annotations
@@ -147,19 +148,21 @@ def main(argv=None) -> int:
     parser.add_argument("--max-real", type=int, default=6)
     parser.add_argument("--batch", type=int, default=16, help="the timed batch")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--work", type=Path, default=REPO / "runs" / "sampling-benchmark")
+    parser.add_argument("--work", type=Path, default=REPO / "runs" / "sampling-benchmark", help="kept work, per --name")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--name", default="sampling", help="the results' file stem in --out (one per model)")
     parser.add_argument("--speed-only", action="store_true", help="keep --out's quality results, time again")
     parser.add_argument("--render", type=Path, metavar="JSON", help="only rewrite the report from a results file")
     args = parser.parse_args(argv)
     if args.render:
-        write_keeping_section(args.out / "sampling.md", report(json.loads(args.render.read_text())))
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_keeping_section(args.out / f"{args.name}.md", report(json.loads(args.render.read_text())))
         return 0
     if args.speed_only:  # the quality of an earlier run kept, the speed measured again
-        results = json.loads((args.out / "sampling.json").read_text())
+        results = json.loads((args.out / f"{args.name}.json").read_text())
         results["speed"] = measure_speed(args.model, results["scale"], args.batch, args.rounds)
         results["argv"] = argv or sys.argv[1:]
-        return write(results, args.out)
+        return write(results, args.out, args.name)
     if not (args.model and args.data and args.classifier):
         parser.error("--model, --data and --classifier are required (or --render JSON)")
 
@@ -180,7 +183,7 @@ def main(argv=None) -> int:
             rare_threshold=0,
             sampling=saved.replace(scale=scale, **changes),
         )
-        metrics = Evaluation(real, args.work / f"setting-{i}", settings, pipeline=pipe).run(False, features)
+        metrics = Evaluation(real, args.work / args.name / f"setting-{i}", settings, pipeline=pipe).run(False, features)
         scores = metrics["ranks"]["specific_epithet"]["all"]
         quality[name] = {
             "accuracy": 100 * scores["accuracy"]["specific_epithet"],
@@ -190,14 +193,15 @@ def main(argv=None) -> int:
         }
     print("speed ...")
     speed = measure_speed(args.model, scale, args.batch, args.rounds)
-    return write({"argv": argv or sys.argv[1:], "scale": scale, "quality": quality, "speed": speed}, args.out)
+    results = {"argv": argv or sys.argv[1:], "scale": scale, "quality": quality, "speed": speed}
+    return write(results, args.out, args.name)
 
 
-def write(results: dict, out: Path) -> int:
+def write(results: dict, out: Path, name: str) -> int:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "sampling.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / f"{name}.json").write_text(json.dumps(results, indent=1) + "\n")
     text = report(results)
-    write_keeping_section(out / "sampling.md", text)
+    write_keeping_section(out / f"{name}.md", text)
     print(text)
     return 0
 
