@@ -18,6 +18,9 @@ architecture at 512 px.
 
 4. FLOPs per training sample of every part, for both models (no timing): the speed-up that removing the
    published step's redundant work can give at best.
+5. AdamW's step with the default and the fused kernel (`train.fused_optimizer`) over what a LoRA stage trains
+   and over the whole UNet (a prior's pretraining, the `full` strategy). `--only-optimizer` measures this part
+   alone and adds it to an earlier run's results.
 
 Each measurement runs in its own process; results (median and spread of the repetitions) go to
 benchmarks/results/speed.md and speed.json (speed_sd15.* with `--sd15`, speed*_bf16.* with `--precision bf16`).
@@ -364,6 +367,53 @@ def sampling_job(root: str, kind: str, batch: int, steps: int, reps: int, device
     return {"times": seconds, "batch": batch, "peak_mib": peak_memory(device)}
 
 
+# -- 3. the optimizer step ---------------------------------------------------------------------------------
+
+OPTIMIZED = {"lora": "LoRA + rank encoder (a LoRA stage)", "full": "whole UNet (a prior, strategy full)"}
+
+
+def optimizer_job(root: str, trains: str, fused: bool, reps: int, device: str) -> dict:
+    """Time AdamW's step, built as the trainer builds it, over what `trains` names, with random gradients."""
+    from taxadiffusion.config import Config
+    from taxadiffusion.train.trainer import build_optimizer
+
+    torch.manual_seed(0)
+    trainer = trainer_for(Path(root), True)
+    stage = trainer.stages[0]
+    model = trainer.model.to(device)
+    params = model.configure_trainable(trains, stage.encoder_levels)  # "lora" or "full"
+    encoder = {id(p) for p in model.taxonomy_encoder.parameters()}
+    train = Config.from_dict({"train": {"fused_optimizer": fused}}).train
+    optimizer, _ = build_optimizer(params, encoder, stage, train)
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    seconds = []
+    for i in range(reps + 2):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        optimizer.step()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        if i >= 2:  # two warm-up steps
+            seconds.append(time.perf_counter() - start)
+    fused_on = bool(optimizer.defaults.get("fused"))
+    size = sum(p.numel() for p in params)
+    return {"times": seconds, "peak_mib": peak_memory(device), "parameters": size, "fused": fused_on}
+
+
+def measure_optimizer(root: Path, rounds: int, reps: int, device: str) -> dict:
+    """Both kernels over both parameter sets, interleaved over rounds of fresh processes."""
+    runs = defaultdict(list)
+    for round_ in range(rounds):
+        for trains in OPTIMIZED:
+            for kernel in ("default", "fused"):
+                print(f"round {round_ + 1}/{rounds}, optimizer step: {kernel}, {trains}")
+                job = (str(root), trains, kernel == "fused", reps, device)
+                runs[f"{kernel}/{trains}"].append(in_process(optimizer_job, *job))
+    return {key: merged(values) for key, values in runs.items()}
+
+
 # -- driver ---------------------------------------------------------------------------------------------
 
 
@@ -414,6 +464,9 @@ def main(argv=None) -> int:
     parser.add_argument("--sd15", action="store_true", help="an SD 1.5-sized model at 512 px (for a GPU)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--render", type=Path, metavar="JSON", help="only rewrite the report from a results file")
+    parser.add_argument(
+        "--only-optimizer", action="store_true", help="measure the optimizer step alone, into --out's earlier results"
+    )
     args = parser.parse_args(argv)
     if args.render:  # the model and the file name are the results' own, not this command's
         results = json.loads(args.render.read_text())
@@ -424,6 +477,13 @@ def main(argv=None) -> int:
     spec = "sd15" if args.sd15 else "small"
     name = report_name(spec, args.precision)
     job = (args.batch, args.reps, args.device, args.precision)
+    if args.only_optimizer:  # the rest of an earlier run's results kept
+        results = json.loads((args.out / f"{name}.json").read_text())
+        with tempfile.TemporaryDirectory() as tmp:
+            prepare(Path(tmp), spec)
+            results["optimizer"] = measure_optimizer(Path(tmp), args.rounds, args.reps, args.device)
+        results["optimizer_argv"] = argv or sys.argv[1:]
+        return write(results, args.out, name, spec)
 
     results = {"machine": machine(args.device), "settings": vars(args) | {"out": str(args.out)}}
     with tempfile.TemporaryDirectory() as tmp:
@@ -465,10 +525,15 @@ def main(argv=None) -> int:
                 snapshot()
         results["train"] = {key: merged(rounds) for key, rounds in train.items()}
         results["sample"] = {key: merged(rounds) for key, rounds in sample.items()}
+        results["optimizer"] = measure_optimizer(root, args.rounds, args.reps, args.device)
     (args.out / f"{name}.partial.json").unlink(missing_ok=True)
-    (args.out / f"{name}.json").write_text(json.dumps(results, indent=1) + "\n")
+    return write(results, args.out, name, spec)
+
+
+def write(results: dict, out: Path, name: str, spec: str) -> int:
+    (out / f"{name}.json").write_text(json.dumps(results, indent=1) + "\n")
     text = report(results, SPECS[spec], results["argv"])
-    write_keeping_section(args.out / f"{name}.md", text)
+    write_keeping_section(out / f"{name}.md", text)
     print(text)
     return 0
 
@@ -632,7 +697,33 @@ def report(results: dict, spec: ModelSpec, argv: list[str]) -> str:
         f"Ours / diffusers: {speedup(d, o)} images/s (in brackets: the range over rounds).",
         "",
     ]
+    if "optimizer" in results:
+        lines += optimizer_section(results["optimizer"], results.get("optimizer_argv"), ms)
     return "\n".join(lines)
+
+
+def optimizer_section(optimizer: dict, argv: list[str] | None, ms) -> list[str]:
+    """AdamW's step, default against fused kernel (`train.fused_optimizer`)."""
+    rows = []
+    for trains, label in OPTIMIZED.items():
+        default, fused = optimizer[f"default/{trains}"], optimizer[f"fused/{trains}"]
+        rows.append(
+            f"| {label} | {default['parameters'] / 1e6:.2f} M | {ms(default)} | {ms(fused)} | "
+            f"{speedup(default, fused)} |"
+        )
+    command = f" (measured by `python benchmarks/speed.py {' '.join(argv)}`)" if argv else ""
+    return [
+        "## Optimizer step (AdamW)",
+        "",
+        f"One AdamW step over the parameters a stage trains, with random gradients{command}: torch's default "
+        "kernel against the fused one (`train.fused_optimizer`, on by default), which takes the same steps up to "
+        "rounding.",
+        "",
+        "| trains | parameters | default | fused | speed-up |",
+        "|---|---|---|---|---|",
+        *rows,
+        "",
+    ]
 
 
 if __name__ == "__main__":

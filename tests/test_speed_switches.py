@@ -125,15 +125,22 @@ def test_compile_and_channels_last_keep_the_state_dict(two_rank_data, tiny_sd, t
     assert plain.fingerprint() == config.fingerprint()
 
 
-def test_fused_optimizer_only_on_cuda():
-    train = Config.from_dict({"train": {"fused_optimizer": True}}).train
+def test_the_fused_optimizer_takes_the_default_ones_steps():
     stage = Stage(0, "0", 1, 1e-3, None, (0,), 1)
-    cpu = [torch.nn.Parameter(torch.zeros(2))]
-    optimizer, _ = build_optimizer(cpu, set(), stage, train)
-    assert not optimizer.defaults.get("fused")  # CPU: the default kernel
-    if torch.cuda.is_available():
-        gpu = [torch.nn.Parameter(torch.zeros(2, device="cuda"))]
-        assert build_optimizer(gpu, set(), stage, train)[0].defaults["fused"]
+    runs = {}
+    for fused in (False, True):
+        train = Config.from_dict({"train": {"fused_optimizer": fused, "weight_decay": 0.01}}).train
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(8, 8)), torch.nn.Parameter(torch.randn(8))]
+        optimizer, _ = build_optimizer(params, {id(params[1])}, stage, train)
+        assert bool(optimizer.defaults.get("fused")) is fused  # the CPU has the fused kernel
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.sin(p.detach() * 3)
+            optimizer.step()
+        runs[fused] = [p.detach().clone() for p in params]
+    for default, fused in zip(runs[False], runs[True], strict=True):
+        torch.testing.assert_close(fused, default, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.slow

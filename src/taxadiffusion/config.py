@@ -183,7 +183,9 @@ class TrainConfig:
     frozen_in_low_precision: bool = True
     compile: bool = False  # torch.compile the UNet (in place: state-dict keys unchanged)
     channels_last: bool = False  # the UNet's weights and inputs in channels-last memory layout
-    fused_optimizer: bool = False  # AdamW's fused kernel (CUDA; the foreach one elsewhere)
+    # AdamW's fused kernel where torch has one (CUDA, CPU, MPS): the same steps to rounding, 3-4x faster
+    # (benchmarks/results/speed.md); the default kernel elsewhere or when false.
+    fused_optimizer: bool = True
     # The text-feature tables (and the frozen ranks' tables): kept on the training device or in CPU memory (each
     # batch's rows copied over), stored in fp32, fp16 or bf16 (the model computes in fp32 either way). iNat21
     # with CLIP holds 3.6 GiB of text features per process.
@@ -271,6 +273,7 @@ RUNTIME_KEYS = frozenset(
         # how the same computation runs, not what it computes: a run may resume on another machine with them
         "train.compile",
         "train.channels_last",
+        "train.fused_optimizer",
         "train.text_features",
     }
 ) | {f"sample.{f.name}" for f in dataclasses.fields(SampleConfig)}
