@@ -44,7 +44,8 @@ class Scheduler(Choice):
 
 
 # The `fast` preset (`--fast`): the fastest setting that kept species accuracy within 1 point and KID within its
-# standard deviation of the published PNDM 25 on the demo model (benchmarks/results/sampling.md).
+# standard deviation of the published PNDM 25 on the demo model (benchmarks/results/sampling.md). On Table 1's
+# Fish4Knowledge model it did not (sampling_f4k.md: 5 points lower), so it is not a setting for every model.
 FAST = {"scheduler": "dpm", "steps": 8}
 
 
