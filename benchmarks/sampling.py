@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 import time
@@ -49,7 +50,18 @@ SETTINGS: dict[str, dict] = {
     "DPM-Solver++ 8": {"scheduler": "dpm", "steps": 8},
     "PNDM 25, guidance in the first 60%": {"window": (0.0, 0.6)},
     "DPM-Solver++ 10, guidance in the first 60%": {"scheduler": "dpm", "steps": 10, "window": (0.0, 0.6)},
+    # trailing spacing: the first step at the last training timestep (see `Spacing`)
+    "DPM-Solver++ 15, trailing": {"scheduler": "dpm", "steps": 15, "spacing": "trailing"},
+    "DPM-Solver++ 10, trailing": {"scheduler": "dpm", "steps": 10, "spacing": "trailing"},
+    "DPM-Solver++ 8, trailing": {"scheduler": "dpm", "steps": 8, "spacing": "trailing"},
+    "DDIM 15, trailing": {"scheduler": "ddim", "steps": 15, "spacing": "trailing"},
 }
+
+
+def kept_folder(work: Path, name: str) -> Path:
+    """Where a setting's evaluation is kept: named after the setting, so that adding or reordering settings
+    never pairs one setting's kept images with another's name."""
+    return work / re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def fast_row() -> str | None:
@@ -183,7 +195,8 @@ def main(argv=None) -> int:
             rare_threshold=0,
             sampling=saved.replace(scale=scale, **changes),
         )
-        metrics = Evaluation(real, args.work / args.name / f"setting-{i}", settings, pipeline=pipe).run(False, features)
+        kept = kept_folder(args.work / args.name, name)
+        metrics = Evaluation(real, kept, settings, pipeline=pipe).run(False, features)
         scores = metrics["ranks"]["specific_epithet"]["all"]
         quality[name] = {
             "accuracy": 100 * scores["accuracy"]["specific_epithet"],

@@ -105,11 +105,13 @@ def test_gradio_client_drives_every_endpoint(served):
     matches = client.predict("Amphiprion clarkii", api_name="/search")
     assert matches == [CLARKII]
     assert "| family | Pomacentridae |" in client.predict(CLARKII, api_name="/lineage")
-    gallery, strip = client.predict(CLARKII, "genus", 3, 0, "taxonomic", 3.0, 0.0, 1.0, "ddim", 2, api_name="/generate")
+    gallery, strip = client.predict(
+        CLARKII, "genus", 3, 0, "taxonomic", 3.0, 0.0, 1.0, "ddim", 2, "trailing", api_name="/generate"
+    )
     assert len(gallery) == 3 and all(Path(item["image"]).is_file() for item in gallery)
     assert [item["caption"] for item in strip][-1] == "specific_epithet: clarkii"
     with pytest.raises(AppError, match="choose a taxon first"):  # an error shown as a message, not a traceback
-        client.predict("", None, 1, 0, "taxonomic", 3.0, 0.0, 1.0, "ddim", 2, api_name="/generate")
+        client.predict("", None, 1, 0, "taxonomic", 3.0, 0.0, 1.0, "ddim", 2, "trailing", api_name="/generate")
 
 
 def _chromium():

@@ -324,6 +324,25 @@ def test_evaluate_never_reuses_images_of_other_settings(evaluated, tmp_path, cap
     capsys.readouterr()
 
 
+def test_images_recorded_before_a_setting_existed_are_kept(evaluated, tmp_path, capsys):
+    """A generation record written before `negative` and `spacing` existed is read with the values they had then
+    (encoded, leading): the images are the same settings' and are reused, not refused."""
+    from taxadiffusion.cli import main
+
+    _, _, out, args = evaluated
+    copy = tmp_path / "eval"
+    shutil.copytree(out, copy)
+    marker = copy / "images" / "generation.json"
+    record = json.loads(marker.read_text())
+    assert (record.pop("negative"), record.pop("spacing")) == ("encoded", "leading")
+    marker.write_text(json.dumps(record))
+    stamps = {p: p.stat().st_mtime_ns for p in (copy / "images").rglob("*.png")}
+    assert main([a if a != str(out) else str(copy) for a in args]) == 0
+    assert {p: p.stat().st_mtime_ns for p in (copy / "images").rglob("*.png")} == stamps
+    assert json.loads(marker.read_text())["spacing"] == "leading"
+    capsys.readouterr()
+
+
 def test_evaluate_a_folder_of_images_and_compare(evaluated, tmp_path):
     from taxadiffusion.cli import main
 

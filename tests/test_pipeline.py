@@ -8,8 +8,10 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from taxadiffusion.conditioning import TaxonomyEncoder
+from taxadiffusion.errors import ConfigError
 from taxadiffusion.model import add_lora, lora_parameters
-from taxadiffusion.pipeline import TaxaDiffusionPipeline, make_scheduler
+from taxadiffusion.pipeline import SCHEDULERS, TaxaDiffusionPipeline, make_scheduler
+from taxadiffusion.sampling import Scheduler
 from taxadiffusion.taxonomy import NONE_ID as DROPPED
 from taxadiffusion.taxonomy import UnknownTaxonError
 from taxadiffusion.text import TextEmbeddingCache, TextEncoderSpec
@@ -84,6 +86,51 @@ def test_taxonomic_cfg_equals_sd_with_level0_negative(sd, parts, scheduler):
     got, expected = _both(ours, sd, "Amphiprion clarkii", "taxonomic", c_0, c_k, **kwargs)
     assert got.shape == expected.shape == (2, 16, 16, 3)
     np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("scheduler", ["pndm", "ddim", "dpm"])
+def test_trailing_spacing_starts_at_the_last_training_step_and_equals_diffusers(sd, parts, scheduler, monkeypatch):
+    """`spacing` reaches the scheduler: trailing's first step is t = T - 1 at any step count, leading's (the
+    published) below it, and sampling with trailing equals diffusers' with the same `timestep_spacing`."""
+    ours = _ours(sd, parts, scheduler)
+    last = sd.scheduler.config.num_train_timesteps - 1
+    first = {}
+    for spacing in ("leading", "trailing"):
+        ours.configure_sampling(scheduler=scheduler, spacing=spacing)
+        assert ours.scheduler.config.timestep_spacing == spacing
+        ours.scheduler.set_timesteps(8)
+        first[spacing] = int(ours.scheduler.timesteps[0])
+    assert first["trailing"] == last > first["leading"]
+    held = ours.scheduler
+    assert ours.configure_sampling(steps=6).spacing == "trailing" and ours.scheduler is held  # nothing rebuilt
+
+    cls = type(ours.scheduler)
+    assert cls is SCHEDULERS[Scheduler(scheduler)]
+    extra = {"dpm": {"algorithm_type": "dpmsolver++"}, "pndm": {"skip_prk_steps": True}}.get(scheduler, {})
+    monkeypatch.setattr(sd, "scheduler", cls.from_config(sd.scheduler.config, timestep_spacing="trailing", **extra))
+    lineage = ours.resolve("Amphiprion clarkii")
+    with torch.no_grad():
+        c_k, c_0 = _embeds(ours, lineage, 5, None), _embeds(ours, lineage, 1, None)
+    kwargs = {"guidance_scale": 9.0, "num_inference_steps": 6}
+    got, expected = _both(ours, sd, "Amphiprion clarkii", "taxonomic", c_0, c_k, **kwargs)
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+def test_saved_spacing_loads_back_and_a_foreign_scheduler_keeps_its_own(sd, parts, tmp_path):
+    from taxadiffusion.sampling import SETTINGS_FILE
+
+    ours = _ours(sd, parts, "dpm")
+    ours.configure_sampling(scheduler="dpm", spacing="trailing", steps=8)
+    ours.save_pretrained(tmp_path / "pipe")
+    loaded = TaxaDiffusionPipeline.from_pretrained(tmp_path / "pipe")
+    assert (loaded.sampling.scheduler, loaded.sampling.spacing, loaded.sampling.steps) == ("dpm", "trailing", 8)
+    assert loaded.scheduler.config.timestep_spacing == "trailing"
+    # saved by another program (no settings file): it samples with the scheduler and spacing it holds
+    (tmp_path / "pipe" / SETTINGS_FILE).unlink()
+    foreign = TaxaDiffusionPipeline.from_pretrained(tmp_path / "pipe")
+    assert (foreign.sampling.scheduler, foreign.sampling.spacing) == ("dpm", "trailing")
+    with pytest.raises(ConfigError, match="spacing must be one of leading, trailing, linspace"):
+        ours.configure_sampling(spacing="uniform")
 
 
 def test_vanilla_cfg_equals_sd_with_none_negative(sd, parts):

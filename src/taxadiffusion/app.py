@@ -14,8 +14,8 @@ from PIL import Image
 
 from .errors import InputError, TaxaDiffusionError
 from .guidance import Guidance
-from .pipeline import TaxaDiffusionPipeline, make_scheduler
-from .sampling import SamplingSettings, Scheduler
+from .pipeline import TaxaDiffusionPipeline, scheduler_for
+from .sampling import SamplingSettings, Scheduler, Spacing
 from .taxonomy import Lineage, Rank, Taxon, Taxonomy
 
 MAX_IMAGES = 16
@@ -45,7 +45,6 @@ class Explorer:
                 self.by_label[label] = taxon
                 names = {taxon.name.lower(), self.taxonomy.lineage(taxon).scientific_name.lower()}
                 self._search_keys[label] = (names, level)
-        self._scheduler = pipeline.sampling.scheduler  # the scheduler the pipeline holds now
 
     @property
     def ranks(self) -> list[str]:
@@ -126,9 +125,7 @@ class Explorer:
     def _sample(self, lineages: list[Lineage], seeds: list[int], settings: dict) -> list[Image.Image]:
         pipe = self.pipeline
         chosen = self.settings(**settings)
-        if chosen.scheduler != self._scheduler:
-            pipe.scheduler = make_scheduler(chosen.scheduler, pipe.scheduler.config)
-            self._scheduler = chosen.scheduler
+        pipe.scheduler = scheduler_for(pipe.scheduler, chosen)  # the saved defaults (`pipe.sampling`) stay
         return pipe(
             lineages,
             num_inference_steps=chosen.steps,
@@ -167,7 +164,7 @@ def build_app(explorer: Explorer):
     def user_error(error: Exception):
         return gr.Error(str(error))
 
-    def settings_of(guidance, scale, window_start, window_end, scheduler, steps):
+    def settings_of(guidance, scale, window_start, window_end, scheduler, steps, spacing):
         return dict(
             guidance=guidance,
             scale=scale,
@@ -175,6 +172,7 @@ def build_app(explorer: Explorer):
             window_end=window_end,
             scheduler=scheduler,
             steps=steps,
+            spacing=spacing,
         )
 
     with gr.Blocks(title="taxadiffusion explorer", analytics_enabled=False) as app:
@@ -211,6 +209,7 @@ def build_app(explorer: Explorer):
                 with gr.Row():
                     scheduler = gr.Dropdown([s.value for s in Scheduler], value=saved.scheduler, label="Scheduler")
                     steps = gr.Slider(1, 100, value=saved.steps, step=1, label="Steps")
+                    spacing = gr.Dropdown([s.value for s in Spacing], value=saved.spacing, label="Step spacing")
                 with gr.Row():
                     seed = gr.Number(value=0, precision=0, label="Seed")
                     count = gr.Slider(1, MAX_IMAGES, value=4, step=1, label="Images")
@@ -266,9 +265,10 @@ def build_app(explorer: Explorer):
             end_v,
             scheduler_v,
             steps_v,
+            spacing_v,
             progress=progress_tracker,
         ):
-            options = settings_of(guidance_v, scale_v, start_v, end_v, scheduler_v, steps_v)
+            options = settings_of(guidance_v, scale_v, start_v, end_v, scheduler_v, steps_v, spacing_v)
             try:
                 progress(0, desc="sampling")
                 images = explorer.generate(label, rank or None, n, int(seed_value or 0), **options)
@@ -287,7 +287,7 @@ def build_app(explorer: Explorer):
         selected.change(on_select, selected, lineage, api_name="lineage").then(
             condition_choices, selected, condition_rank, api_name=False
         )
-        settings_inputs = [guidance, scale, window_start, window_end, scheduler, steps]
+        settings_inputs = [guidance, scale, window_start, window_end, scheduler, steps, spacing]
         generate.click(
             on_generate,
             [selected, condition_rank, count, seed, *settings_inputs],

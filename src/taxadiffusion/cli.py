@@ -110,6 +110,7 @@ def _sampling(args: argparse.Namespace) -> dict:
         scale=args.scale,
         window=window,
         negative=args.negative,
+        spacing=args.spacing,
     )
     if getattr(args, "fast", False):  # the preset, under the options given beside it
         return {**given, **{k: v for k, v in FAST.items() if given.get(k) is None}}

@@ -9,7 +9,7 @@ from pathlib import Path
 from . import __version__
 from .devices import DEVICE_HELP
 from .guidance import Guidance
-from .sampling import FAST, Negative, Scheduler
+from .sampling import FAST, Negative, Scheduler, Spacing
 
 
 def _add_source(parser: argparse.ArgumentParser) -> None:
@@ -38,6 +38,11 @@ def _add_sampling(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--scheduler", choices=[s.value for s in Scheduler], help=f"sampler ({saved})")
     parser.add_argument("--steps", type=int, help=f"sampling steps (published: PNDM 25; {saved})")
+    parser.add_argument(
+        "--spacing",
+        choices=[s.value for s in Spacing],
+        help=f"where the steps fall: leading (published) starts below the last training step, trailing at it ({saved})",
+    )
     parser.add_argument("--guidance", choices=[g.value for g in Guidance], help=f"guidance rule ({saved})")
     parser.add_argument("--scale", type=float, help=f"guidance scale s = 1 + w (published 9.0; {saved})")
     parser.add_argument(

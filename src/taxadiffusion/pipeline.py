@@ -34,7 +34,7 @@ from .conditioning import TaxonomyEncoder
 from .errors import InputError
 from .guidance import Guidance, cfg, in_window
 from .model import SpaceToDepth, has_lora, spatial_factor
-from .sampling import Negative, SamplingSettings, Scheduler
+from .sampling import Negative, SamplingSettings, Scheduler, Spacing
 from .saved_files import check_saved_folder
 from .taxonomy import NONE_ID, Lineage, Rank, Taxonomy
 from .text import TextEmbeddingCache
@@ -43,14 +43,34 @@ SCHEDULERS = {Scheduler.PNDM: PNDMScheduler, Scheduler.DDIM: DDIMScheduler, Sche
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
-def make_scheduler(name: str, config) -> PNDMScheduler | DDIMScheduler | DPMSolverMultistepScheduler:
-    """A sampling scheduler from a scheduler config: PNDM (published, SD default), DDIM, or DPM-Solver++."""
+def make_scheduler(
+    name: str, config, spacing: str = Spacing.LEADING.value
+) -> PNDMScheduler | DDIMScheduler | DPMSolverMultistepScheduler:
+    """A sampling scheduler from a scheduler config: PNDM (published, SD default), DDIM, or DPM-Solver++, with its
+    timesteps spaced as `spacing` (see `Spacing`; published: leading)."""
     cls = SCHEDULERS[Scheduler.parse(name)]
+    spaced = {"timestep_spacing": Spacing.parse(spacing).value}
     if cls is DPMSolverMultistepScheduler:
-        return cls.from_config(config, algorithm_type="dpmsolver++")
+        return cls.from_config(config, algorithm_type="dpmsolver++", **spaced)
     if cls is PNDMScheduler:
-        return cls.from_config(config, skip_prk_steps=True)
-    return cls.from_config(config)
+        return cls.from_config(config, skip_prk_steps=True, **spaced)
+    return cls.from_config(config, **spaced)
+
+
+def held_settings(scheduler) -> dict:
+    """The sampler and spacing a scheduler samples with, as sampling settings (empty for a scheduler of another
+    kind)."""
+    held = next((name for name, cls in SCHEDULERS.items() if isinstance(scheduler, cls)), None)
+    if held is None:
+        return {}
+    return {"scheduler": held.value, "spacing": scheduler.config.get("timestep_spacing", Spacing.LEADING.value)}
+
+
+def scheduler_for(scheduler, settings: SamplingSettings):
+    """`scheduler` when it samples as `settings` say, else one that does, built from its config."""
+    if held_settings(scheduler) == {"scheduler": settings.scheduler, "spacing": settings.spacing}:
+        return scheduler
+    return make_scheduler(settings.scheduler, scheduler.config, settings.spacing)
 
 
 @dataclass
@@ -100,10 +120,9 @@ class TaxaDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
 
     def configure_sampling(self, **changes) -> SamplingSettings:
         """Change the default sampling settings (a change of None keeps the value); a scheduler of another
-        name replaces the pipeline's scheduler, built from its config."""
+        name or spacing replaces the pipeline's scheduler, built from its config."""
         settings = self.sampling.replace(**changes)
-        if settings.scheduler != self.sampling.scheduler:
-            self.scheduler = make_scheduler(settings.scheduler, self.scheduler.config)
+        self.scheduler = scheduler_for(self.scheduler, settings)
         self.sampling = settings
         return settings
 
@@ -334,11 +353,10 @@ class TaxaDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         if is_local(pretrained_model_name_or_path):
             pipe.sampling = SamplingSettings.load(pretrained_model_name_or_path)
-        if not isinstance(pipe.scheduler, SCHEDULERS[Scheduler.parse(pipe.sampling.scheduler)]):
-            # saved without its settings: the scheduler it holds is the one it samples with
-            held = next((name for name, cls in SCHEDULERS.items() if isinstance(pipe.scheduler, cls)), None)
-            if held is not None:
-                pipe.sampling = pipe.sampling.replace(scheduler=held.value)
+        held = held_settings(pipe.scheduler)
+        if held and not (pipe.sampling.scheduler == held["scheduler"] and pipe.sampling.spacing == held["spacing"]):
+            # saved without its settings (or by another program): the scheduler it holds is the one it samples with
+            pipe.sampling = pipe.sampling.replace(**held)
         if (Path(pretrained_model_name_or_path) / LORA_WEIGHT_NAME).is_file():
             pipe.load_lora_weights(pretrained_model_name_or_path, weight_name=LORA_WEIGHT_NAME)
         return pipe

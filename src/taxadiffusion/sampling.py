@@ -43,6 +43,22 @@ class Scheduler(Choice):
     DPM = "dpm"  # DPM-Solver++ (multistep)
 
 
+class Spacing(Choice):
+    """Where the sampling timesteps fall among the training's (diffusers' `timestep_spacing`; Lin et al. 2024,
+    "Common Diffusion Noise Schedules and Sample Steps are Flawed", Table 2).
+
+    LEADING (published: Stable Diffusion's scheduler config): multiples of about T / n counted up from 0, so the
+    first step lies below T - 1 by up to T / n (DPM-Solver++ at 8 steps: t = 888 of 999; PNDM at 25: 960). The
+    sampler then starts from pure noise at a time where the model was trained to see a trace of the image, and
+    the fewer the steps, the larger that trace. TRAILING: counted down from T - 1, so the first step is at
+    t = T - 1 whatever n. LINSPACE: n points evenly from 0 to T - 1.
+    """
+
+    LEADING = "leading"
+    TRAILING = "trailing"
+    LINSPACE = "linspace"
+
+
 # The `fast` preset (`--fast`): the fastest setting that kept species accuracy within 1 point and KID within its
 # standard deviation of the published PNDM 25 on the demo model (benchmarks/results/sampling.md). On Table 1's
 # Fish4Knowledge model it did not (sampling_f4k.md: 5 points lower), so it is not a setting for every model.
@@ -57,6 +73,7 @@ class SamplingSettings:
     scale: float = 9.0  # s = 1 + w (published 9.0)
     window: tuple[float, float] = (0.0, 1.0)  # fractions of the schedule where guidance applies
     negative: str = Negative.ENCODED.value  # encoded | text (published): see `Negative`
+    spacing: str = Spacing.LEADING.value  # leading (published) | trailing | linspace: see `Spacing`
 
     # The prefix of the keys in messages ("sample." in a run's config).
     key_prefix = ""
@@ -64,7 +81,8 @@ class SamplingSettings:
     def __post_init__(self) -> None:
         key = self.key_prefix
         self.window = tuple(self.window)
-        for name, choice in (("scheduler", Scheduler), ("guidance", Guidance), ("negative", Negative)):
+        choices = (("scheduler", Scheduler), ("guidance", Guidance), ("negative", Negative), ("spacing", Spacing))
+        for name, choice in choices:
             value = getattr(self, name)
             if value not in {c.value for c in choice}:
                 valid = ", ".join(c.value for c in choice)

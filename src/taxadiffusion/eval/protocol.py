@@ -23,7 +23,7 @@ from PIL import Image
 from ..data.images import load_image, prepare_image
 from ..data.records import RecordSet
 from ..errors import InputError
-from ..sampling import SamplingSettings
+from ..sampling import Negative, SamplingSettings, Spacing
 from ..saved_files import check_saved_folder
 from ..taxonomy import Lineage, Rank, Taxon, Taxonomy, UnknownTaxonError
 from .bioclip import BioCLIPScorer, taxon_text
@@ -283,8 +283,9 @@ class Evaluation:
                 saved = json.loads(marker.read_text(encoding="utf-8"))
             except (OSError, UnicodeDecodeError, json.JSONDecodeError):
                 saved = {}
-            if isinstance(saved.get("sampling"), dict):  # recorded before `negative` existed: the encoded one
-                saved["sampling"].setdefault("negative", "encoded")
+            if isinstance(saved, dict):  # recorded before a setting existed: the value it had then
+                saved.setdefault("negative", Negative.ENCODED.value)
+                saved.setdefault("spacing", Spacing.LEADING.value)
         if ours and saved != key:
             changed = [k for k in key if (saved or {}).get(k) != key[k]] if saved is not None else []
             why = f"other {', '.join(changed)}" if changed else f"unknown settings (no {GENERATION_FILE})"

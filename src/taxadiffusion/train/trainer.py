@@ -543,14 +543,15 @@ class Trainer:
     def pipeline(self):
         from ..pipeline import TaxaDiffusionPipeline, make_scheduler
 
+        sample = self.config.sample
         pipe = TaxaDiffusionPipeline(
             unet=self.model.unet,
-            scheduler=make_scheduler(self.config.sample.scheduler, self.noise_scheduler.config),
+            scheduler=make_scheduler(sample.scheduler, self.noise_scheduler.config, sample.spacing),
             taxonomy_encoder=self.model.taxonomy_encoder,
             text_embeddings=self.text_embeddings,
             vae=self.vae,
         )
-        pipe.sampling = self.config.sample.sampling()  # saved with the pipeline: its default settings
+        pipe.sampling = sample.sampling()  # saved with the pipeline: its default settings
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
