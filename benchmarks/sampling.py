@@ -163,6 +163,9 @@ def main(argv=None) -> int:
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "sampling-benchmark", help="kept work, per --name")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--name", default="sampling", help="the results' file stem in --out (one per model)")
+    parser.add_argument(
+        "--regenerate", action="store_true", help="replace kept images made by another model or other settings"
+    )
     parser.add_argument("--speed-only", action="store_true", help="keep --out's quality results, time again")
     parser.add_argument("--render", type=Path, metavar="JSON", help="only rewrite the report from a results file")
     args = parser.parse_args(argv)
@@ -196,7 +199,8 @@ def main(argv=None) -> int:
             sampling=saved.replace(scale=scale, **changes),
         )
         kept = kept_folder(args.work / args.name, name)
-        metrics = Evaluation(real, kept, settings, pipeline=pipe).run(False, features)
+        evaluation = Evaluation(real, kept, settings, pipeline=pipe, regenerate=args.regenerate)
+        metrics = evaluation.run(False, features)
         scores = metrics["ranks"]["specific_epithet"]["all"]
         quality[name] = {
             "accuracy": 100 * scores["accuracy"]["specific_epithet"],

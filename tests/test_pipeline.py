@@ -282,3 +282,19 @@ def test_published_nulls_are_the_raw_text_features(sd, parts):
     a = ours("Amphiprion clarkii", negative="text", generator=torch.Generator().manual_seed(0), output_type="np")
     b = ours("Amphiprion clarkii", negative="encoded", generator=torch.Generator().manual_seed(0), output_type="np")
     np.testing.assert_array_equal(a.images, b.images)
+
+
+def test_the_model_digest_is_the_same_whatever_schedulers_were_tried_before(tiny_pipeline):
+    """A scheduler made from another's config keeps that one's keys; the digest that tells kept images of this
+    model from another's reads only the scheduler's own parameters, so the order of `--scheduler` choices does not
+    make the same model and settings look like another model."""
+    from taxadiffusion.eval.protocol import weights_digest
+
+    pipe = TaxaDiffusionPipeline.from_pretrained(tiny_pipeline)
+    pipe.configure_sampling(scheduler="dpm")
+    direct = weights_digest(pipe)
+    for scheduler in ("ddim", "pndm", "dpm"):
+        pipe.configure_sampling(scheduler=scheduler)
+    assert weights_digest(pipe) == direct
+    pipe.configure_sampling(spacing="trailing")  # a setting that changes the pixels changes it
+    assert weights_digest(pipe) != direct

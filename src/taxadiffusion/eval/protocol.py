@@ -10,6 +10,7 @@ images laid out the same way. Every number lands in `metrics.json` with the sett
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import random
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers import SchedulerMixin
 from PIL import Image
 
 from ..data.images import load_image, prepare_image
@@ -88,6 +90,17 @@ def image_seed(*parts: int) -> int:
 GENERATION_FILE = "generation.json"
 
 
+def own_config(component) -> dict:
+    """A component's config as far as it decides the outputs. A scheduler's holds only its own parameters:
+    `from_config` also keeps the keys of the scheduler it was made from, so the same scheduler would read
+    differently after another sequence of `--scheduler` choices."""
+    config = dict(getattr(component, "config", None) or {})
+    if isinstance(component, SchedulerMixin):
+        own = inspect.signature(type(component).__init__).parameters
+        config = {k: v for k, v in config.items() if k in own}
+    return config
+
+
 def weights_digest(pipeline) -> str:
     """A hash of a pipeline's weights and configs (every component), whether loaded from disk or in memory."""
     digest = hashlib.blake2b(digest_size=16)
@@ -95,8 +108,7 @@ def weights_digest(pipeline) -> str:
         component = pipeline.components[name]
         if component is None:
             continue
-        config = getattr(component, "config", None)
-        digest.update(json.dumps([name, type(component).__name__, dict(config or {})], default=str).encode())
+        digest.update(json.dumps([name, type(component).__name__, own_config(component)], default=str).encode())
         if isinstance(component, torch.nn.Module):
             for key, value in sorted(component.state_dict().items()):
                 digest.update(key.encode())
