@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from taxadiffusion.config import Config, ConfigError
 from taxadiffusion.model import lora_parameters
 from taxadiffusion.text import TextEmbeddingCache
+from taxadiffusion.train.plan import fused_adamw
 from taxadiffusion.train.stages import Stage
 from taxadiffusion.train.trainer import Trainer, build_optimizer
 from tiny_models import TINY_MODEL, write_two_rank_dataset
@@ -141,6 +142,8 @@ def test_the_fused_optimizer_takes_the_default_ones_steps():
         runs[fused] = [p.detach().clone() for p in params]
     for default, fused in zip(runs[False], runs[True], strict=True):
         torch.testing.assert_close(fused, default, rtol=1e-6, atol=1e-7)
+    # the plan says so only where the kernel exists (a device torch has no fused AdamW for takes the default)
+    assert fused_adamw(train, {"cpu"}) and fused_adamw(train, {"cuda"}) and not fused_adamw(train, {"cpu", "hpu"})
 
 
 @pytest.mark.slow

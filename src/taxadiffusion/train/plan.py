@@ -140,6 +140,11 @@ class RunPlan:
     device: str | None = None  # what each process trains on, once known (not in a dry run)
 
     @property
+    def device_type(self) -> str | None:
+        """The torch device type the description names (`cuda:0 (NVIDIA H100 ...)` -> `cuda`)."""
+        return self.device.split(" ")[0].split(":")[0] if self.device else None
+
+    @property
     def images_per_step(self) -> int:
         train = self.config.train
         return train.batch_size * self.num_processes * train.gradient_accumulation
@@ -241,7 +246,7 @@ class RunPlan:
                 for name, on in (
                     ("compiled UNet", train.compile),
                     ("channels-last", train.channels_last),
-                    ("fused AdamW", train.fused_optimizer),
+                    ("fused AdamW", fused_adamw(train, {self.device_type}) if self.device else train.fused_optimizer),
                 )
                 if on
             )
@@ -305,6 +310,17 @@ def stage_parameter_counts(model: TaxaDiffusionModel, stages: list[Stage]) -> tu
         per_stage.append(count_parameters(params))
         union.update({id(p): p for p in params})
     return per_stage, count_parameters(list(union.values()))
+
+
+# Devices with torch's fused AdamW kernel (one pass over each tensor's weights and moments, where the default
+# kernel makes several): on CPU the optimizer step over a whole 24.6 M-parameter UNet took 77 ms against 333 ms
+# (benchmarks/results/speed.md). Both take the same steps up to rounding; elsewhere the default kernel.
+FUSED_ADAMW_DEVICES = frozenset({"cuda", "cpu", "mps", "xpu"})
+
+
+def fused_adamw(train, device_types: set[str]) -> bool:
+    """Whether the optimizer takes the fused kernel: asked for, and every parameter on a device that has it."""
+    return bool(train.fused_optimizer) and set(device_types) <= FUSED_ADAMW_DEVICES
 
 
 def describe_device(device: torch.device) -> str:

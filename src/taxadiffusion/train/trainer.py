@@ -35,7 +35,7 @@ from ..taxonomy import Lineage, Taxonomy
 from ..text import TextEmbeddingCache
 from . import checkpoint as ckpt
 from .latents import build_latent_dataset, sample_latents
-from .plan import RunPlan, describe_device, run_records, text_encoder_spec
+from .plan import RunPlan, describe_device, fused_adamw, run_records, text_encoder_spec
 from .run_folder import RunConflict, RunPaths, prepare_output
 from .stages import Stage, plan_stages
 
@@ -87,12 +87,6 @@ def seed_everything(train) -> None:
 # -- the stage's optimizer and batches ---------------------------------------------------------------
 
 
-# Devices with torch's fused AdamW kernel (one pass over each tensor's weights and moments, where the default
-# kernel makes several): on CPU the optimizer step over a whole 24.6 M-parameter UNet took 77 ms against 333 ms
-# (benchmarks/results/speed.md). Both take the same steps up to rounding; elsewhere the default kernel.
-FUSED_ADAMW_DEVICES = frozenset({"cuda", "cpu", "mps", "xpu"})
-
-
 def build_optimizer(params: list[torch.nn.Parameter], encoder_params: set[int], stage: Stage, train) -> tuple:
     """AdamW over what the stage trains (the taxonomy encoders at `train.encoder_learning_rate` when set) and a
     constant LR schedule, as published."""
@@ -107,7 +101,7 @@ def build_optimizer(params: list[torch.nn.Parameter], encoder_params: set[int], 
         lr=stage.learning_rate,
         betas=(train.adam_beta1, train.adam_beta2),
         weight_decay=train.weight_decay,
-        fused=True if train.fused_optimizer and devices <= FUSED_ADAMW_DEVICES else None,
+        fused=True if fused_adamw(train, devices) else None,
     )
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
