@@ -166,6 +166,12 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--regenerate", action="store_true", help="replace kept images made by another model or other settings"
     )
+    parser.add_argument(
+        "--settings",
+        nargs="+",
+        metavar="NAME",
+        help="score only these settings (names as in the table); the others' quality is kept from --out's results",
+    )
     parser.add_argument("--speed-only", action="store_true", help="keep --out's quality results, time again")
     parser.add_argument("--render", type=Path, metavar="JSON", help="only rewrite the report from a results file")
     args = parser.parse_args(argv)
@@ -187,9 +193,15 @@ def main(argv=None) -> int:
     scale = args.scale if args.scale is not None else saved.scale
     real = read_records(args.data[0], args.data[1])
     features = InceptionFeatures()  # shared: each real image is featurised once for every setting
-    quality = {}
-    for i, (name, changes) in enumerate(SETTINGS.items()):
-        print(f"[{i + 1}/{len(SETTINGS)}] quality: {name}")
+    chosen = args.settings or list(SETTINGS)
+    unknown = sorted(set(chosen) - set(SETTINGS))
+    if unknown:
+        parser.error(f"unknown setting(s) {unknown}; the settings: {list(SETTINGS)}")
+    earlier = args.out / f"{args.name}.json"
+    quality = json.loads(earlier.read_text())["quality"] if args.settings and earlier.is_file() else {}
+    for i, name in enumerate(chosen):
+        changes = SETTINGS[name]
+        print(f"[{i + 1}/{len(chosen)}] quality: {name}")
         settings = EvalSettings(
             ranks=("specific_epithet",),
             per_taxon=args.per_taxon,
@@ -210,6 +222,7 @@ def main(argv=None) -> int:
         }
     print("speed ...")
     speed = measure_speed(args.model, scale, args.batch, args.rounds)
+    quality = {name: quality[name] for name in SETTINGS if name in quality}  # the table's order
     results = {"argv": argv or sys.argv[1:], "scale": scale, "quality": quality, "speed": speed}
     return write(results, args.out, args.name)
 
