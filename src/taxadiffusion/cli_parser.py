@@ -33,8 +33,7 @@ def _add_sampling(parser: argparse.ArgumentParser) -> None:
         "--fast",
         action="store_true",
         help=f"the fast preset: {', '.join(f'{k} {v}' for k, v in FAST.items())}; of the published setting's quality "
-        "on the demo model, not on Table 1's 64-px fish model (benchmarks/results/sampling*.md); options given "
-        "beside it win",
+        "on the demo model and Table 1's fish model (benchmarks/results/sampling*.md); options given beside it win",
     )
     parser.add_argument("--scheduler", choices=[s.value for s in Scheduler], help=f"sampler ({saved})")
     parser.add_argument("--steps", type=int, help=f"sampling steps (published: PNDM 25; {saved})")
