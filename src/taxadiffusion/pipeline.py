@@ -66,9 +66,14 @@ def held_settings(scheduler) -> dict:
     return {"scheduler": held.value, "spacing": scheduler.config.get("timestep_spacing", Spacing.LEADING.value)}
 
 
+def samples_as(scheduler, settings: SamplingSettings) -> bool:
+    """Whether `scheduler` is the sampler and spacing `settings` name."""
+    return held_settings(scheduler) == {"scheduler": settings.scheduler, "spacing": settings.spacing}
+
+
 def scheduler_for(scheduler, settings: SamplingSettings):
     """`scheduler` when it samples as `settings` say, else one that does, built from its config."""
-    if held_settings(scheduler) == {"scheduler": settings.scheduler, "spacing": settings.spacing}:
+    if samples_as(scheduler, settings):
         return scheduler
     return make_scheduler(settings.scheduler, scheduler.config, settings.spacing)
 
@@ -354,7 +359,7 @@ class TaxaDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         if is_local(pretrained_model_name_or_path):
             pipe.sampling = SamplingSettings.load(pretrained_model_name_or_path)
         held = held_settings(pipe.scheduler)
-        if held and not (pipe.sampling.scheduler == held["scheduler"] and pipe.sampling.spacing == held["spacing"]):
+        if held and not samples_as(pipe.scheduler, pipe.sampling):
             # saved without its settings (or by another program): the scheduler it holds is the one it samples with
             pipe.sampling = pipe.sampling.replace(**held)
         if (Path(pretrained_model_name_or_path) / LORA_WEIGHT_NAME).is_file():
