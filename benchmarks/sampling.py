@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 import sys
 import time
@@ -34,6 +33,7 @@ from taxadiffusion.eval.fid import InceptionFeatures
 from taxadiffusion.eval.protocol import EvalSettings, Evaluation
 from taxadiffusion.eval.report import markdown_table, write_keeping_section
 from taxadiffusion.pipeline import TaxaDiffusionPipeline
+from taxadiffusion.samples import slug
 from taxadiffusion.sampling import FAST, SamplingSettings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,7 +61,7 @@ SETTINGS: dict[str, dict] = {
 def kept_folder(work: Path, name: str) -> Path:
     """Where a setting's evaluation is kept: named after the setting, so that adding or reordering settings
     never pairs one setting's kept images with another's name."""
-    return work / re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    return work / slug(name)
 
 
 def fast_row() -> str | None:
