@@ -4,6 +4,7 @@ resuming after a kill, and an output the project's csv reader loads back."""
 from __future__ import annotations
 
 import csv
+import json
 
 import numpy as np
 import pytest
@@ -146,7 +147,9 @@ def test_output_loads_back_through_the_csv_reader(pipe, small_taxonomy, tmp_path
     assert all(r.image.is_file() for r in records)
     with open(tmp_path / "set" / METADATA_FILE) as handle:
         row = next(csv.DictReader(handle))
-    assert {"seed", "index", "scheduler", "steps", "guidance", "scale", "window", "negative"} <= row.keys()
+    settings = pipe.sampling.to_dict()  # every sampling setting is a column, as the images were made
+    assert {"seed", "index", *settings} <= row.keys()
+    assert row["spacing"] == settings["spacing"] and json.loads(row["window"]) == settings["window"]
 
 
 def test_other_settings_are_refused_unless_added(pipe, small_taxonomy, tmp_path):

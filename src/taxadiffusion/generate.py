@@ -19,6 +19,7 @@ its own blocks (block k goes to process k mod N) and the main process writes the
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 import math
@@ -33,6 +34,7 @@ import torch
 
 from .errors import InputError, OutputExists
 from .samples import slug
+from .sampling import SamplingSettings
 from .saved_files import write_text_atomic
 from .taxonomy import AmbiguousTaxonError, Lineage, Rank, Taxonomy, UnknownTaxonError
 
@@ -195,7 +197,8 @@ def metadata_columns(ranks: Sequence[Rank]) -> list[str]:
     return ["file_name", *(r.value for r in ranks), "scientific_name", "index", "seed", "tag", *SETTING_COLUMNS]
 
 
-SETTING_COLUMNS = ("scheduler", "steps", "guidance", "scale", "window", "negative")
+# Every sampling setting, named as the pipeline's sampling.json names it (a setting added there is a column here).
+SETTING_COLUMNS = tuple(f.name for f in dataclasses.fields(SamplingSettings))
 
 
 def write_metadata(out: Path, taxonomy: Taxonomy, plan: GenerationPlan, tag: str, key: dict) -> int:
