@@ -7,9 +7,12 @@
 It reads the work folder of benchmarks/table1.py: the same split (a fixed, stratified 20% of every species held
 out), the taxadiffusion and flat models trained on the other 80%. Each model generates `N` images of every
 species with `taxadiffusion generate --per-taxon N` (N: the median training count of the common species, split
-from the rare ones as Table 1 splits them), sampled as Table 1 evaluates it (PNDM 25 steps, scale 3; taxonomic
-guidance for taxadiffusion, vanilla for flat). The arms, each the taxonomic classifier of benchmarks/quality.py (same
-size, steps and augmentation), trained with several seeds:
+from the rare ones as Table 1 splits them), with Table 1's guidance (scale 3; taxonomic for taxadiffusion, vanilla
+for flat) and the fast preset (`--fast`: DPM-Solver++ 8 steps, trailing spacing), which is of the published
+setting's quality on Table 1's fish model (benchmarks/results/sampling_f4k.md) at a third of its cost: a user
+filling a tail samples thousands of images. `--published` samples as Table 1 evaluates (PNDM 25). The arms, each
+the taxonomic classifier of benchmarks/quality.py (same size, steps and augmentation), trained with several seeds
+(a second process of the same command, started once the images are made, shares the classifiers):
 
 - `real`: the real training images;
 - `real + taxadiffusion`, `real + flat`: the tail filled to N, i.e. each species with n < N real images gets the
@@ -28,11 +31,13 @@ from __future__ import annotations
 
 import argparse
 import csv
+import fcntl
 import json
 import statistics
 import subprocess
 import sys
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -66,6 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="work folder (default benchmarks/runs/augment-<dataset>[-quick])")
     parser.add_argument("--results", type=Path, default=RESULTS, help="where the results go")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="classifier seeds per arm")
+    parser.add_argument("--published", action="store_true", help="sample with PNDM 25 as Table 1 (default: --fast)")
     return parser.parse_args(argv)
 
 
@@ -83,11 +89,13 @@ def fill_target(counts: Counter, rare: int) -> int:
     return int(statistics.median(common))
 
 
-def generate_images(model: Path, out: Path, per_taxon: int, guidance: str, quick: bool) -> Path:
-    """`taxadiffusion generate` (resumable: run again, it continues), sampled as Table 1 evaluates."""
+def generate_images(model: Path, out: Path, per_taxon: int, guidance: str, quick: bool, published: bool) -> Path:
+    """`taxadiffusion generate` (resumable: run again, it continues) with Table 1's guidance."""
     command = [sys.executable, "-m", "taxadiffusion", "generate", "--model", str(model), "--out", str(out)]
-    command += ["--per-taxon", str(per_taxon), "--guidance", guidance, "--scale", "3.0", "--scheduler", "pndm"]
-    command += ["--steps", "4" if quick else "25"]
+    command += ["--per-taxon", str(per_taxon), "--guidance", guidance, "--scale", "3.0"]
+    command += ["--scheduler", "pndm", "--steps", "25"] if published else ["--fast"]
+    if quick:
+        command += ["--steps", "4"]
     subprocess.run(command, check=True)
     return out / "metadata.csv"
 
@@ -133,6 +141,33 @@ def train_arm(pool, taxonomy, held, steps: int, seed: int) -> dict[str, float]:
     return score(model, *held, taxonomy.ranks)
 
 
+def score_file(scores: Path, arm: str, seed: int) -> Path:
+    return scores / f"{arm.replace(' ', '').replace('+', '_')}-seed{seed}.json"
+
+
+@contextmanager
+def claim(done: Path):
+    """Whether this process holds `done`'s lock (non-blocking): processes of the same command split the
+    classifiers between them. flock is released by the kernel when its holder dies, so a killed run leaves no
+    stale claim."""
+    with (done.parent / f".{done.name}.lock").open("w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     suffix = "-quick" if args.quick else ""
@@ -158,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(train_records)} training images, {len(counts)} species; the tail is filled to {target}")
     generated = {}
     for name, guidance in MODELS.items():
-        metadata = generate_images(pipelines[name], out / "generated" / name, target, guidance, args.quick)
+        folder = out / ("generated-published" if args.published else "generated") / name
+        metadata = generate_images(pipelines[name], folder, target, guidance, args.quick, args.published)
         generated[name] = read_generated(metadata, train_records)
     resolution = ClassifierTraining().resolution
     held_records = read_records("csv", heldout_csv).records
@@ -171,18 +207,27 @@ def main(argv: list[str] | None = None) -> int:
         **{f"{m} only": [r for r, _ in generated[m]] for m in MODELS},
     }
 
-    # train and score every arm and seed (resumable: one JSON file per finished arm and seed)
-    results: dict[str, list[dict]] = {}
+    # train and score every arm and seed (resumable: one JSON file per finished arm and seed; a second process
+    # of the same command, started once the images are made, takes the classifiers the first has not locked)
+    scores = out / ("scores-published" if args.published else "scores")
+    scores.mkdir(parents=True, exist_ok=True)
+    pooled: dict[str, tuple] = {}
     for arm in ARMS:
-        pool = None
         for seed in args.seeds:
-            done = out / "scores" / f"{arm.replace(' ', '').replace('+', '_')}-seed{seed}.json"
-            if not done.is_file():
-                pool = pool or record_pool(pools[arm], taxonomy, resolution)
-                print(f"{arm}, seed {seed}: {len(pools[arm])} training images")
-                done.parent.mkdir(parents=True, exist_ok=True)
-                done.write_text(json.dumps(train_arm(pool, taxonomy, held, steps, seed)) + "\n")
-            results.setdefault(arm, []).append(json.loads(done.read_text()))
+            done = score_file(scores, arm, seed)
+            with claim(done) as mine:
+                if mine and not done.is_file():
+                    if arm not in pooled:
+                        pooled = {arm: record_pool(pools[arm], taxonomy, resolution)}  # one arm's images at a time
+                    print(f"{arm}, seed {seed}: {len(pools[arm])} training images")
+                    write_atomic(done, json.dumps(train_arm(pooled[arm], taxonomy, held, steps, seed)) + "\n")
+    waiting = [
+        f"{arm} (seed {seed})" for arm in ARMS for seed in args.seeds if not score_file(scores, arm, seed).is_file()
+    ]
+    if waiting:
+        print(f"scored by another process: {', '.join(waiting)}; the last process to finish writes the results")
+        return 0
+    results = {arm: [json.loads(score_file(scores, arm, seed).read_text()) for seed in args.seeds] for arm in ARMS}
 
     sizes = {arm: len(pools[arm]) for arm in ARMS}
     name = f"augment_{args.dataset}{'_quick' if args.quick else ''}"
@@ -223,8 +268,10 @@ def write_results(target_dir: Path, args, results, sizes, target: int, taxonomy,
         [
             f"## {label}",
             "",
-            f"Command: `python benchmarks/augment.py --dataset {args.dataset}{' --quick' if args.quick else ''}` "
-            f"(resumable). Tail filled to {target} images per species; {held} real held-out images; accuracy in % "
+            f"Command: `python benchmarks/augment.py --dataset {args.dataset}{' --quick' if args.quick else ''}"
+            f"{' --published' if args.published else ''}` (resumable). Generated with "
+            f"{'PNDM 25 steps' if args.published else 'the fast preset (DPM-Solver++ 8, trailing)'}, scale 3. "
+            f"Tail filled to {target} images per species; {held} real held-out images; accuracy in % "
             f"(mean ± standard deviation over seeds {', '.join(map(str, args.seeds))}), {torch.get_num_threads()} "
             "CPU threads.",
             "",
