@@ -245,6 +245,22 @@ def peak_memory(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def timed(step, device: str, repeats: int, warmup: int) -> list[float]:
+    """Seconds of each call of `step(i)` after the first `warmup`; on CUDA synchronized on both sides, so a
+    time covers the kernels the call queued, not only their launch."""
+    seconds = []
+    for i in range(warmup + repeats):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step(i)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        if i >= warmup:
+            seconds.append(time.perf_counter() - start)
+    return seconds
+
+
 # -- 1. training steps ---------------------------------------------------------------------------------
 
 
@@ -300,21 +316,16 @@ def train_step_job(
         return trainer.loss(model, on_device, stage, tables)
 
     step_loss = published if kind == "published" else ours
-    seconds = []
-    for i, batch_data in enumerate(batches):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+
+    def step(i: int) -> None:
         with autocast(device, precision):
-            loss = step_loss(batch_data)
+            loss = step_loss(batches[i])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        if i >= 2:  # two warm-up steps
-            seconds.append(time.perf_counter() - start)
+
+    seconds = timed(step, device, len(batches) - 2, warmup=2)
     return {"times": seconds, "peak_mib": peak_memory(device), "ranks": stage.depth}
 
 
@@ -352,18 +363,12 @@ def sampling_job(root: str, kind: str, batch: int, steps: int, reps: int, device
                 width=spec_of(Path(root)).resolution,
             )
 
-    seconds = []
+    def step(i: int) -> None:
+        with autocast(device, precision):
+            run(torch.Generator().manual_seed(i))
+
     with torch.no_grad():
-        for i in range(reps + 1):
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            with autocast(device, precision):
-                run(torch.Generator().manual_seed(i))
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            if i >= 1:
-                seconds.append(time.perf_counter() - start)
+        seconds = timed(step, device, reps, warmup=1)
     return {"times": seconds, "batch": batch, "peak_mib": peak_memory(device)}
 
 
@@ -387,16 +392,7 @@ def optimizer_job(root: str, trains: str, fused: bool, reps: int, device: str) -
     optimizer, _ = build_optimizer(params, encoder, stage, train)
     for p in params:
         p.grad = torch.randn_like(p) * 1e-3
-    seconds = []
-    for i in range(reps + 2):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        optimizer.step()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        if i >= 2:  # two warm-up steps
-            seconds.append(time.perf_counter() - start)
+    seconds = timed(lambda i: optimizer.step(), device, reps, warmup=2)
     fused_on = bool(optimizer.defaults.get("fused"))
     size = sum(p.numel() for p in params)
     return {"times": seconds, "peak_mib": peak_memory(device), "parameters": size, "fused": fused_on}
