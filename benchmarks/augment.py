@@ -20,6 +20,8 @@ the taxonomic classifier of benchmarks/quality.py (same size, steps and augmenta
   seed derives from its taxon and index, so those are the same images);
 - `taxadiffusion only`, `flat only`: the N generated images per species alone, the classification accuracy
   score (CAS) of Ravuri & Vinyals (2019).
+- with `--cap R`, also `real + taxadiffusion (cap Rx)`, `real + flat (cap Rx)`: the same fill, but a species gets
+  at most R times as many generated images as it has real ones (how much generated data the tail can take).
 
 Every arm is scored on the real held-out images: accuracy per rank over all of them, and species accuracy over
 the images of rare species (Table 1's split: at most 10 training images in CUB-100-LT, under 50 in F4K) and of
@@ -71,6 +73,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="work folder (default benchmarks/runs/augment-<dataset>[-quick])")
     parser.add_argument("--results", type=Path, default=RESULTS, help="where the results go")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="classifier seeds per arm")
+    parser.add_argument(
+        "--cap",
+        type=float,
+        metavar="R",
+        help="add arms whose fill gives a species at most R times as many generated images as real ones",
+    )
     parser.add_argument("--published", action="store_true", help="sample with PNDM 25 as Table 1 (default: --fast)")
     return parser.parse_args(argv)
 
@@ -100,13 +108,20 @@ def generate_images(model: Path, out: Path, per_taxon: int, guidance: str, quick
     return out / "metadata.csv"
 
 
-def fill_records(generated, counts: Counter, target: int) -> list:
-    """Of each species' generated images, the first `target - n` by index (n: its real training images)."""
+def fill_records(generated, counts: Counter, target: int, cap: float | None = None) -> list:
+    """Of each species' generated images, the first `target - n` by index (n: its real training images); with
+    `cap`, at most `cap * n` of them (a species never holds more than cap times as many generated as real)."""
     chosen = []
     for record, index in generated:
-        if index < target - counts[species_key(record.lineage)]:
+        n = counts[species_key(record.lineage)]
+        if index < target - n and (cap is None or index < cap * n):
             chosen.append(record)
     return chosen
+
+
+def arms_of(cap: float | None) -> tuple[str, ...]:
+    """The arms, with the capped fill of each model when `--cap` is given."""
+    return ARMS + tuple(f"real + {m} (cap {cap:g}x)" for m in MODELS) if cap else ARMS
 
 
 def read_generated(metadata: Path, train_records) -> list:
@@ -206,13 +221,19 @@ def main(argv: list[str] | None = None) -> int:
         **{f"real + {m}": train_records + fill_records(generated[m], counts, target) for m in MODELS},
         **{f"{m} only": [r for r, _ in generated[m]] for m in MODELS},
     }
+    if args.cap:
+        pools |= {
+            f"real + {m} (cap {args.cap:g}x)": train_records + fill_records(generated[m], counts, target, args.cap)
+            for m in MODELS
+        }
+    arms = arms_of(args.cap)
 
     # train and score every arm and seed (resumable: one JSON file per finished arm and seed; a second process
     # of the same command, started once the images are made, takes the classifiers the first has not locked)
     scores = out / ("scores-published" if args.published else "scores")
     scores.mkdir(parents=True, exist_ok=True)
     pooled: dict[str, tuple] = {}
-    for arm in ARMS:
+    for arm in arms:
         for seed in args.seeds:
             done = score_file(scores, arm, seed)
             with claim(done) as mine:
@@ -222,14 +243,14 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{arm}, seed {seed}: {len(pools[arm])} training images")
                     write_atomic(done, json.dumps(train_arm(pooled[arm], taxonomy, held, steps, seed)) + "\n")
     waiting = [
-        f"{arm} (seed {seed})" for arm in ARMS for seed in args.seeds if not score_file(scores, arm, seed).is_file()
+        f"{arm} (seed {seed})" for arm in arms for seed in args.seeds if not score_file(scores, arm, seed).is_file()
     ]
     if waiting:
         print(f"scored by another process: {', '.join(waiting)}; the last process to finish writes the results")
         return 0
-    results = {arm: [json.loads(score_file(scores, arm, seed).read_text()) for seed in args.seeds] for arm in ARMS}
+    results = {arm: [json.loads(score_file(scores, arm, seed).read_text()) for seed in args.seeds] for arm in arms}
 
-    sizes = {arm: len(pools[arm]) for arm in ARMS}
+    sizes = {arm: len(pools[arm]) for arm in arms}
     name = f"augment_{args.dataset}{'_quick' if args.quick else ''}"
     target_dir = out if args.quick else args.results
     (target_dir / f"{name}.json").write_text(
@@ -251,11 +272,12 @@ def mean_spread(values: list[float]) -> str:
 def write_results(target_dir: Path, args, results, sizes, target: int, taxonomy, held: int) -> Path:
     columns = [r.value for r in taxonomy.ranks if taxonomy.num_taxa(r) > 1] + ["rare species", "common species"]
     rows = [["arm", "training images", *(c.replace("specific_epithet", "species (all)") for c in columns)]]
-    for arm in ARMS:
+    arms = arms_of(args.cap)
+    for arm in arms:
         rows.append([arm, str(sizes[arm]), *(mean_spread([s[c] for s in results[arm]]) for c in columns)])
     real = results["real"]
     deltas = [["arm", "rare species", "common species"]]
-    for arm in ARMS[1:3]:
+    for arm in (a for a in arms if a.startswith("real + ")):
         deltas.append(
             [arm]
             + [
@@ -269,7 +291,8 @@ def write_results(target_dir: Path, args, results, sizes, target: int, taxonomy,
             f"## {label}",
             "",
             f"Command: `python benchmarks/augment.py --dataset {args.dataset}{' --quick' if args.quick else ''}"
-            f"{' --published' if args.published else ''}` (resumable). Generated with "
+            f"{f' --cap {args.cap:g}' if args.cap else ''}{' --published' if args.published else ''}` (resumable). "
+            "Generated with "
             f"{'PNDM 25 steps' if args.published else 'the fast preset (DPM-Solver++ 8, trailing)'}, scale 3. "
             f"Tail filled to {target} images per species; {held} real held-out images; accuracy in % "
             f"(mean ± standard deviation over seeds {', '.join(map(str, args.seeds))}), {torch.get_num_threads()} "
