@@ -182,7 +182,7 @@ def main(argv=None) -> int:
     if args.speed_only:  # the quality of an earlier run kept, the speed measured again
         results = json.loads((args.out / f"{args.name}.json").read_text())
         results["speed"] = measure_speed(args.model, results["scale"], args.batch, args.rounds)
-        results["argv"] = argv or sys.argv[1:]
+        results["commands"] = with_command(results, argv or sys.argv[1:])
         return write(results, args.out, args.name)
     if not (args.model and args.data and args.classifier):
         parser.error("--model, --data and --classifier are required (or --render JSON)")
@@ -198,7 +198,8 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"unknown setting(s) {unknown}; the settings: {list(SETTINGS)}")
     earlier = args.out / f"{args.name}.json"
-    quality = json.loads(earlier.read_text())["quality"] if args.settings and earlier.is_file() else {}
+    before = json.loads(earlier.read_text()) if args.settings and earlier.is_file() else {}
+    quality = before.get("quality", {})
     for i, name in enumerate(chosen):
         changes = SETTINGS[name]
         print(f"[{i + 1}/{len(chosen)}] quality: {name}")
@@ -223,8 +224,19 @@ def main(argv=None) -> int:
     print("speed ...")
     speed = measure_speed(args.model, scale, args.batch, args.rounds)
     quality = {name: quality[name] for name in SETTINGS if name in quality}  # the table's order
-    results = {"argv": argv or sys.argv[1:], "scale": scale, "quality": quality, "speed": speed}
+    commands = with_command(before, argv or sys.argv[1:])
+    results = {"commands": commands, "scale": scale, "quality": quality, "speed": speed}
     return write(results, args.out, args.name)
+
+
+def commands_of(results: dict) -> list[list[str]]:
+    """Every invocation that made a part of `results` (rows scored with --settings, speed timed again with
+    --speed-only), oldest first. Older files recorded the last invocation alone, as `argv`."""
+    return results.get("commands") or ([results["argv"]] if "argv" in results else [])
+
+
+def with_command(results: dict, argv: list[str]) -> list[list[str]]:
+    return [c for c in commands_of(results) if c != argv] + [argv]
 
 
 def write(results: dict, out: Path, name: str) -> int:
@@ -270,7 +282,9 @@ def report(results: dict) -> str:
     lines = [
         "# Sampling: speed at equal quality",
         "",
-        f"Command: `python benchmarks/sampling.py {' '.join(results['argv'])}`; guidance scale {results['scale']:g}.",
+        "Commands (in order; a later one rescored the rows it names or timed again): "
+        + "; ".join(f"`python benchmarks/sampling.py {' '.join(c)}`" for c in commands_of(results))
+        + f". Guidance scale {results['scale']:g}.",
         "",
         "Each setting generates the same taxa from the same seeds; quality at the species rank (the classifier's "
         "top-1 accuracy on the generated images, KID with its standard deviation over 20 subsets). Speed: images/s "
