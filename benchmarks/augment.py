@@ -48,6 +48,7 @@ import torch
 from taxadiffusion.data.readers import read_records, read_table
 from taxadiffusion.eval.classifier import (
     ClassifierTraining,
+    accuracy_by_rank,
     pool_batches,
     record_pool,
     to_unit,
@@ -139,12 +140,13 @@ def read_generated(metadata: Path, train_records) -> list:
 
 
 def score(model, held_images, held_ids, rare_mask, ranks) -> dict[str, float]:
-    """Accuracy per rank over every held-out image, and species accuracy over the rare and common ones."""
+    """Accuracy per rank over the held-out images labelled at that rank (an image whose lineage stops above a
+    rank, such as Fish4Knowledge's Labridae of unknown genus, is not a miss there), and species accuracy over the
+    rare and common species' images."""
     predicted = model.predict(to_unit(held_images))
-    correct = predicted == held_ids
-    out = {rank.value: float(correct[:, r].float().mean()) for r, rank in enumerate(ranks)}
-    out["rare species"] = float(correct[rare_mask, -1].float().mean())
-    out["common species"] = float(correct[~rare_mask, -1].float().mean())
+    out = dict(zip((rank.value for rank in ranks), accuracy_by_rank(predicted, held_ids), strict=True))
+    for name, mask in (("rare species", rare_mask), ("common species", ~rare_mask)):
+        out[name] = accuracy_by_rank(predicted[mask], held_ids[mask])[-1]
     return out
 
 
@@ -204,8 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     taxonomy = read_table(train_csv).taxonomy()
     rare = RARE[args.dataset]
     counts = Counter(species_key(r.lineage) for r in train_records)
-    target = 5 if args.quick else fill_target(counts, rare)  # quick: fills the 3- and 4-image species
-    print(f"{len(train_records)} training images, {len(counts)} species; the tail is filled to {target}")
+    species = Counter({key: n for key, n in counts.items() if len(key) == len(taxonomy.ranks)})  # not coarser labels
+    target = 5 if args.quick else fill_target(species, rare)  # quick: fills the 3- and 4-image species
+    print(f"{len(train_records)} training images, {len(species)} species; the tail is filled to {target}")
     generated = {}
     for name, guidance in MODELS.items():
         folder = out / ("generated-published" if args.published else "generated") / name
