@@ -55,6 +55,7 @@ from taxadiffusion.eval.classifier import (
     train_classifier,
 )
 from taxadiffusion.eval.report import markdown_table, write_keeping_section
+from taxadiffusion.saved_files import write_text_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -120,9 +121,13 @@ def fill_records(generated, counts: Counter, target: int, cap: float | None = No
     return chosen
 
 
+def capped_arm(model: str, cap: float) -> str:
+    return f"real + {model} (cap {cap:g}x)"
+
+
 def arms_of(cap: float | None) -> tuple[str, ...]:
     """The arms, with the capped fill of each model when `--cap` is given."""
-    return ARMS + tuple(f"real + {m} (cap {cap:g}x)" for m in MODELS) if cap else ARMS
+    return ARMS + tuple(capped_arm(m, cap) for m in MODELS) if cap else ARMS
 
 
 def read_generated(metadata: Path, train_records) -> list:
@@ -179,12 +184,6 @@ def claim(done: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     suffix = "-quick" if args.quick else ""
@@ -226,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.cap:
         pools |= {
-            f"real + {m} (cap {args.cap:g}x)": train_records + fill_records(generated[m], counts, target, args.cap)
+            capped_arm(m, args.cap): train_records + fill_records(generated[m], counts, target, args.cap)
             for m in MODELS
         }
     arms = arms_of(args.cap)
@@ -244,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
                     if arm not in pooled:
                         pooled = {arm: record_pool(pools[arm], taxonomy, resolution)}  # one arm's images at a time
                     print(f"{arm}, seed {seed}: {len(pools[arm])} training images")
-                    write_atomic(done, json.dumps(train_arm(pooled[arm], taxonomy, held, steps, seed)) + "\n")
+                    write_text_atomic(done, json.dumps(train_arm(pooled[arm], taxonomy, held, steps, seed)) + "\n")
     waiting = [
         f"{arm} (seed {seed})" for arm in arms for seed in args.seeds if not score_file(scores, arm, seed).is_file()
     ]
