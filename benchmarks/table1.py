@@ -16,7 +16,9 @@ Each row is evaluated per rank (order, family, genus, species: FID, KID, LPIPS, 
 classifier; rare against common taxa by training images: at most 10 in CUB-100-LT, under 50 in F4K), 10 images
 per taxon. The species-rank images of the zero-shot, flat, full and taxadiffusion rows are copied to
 benchmarks/results/quality_<dataset>/generated/<row>/ with an index.csv (path, scientific_name). Results:
-benchmarks/results/quality_<dataset>.md (a `## Reading` section already there is kept).
+benchmarks/results/quality_<dataset>.md (a `## Reading` section already there is kept). Every row's metrics and
+training time are kept in quality_<dataset>/metrics.json and the classifier in quality_<dataset>/classifier/: the
+tables are rebuilt from them, so rows measured on different machines form one table with one judge.
 """
 
 from __future__ import annotations
@@ -35,13 +37,10 @@ from taxadiffusion.config import Config
 from taxadiffusion.data.readers import read_records
 from taxadiffusion.data.records import split_records
 from taxadiffusion.eval.protocol import EvalSettings, evaluate, taxon_folder
-from taxadiffusion.eval.report import (
-    load_runs,
-    write_keeping_section,
-    write_report,
-)
+from taxadiffusion.eval.report import write_keeping_section, write_report
 from taxadiffusion.guidance import Guidance
 from taxadiffusion.sampling import SamplingSettings
+from taxadiffusion.saved_files import write_text_atomic
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import result_tables, train_classifier, write_table  # the benchmarks share their data steps
@@ -184,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     train_csv, heldout = write_split(args.dataset, out / "data")
     prior = prior_folder(args, out)
-    classifier = train_classifier(train_csv, out / "classifier", 60 if args.quick else 1500)
+    results = (out if args.quick else args.results) / name
+    classifier = committed_classifier(train_csv, out, results, 60 if args.quick else 1500)
     recipe = [f"model.base={prior}", f"data.path={train_csv}", f"train.steps={steps}"]
     if args.quick:
         recipe.append("train.checkpoint_every=2")
@@ -193,57 +193,82 @@ def main(argv: list[str] | None = None) -> int:
 
     training = read_table(train_csv).taxonomy()
     rows = {row: (strategy, overrides, guidance) for row, strategy, overrides, guidance in ROWS}
-    timings = {}
     for row in args.rows:
         strategy, _, guidance = rows[row]
         # train (a -vanilla row samples its base row's model)
         trained = row.removesuffix("-vanilla")
         model = prior
         if strategy is not None:
-            model, timings[trained] = train_row(
+            model, seconds = train_row(
                 [*recipe, f"train.strategy={strategy}", *rows[trained][1]], out / "runs" / trained
             )
-            print(f"{trained}: trained in {timings[trained] / 60:.1f} min")
+            print(f"{trained}: trained in {seconds / 60:.1f} min")
+            keep_record(results, {"train_seconds": {trained: seconds}})
 
         # evaluate
         target = out / "eval" / row
-        if (target / "metrics.json").is_file():
-            continue
-        print(f"evaluating {row} ({guidance} guidance)")
-        settings = EvalSettings(
-            ranks=("specific_epithet",) if args.quick else ("order", "family", "genus", "specific_epithet"),
-            per_taxon=args.per_taxon,
-            max_real_per_taxon=4 if args.quick else 50,
-            sampling=SamplingSettings(guidance=guidance, scale=args.scale, steps=4 if args.quick else 25),
-            rare_threshold=RARE[args.dataset],
-            classifier=str(classifier),
-        )
-        one_text = strategy in (None, "flat", "full")  # their rare and common taxa: by training counts
-        evaluate(
-            ("csv", str(heldout)),
-            target,
-            settings,
-            model,
-            progress=False,
-            sampling_changes=settings.sampling.to_dict(),
-            zero_shot=CAPTION if strategy is None else None,
-            taxonomy=training if one_text else None,
-        )
+        if not (target / "metrics.json").is_file():
+            print(f"evaluating {row} ({guidance} guidance)")
+            settings = EvalSettings(
+                ranks=("specific_epithet",) if args.quick else ("order", "family", "genus", "specific_epithet"),
+                per_taxon=args.per_taxon,
+                max_real_per_taxon=4 if args.quick else 50,
+                sampling=SamplingSettings(guidance=guidance, scale=args.scale, steps=4 if args.quick else 25),
+                rare_threshold=RARE[args.dataset],
+                classifier=str(classifier),
+            )
+            one_text = strategy in (None, "flat", "full")  # their rare and common taxa: by training counts
+            evaluate(
+                ("csv", str(heldout)),
+                target,
+                settings,
+                model,
+                progress=False,
+                sampling_changes=settings.sampling.to_dict(),
+                zero_shot=CAPTION if strategy is None else None,
+                taxonomy=training if one_text else None,
+            )
+        keep_record(results, {row: json.loads((target / "metrics.json").read_text())})
+        for grid in (target / "grids").glob("*.png"):
+            shutil.copy(grid, results / f"samples_{row}_{grid.name}")
+        if row in EXPORTED:
+            export_species_images(target, results / "generated" / row, heldout)
 
-    # the results: every row evaluated so far, in the table's order
-    evaluations = [out / "eval" / row for row, *_ in ROWS if (out / "eval" / row / "metrics.json").is_file()]
-    timings = {
-        row: json.loads((out / "runs" / row / "train_seconds.json").read_text())["seconds"]
-        for row, *_ in ROWS
-        if (out / "runs" / row / "train_seconds.json").is_file()
-    }
-    results = (out if args.quick else args.results) / name
-    for row in EXPORTED:
-        if out / "eval" / row in evaluations:
-            export_species_images(out / "eval" / row, results / "generated" / row, heldout)
+    # the results: every row whose metrics are kept (this run's and earlier machines'), in the table's order
+    record = json.loads((results / RECORD).read_text()) if (results / RECORD).is_file() else {}
+    runs = {row: record[row] for row, *_ in ROWS if row in record}
+    timings = {row: record["train_seconds"][row] for row, *_ in ROWS if row in record.get("train_seconds", {})}
     rare = RARE[args.dataset]
-    print(f"results: {write_results(results, evaluations, timings, classifier, fmt_label, command(args), name, rare)}")
+    print(f"results: {write_results(results, runs, timings, classifier, fmt_label, command(args), name, rare)}")
     return 0
+
+
+# Every row's metrics.json and training time, kept beside the results: the work folder is a machine's own and
+# goes with it, and the tables are rebuilt from this record, so rows measured on different machines (a long
+# benchmark spans several) stay in one table.
+RECORD = "metrics.json"
+
+
+def keep_record(results: Path, entries: dict) -> None:
+    """Merge `entries` (row -> metrics, or "train_seconds" -> {row: seconds}) into the results' record."""
+    path = results / RECORD
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    for key, value in entries.items():
+        record[key] = {**record.get(key, {}), **value} if key == "train_seconds" else value
+    results.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps(record, indent=1) + "\n")
+
+
+def committed_classifier(train_csv: Path, out: Path, results: Path, steps: int) -> Path:
+    """The taxonomic classifier of the accuracy columns, trained once and kept with the results: retrained on
+    another machine it differs (its held-out accuracy by an image or two in 150), so each row's accuracy would
+    be measured by a different judge."""
+    kept = results / "classifier"
+    if (kept / "heldout_accuracy.json").is_file():
+        return kept
+    trained = train_classifier(train_csv, out / "classifier", steps)
+    shutil.copytree(trained, kept, dirs_exist_ok=True)
+    return kept
 
 
 def command(args) -> str:
@@ -259,20 +284,23 @@ def command(args) -> str:
     return " ".join(parts)
 
 
-def write_results(assets: Path, evaluations, timings, classifier: Path, label: str, command, name, rare: int) -> Path:
-    runs = load_runs(evaluations)
+def write_results(assets: Path, runs: dict, timings, classifier: Path, label: str, command, name, rare: int) -> Path:
     write_report(assets, runs, title=f"{label}: the paper's rows from one prior")
-    for evaluation in evaluations:
-        for grid in (evaluation / "grids").glob("*.png"):
-            shutil.copy(grid, assets / f"samples_{evaluation.name}_{grid.name}")
     accuracy = json.loads((classifier / "heldout_accuracy.json").read_text())
     exported = [row for row in EXPORTED if (assets / "generated" / row).is_dir()]
+    transcribed = {run["transcribed"]: [] for run in runs.values() if "transcribed" in run}
+    for row, run in runs.items():
+        if "transcribed" in run:
+            transcribed[run["transcribed"]].append(row)
     lines = [
         f"# {label}: the paper's Table 1 and strategy ablation from one prior",
         "",
         f"Command: `{command}` (resumable). Machine: {torch.get_num_threads()} CPU threads, torch {torch.__version__}.",
         f"Prior: `{PRIOR_CONFIG.relative_to(REPO)}`; adaptation: `{RECIPE.relative_to(REPO)}`, the same steps for "
         "every trained row; a fixed, stratified 20% held out of every species (never trained on, prior included).",
+        f"Every row's metrics and training time: `{assets.name}/{RECORD}`; the classifier of the Acc columns: "
+        f"`{assets.name}/classifier/`.",
+        *[f"Rows {', '.join(rows)}: {why}." for why, rows in transcribed.items()],
         "",
         *result_tables(runs, timings, accuracy, f"at most {rare - 1} training images"),
         "## Samples",
