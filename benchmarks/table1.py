@@ -277,7 +277,7 @@ def command(args) -> str:
     parts = ["python benchmarks/table1.py", f"--dataset {args.dataset}"]
     if args.quick:
         parts.append("--quick")
-    if args.per_taxon != 10:
+    if args.per_taxon != 10 and not args.quick:  # --quick sets 1
         parts.append(f"--per-taxon {args.per_taxon}")
     if args.scale != 3.0:
         parts.append(f"--scale {args.scale:g}")
