@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import fcntl
 import json
 import shutil
 import sys
@@ -252,11 +253,14 @@ RECORD = "metrics.json"
 def keep_record(results: Path, entries: dict) -> None:
     """Merge `entries` (row -> metrics, or "train_seconds" -> {row: seconds}) into the results' record."""
     path = results / RECORD
-    record = json.loads(path.read_text()) if path.is_file() else {}
-    for key, value in entries.items():
-        record[key] = {**record.get(key, {}), **value} if key == "train_seconds" else value
     results.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, json.dumps(record, indent=1) + "\n")
+    # two processes on different rows share the record: read, merge and write it under one lock
+    with (results / f"{RECORD}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        record = json.loads(path.read_text()) if path.is_file() else {}
+        for key, value in entries.items():
+            record[key] = {**record.get(key, {}), **value} if key == "train_seconds" else value
+        write_text_atomic(path, json.dumps(record, indent=1) + "\n")
 
 
 def committed_classifier(train_csv: Path, out: Path, results: Path, steps: int) -> Path:
