@@ -3,6 +3,8 @@ every row adapted from one pretrained prior (configs/prior_birds_fish.yaml).
 
     python benchmarks/table1.py --dataset cub          # run again to resume; --dataset f4k for the fish
     python benchmarks/table1.py --dataset cub --quick  # every step in a few minutes (a few-step prior and runs)
+    python benchmarks/table1.py --dataset cub --rows taxadiffusion --variant lora-r16 \
+        --set model.lora_rank=16 model.lora_alpha=16 --ranks specific_epithet   # an investigation
 
 Rows (the paper's in brackets): `zero-shot` (SD: the prior prompted with "a photo of <binomial>", no adaptation),
 `flat` (SD + LoRA: LoRA r4 on the prior, the species caption through its text path), `full` (SD + full: the
@@ -19,6 +21,11 @@ benchmarks/results/quality_<dataset>/generated/<row>/ with an index.csv (path, s
 benchmarks/results/quality_<dataset>.md (a `## Reading` section already there is kept). Every row's metrics and
 training time are kept in quality_<dataset>/metrics.json and the classifier in quality_<dataset>/classifier/: the
 tables are rebuilt from them, so rows measured on different machines form one table with one judge.
+
+An investigation (`--variant NAME`) changes one thing of a row: its training (`--set KEY=VALUE`, trained in
+runs/<row>~NAME) or its sampling (`--scale`, reusing the row's model). It is evaluated at `--ranks` only, kept in
+the record under "investigations" and tabled in the md's investigations section beside the rows it changes,
+never in Table 1 itself.
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ from taxadiffusion.config import Config
 from taxadiffusion.data.readers import read_records
 from taxadiffusion.data.records import split_records
 from taxadiffusion.eval.protocol import EvalSettings, evaluate, taxon_folder
-from taxadiffusion.eval.report import write_keeping_section, write_report
+from taxadiffusion.eval.report import main_table, markdown_table, split_table, write_keeping_section, write_report
 from taxadiffusion.guidance import Guidance
 from taxadiffusion.sampling import SamplingSettings
 from taxadiffusion.saved_files import write_text_atomic
@@ -72,6 +79,7 @@ ROWS = (
     ("taxadiffusion-vanilla", "progressive", [], Guidance.VANILLA),
 )
 EXPORTED = ("zero-shot", "flat", "full", "taxadiffusion")
+RANKS = ("order", "family", "genus", "specific_epithet")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -91,7 +99,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--results", type=Path, default=RESULTS, help="where the results go")
     parser.add_argument("--per-taxon", type=int, default=10)
     parser.add_argument("--scale", type=float, default=3.0, help="guidance scale at evaluation")
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--variant",
+        metavar="NAME",
+        help="an investigation of the rows: trained with --set, sampled at --scale, evaluated at --ranks, and "
+        "kept apart from Table 1 (the md's investigations section)",
+    )
+    parser.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="with --variant: config changes of the rows' training, e.g. model.lora_rank=16 (none: the rows' "
+        "own models are sampled)",
+    )
+    parser.add_argument("--ranks", nargs="+", choices=RANKS, default=list(RANKS), help="with --variant: the ranks")
+    args = parser.parse_args(argv)
+    if not args.variant and (args.set or len(args.ranks) < len(RANKS)):
+        parser.error("--set and --ranks change a row: name the investigation with --variant NAME")
+    if args.variant and not args.variant.replace("-", "").replace(".", "").isalnum():
+        parser.error(f"--variant {args.variant!r}: letters, digits, '-' and '.' only (it names folders)")
+    return args
 
 
 # -- steps ------------------------------------------------------------------------------------------
@@ -197,21 +225,25 @@ def main(argv: list[str] | None = None) -> int:
     for row in args.rows:
         strategy, _, guidance = rows[row]
         # train (a -vanilla row samples its base row's model)
-        trained = row.removesuffix("-vanilla")
+        trained = row.removesuffix("-vanilla") + (f"~{args.variant}" if args.set else "")
         model = prior
         if strategy is not None:
+            overrides = rows[row.removesuffix("-vanilla")][1]
             model, seconds = train_row(
-                [*recipe, f"train.strategy={strategy}", *rows[trained][1]], out / "runs" / trained
+                [*recipe, f"train.strategy={strategy}", *overrides, *args.set], out / "runs" / trained
             )
             print(f"{trained}: trained in {seconds / 60:.1f} min")
-            keep_record(results, {"train_seconds": {trained: seconds}})
+            # an investigation's own key: a scale variant samples the row's model but must not retime the row
+            timed = f"{row.removesuffix('-vanilla')}~{args.variant}" if args.variant else trained
+            keep_record(results, {"train_seconds": {timed: seconds}})
 
         # evaluate
-        target = out / "eval" / row
+        evaluated = row + (f"~{args.variant}" if args.variant else "")
+        target = out / "eval" / evaluated
         if not (target / "metrics.json").is_file():
-            print(f"evaluating {row} ({guidance} guidance)")
+            print(f"evaluating {evaluated} ({guidance} guidance)")
             settings = EvalSettings(
-                ranks=("specific_epithet",) if args.quick else ("order", "family", "genus", "specific_epithet"),
+                ranks=("specific_epithet",) if args.quick else tuple(args.ranks),
                 per_taxon=args.per_taxon,
                 max_real_per_taxon=4 if args.quick else 50,
                 sampling=SamplingSettings(guidance=guidance, scale=args.scale, steps=4 if args.quick else 25),
@@ -229,7 +261,12 @@ def main(argv: list[str] | None = None) -> int:
                 zero_shot=CAPTION if strategy is None else None,
                 taxonomy=training if one_text else None,
             )
-        keep_record(results, {row: json.loads((target / "metrics.json").read_text())})
+        metrics = json.loads((target / "metrics.json").read_text())
+        if args.variant:  # an investigation: kept apart from Table 1's rows
+            change = {"row": row, "set": args.set, "scale": args.scale, "command": command(args, [row])}
+            keep_record(results, {"investigations": {evaluated: {**metrics, "investigation": change}}})
+            continue
+        keep_record(results, {row: metrics})
         for grid in (target / "grids").glob("*.png"):
             shutil.copy(grid, results / f"samples_{row}_{grid.name}")
         if row in EXPORTED:
@@ -239,8 +276,11 @@ def main(argv: list[str] | None = None) -> int:
     record = json.loads((results / RECORD).read_text()) if (results / RECORD).is_file() else {}
     runs = {row: record[row] for row, *_ in ROWS if row in record}
     timings = {row: record["train_seconds"][row] for row, *_ in ROWS if row in record.get("train_seconds", {})}
+    timings.update({row: t for row, t in record.get("train_seconds", {}).items() if "~" in row})
+    investigations = record.get("investigations", {})
     rare = RARE[args.dataset]
-    print(f"results: {write_results(results, runs, timings, classifier, fmt_label, command(args), name, rare)}")
+    target = write_results(results, runs, investigations, timings, classifier, fmt_label, command(args), name, rare)
+    print(f"results: {target}")
     return 0
 
 
@@ -248,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
 # goes with it, and the tables are rebuilt from this record, so rows measured on different machines (a long
 # benchmark spans several) stay in one table.
 RECORD = "metrics.json"
+MERGED = ("train_seconds", "investigations")  # the record's entries that gather rows rather than being one
 
 
 def keep_record(results: Path, entries: dict) -> None:
@@ -259,7 +300,7 @@ def keep_record(results: Path, entries: dict) -> None:
         fcntl.flock(lock, fcntl.LOCK_EX)
         record = json.loads(path.read_text()) if path.is_file() else {}
         for key, value in entries.items():
-            record[key] = {**record.get(key, {}), **value} if key == "train_seconds" else value
+            record[key] = {**record.get(key, {}), **value} if key in MERGED else value
         write_text_atomic(path, json.dumps(record, indent=1) + "\n")
 
 
@@ -275,20 +316,66 @@ def committed_classifier(train_csv: Path, out: Path, results: Path, steps: int) 
     return kept
 
 
-def command(args) -> str:
+def command(args, rows: list[str] | None = None) -> str:
     """The command that makes these results, without the options that say only where things go or which
-    process makes which row."""
+    process makes which row (an investigation names its `rows`)."""
     parts = ["python benchmarks/table1.py", f"--dataset {args.dataset}"]
+    if rows:
+        parts.append(f"--rows {' '.join(rows)}")
     if args.quick:
         parts.append("--quick")
     if args.per_taxon != 10 and not args.quick:  # --quick sets 1
         parts.append(f"--per-taxon {args.per_taxon}")
     if args.scale != 3.0:
         parts.append(f"--scale {args.scale:g}")
+    if args.variant:
+        parts.append(f"--variant {args.variant}")
+        parts += [f"--set {' '.join(args.set)}"] if args.set else []
+        parts += [f"--ranks {' '.join(args.ranks)}"] if len(args.ranks) < len(RANKS) else []
     return " ".join(parts)
 
 
-def write_results(assets: Path, runs: dict, timings, classifier: Path, label: str, command, name, rare: int) -> Path:
+def investigation_lines(runs: dict, investigations: dict, timings: dict, rare: int) -> list[str]:
+    """The investigations, each beside the Table 1 rows it changes, at the ranks they were evaluated at."""
+    if not investigations:
+        return []
+    ranks = [r for r in RANKS if any(r in run["ranks"] for run in investigations.values())]
+    changed = [run["investigation"]["row"] for run in investigations.values()]
+    compared = {
+        row: {**run, "ranks": {r: run["ranks"][r] for r in ranks if r in run["ranks"]}}
+        for row, run in runs.items()
+        if row in {"flat", "full", *changed}
+    }
+    lines = [
+        "## Investigations, one change at a time",
+        "",
+        "Each is a Table 1 row with one change, evaluated as Table 1 is (at the ranks shown), beside the rows "
+        "it is compared with:",
+        "",
+    ]
+    for name, run in investigations.items():
+        what = run["investigation"]
+        change = ", ".join(f"`{c}`" for c in what["set"]) or "none to the training (the row's own recipe)"
+        trained = f"; trained in {timings[name] / 60:.1f} min" if name in timings else ""
+        lines.append(
+            f"- `{name}`: {what['row']} with {change}, sampled at scale {what['scale']:g}{trained}. `{what['command']}`"
+        )
+    runs = {**compared, **investigations}
+    return [
+        *lines,
+        "",
+        markdown_table(main_table(runs)),
+        "",
+        f"Rare (at most {rare - 1} training images) vs common taxa:",
+        "",
+        markdown_table(split_table(runs)),
+        "",
+    ]
+
+
+def write_results(
+    assets: Path, runs: dict, investigations: dict, timings, classifier: Path, label: str, command, name, rare: int
+) -> Path:
     write_report(assets, runs, title=f"{label}: the paper's rows from one prior")
     accuracy = json.loads((classifier / "heldout_accuracy.json").read_text())
     exported = [row for row in EXPORTED if (assets / "generated" / row).is_dir()]
@@ -306,7 +393,10 @@ def write_results(assets: Path, runs: dict, timings, classifier: Path, label: st
         f"`{assets.name}/classifier/`.",
         *[f"Rows {', '.join(rows)}: {why}." for why, rows in transcribed.items()],
         "",
-        *result_tables(runs, timings, accuracy, f"at most {rare - 1} training images"),
+        *result_tables(
+            runs, {r: t for r, t in timings.items() if "~" not in r}, accuracy, f"at most {rare - 1} training images"
+        ),
+        *investigation_lines(runs, investigations, timings, rare),
         "## Samples",
         "",
         *[f"![{p.stem}]({assets.name}/{p.name})" for p in sorted(assets.glob("samples_*_specific_epithet.png"))],
