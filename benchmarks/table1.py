@@ -355,10 +355,10 @@ def investigation_lines(runs: dict, investigations: dict, timings: dict, rare: i
     ]
     for name, run in investigations.items():
         what = run["investigation"]
-        change = ", ".join(f"`{c}`" for c in what["set"]) or "none to the training (the row's own recipe)"
+        change = "with " + ", ".join(f"`{c}`" for c in what["set"]) if what["set"] else "trained as the row is"
         trained = f"; trained in {timings[name] / 60:.1f} min" if name in timings else ""
         lines.append(
-            f"- `{name}`: {what['row']} with {change}, sampled at scale {what['scale']:g}{trained}. `{what['command']}`"
+            f"- `{name}`: {what['row']} {change}, sampled at scale {what['scale']:g}{trained}. `{what['command']}`"
         )
     runs = {**compared, **investigations}
     return [
