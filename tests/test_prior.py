@@ -166,6 +166,45 @@ def test_caption_ranks_are_checked(data, tiny_sd, tmp_path, capsys):
     assert "finer than caption.rank" in capsys.readouterr().err
     assert main(["train", "--config", str(path), "--output", str(tmp_path / "o"), "--dry-run"]) == 2
     assert "taxadiffusion pretrain" in capsys.readouterr().err
+    looks = ["--set", "caption.template=a photo of {genus}, {appearance}"]  # photos have no traits to describe
+    assert main(["pretrain", "--config", str(path), *looks, "--output", str(tmp_path / "o"), "--dry-run"]) == 2
+    assert "is not synthetic" in capsys.readouterr().err
+
+
+def test_appearance_captions_describe_each_look_and_name_nothing_below_the_caption_rank(tmp_path):
+    from taxadiffusion.config import CaptionConfig
+    from taxadiffusion.data.synthetic import SyntheticConfig, SyntheticTaxonomy
+    from taxadiffusion.taxonomy import Rank
+    from taxadiffusion.train.plan import caption_records
+
+    taxonomy = SyntheticTaxonomy(SyntheticConfig(seed=1, max_images=3, min_images=2))
+    caption = CaptionConfig(rank="order", template="a photo of {class}, {order}: {appearance}")
+    assert caption.ranks == [Rank.CLASS, Rank.ORDER] and caption.describes
+    source = taxonomy.records(tmp_path)
+    records = caption_records([source], caption, [taxonomy])
+    by_species = {}
+    for image, captioned in zip(source, records, strict=True):
+        text = captioned.lineage.name(Rank.SPECIFIC_EPITHET)
+        by_species.setdefault(taxonomy.species_of(image.lineage).index, set()).add(text)
+    assert len(records) == sum(s.n_images for s in taxonomy.species)
+    assert all(len(texts) == 1 for texts in by_species.values())  # one caption per species' images
+    texts = {text for group in by_species.values() for text in group}
+    looks = {
+        (
+            s.traits.shape,
+            s.traits.elongation,
+            s.traits.tail,
+            s.traits.body_hue,
+            s.traits.pattern,
+            s.traits.density,
+            s.traits.accent,
+        )
+        for s in taxonomy.species
+    }
+    assert len(texts) == len(looks)  # distinct looks, distinct words
+    finer = {name.lower() for s in taxonomy.species for name in s.lineage.names[4:]}
+    words = {word.strip(",:").lower() for text in texts for word in text.split()}
+    assert words.isdisjoint(finer)
 
 
 def test_the_shipped_prior_loads_offline_and_is_the_committed_recipe(tmp_path, monkeypatch):

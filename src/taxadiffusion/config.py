@@ -107,11 +107,16 @@ class TextConfig:
             raise ConfigError(f"text.species must be one of {', '.join(SPECIES_TEXTS)}, got {self.species!r}")
 
 
+APPEARANCE = "appearance"  # the caption placeholder of the synthetic taxonomy's traits in words
+
+
 @dataclass
 class CaptionConfig:
     """A prior's captions (`taxadiffusion pretrain`): a template over ranks no finer than `rank`, so that the prior
     learns the domain and its coarse groups but no family, genus or species name, as Stable Diffusion knows "a
-    songbird" but not a rare warbler. Placeholders are rank names, e.g. "a photo of {class}, {order}"."""
+    songbird" but not a rare warbler. Placeholders are rank names, e.g. "a photo of {class}, {order}", and for
+    the synthetic taxonomy `{appearance}`: its traits in words ("a long oval fish with a forked tail, blue with
+    dense spots and yellow fins"), as web captions describe a photo without naming the species."""
 
     rank: str = "order"
     template: str = "a photo of {class}, {order}"
@@ -124,10 +129,12 @@ class CaptionConfig:
             fields = [f for _, f, _, _ in string.Formatter().parse(self.template) if f is not None]
         except (InputError, ValueError) as error:
             raise ConfigError(f"caption: {error}") from None
-        if not fields:
+        if not [f for f in fields if f != APPEARANCE]:
             raise ConfigError(f"caption.template must name at least one rank, e.g. {{order}}; got {self.template!r}")
         self._ranks = []
         for name in fields:
+            if name == APPEARANCE:
+                continue
             try:
                 rank = Rank.parse(name)
             except InputError:
@@ -141,12 +148,18 @@ class CaptionConfig:
         """The ranks the template names, in its order (parsed once, when the config is built)."""
         return self._ranks
 
-    def caption(self, lineage) -> str | None:
-        """The caption of a lineage, or None where it is not labelled down to every rank the template names."""
+    @property
+    def describes(self) -> bool:
+        """Whether the template describes each image's look (`{appearance}`, synthetic data only)."""
+        return f"{{{APPEARANCE}}}" in self.template
+
+    def caption(self, lineage, appearance: str | None = None) -> str | None:
+        """The caption of a lineage (and its look, where the template describes it), or None where it is not
+        labelled down to every rank the template names."""
         names = {rank.value: lineage.name(rank) if rank in lineage.ranks else None for rank in self.ranks}
         if any(not name for name in names.values()):
             return None
-        return self.template.format(**names)
+        return self.template.format(**names, **({APPEARANCE: appearance} if self.describes else {}))
 
 
 @dataclass

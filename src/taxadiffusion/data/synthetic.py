@@ -54,6 +54,16 @@ PALETTE_SIZES = (
     len(DENSITIES) * len(ACCENTS),
 )
 
+# The traits in plain words, for a prior's captions (`caption.template` "{appearance}"): what a web caption says
+# of a photo, so that a prior can be steered to a look without ever reading a name finer than its caption rank.
+SHAPE_WORDS = {"ellipse": "oval", "diamond": "diamond-shaped", "box": "boxy", "teardrop": "teardrop-shaped"}
+ELONGATION_WORDS = dict(zip(ELONGATIONS, ("short", "long", "very long"), strict=True))
+TAIL_WORDS = {"fan": "a fan tail", "fork": "a forked tail", "round": "a round tail"}
+HUE_WORDS = ("red", "orange", "yellow", "lime", "green", "mint", "cyan", "azure", "blue", "violet", "magenta", "pink")
+PATTERN_WORDS = {"bars": "bars", "stripes": "stripes", "spots": "spots", "diagonal": "diagonal stripes"}
+DENSITY_WORDS = dict(zip(DENSITIES, ("sparse", "regular", "dense"), strict=True))
+ACCENT_WORDS = dict(zip(ACCENTS, ("white", "black", "yellow"), strict=True))
+
 _SYLLABLES = (
     "ca",
     "lo",
@@ -320,6 +330,16 @@ def _long_tail(n: int, most: int, fewest: int, rng: np.random.Generator) -> list
     ratios = np.linspace(0.0, 1.0, n) if n > 1 else np.zeros(1)
     counts = np.round(most * (fewest / most) ** ratios).astype(int)
     return [int(c) for c in rng.permutation(counts)]
+
+
+def appearance(traits: Traits) -> str:
+    """The visible traits below the background in words, e.g. "a long oval fish with a forked tail, blue with
+    dense spots and yellow fins": distinct traits give distinct words."""
+    return (
+        f"a {ELONGATION_WORDS[traits.elongation]} {SHAPE_WORDS[traits.shape]} fish with {TAIL_WORDS[traits.tail]}, "
+        f"{HUE_WORDS[round(traits.body_hue * len(HUE_WORDS)) % len(HUE_WORDS)]} with "
+        f"{DENSITY_WORDS[traits.density]} {PATTERN_WORDS[traits.pattern]} and {ACCENT_WORDS[traits.accent]} fins"
+    )
 
 
 def _traits(index: tuple[int, ...]) -> Traits:

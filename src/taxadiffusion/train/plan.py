@@ -16,7 +16,7 @@ import torch
 from ..config import Config
 from ..data.readers import read_folder, read_records
 from ..data.records import RecordSet, split_records
-from ..data.synthetic import SyntheticTaxonomy
+from ..data.synthetic import SyntheticTaxonomy, appearance
 from ..errors import InputError
 from ..model import (
     TaxaDiffusionModel,
@@ -66,20 +66,29 @@ def flatten_to_species(records: RecordSet) -> RecordSet:
     return flat
 
 
-def caption_records(sources: list[RecordSet], caption) -> RecordSet:
+def caption_records(
+    sources: list[RecordSet], caption, looks: list[SyntheticTaxonomy | None] | None = None
+) -> RecordSet:
     """A prior's records: every image of every source with its caption as one text (in the one-rank slot the
-    one-text baselines use); images not labelled down to the caption's ranks are counted."""
+    one-text baselines use); images not labelled down to the caption's ranks are counted. `looks`: per source,
+    the synthetic taxonomy that describes its images' traits (None for a dataset of photos)."""
     captioned = RecordSet((Rank.SPECIFIC_EPITHET,), source=" + ".join(s.source for s in sources))
-    for records in sources:
+    for records, look in zip(sources, looks or [None] * len(sources), strict=True):
         absent = [rank.value for rank in caption.ranks if rank not in records.ranks]
         if absent:
             raise InputError(
                 f"caption.template names {', '.join(absent)}, which the dataset {records.source} does not have "
                 f"(its ranks: {', '.join(records.ranks)})"
             )
+        if caption.describes and look is None:
+            raise InputError(
+                f"caption.template describes each image ({{appearance}}), which only the synthetic taxonomy's "
+                f"traits can; the dataset {records.source} is not synthetic"
+            )
         captioned.skipped.update(records.skipped)
         for record in records:
-            text = caption.caption(record.lineage)
+            words = appearance(look.species_of(record.lineage).traits) if caption.describes else None
+            text = caption.caption(record.lineage, words)
             if text is None:
                 captioned.skip(f"not labelled down to {caption.rank} (caption)")
                 continue
@@ -99,7 +108,10 @@ def run_records(config: Config, data_folder: Path, render: bool = True) -> tuple
             load_training_records(replace(config, data=data), data_folder / f"corpus-{i}", render)
             for i, data in enumerate(config.corpus)
         ]
-        records = caption_records([records, *extra], config.caption)
+        looks = [
+            SyntheticTaxonomy(d.synthetic) if d.format == "synthetic" else None for d in (config.data, *config.corpus)
+        ]
+        records = caption_records([records, *extra], config.caption, looks)
         ranks = records.ranks
     return records, ranks
 
