@@ -234,11 +234,13 @@ def section(title: str, evals: list[Path], lead: list[str] = (), split: bool = F
     """A titled table of evaluations, and optionally their rare/common split (nothing when there are none)."""
     if not evals:
         return []
-    runs = load_runs(evals)
-    lines = [f"## {title}", "", *lead, markdown_table(main_table(runs)), ""]
-    return lines + (
-        ["Rare (< 50 training images) vs common taxa:", "", markdown_table(split_table(runs)), ""] if split else []
-    )
+    return [f"## {title}", "", *lead, *run_tables(load_runs(evals), "< 50 training images" if split else None)]
+
+
+def run_tables(runs: dict, rare: str | None) -> list[str]:
+    """The runs' table per rank and, given what `rare` means, their rare/common split (shared with table1.py)."""
+    lines = [markdown_table(main_table(runs)), ""]
+    return lines + ([f"Rare ({rare}) vs common taxa:", "", markdown_table(split_table(runs)), ""] if rare else [])
 
 
 def result_tables(runs: dict, timings: dict, accuracy: dict, rare: str) -> list[str]:

@@ -45,13 +45,13 @@ from taxadiffusion.config import Config
 from taxadiffusion.data.readers import read_records
 from taxadiffusion.data.records import split_records
 from taxadiffusion.eval.protocol import EvalSettings, evaluate, taxon_folder
-from taxadiffusion.eval.report import main_table, markdown_table, split_table, write_keeping_section, write_report
+from taxadiffusion.eval.report import write_keeping_section, write_report
 from taxadiffusion.guidance import Guidance
 from taxadiffusion.sampling import SamplingSettings
 from taxadiffusion.saved_files import write_text_atomic
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import result_tables, train_classifier, write_table  # the benchmarks share their data steps
+from quality import result_tables, run_tables, train_classifier, write_table  # the benchmarks share their data steps
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
@@ -360,17 +360,7 @@ def investigation_lines(runs: dict, investigations: dict, timings: dict, rare: i
         lines.append(
             f"- `{name}`: {what['row']} {change}, sampled at scale {what['scale']:g}{trained}. `{what['command']}`"
         )
-    runs = {**compared, **investigations}
-    return [
-        *lines,
-        "",
-        markdown_table(main_table(runs)),
-        "",
-        f"Rare (at most {rare - 1} training images) vs common taxa:",
-        "",
-        markdown_table(split_table(runs)),
-        "",
-    ]
+    return [*lines, "", *run_tables({**compared, **investigations}, f"at most {rare - 1} training images")]
 
 
 def write_results(
