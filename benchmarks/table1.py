@@ -279,7 +279,9 @@ def main(argv: list[str] | None = None) -> int:
     timings.update({row: t for row, t in record.get("train_seconds", {}).items() if "~" in row})
     investigations = record.get("investigations", {})
     rare = RARE[args.dataset]
-    target = write_results(results, runs, investigations, timings, classifier, fmt_label, command(args), name, rare)
+    # the table's command: an investigation's own is listed with it
+    table = argparse.Namespace(**{**vars(args), "variant": None, "scale": 3.0}) if args.variant else args
+    target = write_results(results, runs, investigations, timings, classifier, fmt_label, command(table), name, rare)
     print(f"results: {target}")
     return 0
 
