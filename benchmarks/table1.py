@@ -225,16 +225,17 @@ def main(argv: list[str] | None = None) -> int:
     for row in args.rows:
         strategy, _, guidance = rows[row]
         # train (a -vanilla row samples its base row's model)
-        trained = row.removesuffix("-vanilla") + (f"~{args.variant}" if args.set else "")
+        base = row.removesuffix("-vanilla")
+        trained = base + (f"~{args.variant}" if args.set else "")
         model = prior
         if strategy is not None:
-            overrides = rows[row.removesuffix("-vanilla")][1]
+            overrides = rows[base][1]
             model, seconds = train_row(
                 [*recipe, f"train.strategy={strategy}", *overrides, *args.set], out / "runs" / trained
             )
             print(f"{trained}: trained in {seconds / 60:.1f} min")
             # an investigation's own key: a scale variant samples the row's model but must not retime the row
-            timed = f"{row.removesuffix('-vanilla')}~{args.variant}" if args.variant else trained
+            timed = f"{base}~{args.variant}" if args.variant else trained
             keep_record(results, {"train_seconds": {timed: seconds}})
 
         # evaluate
