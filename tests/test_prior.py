@@ -80,6 +80,25 @@ def test_the_published_recipe_adapts_the_prior(prior, data, tiny_sd, tmp_path, c
     capsys.readouterr()
 
 
+def test_the_plan_counts_the_priors_own_token_length(prior, data, tmp_path, capsys):
+    """`text.encoder: base` takes the prior's `text.max_length`; the dry run's memory plan must count it too."""
+    import shutil
+
+    base = shutil.copytree(prior, tmp_path / "prior")
+    info = json.loads((base / "prior.json").read_text())
+    (base / "prior.json").write_text(json.dumps(info | {"max_length": 12}))
+    config = {
+        "model": {"base": str(base), "resolution": 16, "finetune": "lora", "encoder_heads": 4},
+        "text": {"encoder": "base"},
+        "data": {"format": "folder", "path": str(data), "crop": "squash"},
+        "train": {"steps": [2, 2], "batch_size": 4, "unet_stages": "first"},
+    }
+    path = tmp_path / "adapt.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["train", "--config", str(path), "--output", str(tmp_path / "run"), "--dry-run"]) == 0
+    assert " x 12 tokens x 32 " in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("strategy", ["flat", "full"])
 def test_one_text_baselines_on_a_prior_read_the_caption_through_its_text_path(prior, data, tmp_path, strategy):
     """SD + LoRA and SD + full fine-tuning: the species caption goes through the prior's own text path (no

@@ -353,12 +353,14 @@ def plan_run(config: Config, data_folder: str | Path, num_processes: int = 1) ->
     train = config.train
     per_step = train.batch_size * num_processes * train.gradient_accumulation
     stages = plan_stages(train, config.model, dataset_ranks, len(records), per_step)
-    text_width = text_encoder_spec(config).width()
+    spec = text_encoder_spec(config)
+    text_width = spec.width()
     unet = build_unet_skeleton(config.model, text_width)
     with init_empty_weights():
         model = assemble_model(config.model, unet, len(records.ranks), text_width, config.train.strategy)
     factor = config_spatial_factor(config.model)
-    tokens = config.text.max_length or 77  # without it: min(the tokenizer's limit, 77), which no weights decide
+    # the config's, or a prior's own (`text.encoder: base`); without either min(the tokenizer's limit, 77)
+    tokens = spec.max_length or 77
     taxonomy = records.taxonomy()
     return RunPlan.from_model(config, records, taxonomy, stages, model, factor, text_width, num_processes, tokens)
 
