@@ -64,7 +64,8 @@ lint: $(VENV)/.installed-dev
 clean-venv:
 	rm -rf $(VENV)
 
-# The prior the demo adapts, as shipped in the package (3,000 steps, 45 to 70 min at one thread beside other jobs; resumable).
+# The prior the demo adapts, as shipped in the package (3,000 steps: 45 to 70 min at one thread beside other
+# jobs; resumable).
 prior-demo: $(VENV)/.installed-demo
 	$(TD) pretrain --config configs/prior_demo.yaml --output runs/prior-demo \
 		--pack src/taxadiffusion/priors/demo.safetensors
