@@ -54,7 +54,8 @@ def test_fid_matches_scipy_and_is_zero_on_itself():
 
 
 @pytest.mark.parametrize("n_real,n_fake", [(5, 9), (12, 3), (40, 40)])
-def test_frechet_distance_equals_the_square_root_formula_with_fewer_images_than_features(n_real, n_fake):
+def test_frechet_distance_equals_the_square_root_formula(n_real, n_fake):
+    """Fewer images than features (the singular-value route) and more (the D x D route)."""
     from taxadiffusion.eval.fid import frechet_distance
 
     generator = torch.Generator().manual_seed(n_real)
