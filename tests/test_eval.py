@@ -36,16 +36,19 @@ def _indexed_images(indices):
     return images
 
 
+def _scipy_fid(a: np.ndarray, b: np.ndarray) -> float:
+    """FID by its textbook formula: |mu_a - mu_b|^2 + tr(S_a + S_b - 2 sqrtm(S_a S_b))."""
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    return ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(s1 + s2 - 2 * scipy.linalg.sqrtm(s1 @ s2).real)
+
+
 def test_fid_matches_scipy_and_is_zero_on_itself():
     table = 0.2 * torch.randn(200, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64).float()
     table[100:] = table[100:] * 1.5 + 0.5
     features = FixedFeatures(table)
     real, fake = _indexed_images(range(100)), _indexed_images(range(100, 200))
     got = fid_kid(features, real, fake)
-    a, b = table[:100].double().numpy(), table[100:].double().numpy()
-    mu1, mu2 = a.mean(0), b.mean(0)
-    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    expected = ((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * scipy.linalg.sqrtm(s1 @ s2).real)
+    expected = _scipy_fid(table[:100].double().numpy(), table[100:].double().numpy())
     assert got["fid"] == pytest.approx(expected, rel=1e-4)
     same = fid_kid(features, real, real)
     assert abs(same["fid"]) < 1e-3
@@ -61,10 +64,7 @@ def test_frechet_distance_equals_the_square_root_formula(n_real, n_fake):
     generator = torch.Generator().manual_seed(n_real)
     real = torch.randn(n_real, 24, generator=generator, dtype=torch.float64)
     fake = 1.3 * torch.randn(n_fake, 24, generator=generator, dtype=torch.float64) + 0.2
-    a, b = real.numpy(), fake.numpy()
-    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    root = scipy.linalg.sqrtm(s1 @ s2).real
-    expected = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(s1 + s2 - 2 * root)
+    expected = _scipy_fid(real.numpy(), fake.numpy())
     assert frechet_distance(real.float(), fake.float()) == pytest.approx(expected, rel=1e-4)
 
 

@@ -67,15 +67,15 @@ def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
     a, b = real.double(), fake.double()
     if len(a) < 2 or len(b) < 2:  # no covariance from one image (torchmetrics gives NaN too)
         return math.nan
-    centred_a = (a - a.mean(0)) / math.sqrt(len(a) - 1)
-    centred_b = (b - b.mean(0)) / math.sqrt(len(b) - 1)
+    mean_a, mean_b = a.mean(0), b.mean(0)
+    centred_a = (a - mean_a) / math.sqrt(len(a) - 1)
+    centred_b = (b - mean_b) / math.sqrt(len(b) - 1)
     if min(len(a), len(b)) < a.shape[1]:
         cross = torch.linalg.svdvals(centred_a @ centred_b.T).sum()
     else:  # more images than features: the D x D route is the smaller one
         product = (centred_a.T @ centred_a) @ (centred_b.T @ centred_b)
         cross = torch.linalg.eigvals(product).sqrt().real.sum()
-    mean_term = (a.mean(0) - b.mean(0)).square().sum()
-    return float(mean_term + centred_a.square().sum() + centred_b.square().sum() - 2 * cross)
+    return float((mean_a - mean_b).square().sum() + centred_a.square().sum() + centred_b.square().sum() - 2 * cross)
 
 
 def fid_kid(
