@@ -23,7 +23,8 @@ training time are kept in quality_<dataset>/metrics.json and the classifier in q
 tables are rebuilt from them, so rows measured on different machines form one table with one judge.
 
 An investigation (`--variant NAME`) changes one thing of a row: its training (`--set KEY=VALUE`, trained in
-runs/<row>~NAME) or its sampling (`--scale`, reusing the row's model). It is evaluated at `--ranks` only, kept in
+runs/<row>~NAME) or its sampling (`--scale`, `--window`, reusing the row's model, or with `--model VARIANT` the
+model an earlier investigation trained). It is evaluated at `--ranks` only, kept in
 the record under "investigations" and tabled in the md's investigations section beside the rows it changes,
 never in Table 1 itself.
 """
@@ -100,6 +101,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--per-taxon", type=int, default=10)
     parser.add_argument("--scale", type=float, default=3.0, help="guidance scale at evaluation")
     parser.add_argument(
+        "--window",
+        nargs=2,
+        type=float,
+        default=(0.0, 1.0),
+        metavar=("R0", "R1"),
+        help="guidance window at evaluation: the fractions of the sampling schedule guided (default 0 1: every step)",
+    )
+    parser.add_argument(
         "--variant",
         metavar="NAME",
         help="an investigation of the rows: trained with --set, sampled at --scale, evaluated at --ranks, and "
@@ -114,9 +123,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         "own models are sampled)",
     )
     parser.add_argument("--ranks", nargs="+", choices=RANKS, default=list(RANKS), help="with --variant: the ranks")
+    parser.add_argument(
+        "--model",
+        metavar="VARIANT",
+        help="with --variant and no --set: sample the model that the investigation VARIANT trained (its --set) "
+        "instead of the row's own, so that a sampling change is measured on it without training it again",
+    )
     args = parser.parse_args(argv)
-    if not args.variant and (args.set or len(args.ranks) < len(RANKS)):
-        parser.error("--set and --ranks change a row: name the investigation with --variant NAME")
+    args.window = tuple(args.window)
+    changed = args.set or len(args.ranks) < len(RANKS) or args.model or args.window != (0.0, 1.0)
+    if not args.variant and changed:
+        parser.error("--set, --ranks, --model and --window change a row: name the investigation with --variant NAME")
+    if args.model and args.set:
+        parser.error("--model samples a model trained earlier: its training changes are that investigation's --set")
     if args.variant and not args.variant.replace("-", "").replace(".", "").isalnum():
         parser.error(f"--variant {args.variant!r}: letters, digits, '-' and '.' only (it names folders)")
     return args
@@ -227,16 +246,21 @@ def main(argv: list[str] | None = None) -> int:
         # train (a -vanilla row samples its base row's model)
         base = row.removesuffix("-vanilla")
         trained = base + (f"~{args.variant}" if args.set else "")
+        changes = args.set
+        if args.model:  # an earlier investigation's model, with the training changes it was made with
+            trained = f"{base}~{args.model}"
+            changes = trained_changes(results, trained)
         model = prior
         if strategy is not None:
             overrides = rows[base][1]
             model, seconds = train_row(
-                [*recipe, f"train.strategy={strategy}", *overrides, *args.set], out / "runs" / trained
+                [*recipe, f"train.strategy={strategy}", *overrides, *changes], out / "runs" / trained
             )
             print(f"{trained}: trained in {seconds / 60:.1f} min")
             # an investigation's own key: a scale variant samples the row's model but must not retime the row
             timed = f"{base}~{args.variant}" if args.variant else trained
-            keep_record(results, {"train_seconds": {timed: seconds}})
+            if not args.model:  # a model trained for another investigation is timed there
+                keep_record(results, {"train_seconds": {timed: seconds}})
 
         # evaluate
         evaluated = row + (f"~{args.variant}" if args.variant else "")
@@ -247,7 +271,9 @@ def main(argv: list[str] | None = None) -> int:
                 ranks=("specific_epithet",) if args.quick else tuple(args.ranks),
                 per_taxon=args.per_taxon,
                 max_real_per_taxon=4 if args.quick else 50,
-                sampling=SamplingSettings(guidance=guidance, scale=args.scale, steps=4 if args.quick else 25),
+                sampling=SamplingSettings(
+                    guidance=guidance, scale=args.scale, window=args.window, steps=4 if args.quick else 25
+                ),
                 rare_threshold=RARE[args.dataset],
                 classifier=str(classifier),
             )
@@ -264,7 +290,9 @@ def main(argv: list[str] | None = None) -> int:
             )
         metrics = json.loads((target / "metrics.json").read_text())
         if args.variant:  # an investigation: kept apart from Table 1's rows
-            change = {"row": row, "set": args.set, "scale": args.scale, "command": command(args, [row])}
+            change = {"row": row, "set": changes, "scale": args.scale, "command": command(args, [row])}
+            change |= {"window": list(args.window)} if args.window != (0.0, 1.0) else {}
+            change |= {"model": f"{base}~{args.model}"} if args.model else {}
             keep_record(results, {"investigations": {evaluated: {**metrics, "investigation": change}}})
             continue
         keep_record(results, {row: metrics})
@@ -281,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     investigations = record.get("investigations", {})
     rare = RARE[args.dataset]
     # the table's command: an investigation's own is listed with it
-    table = argparse.Namespace(**{**vars(args), "variant": None, "scale": 3.0}) if args.variant else args
+    table = argparse.Namespace(**{**vars(args), "variant": None, "scale": 3.0, "window": (0.0, 1.0)})
+    table = table if args.variant else args
     target = write_results(results, runs, investigations, timings, classifier, fmt_label, command(table), name, rare)
     print(f"results: {target}")
     return 0
@@ -305,6 +334,15 @@ def keep_record(results: Path, entries: dict) -> None:
         for key, value in entries.items():
             record[key] = {**record.get(key, {}), **value} if key in MERGED else value
         write_text_atomic(path, json.dumps(record, indent=1) + "\n")
+
+
+def trained_changes(results: Path, trained: str) -> list[str]:
+    """The --set of the investigation that trained `trained` (<row>~<variant>), from the results' record."""
+    record = json.loads((results / RECORD).read_text()) if (results / RECORD).is_file() else {}
+    investigation = record.get("investigations", {}).get(trained)
+    if investigation is None:
+        raise SystemExit(f"--model: no investigation {trained!r} in {results / RECORD}: run it first (--variant)")
+    return investigation["investigation"]["set"]
 
 
 def committed_classifier(train_csv: Path, out: Path, results: Path, steps: int) -> Path:
@@ -331,9 +369,12 @@ def command(args, rows: list[str] | None = None) -> str:
         parts.append(f"--per-taxon {args.per_taxon}")
     if args.scale != 3.0:
         parts.append(f"--scale {args.scale:g}")
+    if args.window != (0.0, 1.0):
+        parts.append(f"--window {args.window[0]:g} {args.window[1]:g}")
     if args.variant:
         parts.append(f"--variant {args.variant}")
         parts += [f"--set {' '.join(args.set)}"] if args.set else []
+        parts += [f"--model {args.model}"] if args.model else []
         parts += [f"--ranks {' '.join(args.ranks)}"] if len(args.ranks) < len(RANKS) else []
     return " ".join(parts)
 
@@ -359,10 +400,11 @@ def investigation_lines(runs: dict, investigations: dict, timings: dict, rare: i
     for name, run in investigations.items():
         what = run["investigation"]
         change = "with " + ", ".join(f"`{c}`" for c in what["set"]) if what["set"] else "trained as the row is"
-        trained = f"; trained in {timings[name] / 60:.1f} min" if name in timings else ""
-        lines.append(
-            f"- `{name}`: {what['row']} {change}, sampled at scale {what['scale']:g}{trained}. `{what['command']}`"
-        )
+        change += f" (the model of `{what['model']}`, not trained again)" if "model" in what else ""
+        window = what.get("window")
+        sampled = f"scale {what['scale']:g}" + (f", guidance window {window[0]:g}-{window[1]:g}" if window else "")
+        trained = f"; trained in {timings[name] / 60:.1f} min" if name in timings and "model" not in what else ""
+        lines.append(f"- `{name}`: {what['row']} {change}, sampled at {sampled}{trained}. `{what['command']}`")
     return [*lines, "", *run_tables({**compared, **investigations}, f"at most {rare - 1} training images")]
 
 
