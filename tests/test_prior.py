@@ -81,7 +81,8 @@ def test_the_published_recipe_adapts_the_prior(prior, data, tiny_sd, tmp_path, c
 
 
 def test_the_plan_counts_the_priors_own_token_length(prior, data, tmp_path, capsys):
-    """`text.encoder: base` takes the prior's `text.max_length`; the dry run's memory plan must count it too."""
+    """`text.encoder: base` takes the prior's `text.max_length` unless given fewer; the dry run's memory plan must
+    count it too."""
     import shutil
 
     base = shutil.copytree(prior, tmp_path / "prior")
@@ -97,6 +98,13 @@ def test_the_plan_counts_the_priors_own_token_length(prior, data, tmp_path, caps
     path.write_text(yaml.safe_dump(config))
     assert main(["train", "--config", str(path), "--output", str(tmp_path / "run"), "--dry-run"]) == 0
     assert " x 12 tokens x 32 " in capsys.readouterr().out
+    # fewer tokens than the prior's captions had: the rank texts need only their own
+    shorter = ["--set", "text.max_length=8", "--output", str(tmp_path / "short"), "--dry-run"]
+    assert main(["train", "--config", str(path), *shorter]) == 0
+    assert " x 8 tokens x 32 " in capsys.readouterr().out
+    longer = ["--set", "text.max_length=13", "--output", str(tmp_path / "long"), "--dry-run"]
+    assert main(["train", "--config", str(path), *longer]) == 2
+    assert "trained with text.max_length 12, not 13; set text.max_length to at most 12" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("strategy", ["flat", "full"])

@@ -92,7 +92,7 @@ class DataConfig:
 @dataclass
 class TextConfig:
     encoder: str = "minilm"  # "minilm" (offline default), "base" (the SD folder's CLIP), or a folder / hub id
-    max_length: int | None = None  # tokens per text; default min(tokenizer limit, 77)
+    max_length: int | None = None  # tokens per text; default min(tokenizer limit, 77), on a prior its own (or fewer)
     template: str = "{rank}: {name}"  # paper: "<rank>: <name>"
     # The species rank's name: "epithet" ("specific_epithet: reticulatus", iNat21's published loader) or
     # "binomial" ("specific_epithet: Dascyllus reticulatus", the published FishNet and BIOSCAN loaders, which

@@ -47,10 +47,12 @@ class PriorInfo:
                 f"model.base {base} is a prior trained at {self.resolution} px, but model.resolution is "
                 f"{config.model.resolution}; set model.resolution: {self.resolution}"
             )
-        if config.text.max_length not in (None, self.max_length):
+        # Fewer tokens are allowed: cross-attention reads any number of them, and the padding the rank texts
+        # would carry up to the prior's caption length costs the rank encoders time in proportion.
+        if None not in (config.text.max_length, self.max_length) and config.text.max_length > self.max_length:
             raise InputError(
                 f"model.base {base} is a prior trained with text.max_length {self.max_length}, not "
-                f"{config.text.max_length}; leave text.max_length unset"
+                f"{config.text.max_length}; set text.max_length to at most {self.max_length} (or leave it unset)"
             )
 
 

@@ -224,10 +224,12 @@ class TextEmbeddingCache(ModelMixin, ConfigMixin):
         return cache
 
     @staticmethod
-    def key(taxonomy: Taxonomy, identity: str, template: str, species: str = "epithet") -> str:
+    def key(
+        taxonomy: Taxonomy, identity: str, template: str, species: str = "epithet", max_length: int | None = None
+    ) -> str:
         """A file-name-safe hash of what the cache depends on."""
         texts = rank_texts(taxonomy, template, species)
-        payload = json.dumps([identity, template, texts, "empty"], ensure_ascii=False)
+        payload = json.dumps([identity, template, texts, "empty", max_length], ensure_ascii=False)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     @classmethod
@@ -240,9 +242,10 @@ class TextEmbeddingCache(ModelMixin, ConfigMixin):
         progress: bool = True,
         species: str = "epithet",
     ) -> TextEmbeddingCache:
-        """Reuse `cache_dir/<key>/` when it holds this taxonomy, encoder, template and species text; else encode
+        """Reuse `cache_dir/<key>/` when it holds this taxonomy, encoder, token length, template and species text;
+        else encode
         and save."""
-        folder = Path(cache_dir) / f"text-{cls.key(taxonomy, spec.identity(), template, species)}"
+        folder = Path(cache_dir) / f"text-{cls.key(taxonomy, spec.identity(), template, species, spec.max_length)}"
         if (folder / cls.config_name).is_file():
             try:
                 check_saved_folder(folder, "a text-feature cache", cls.config_name, "it is rebuilt")

@@ -122,7 +122,7 @@ def text_encoder_spec(config: Config) -> TextEncoderSpec:
     prior = read_prior(config.model.base_path) if config.model.is_latent else None
     if prior is not None:  # a prior made by `pretrain`: its own text encoder, at its resolution
         prior.check_fits(config)
-        encoder, max_length = prior.text_encoder, prior.max_length
+        encoder, max_length = prior.text_encoder, max_length or prior.max_length
     elif encoder == "base":
         if not config.model.is_latent:
             raise InputError("text.encoder=base needs a Stable Diffusion base model (model.base)")
