@@ -308,9 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     timings.update({row: t for row, t in record.get("train_seconds", {}).items() if "~" in row})
     investigations = record.get("investigations", {})
     rare = RARE[args.dataset]
-    # the table's command: an investigation's own is listed with it
-    table = argparse.Namespace(**{**vars(args), "variant": None, "scale": 3.0, "window": (0.0, 1.0)})
-    table = table if args.variant else args
+    table = args
+    if args.variant:  # the table's own command: an investigation's is listed with it
+        table = argparse.Namespace(**{**vars(args), "variant": None, "scale": 3.0, "window": (0.0, 1.0)})
     target = write_results(results, runs, investigations, timings, classifier, fmt_label, command(table), name, rare)
     print(f"results: {target}")
     return 0

@@ -1,5 +1,7 @@
 """Text encoders and the per-taxon embedding cache."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -91,6 +93,9 @@ def test_load_or_build_reuses_the_cache(tiny_sd, small_taxonomy, tmp_path, monke
     assert torch.equal(first.table(4), second.table(4))
     other = TextEmbeddingCache.load_or_build(tmp_path, small_taxonomy, spec, template="a photo of {name}")
     assert len(loads) == 2 and not torch.equal(other.table(4), first.table(4))
+    # another token length is another cache, never the first one's tables at the wrong length
+    shorter = TextEmbeddingCache.load_or_build(tmp_path, small_taxonomy, replace(spec, max_length=8), progress=False)
+    assert len(loads) == 3 and shorter.table(4).shape[1] == 8 and first.table(4).shape[1] == 16
 
 
 def test_packaged_minilm_encodes_offline():

@@ -243,8 +243,7 @@ class TextEmbeddingCache(ModelMixin, ConfigMixin):
         species: str = "epithet",
     ) -> TextEmbeddingCache:
         """Reuse `cache_dir/<key>/` when it holds this taxonomy, encoder, token length, template and species text;
-        else encode
-        and save."""
+        else encode and save."""
         folder = Path(cache_dir) / f"text-{cls.key(taxonomy, spec.identity(), template, species, spec.max_length)}"
         if (folder / cls.config_name).is_file():
             try:
