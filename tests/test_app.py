@@ -1,7 +1,9 @@
 """The web app: its logic without a browser, its API through gradio_client, and a real headless Chromium."""
 
+import math
 import shutil
 import socket
+import time
 from pathlib import Path
 
 import numpy as np
@@ -148,13 +150,19 @@ def test_in_a_headless_browser(served, tmp_path):
         search = wait.until(ec.element_to_be_clickable((By.CSS_SELECTOR, "#search textarea, #search input")))
         selected = "#selected-taxon textarea, #selected-taxon input"
 
+        typed = [-math.inf]  # when the search was last typed
+
         def search_until_selected(d) -> bool:
             if d.find_element(By.CSS_SELECTOR, selected).get_attribute("value") == CLARKII:
                 return True
-            # Typed at once, then again every poll: keys typed before the page's event handlers are attached
-            # are lost (one clean-clone run timed out with a single try).
-            search.clear()
-            search.send_keys("Amphiprion clarkii", Keys.ENTER)
+            # Typed at once, then again while nothing is selected: keys typed before the page's event handlers
+            # are attached are lost (one clean-clone run timed out with a single try). Not at every poll: on a
+            # loaded machine an answer takes longer than a poll, and typing over it raced it (another run timed
+            # out retyping every 5 s beside a training job).
+            if time.monotonic() - typed[0] >= 20:
+                search.clear()
+                search.send_keys("Amphiprion clarkii", Keys.ENTER)
+                typed[0] = time.monotonic()
             return False
 
         WebDriverWait(driver, 120, poll_frequency=5).until(search_until_selected)
