@@ -68,6 +68,7 @@ PRIOR_FILE = REPO / "benchmarks" / "priors" / "birds_fish.safetensors"
 RECIPE = REPO / "configs" / "adapt_birds_fish.yaml"
 RESULTS = REPO / "benchmarks" / "results"
 CAPTION = "a photo of {scientific_name}"  # the species caption of zero-shot, flat and full
+EVERY_STEP = SamplingSettings().window  # the default guidance window: every sampling step guided
 
 # (row, strategy or None for zero-shot, overrides, guidance at evaluation)
 ROWS = (
@@ -104,7 +105,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--window",
         nargs=2,
         type=float,
-        default=(0.0, 1.0),
+        default=EVERY_STEP,
         metavar=("R0", "R1"),
         help="guidance window at evaluation: the fractions of the sampling schedule guided (default 0 1: every step)",
     )
@@ -131,7 +132,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     args.window = tuple(args.window)
-    changed = args.set or len(args.ranks) < len(RANKS) or args.model or args.window != (0.0, 1.0)
+    changed = args.set or len(args.ranks) < len(RANKS) or args.model or args.window != EVERY_STEP
     if not args.variant and changed:
         parser.error("--set, --ranks, --model and --window change a row: name the investigation with --variant NAME")
     if args.model and args.set:
@@ -291,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics = json.loads((target / "metrics.json").read_text())
         if args.variant:  # an investigation: kept apart from Table 1's rows
             change = {"row": row, "set": changes, "scale": args.scale, "command": command(args, [row])}
-            change |= {"window": list(args.window)} if args.window != (0.0, 1.0) else {}
+            change |= {"window": list(args.window)} if args.window != EVERY_STEP else {}
             change |= {"model": f"{base}~{args.model}"} if args.model else {}
             keep_record(results, {"investigations": {evaluated: {**metrics, "investigation": change}}})
             continue
@@ -302,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
             export_species_images(target, results / "generated" / row, heldout)
 
     # the results: every row whose metrics are kept (this run's and earlier machines'), in the table's order
-    record = json.loads((results / RECORD).read_text()) if (results / RECORD).is_file() else {}
+    record = read_record(results)
     runs = {row: record[row] for row, *_ in ROWS if row in record}
     timings = {row: record["train_seconds"][row] for row, *_ in ROWS if row in record.get("train_seconds", {})}
     timings.update({row: t for row, t in record.get("train_seconds", {}).items() if "~" in row})
@@ -310,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     rare = RARE[args.dataset]
     table = args
     if args.variant:  # the table's own command: an investigation's is listed with it
-        table = argparse.Namespace(**{**vars(args), "variant": None, "scale": 3.0, "window": (0.0, 1.0)})
+        table = argparse.Namespace(**{**vars(args), "variant": None, "scale": 3.0, "window": EVERY_STEP})
     target = write_results(results, runs, investigations, timings, classifier, fmt_label, command(table), name, rare)
     print(f"results: {target}")
     return 0
@@ -323,6 +324,12 @@ RECORD = "metrics.json"
 MERGED = ("train_seconds", "investigations")  # the record's entries that gather rows rather than being one
 
 
+def read_record(results: Path) -> dict:
+    """The results' record (empty before its first row)."""
+    path = results / RECORD
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def keep_record(results: Path, entries: dict) -> None:
     """Merge `entries` (row -> metrics, or "train_seconds" -> {row: seconds}) into the results' record."""
     path = results / RECORD
@@ -330,7 +337,7 @@ def keep_record(results: Path, entries: dict) -> None:
     # two processes on different rows share the record: read, merge and write it under one lock
     with (results / f"{RECORD}.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        record = json.loads(path.read_text()) if path.is_file() else {}
+        record = read_record(results)
         for key, value in entries.items():
             record[key] = {**record.get(key, {}), **value} if key in MERGED else value
         write_text_atomic(path, json.dumps(record, indent=1) + "\n")
@@ -338,8 +345,7 @@ def keep_record(results: Path, entries: dict) -> None:
 
 def trained_changes(results: Path, trained: str) -> list[str]:
     """The --set of the investigation that trained `trained` (<row>~<variant>), from the results' record."""
-    record = json.loads((results / RECORD).read_text()) if (results / RECORD).is_file() else {}
-    investigation = record.get("investigations", {}).get(trained)
+    investigation = read_record(results).get("investigations", {}).get(trained)
     if investigation is None:
         raise SystemExit(f"--model: no investigation {trained!r} in {results / RECORD}: run it first (--variant)")
     return investigation["investigation"]["set"]
@@ -369,7 +375,7 @@ def command(args, rows: list[str] | None = None) -> str:
         parts.append(f"--per-taxon {args.per_taxon}")
     if args.scale != 3.0:
         parts.append(f"--scale {args.scale:g}")
-    if args.window != (0.0, 1.0):
+    if args.window != EVERY_STEP:
         parts.append(f"--window {args.window[0]:g} {args.window[1]:g}")
     if args.variant:
         parts.append(f"--variant {args.variant}")
@@ -403,7 +409,7 @@ def investigation_lines(runs: dict, investigations: dict, timings: dict, rare: i
         change += f" (the model of `{what['model']}`, not trained again)" if "model" in what else ""
         window = what.get("window")
         sampled = f"scale {what['scale']:g}" + (f", guidance window {window[0]:g}-{window[1]:g}" if window else "")
-        trained = f"; trained in {timings[name] / 60:.1f} min" if name in timings and "model" not in what else ""
+        trained = f"; trained in {timings[name] / 60:.1f} min" if name in timings else ""  # --model: never timed
         lines.append(f"- `{name}`: {what['row']} {change}, sampled at {sampled}{trained}. `{what['command']}`")
     return [*lines, "", *run_tables({**compared, **investigations}, f"at most {rare - 1} training images")]
 

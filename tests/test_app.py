@@ -150,19 +150,20 @@ def test_in_a_headless_browser(served, tmp_path):
         search = wait.until(ec.element_to_be_clickable((By.CSS_SELECTOR, "#search textarea, #search input")))
         selected = "#selected-taxon textarea, #selected-taxon input"
 
-        typed = [-math.inf]  # when the search was last typed
+        typed = -math.inf  # when the search was last typed
 
         def search_until_selected(d) -> bool:
+            nonlocal typed
             if d.find_element(By.CSS_SELECTOR, selected).get_attribute("value") == CLARKII:
                 return True
             # Typed at once, then again while nothing is selected: keys typed before the page's event handlers
             # are attached are lost (one clean-clone run timed out with a single try). Not at every poll: on a
             # loaded machine an answer takes longer than a poll, and typing over it raced it (another run timed
             # out retyping every 5 s beside a training job).
-            if time.monotonic() - typed[0] >= 20:
+            if time.monotonic() - typed >= 20:
                 search.clear()
                 search.send_keys("Amphiprion clarkii", Keys.ENTER)
-                typed[0] = time.monotonic()
+                typed = time.monotonic()
             return False
 
         WebDriverWait(driver, 120, poll_frequency=5).until(search_until_selected)
