@@ -11,7 +11,10 @@ from taxadiffusion.model import (
     build_denoiser,
     build_taxonomy_encoder,
     count_parameters,
+    fuse_lora,
+    lora_fused,
     lora_parameters,
+    unfuse_lora,
 )
 from tiny_models import tiny_pixel_unet_config
 
@@ -106,3 +109,22 @@ def test_bad_model_config(tmp_path):
         build_denoiser(ModelConfig(base=str(tmp_path)))
     with pytest.raises(ValueError, match="divisible"):
         TinyUNetConfig(block_out_channels=(30, 60), down_block_types=("a", "b"), up_block_types=("a", "b"))
+
+
+def test_a_fused_lora_predicts_the_same_and_unfuses_bit_for_bit():
+    model, _ = _model()
+    model.eval()  # the rank encoders' dropout off
+    for p in lora_parameters(model.unet):
+        p.data.normal_(std=0.1)  # a trained-looking adapter: B is zero at init
+    before = {k: v.clone() for k, v in model.unet.state_dict().items()}
+    x, t, features = torch.randn(2, 3, 16, 16), torch.tensor([10, 500]), torch.randn(2, 3, 4, 16)
+    with torch.no_grad():
+        plain = model(x, t, features, 2)
+        adapted = fuse_lora(model.unet)
+        assert lora_fused(model.unet) and adapted and all(".base_layer." in k for k in adapted)
+        assert any(not torch.equal(before[k], model.unet.state_dict()[k]) for k in adapted)  # merged into W
+        torch.testing.assert_close(model(x, t, features, 2), plain, rtol=1e-4, atol=1e-5)
+        unfuse_lora(model.unet, adapted)
+        after = model.unet.state_dict()
+        assert not lora_fused(model.unet) and all(torch.equal(before[k], after[k]) for k in before)
+        assert torch.equal(model(x, t, features, 2), plain)

@@ -201,6 +201,13 @@ def test_save_load_reproduces_images_and_lora_loads_in_diffusers(sd, parts, tiny
     after = loaded("Amphiprion clarkii", generator=torch.Generator().manual_seed(5), **kwargs).images
     np.testing.assert_allclose(after, before, atol=1e-5)
 
+    # Fused for sampling (diffusers' fuse_lora), the same images; saved fused it would apply the LoRA twice
+    loaded.fuse_lora()
+    fused = loaded("Amphiprion clarkii", generator=torch.Generator().manual_seed(5), **kwargs).images
+    np.testing.assert_allclose(fused, before, atol=1e-5)
+    with pytest.raises(ValueError, match="unfuse_lora"):
+        loaded.save_pretrained(tmp_path / "fused")
+
     # The LoRA file is a standard diffusers LoRA: StableDiffusionPipeline.load_lora_weights reads it.
     peer = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
     peer.load_lora_weights(tmp_path / "pipe", weight_name="pytorch_lora_weights.safetensors")

@@ -80,6 +80,52 @@ def test_the_published_recipe_adapts_the_prior(prior, data, tiny_sd, tmp_path, c
     capsys.readouterr()
 
 
+def test_the_frozen_lora_is_fused_and_a_killed_run_resumes_bit_for_bit(prior, data, tmp_path):
+    """After stage 0 the LoRA is merged into the weights it adapts (a shorter step). A run killed inside a fused
+    stage, EMA on, resumes to the same pipeline bit for bit, whose UNet is the prior's own."""
+    from taxadiffusion.config import Config
+    from taxadiffusion.model import lora_fused
+    from taxadiffusion.train.trainer import Trainer
+
+    train = {"steps": [2, 3], "batch_size": 4, "unet_stages": "first", "learning_rate": 1e-3, "checkpoint_every": 1}
+    config = Config.from_dict(
+        {
+            "model": {"base": str(prior), "resolution": 16, "finetune": "lora", "encoder_heads": 4},
+            "text": {"encoder": "base"},
+            "data": {"format": "folder", "path": str(data), "crop": "squash"},
+            "train": train | {"ema_decay": 0.9, "condition_dropout": 0.2},
+            "sample": {"steps": 2, "grid_taxa": 2, "grid_images": 2},
+        }
+    )
+    seen = []
+    trainer = Trainer(
+        config,
+        tmp_path / "whole",
+        progress=False,
+        on_step=lambda state, batch: seen.append((state.stage, lora_fused(trainer.model.unet))),
+    )
+    whole = trainer.run()
+    assert seen == [(0, False)] * 2 + [(1, True)] * 3
+    plan = (tmp_path / "whole" / "plan.txt").read_text().splitlines()
+    assert ["LoRA fused" in line for line in plan if line.startswith("stage ")] == [False, True]
+
+    def kill(state, batch):
+        if state.global_step == 4:  # stage 1, step 2: resumes from its checkpoint at step 1, fused again
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(config, tmp_path / "killed", progress=False, on_step=kill).run()
+    resumed = Trainer(config, tmp_path / "killed", progress=False).run()
+    files = sorted(p.relative_to(whole) for p in whole.rglob("*.safetensors"))
+    assert files == sorted(p.relative_to(resumed) for p in resumed.rglob("*.safetensors")) and len(files) >= 3
+    for name in files:
+        a, b = load_file(whole / name), load_file(resumed / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    base = load_file(prior / "unet" / "diffusion_pytorch_model.safetensors")
+    saved = load_file(whole / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(base[k], saved[k]) for k in base)  # unfused bit for bit before saving
+
+
 def test_the_plan_counts_the_priors_own_token_length(prior, data, tmp_path, capsys):
     """`text.encoder: base` takes the prior's `text.max_length` unless given fewer; the dry run's memory plan must
     count it too."""

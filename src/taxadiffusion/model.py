@@ -312,6 +312,32 @@ def has_lora(unet: nn.Module) -> bool:
     return bool(getattr(unet, "peft_config", None))
 
 
+def lora_fused(unet: nn.Module) -> bool:
+    """Whether a LoRA is merged into the weights it adapts (`fuse_lora`)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return any(m.merged for m in unet.modules() if isinstance(m, BaseTunerLayer))
+
+
+def fuse_lora(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
+    """Merge a frozen LoRA into the weights it adapts (diffusers' `fuse_lora`: peft's merge, W + s B A): each
+    adapted projection is then one matmul instead of three. Returns exact copies of the weights it changes, for
+    `unfuse_lora`."""
+    adapted = {n: p.detach().to("cpu", copy=True) for n, p in unet.named_parameters() if ".base_layer." in n}
+    unet.fuse_lora()
+    return adapted
+
+
+def unfuse_lora(unet: UNet2DConditionModel, adapted: dict[str, torch.Tensor]) -> None:
+    """Undo `fuse_lora` bit for bit: peft's unmerge subtracts s B A again (which rounds), and then the weights
+    it adapted are copied back from before the merge."""
+    unet.unfuse_lora()
+    parameters = dict(unet.named_parameters())
+    with torch.no_grad():
+        for name, value in adapted.items():
+            parameters[name].copy_(value)
+
+
 class TaxaDiffusionModel(nn.Module):
     """The UNet and the taxonomy encoder as one module (what `accelerate.prepare` wraps).
 

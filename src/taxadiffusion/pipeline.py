@@ -33,7 +33,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from .conditioning import TaxonomyEncoder
 from .errors import InputError
 from .guidance import Guidance, cfg, in_window
-from .model import SpaceToDepth, has_lora, spatial_factor
+from .model import SpaceToDepth, has_lora, lora_fused, spatial_factor
 from .sampling import Negative, SamplingSettings, Scheduler, Spacing
 from .saved_files import check_saved_folder
 from .taxonomy import NONE_ID, Lineage, Rank, Taxonomy
@@ -334,6 +334,8 @@ class TaxaDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             if component is None:
                 continue
             if name == "unet" and has_lora(component):
+                if lora_fused(component):  # its base weights would hold the LoRA, and a load would add it again
+                    raise ValueError("the UNet's LoRA is fused into its weights: call unfuse_lora() before saving")
                 save_base_unet(component, directory / "unet")
                 adapter = next(iter(component.peft_config))
                 state = get_peft_model_state_dict(component, adapter_name=adapter)

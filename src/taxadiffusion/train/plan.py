@@ -24,6 +24,7 @@ from ..model import (
     build_unet_skeleton,
     config_spatial_factor,
     count_parameters,
+    has_lora,
 )
 from ..prior import read_prior
 from ..taxonomy import Rank, Taxonomy
@@ -150,6 +151,7 @@ class RunPlan:
     num_processes: int = 1
     text_tokens: int = 77  # tokens per cached text
     device: str | None = None  # what each process trains on, once known (not in a dry run)
+    fused_lora: bool = False  # the stages that leave the LoRA frozen run it merged into the UNet
 
     @property
     def device_type(self) -> str | None:
@@ -270,6 +272,7 @@ class RunPlan:
             lines.append(
                 f"{stage.describe()} ({params:,} parameters; {self.epochs(stage.steps):.2f} epochs, "
                 f"{self.checkpoints(stage)} checkpoint(s))"
+                + ("; the LoRA fused into the frozen UNet" if self.fused_lora and stage.unet is None else "")
             )
         total = sum(s.steps for s in self.stages)
         lines.append(
@@ -311,7 +314,15 @@ class RunPlan:
             num_processes=num_processes,
             text_tokens=text_tokens,
             device=device,
+            fused_lora=fuses_lora(unet, config),
         )
+
+
+def fuses_lora(unet, config: Config) -> bool:
+    """Whether the stages that leave a LoRA frozen run it merged into the weights it adapts (the trainer's
+    `_fuse_frozen_lora`). Not over frozen weights kept in low precision: W + s B A rounded to bf16 would lose most
+    of the LoRA's update."""
+    return has_lora(unet) and not config.frozen_precision
 
 
 def stage_parameter_counts(model: TaxaDiffusionModel, stages: list[Stage]) -> tuple[list[int], int]:
