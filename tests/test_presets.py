@@ -92,7 +92,8 @@ def test_dry_run_loads_no_weights_and_no_images(name, fixtures, tiny_sd, tmp_pat
     stage_lines = [line for line in printed.splitlines() if line.startswith("stage ")]
     assert len(stage_lines) == PRESETS[name][1]
     assert "trains UNet (lora), encoder 0" in stage_lines[0]
-    assert all("UNet" not in line for line in stage_lines[1:])  # later stages: one encoder each
+    assert all("trains encoder" in line and "trains UNet" not in line for line in stage_lines[1:])  # one encoder each
+    assert all(line.endswith("; the LoRA fused into the frozen UNet") for line in stage_lines[1:])  # fp32 base
 
 
 def test_dry_run_counts_match_the_built_model(fixtures, tiny_sd, tmp_path):
