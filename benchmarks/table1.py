@@ -88,7 +88,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", choices=DATASETS, default="cub")
     parser.add_argument("--quick", action="store_true", help="a few steps and images: checks every step only")
-    parser.add_argument("--prior", type=Path, default=PRIOR_FILE, help="the packed prior (pretrain --pack)")
+    parser.add_argument(
+        "--prior",
+        type=Path,
+        default=PRIOR_FILE,
+        help="the packed prior (pretrain --pack); another than the committed one is an investigation (--variant)",
+    )
     parser.add_argument("--out", type=Path, help="work folder (default benchmarks/runs/table1-<dataset>[-quick])")
     parser.add_argument(
         "--rows",
@@ -132,9 +137,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     args.window = tuple(args.window)
-    changed = args.set or len(args.ranks) < len(RANKS) or args.model or args.window != EVERY_STEP
+    args.other_prior = args.prior.resolve() != PRIOR_FILE.resolve()
+    changed = args.set or len(args.ranks) < len(RANKS) or args.model or args.window != EVERY_STEP or args.other_prior
     if not args.variant and changed:
-        parser.error("--set, --ranks, --model and --window change a row: name the investigation with --variant NAME")
+        parser.error(
+            "--set, --ranks, --model, --window and --prior change a row: name the investigation with --variant NAME"
+        )
+    if args.model and args.other_prior:
+        parser.error("--model samples a model trained earlier: its prior is that investigation's --prior")
     if args.model and args.set:
         parser.error("--model samples a model trained earlier: its training changes are that investigation's --set")
     if args.variant and not args.variant.replace("-", "").replace(".", "").isalnum():
@@ -170,7 +180,8 @@ def prior_folder(args, out: Path) -> Path:
                 f"{args.prior} not found: make it with `taxadiffusion pretrain --config {PRIOR_CONFIG} "
                 f"--output runs/prior-birds-fish --pack {args.prior}` (or pass --prior)"
             )
-        return unpack_prior(args.prior, out / "prior")
+        # another prior (an investigation) beside the committed one's folder, which the rows' configs name
+        return unpack_prior(args.prior, out / ("prior" if not args.other_prior else f"prior-{args.prior.stem}"))
     from taxadiffusion.train.trainer import Trainer
 
     folder = out / "prior"
@@ -246,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         strategy, _, guidance = rows[row]
         # train (a -vanilla row samples its base row's model)
         base = row.removesuffix("-vanilla")
-        trained = base + (f"~{args.variant}" if args.set else "")
+        trained = base + (f"~{args.variant}" if args.set or args.other_prior else "")
         changes = args.set
         if args.model:  # an earlier investigation's model, with the training changes it was made with
             trained = f"{base}~{args.model}"
@@ -292,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics = json.loads((target / "metrics.json").read_text())
         if args.variant:  # an investigation: kept apart from Table 1's rows
             change = {"row": row, "set": changes, "scale": args.scale, "command": command(args, [row])}
+            change |= {"prior": relative(args.prior)} if args.other_prior else {}
             change |= {"window": list(args.window)} if args.window != EVERY_STEP else {}
             change |= {"model": f"{base}~{args.model}"} if args.model else {}
             keep_record(results, {"investigations": {evaluated: {**metrics, "investigation": change}}})
@@ -363,6 +375,12 @@ def committed_classifier(train_csv: Path, out: Path, results: Path, steps: int) 
     return kept
 
 
+def relative(path: Path) -> str:
+    """A path as the repository's commands name it."""
+    path = path.resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
 def command(args, rows: list[str] | None = None) -> str:
     """The command that makes these results, without the options that say only where things go or which
     process makes which row (an investigation names its `rows`)."""
@@ -379,6 +397,7 @@ def command(args, rows: list[str] | None = None) -> str:
         parts.append(f"--window {args.window[0]:g} {args.window[1]:g}")
     if args.variant:
         parts.append(f"--variant {args.variant}")
+        parts += [f"--prior {relative(args.prior)}"] if args.other_prior else []
         parts += [f"--set {' '.join(args.set)}"] if args.set else []
         parts += [f"--model {args.model}"] if args.model else []
         parts += [f"--ranks {' '.join(args.ranks)}"] if len(args.ranks) < len(RANKS) else []
@@ -406,6 +425,7 @@ def investigation_lines(runs: dict, investigations: dict, timings: dict, rare: i
     for name, run in investigations.items():
         what = run["investigation"]
         change = "with " + ", ".join(f"`{c}`" for c in what["set"]) if what["set"] else "trained as the row is"
+        change += f" from the prior `{what['prior']}`" if "prior" in what else ""
         change += f" (the model of `{what['model']}`, not trained again)" if "model" in what else ""
         window = what.get("window")
         sampled = f"scale {what['scale']:g}" + (f", guidance window {window[0]:g}-{window[1]:g}" if window else "")

@@ -319,6 +319,27 @@ def test_a_packed_prior_unpacks_to_the_same_base(prior, tmp_path):
     assert (folder / "prior.json").read_text() == (prior / "prior.json").read_text()
 
 
+def test_an_fp16_pack_is_half_the_size_and_unpacks_to_fp32(prior, tmp_path):
+    """`--pack-precision fp16` (a prior that would not fit a file size at fp32): the weights rounded to fp16,
+    upcast to the fp32 a base folder's UNet holds, so an adaptation loads it as any prior."""
+    from safetensors.torch import load_file
+
+    from taxadiffusion.errors import InputError
+    from taxadiffusion.prior import pack_prior, unpack_prior
+
+    full = pack_prior(prior, tmp_path / "fp32.safetensors", "recipe: text")
+    half = pack_prior(prior, tmp_path / "fp16.safetensors", "recipe: text", precision="fp16")
+    assert half.stat().st_size < 0.55 * full.stat().st_size
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    before, after = load_file(prior / weights), load_file(unpack_prior(half, tmp_path / "unpacked") / weights)
+    assert before.keys() == after.keys()
+    assert all(after[k].dtype == torch.float32 for k in after)
+    assert all(torch.equal(after[k], before[k].half().float()) for k in before)
+    assert any(not torch.equal(after[k], before[k]) for k in before)  # really rounded
+    with pytest.raises(InputError, match="pack precision 'bf8'"):
+        pack_prior(prior, tmp_path / "x.safetensors", "recipe: text", precision="bf8")
+
+
 def test_the_benchmark_prior_is_the_committed_recipe():
     """benchmarks/priors/birds_fish.safetensors (Table 1's prior) was made by configs/prior_birds_fish.yaml."""
     from safetensors import safe_open

@@ -90,7 +90,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.pack:
             from .prior import pack_prior
 
-            packed = pack_prior(pipeline, args.pack, Path(args.config).read_text(encoding="utf-8"))
+            recipe = Path(args.config).read_text(encoding="utf-8")
+            packed = pack_prior(pipeline, args.pack, recipe, args.pack_precision)
             print(f"packed into {packed} ({packed.stat().st_size / 2**20:.1f} MB)")
     else:
         print(f"done: pipeline saved to {pipeline}; sample grids in {Path(args.output) / 'samples'}")

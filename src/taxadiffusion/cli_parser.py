@@ -9,6 +9,7 @@ from pathlib import Path
 from . import __version__
 from .devices import DEVICE_HELP
 from .guidance import Guidance
+from .prior import PACK_PRECISIONS
 from .sampling import FAST, Negative, Scheduler, Spacing
 
 
@@ -93,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
         train.add_argument("--dry-run", action="store_true", help="print the resolved config and the plan only")
         if name == "pretrain":
             train.add_argument("--pack", type=Path, help="also write the prior as one safetensors file (to ship it)")
+            train.add_argument(
+                "--pack-precision",
+                choices=PACK_PRECISIONS,
+                default="fp32",
+                help="the packed weights' precision: fp16 halves the file (upcast to fp32 when unpacked)",
+            )
         train.set_defaults(run=name)
 
     sample = commands.add_parser("sample", help="generate images of a taxon with a trained pipeline")

@@ -113,15 +113,25 @@ def packaged_file(name: str) -> Path:
     return Path(__file__).parent / "priors" / f"{name}.safetensors"
 
 
-def pack_prior(base: str | Path, out: str | Path, recipe: str) -> Path:
+PACK_PRECISIONS = ("fp32", "fp16")
+
+
+def pack_prior(base: str | Path, out: str | Path, recipe: str, precision: str = "fp32") -> Path:
     """A base folder as one safetensors file: the UNet's weights, with every config (and `recipe`, the config
-    that pretrained it) as metadata. The codec has no weights of its own (a patch codec)."""
+    that pretrained it) as metadata. The codec has no weights of its own (a patch codec). `precision` fp16
+    stores the weights at half the size, as Stable Diffusion's fp16 variant does (a prior is adapted from
+    the rounded weights, upcast on unpacking)."""
+    import torch
     from safetensors.torch import load_file, save_file
 
+    if precision not in PACK_PRECISIONS:
+        raise InputError(f"pack precision {precision!r}: one of {', '.join(PACK_PRECISIONS)}")
     base = Path(base)
     metadata = {key: (base / file).read_text(encoding="utf-8") for key, file in PACKED_FILES.items()}
     metadata["recipe"] = recipe
     weights = load_file(base / "unet" / "diffusion_pytorch_model.safetensors")
+    if precision == "fp16":
+        weights = {key: w.to(torch.float16) if w.is_floating_point() else w for key, w in weights.items()}
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     save_file(weights, str(out), metadata=metadata)
     return Path(out)
@@ -142,6 +152,8 @@ def unpack_prior(file: str | Path, folder: str | Path) -> Path:
     with safe_open(str(file), framework="pt") as handle:
         metadata = handle.metadata()
         weights = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (safe_open has no iteration)
+    # an fp16 pack is upcast: a base folder's UNet is fp32, whatever precision the adaptation then runs at
+    weights = {key: value.float() if value.is_floating_point() else value for key, value in weights.items()}
     tmp = folder.with_name(f".tmp-{folder.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     for key, relative in PACKED_FILES.items():
