@@ -171,10 +171,11 @@ def write_split(dataset: str, out: Path) -> tuple[Path, Path]:
 
 
 def prior_folder(args, out: Path) -> Path:
-    """The prior's base folder: the committed file unpacked, or with --quick a few-step prior trained here."""
+    """The prior's base folder: the committed file unpacked, or with --quick a few-step prior trained here
+    (unless --prior names another file)."""
     from taxadiffusion.prior import unpack_prior
 
-    if not args.quick:
+    if not args.quick or args.other_prior:
         if not args.prior.is_file():
             raise SystemExit(
                 f"{args.prior} not found: make it with `taxadiffusion pretrain --config {PRIOR_CONFIG} "
@@ -321,6 +322,9 @@ def main(argv: list[str] | None = None) -> int:
     timings.update({row: t for row, t in record.get("train_seconds", {}).items() if "~" in row})
     investigations = record.get("investigations", {})
     rare = RARE[args.dataset]
+    if not runs:  # the tables set investigations beside Table 1's rows
+        print(f"no Table 1 row evaluated yet: the investigation is kept in {results / RECORD}, the tables wait")
+        return 0
     table = args
     if args.variant:  # the table's own command: an investigation's is listed with it
         table = argparse.Namespace(**{**vars(args), "variant": None, "scale": 3.0, "window": EVERY_STEP})
@@ -425,7 +429,9 @@ def investigation_lines(runs: dict, investigations: dict, timings: dict, rare: i
     for name, run in investigations.items():
         what = run["investigation"]
         change = "with " + ", ".join(f"`{c}`" for c in what["set"]) if what["set"] else "trained as the row is"
-        change += f" from the prior `{what['prior']}`" if "prior" in what else ""
+        if "prior" in what:
+            change = f"{change} from" if what["row"] != "zero-shot" else "of"
+            change += f" the prior `{what['prior']}`"
         change += f" (the model of `{what['model']}`, not trained again)" if "model" in what else ""
         window = what.get("window")
         sampled = f"scale {what['scale']:g}" + (f", guidance window {window[0]:g}-{window[1]:g}" if window else "")
