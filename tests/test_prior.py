@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -319,6 +320,35 @@ def test_a_packed_prior_unpacks_to_the_same_base(prior, tmp_path):
     assert (folder / "prior.json").read_text() == (prior / "prior.json").read_text()
 
 
+def test_an_unpacked_prior_is_reused_only_for_its_own_file(prior, tmp_path):
+    """A base folder is unpacked once and reused for the same file; another file (a prior repacked under the
+    same name) is refused rather than silently paired with what was adapted from the first. A folder unpacked
+    before the record existed is checked by its weights; a folder that holds something else is left alone."""
+    import shutil
+
+    from taxadiffusion.errors import InputError
+    from taxadiffusion.prior import UNPACKED_FILE, pack_prior, unpack_prior
+
+    packed = pack_prior(prior, tmp_path / "a.safetensors", "recipe: text")
+    folder = unpack_prior(packed, tmp_path / "unpacked")
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    written = weights.stat().st_mtime_ns
+    assert unpack_prior(packed, folder) == folder and weights.stat().st_mtime_ns == written  # reused
+    other = pack_prior(prior, tmp_path / "b.safetensors", "recipe: text", precision="fp16")
+    with pytest.raises(InputError, match="unpacked from another file"):
+        unpack_prior(other, folder)
+    (folder / UNPACKED_FILE).unlink()  # unpacked by an earlier version: compared by its weights
+    assert unpack_prior(packed, folder) == folder and (folder / UNPACKED_FILE).is_file()
+    (folder / UNPACKED_FILE).unlink()
+    with pytest.raises(InputError, match="unpacked from another file"):
+        unpack_prior(other, folder)
+    mine = tmp_path / "mine"
+    shutil.copytree(prior / "unet", mine / "unet")
+    with pytest.raises(InputError, match="not empty and holds no prior"):
+        unpack_prior(packed, mine)
+    assert (mine / "unet" / "config.json").is_file()
+
+
 def test_an_fp16_pack_is_half_the_size_and_unpacks_to_fp32(prior, tmp_path):
     """`--pack-precision fp16` (a prior that would not fit a file size at fp32): the weights rounded to fp16,
     upcast to the fp32 a base folder's UNet holds, so an adaptation loads it as any prior."""
@@ -367,3 +397,24 @@ def test_the_prior_prompted_alone_responds_to_its_captions(prior):
         for caption in captions
     ]  # fmt: skip
     assert images[0].shape == (1, 16, 16, 3) and not np.array_equal(images[0], images[1])
+
+
+def test_the_zero_shot_pipeline_reads_as_the_same_model_in_every_process(prior):
+    """An interrupted zero-shot evaluation resumes: the digest that tells its kept images from another model's is
+    the same in a new process (diffusers' `_use_default_values` lists a set, whose order follows the hash seed)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; from taxadiffusion.prior import prior_pipeline;"
+        "from taxadiffusion.eval.protocol import weights_digest;"
+        "print(weights_digest(prior_pipeline(sys.argv[1], ['a photo of Aa bb', 'a photo of Cc dd'])))"
+    )
+    digests = {
+        subprocess.run(
+            [sys.executable, "-c", script, str(prior)], env={**os.environ, "PYTHONHASHSEED": seed},
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()
+        for seed in ("0", "1")
+    }  # fmt: skip
+    assert len(digests) == 1 and len(digests.pop()) == 32

@@ -16,6 +16,7 @@ from pathlib import Path
 from .errors import InputError, UnreadableFile
 
 PRIOR_FILE = "prior.json"
+UNPACKED_FILE = "unpacked_from.json"  # the packed file a base folder was unpacked from
 FORMAT = "taxadiffusion.prior"
 
 
@@ -137,23 +138,57 @@ def pack_prior(base: str | Path, out: str | Path, recipe: str, precision: str = 
     return Path(out)
 
 
+def _read_packed(file: str | Path) -> tuple[dict, dict]:
+    """A packed prior's metadata and UNet weights, upcast to the fp32 a base folder's UNet holds (an fp16 pack
+    included, whatever precision the adaptation then runs at)."""
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as handle:
+        metadata = handle.metadata()
+        weights = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (safe_open has no iteration)
+    return metadata, {key: value.float() if value.is_floating_point() else value for key, value in weights.items()}
+
+
+def _unpacked_from(file: Path, folder: Path, digest: str) -> bool:
+    """Whether the complete base folder `folder` holds the prior packed in `file`. A folder unpacked before the
+    record existed is compared weight by weight once, and recorded when it matches."""
+    import torch
+    from safetensors.torch import load_file
+
+    record = folder / UNPACKED_FILE
+    if record.is_file():
+        return json.loads(record.read_text(encoding="utf-8")).get("sha256") == digest
+    _, packed = _read_packed(file)
+    unpacked = load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
+    same = packed.keys() == unpacked.keys() and all(torch.equal(packed[k], unpacked[k]) for k in packed)
+    if same:
+        record.write_text(json.dumps({"file": file.name, "sha256": digest}) + "\n", encoding="utf-8")
+    return same
+
+
 def unpack_prior(file: str | Path, folder: str | Path) -> Path:
-    """Write the base folder a packed prior holds (once: a complete folder is reused)."""
+    """Write the base folder a packed prior holds, once: a complete folder unpacked from the same file (by its
+    SHA-256) is reused, and one unpacked from another file is refused, since what was adapted from it would
+    otherwise be paired with other weights without a word."""
+    import hashlib
     import shutil
 
-    from safetensors import safe_open
     from safetensors.torch import save_file
 
     from .model import SpaceToDepth
 
-    folder = Path(folder)
+    file, folder = Path(file), Path(folder)
+    digest = hashlib.sha256(file.read_bytes()).hexdigest()
     if (folder / PRIOR_FILE).is_file():
+        if not _unpacked_from(file, folder, digest):
+            raise InputError(
+                f"{folder} holds a prior unpacked from another file than {file}; remove that folder (and whatever "
+                "was adapted from it) or unpack into another one"
+            )
         return folder
-    with safe_open(str(file), framework="pt") as handle:
-        metadata = handle.metadata()
-        weights = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (safe_open has no iteration)
-    # an fp16 pack is upcast: a base folder's UNet is fp32, whatever precision the adaptation then runs at
-    weights = {key: value.float() if value.is_floating_point() else value for key, value in weights.items()}
+    if folder.exists() and any(folder.iterdir()):  # not a prior's folder (unpacking renames a complete one in)
+        raise InputError(f"{folder} is not empty and holds no prior: unpack {file.name} into another folder")
+    metadata, weights = _read_packed(file)
     tmp = folder.with_name(f".tmp-{folder.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     for key, relative in PACKED_FILES.items():
@@ -162,9 +197,10 @@ def unpack_prior(file: str | Path, folder: str | Path) -> Path:
     save_file(weights, str(tmp / "unet" / "diffusion_pytorch_model.safetensors"))
     codec = json.loads(metadata["codec_config"])
     SpaceToDepth(codec["factor"], codec["channels"], codec["scaling_factor"]).save_pretrained(tmp / "vae")
+    (tmp / UNPACKED_FILE).write_text(json.dumps({"file": file.name, "sha256": digest}) + "\n", encoding="utf-8")
     folder.parent.mkdir(parents=True, exist_ok=True)
     if folder.exists():
-        shutil.rmtree(folder)
+        folder.rmdir()  # empty (checked above)
     tmp.rename(folder)
     return folder
 

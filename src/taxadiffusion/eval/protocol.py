@@ -93,8 +93,10 @@ GENERATION_FILE = "generation.json"
 def own_config(component) -> dict:
     """A component's config as far as it decides the outputs. A scheduler's holds only its own parameters:
     `from_config` also keeps the keys of the scheduler it was made from, so the same scheduler would read
-    differently after another sequence of `--scheduler` choices."""
-    config = dict(getattr(component, "config", None) or {})
+    differently after another sequence of `--scheduler` choices. diffusers' bookkeeping keys (`_class_name`,
+    `_diffusers_version`, `_name_or_path`, `_use_default_values`) are left out: they decide no pixel, and
+    `_use_default_values` lists a set, in an order that changes from one process to the next."""
+    config = {k: v for k, v in dict(getattr(component, "config", None) or {}).items() if not k.startswith("_")}
     if isinstance(component, SchedulerMixin):
         own = inspect.signature(type(component).__init__).parameters
         config = {k: v for k, v in config.items() if k in own}
