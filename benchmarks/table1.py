@@ -243,8 +243,12 @@ def main(argv: list[str] | None = None) -> int:
         "taxon)"
     )
     train_csv, heldout = write_split(args.dataset, out / "data")
-    prior = prior_folder(args, out)
     results = (out if args.quick else args.results) / name
+    if args.model:  # a model trained earlier is sampled with (and recorded as adapted from) its own prior
+        earlier = investigation_prior(results, args.model)
+        if earlier is not None:
+            args.prior, args.other_prior = REPO / earlier, True
+    prior = prior_folder(args, out)
     classifier = committed_classifier(train_csv, out, results, 60 if args.quick else 1500)
     recipe = [f"model.base={prior}", f"data.path={train_csv}", f"train.steps={steps}"]
     if args.quick:
@@ -367,6 +371,15 @@ def trained_changes(results: Path, trained: str) -> list[str]:
     return investigation["investigation"]["set"]
 
 
+def investigation_prior(results: Path, variant: str) -> str | None:
+    """The --prior that the investigation `variant` was trained from, as its record names it (None: the
+    committed prior)."""
+    trained = {k: v for k, v in read_record(results).get("investigations", {}).items() if k.endswith(f"~{variant}")}
+    if not trained:
+        raise SystemExit(f"--model: no investigation {variant!r} in {results / RECORD}: run it first (--variant)")
+    return next(iter(trained.values()))["investigation"].get("prior")
+
+
 def committed_classifier(train_csv: Path, out: Path, results: Path, steps: int) -> Path:
     """The taxonomic classifier of the accuracy columns, trained once and kept with the results: retrained on
     another machine it differs (its held-out accuracy by an image or two in 150), so each row's accuracy would
@@ -401,7 +414,7 @@ def command(args, rows: list[str] | None = None) -> str:
         parts.append(f"--window {args.window[0]:g} {args.window[1]:g}")
     if args.variant:
         parts.append(f"--variant {args.variant}")
-        parts += [f"--prior {relative(args.prior)}"] if args.other_prior else []
+        parts += [f"--prior {relative(args.prior)}"] if args.other_prior and not args.model else []
         parts += [f"--set {' '.join(args.set)}"] if args.set else []
         parts += [f"--model {args.model}"] if args.model else []
         parts += [f"--ranks {' '.join(args.ranks)}"] if len(args.ranks) < len(RANKS) else []
