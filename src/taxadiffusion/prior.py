@@ -162,8 +162,12 @@ def _unpacked_from(file: Path, folder: Path, digest: str) -> bool:
     unpacked = load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
     same = packed.keys() == unpacked.keys() and all(torch.equal(packed[k], unpacked[k]) for k in packed)
     if same:
-        record.write_text(json.dumps({"file": file.name, "sha256": digest}) + "\n", encoding="utf-8")
+        _record_unpacked(folder, file, digest)
     return same
+
+
+def _record_unpacked(folder: Path, file: Path, digest: str) -> None:
+    (folder / UNPACKED_FILE).write_text(json.dumps({"file": file.name, "sha256": digest}) + "\n", encoding="utf-8")
 
 
 def unpack_prior(file: str | Path, folder: str | Path) -> Path:
@@ -197,7 +201,7 @@ def unpack_prior(file: str | Path, folder: str | Path) -> Path:
     save_file(weights, str(tmp / "unet" / "diffusion_pytorch_model.safetensors"))
     codec = json.loads(metadata["codec_config"])
     SpaceToDepth(codec["factor"], codec["channels"], codec["scaling_factor"]).save_pretrained(tmp / "vae")
-    (tmp / UNPACKED_FILE).write_text(json.dumps({"file": file.name, "sha256": digest}) + "\n", encoding="utf-8")
+    _record_unpacked(tmp, file, digest)
     folder.parent.mkdir(parents=True, exist_ok=True)
     if folder.exists():
         folder.rmdir()  # empty (checked above)
