@@ -223,7 +223,8 @@ def resolve_base(base: str) -> str:
         raise InputError(f"no packaged prior {name!r}; the package ships: {', '.join(shipped) or 'none'}")
     digest = hashlib.sha256(file.read_bytes()).hexdigest()[:12]
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "taxadiffusion" / "priors"
-    return str(unpack_prior(file, cache / f"{name}-{digest}"))
+    folder = cache / f"{name}-{digest}"  # named by the file's digest: a complete one is this file's, unhashed again
+    return str(folder if (folder / PRIOR_FILE).is_file() else unpack_prior(file, folder))
 
 
 def prior_pipeline(base: str | Path, captions: list[str], scheduler: str = "pndm"):
