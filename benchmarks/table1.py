@@ -35,6 +35,7 @@ import argparse
 import csv
 import fcntl
 import json
+import os
 import shutil
 import sys
 import time
@@ -191,21 +192,22 @@ def prior_folder(args, out: Path) -> Path:
     return folder
 
 
-def train_row(recipe: list[str], out: Path) -> tuple[Path, float]:
-    """Train (or resume, or find finished) one row; returns its pipeline and the seconds it took."""
+def train_row(recipe: list[str], out: Path) -> tuple[Path, dict, bool]:
+    """Train (or resume, or find finished) one row. Returns its pipeline, how it was trained ({"seconds",
+    "threads"}: the last process's time and torch threads) and whether it was found finished."""
     from taxadiffusion.train.trainer import Trainer
 
     done = out / "train_seconds.json"
     if (out / "pipeline" / "model_index.json").is_file() and done.is_file():
-        return out / "pipeline", json.loads(done.read_text())["seconds"]
+        return out / "pipeline", json.loads(done.read_text()), True
     config = Config.load(RECIPE, recipe)
     start = time.perf_counter()
     trainer = Trainer(config, out)
     print(trainer.describe())
     pipeline = trainer.run()
-    seconds = time.perf_counter() - start
-    done.write_text(json.dumps({"seconds": seconds}) + "\n")
-    return pipeline, seconds
+    timing = {"seconds": time.perf_counter() - start, "threads": torch.get_num_threads()}
+    done.write_text(json.dumps(timing) + "\n")
+    return pipeline, timing, False
 
 
 def export_species_images(evaluation: Path, target: Path, heldout: Path) -> None:
@@ -270,14 +272,18 @@ def main(argv: list[str] | None = None) -> int:
         model = prior
         if strategy is not None:
             overrides = rows[base][1]
-            model, seconds = train_row(
+            model, timing, found = train_row(
                 [*recipe, f"train.strategy={strategy}", *overrides, *changes], out / "runs" / trained
             )
-            print(f"{trained}: trained in {seconds / 60:.1f} min")
+            minutes = f"{timing['seconds'] / 60:.1f} min"
+            print(f"{trained}: " + (f"found finished (trained in {minutes})" if found else f"trained in {minutes}"))
             # an investigation's own key: a scale variant samples the row's model but must not retime the row
             timed = f"{base}~{args.variant}" if args.variant else trained
             if not args.model:  # a model trained for another investigation is timed there
-                keep_record(results, {"train_seconds": {timed: seconds}})
+                entries = {"train_seconds": {timed: timing["seconds"]}}
+                if "threads" in timing:  # recorded since the header stopped naming one process's threads
+                    entries["train_threads"] = {timed: timing["threads"]}
+                keep_record(results, entries)
 
         # evaluate
         evaluated = row + (f"~{args.variant}" if args.variant else "")
@@ -341,7 +347,8 @@ def main(argv: list[str] | None = None) -> int:
 # goes with it, and the tables are rebuilt from this record, so rows measured on different machines (a long
 # benchmark spans several) stay in one table.
 RECORD = "metrics.json"
-MERGED = ("train_seconds", "investigations")  # the record's entries that gather rows rather than being one
+# the record's entries that gather rows rather than being one
+MERGED = ("train_seconds", "train_threads", "investigations")
 
 
 def read_record(results: Path) -> dict:
@@ -466,7 +473,10 @@ def write_results(
     lines = [
         f"# {label}: the paper's Table 1 and strategy ablation from one prior",
         "",
-        f"Command: `{command}` (resumable). Machine: {torch.get_num_threads()} CPU threads, torch {torch.__version__}.",
+        # the machine, not the threads of whichever process wrote this last: runs differ, the record has each's
+        f"Command: `{command}` (resumable). Machine: {os.cpu_count()} CPU cores, torch {torch.__version__}; runs "
+        f"often shared them (the threads of each run trained since this is recorded: `train_threads` in "
+        f"`{assets.name}/{RECORD}`).",
         f"Prior: `{PRIOR_CONFIG.relative_to(REPO)}`; adaptation: `{RECIPE.relative_to(REPO)}`, the same steps for "
         "every trained row; a fixed, stratified 20% held out of every species (never trained on, prior included).",
         f"Every row's metrics and training time: `{assets.name}/{RECORD}`; the classifier of the Acc columns: "
