@@ -38,7 +38,6 @@ import json
 import os
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -194,18 +193,18 @@ def prior_folder(args, out: Path) -> Path:
 
 def train_row(recipe: list[str], out: Path) -> tuple[Path, dict, bool]:
     """Train (or resume, or find finished) one row. Returns its pipeline, how it was trained ({"seconds",
-    "threads"}: the last process's time and torch threads) and whether it was found finished."""
+    "threads"}: its training time summed over every process that ran or resumed it, the last one's torch
+    threads) and whether it was found finished."""
     from taxadiffusion.train.trainer import Trainer
 
     done = out / "train_seconds.json"
     if (out / "pipeline" / "model_index.json").is_file() and done.is_file():
         return out / "pipeline", json.loads(done.read_text()), True
     config = Config.load(RECIPE, recipe)
-    start = time.perf_counter()
     trainer = Trainer(config, out)
     print(trainer.describe())
     pipeline = trainer.run()
-    timing = {"seconds": time.perf_counter() - start, "threads": torch.get_num_threads()}
+    timing = {"seconds": trainer.state.train_seconds, "threads": torch.get_num_threads()}
     done.write_text(json.dumps(timing) + "\n")
     return pipeline, timing, False
 

@@ -462,3 +462,29 @@ def ckpt_dir(run):
     from taxadiffusion.train.checkpoint import list_checkpoints
 
     return list_checkpoints(run / "checkpoints")
+
+
+def test_a_resumed_runs_training_time_counts_every_process(two_rank_data, tiny_sd, tmp_path):
+    """A run's training time (`state.train_seconds`, kept in its checkpoints) sums every process that ran it up
+    to its last checkpoint: a benchmark resumed after a kill reports its whole cost, not its last process's."""
+    import time
+
+    from taxadiffusion.train.checkpoint import read_state
+
+    config = _config(two_rank_data, tiny_sd, steps=[2, 2], checkpoint_every=1)
+
+    def slow_then_kill(state, batch):
+        if state.global_step == 3:  # stage 1, step 1: its checkpoint is not written, the kill loses it
+            raise KeyboardInterrupt
+        time.sleep(0.5)  # steps 1 and 2, both checkpointed
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config, tmp_path / "run", on_step=slow_then_kill, progress=False)
+    first = read_state(ckpt_dir(tmp_path / "run")[-1]).train_seconds
+    assert first >= 1.0
+    start = time.perf_counter()
+    trainer = Trainer(config, tmp_path / "run", progress=False)
+    trainer.run()
+    second = time.perf_counter() - start
+    assert trainer.state.train_seconds >= first + 0.9 * second  # both processes' time, the second's whole
+    assert read_state(ckpt_dir(tmp_path / "run")[-1]).train_seconds > first

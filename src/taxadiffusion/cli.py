@@ -85,8 +85,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     except TrainingDiverged as error:
         print(f"taxadiffusion: training stopped: {error}", file=sys.stderr)
         return 3
+    took = f"{trainer.state.train_seconds / 60:.1f} min of training, over every process that ran or resumed it"
     if pretrain:
-        print(f"done: the prior is the base folder {pipeline}; adapt it with --set model.base={pipeline}")
+        print(f"done ({took}): the prior is the base folder {pipeline}; adapt it with --set model.base={pipeline}")
         if args.pack:
             from .prior import pack_prior
 
@@ -94,7 +95,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             packed = pack_prior(pipeline, args.pack, recipe, args.pack_precision)
             print(f"packed into {packed} ({packed.stat().st_size / 2**20:.1f} MB)")
     else:
-        print(f"done: pipeline saved to {pipeline}; sample grids in {Path(args.output) / 'samples'}")
+        print(f"done ({took}): pipeline saved to {pipeline}; sample grids in {Path(args.output) / 'samples'}")
     return 0
 
 

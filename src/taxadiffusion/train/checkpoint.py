@@ -42,6 +42,9 @@ class TrainingState:
     stage_complete: bool = False
     fingerprint: str = ""  # Config.fingerprint() of the run that wrote it
     taxonomy: str = ""  # hash of the training taxonomy
+    # wall seconds of training up to this checkpoint, summed over every process that ran or resumed the run (the
+    # work after a process's last checkpoint is lost with it, and so is its time): a resumed run's true cost
+    train_seconds: float = 0.0
 
 
 def rng_state() -> dict:

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -144,6 +145,7 @@ class Trainer:
         on_step: Callable[[ckpt.TrainingState, dict], None] | None = None,
         progress: bool = True,
     ):
+        self._clock = time.perf_counter()  # the run's time counts its set-up too (data checks, text features)
         self.config = config
         self.paths = RunPaths(Path(output))
         self.on_step = on_step
@@ -356,8 +358,15 @@ class Trainer:
             if not done:
                 self._train_stage(stage)
         saved = self.save_prior() if self.config.train.strategy == "prior" else self.save_pipeline()
+        self._tick(self.state)  # the last sample grid and the save: `state.train_seconds` is now the run's total
         acc.end_training()  # closes the trackers and the process group: last
         return saved
+
+    def _tick(self, state: ckpt.TrainingState) -> None:
+        """Add this process's seconds since the last tick to the run's training time."""
+        now = time.perf_counter()
+        state.train_seconds += now - self._clock
+        self._clock = now
 
     def _train_stage(self, stage: Stage) -> None:
         acc, train = self.accelerator, self.config.train
@@ -438,7 +447,11 @@ class Trainer:
             lr_scheduler.load_state_dict(self.resumed.optim["lr_scheduler"])
         else:
             self.state = ckpt.TrainingState(
-                stage=stage.index, global_step=state.global_step, fingerprint=state.fingerprint, taxonomy=state.taxonomy
+                stage=stage.index,
+                global_step=state.global_step,
+                fingerprint=state.fingerprint,
+                taxonomy=state.taxonomy,
+                train_seconds=state.train_seconds,
             )
         return model, params, optimizer, lr_scheduler, loader
 
@@ -532,6 +545,7 @@ class Trainer:
         if bad:
             raise self._diverged(f"{len(bad)} trained weight tensor(s) became NaN or infinite", stage, state.step)
         self.resumed = None  # a later stage starts from its own fresh state
+        self._tick(state)
         ckpt.write_checkpoint(
             self.paths.checkpoints,
             state,
