@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
             timed = f"{base}~{args.variant}" if args.variant else trained
             if not args.model:  # a model trained for another investigation is timed there
                 entries = {"train_seconds": {timed: timing["seconds"]}}
-                if "threads" in timing:  # recorded since the header stopped naming one process's threads
+                if "threads" in timing:  # a train_seconds.json written before threads were recorded has none
                     entries["train_threads"] = {timed: timing["threads"]}
                 keep_record(results, entries)
 
