@@ -170,20 +170,28 @@ def train_classifier(train_csv: Path, out: Path, steps: int) -> Path:
     return out
 
 
-def train_run(train_csv: Path, out: Path, overrides: list[str], steps: int) -> tuple[Path, float]:
-    """Train (or resume, or find finished) one run of the preset (`steps` in all); returns the pipeline and
-    the seconds it took, summed over every process that ran or resumed it."""
+def train_or_find(config: Config, out: Path, **record) -> tuple[Path, dict, bool]:
+    """Train (or resume, or find finished) one run into `out`. Returns its pipeline, how it was trained
+    ({"seconds", "threads", **record}: its training time summed over every process that ran or resumed it, the
+    last one's torch threads) and whether it was found finished. Both benchmarks train their runs through this."""
     from taxadiffusion.train.trainer import Trainer
 
-    config = Config.load(PRESET, ["data.format=csv", f"data.path={train_csv}", *overrides])
-    if (out / "pipeline" / "model_index.json").is_file() and (out / "train_seconds.json").is_file():
-        return out / "pipeline", json.loads((out / "train_seconds.json").read_text())["seconds"]
+    done = out / "train_seconds.json"
+    if (out / "pipeline" / "model_index.json").is_file() and done.is_file():
+        return out / "pipeline", json.loads(done.read_text()), True
     trainer = Trainer(config, out)
     print(trainer.describe())
     pipeline = trainer.run()
-    seconds = trainer.state.train_seconds
-    (out / "train_seconds.json").write_text(json.dumps({"seconds": seconds, "steps": steps}) + "\n")
-    return pipeline, seconds
+    timing = {"seconds": trainer.state.train_seconds, "threads": torch.get_num_threads(), **record}
+    done.write_text(json.dumps(timing) + "\n")
+    return pipeline, timing, False
+
+
+def train_run(train_csv: Path, out: Path, overrides: list[str], steps: int) -> tuple[Path, float]:
+    """One run of the preset (`steps` in all); returns the pipeline and its training time in seconds."""
+    config = Config.load(PRESET, ["data.format=csv", f"data.path={train_csv}", *overrides])
+    pipeline, timing, _ = train_or_find(config, out, steps=steps)
+    return pipeline, timing["seconds"]
 
 
 def settings(

@@ -52,7 +52,13 @@ from taxadiffusion.sampling import SamplingSettings
 from taxadiffusion.saved_files import write_text_atomic
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import result_tables, run_tables, train_classifier, write_table  # the benchmarks share their data steps
+from quality import (  # the benchmarks share their data steps
+    result_tables,
+    run_tables,
+    train_classifier,
+    train_or_find,
+    write_table,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
@@ -191,24 +197,6 @@ def prior_folder(args, out: Path) -> Path:
     return folder
 
 
-def train_row(recipe: list[str], out: Path) -> tuple[Path, dict, bool]:
-    """Train (or resume, or find finished) one row. Returns its pipeline, how it was trained ({"seconds",
-    "threads"}: its training time summed over every process that ran or resumed it, the last one's torch
-    threads) and whether it was found finished."""
-    from taxadiffusion.train.trainer import Trainer
-
-    done = out / "train_seconds.json"
-    if (out / "pipeline" / "model_index.json").is_file() and done.is_file():
-        return out / "pipeline", json.loads(done.read_text()), True
-    config = Config.load(RECIPE, recipe)
-    trainer = Trainer(config, out)
-    print(trainer.describe())
-    pipeline = trainer.run()
-    timing = {"seconds": trainer.state.train_seconds, "threads": torch.get_num_threads()}
-    done.write_text(json.dumps(timing) + "\n")
-    return pipeline, timing, False
-
-
 def export_species_images(evaluation: Path, target: Path, heldout: Path) -> None:
     """The species-rank images of an evaluation as PNGs under `target` with index.csv (path, scientific_name)."""
     from taxadiffusion.data.readers import read_table
@@ -271,9 +259,8 @@ def main(argv: list[str] | None = None) -> int:
         model = prior
         if strategy is not None:
             overrides = rows[base][1]
-            model, timing, found = train_row(
-                [*recipe, f"train.strategy={strategy}", *overrides, *changes], out / "runs" / trained
-            )
+            config = Config.load(RECIPE, [*recipe, f"train.strategy={strategy}", *overrides, *changes])
+            model, timing, found = train_or_find(config, out / "runs" / trained)
             minutes = f"{timing['seconds'] / 60:.1f} min"
             print(f"{trained}: " + (f"found finished (trained in {minutes})" if found else f"trained in {minutes}"))
             # an investigation's own key: a scale variant samples the row's model but must not retime the row
