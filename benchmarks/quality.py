@@ -41,6 +41,7 @@ from taxadiffusion.eval.report import (
 )
 from taxadiffusion.guidance import Guidance
 from taxadiffusion.sampling import SamplingSettings
+from taxadiffusion.saved_files import write_text_atomic
 from taxadiffusion.taxonomy import Rank
 
 REPO = Path(__file__).resolve().parents[1]
@@ -183,7 +184,7 @@ def train_or_find(config: Config, out: Path, **record) -> tuple[Path, dict, bool
     print(trainer.describe())
     pipeline = trainer.run()
     timing = {"seconds": trainer.state.train_seconds, "threads": torch.get_num_threads(), **record}
-    done.write_text(json.dumps(timing) + "\n")
+    write_text_atomic(done, json.dumps(timing) + "\n")  # the finished-run marker: whole or absent after a kill
     return pipeline, timing, False
 
 
