@@ -120,7 +120,7 @@ def test_compile_and_channels_last_keep_the_state_dict(two_rank_data, tiny_sd, t
     assert not any("_orig_mod" in k for k in unet.state_dict())
     conv = unet.conv_in.weight
     assert conv.is_contiguous(memory_format=torch.channels_last)
-    assert "compiled UNet, channels-last" in trainer.describe()
+    assert "compiled UNet (CPU: minutes of compiling before the first step), channels-last" in trainer.describe()
     # A resume on another machine may switch them: they change how the step runs, not what it computes.
     plain = Config.from_dict({**config.to_dict(), "train": {**config.to_dict()["train"], "compile": False}})
     assert plain.fingerprint() == config.fingerprint()
