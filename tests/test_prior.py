@@ -78,7 +78,17 @@ def test_the_published_recipe_adapts_the_prior(prior, data, tiny_sd, tmp_path, c
     out = tmp_path / "samples"
     assert main(["sample", "--model", str(pipeline), "--taxon", genus, "--n", "2", "--out", str(out)]) == 0
     assert len(list(out.glob("*.png"))) == 3
+    # Every weights file the run wrote (pipeline, checkpoints, text cache) is as readable as its configs.
+    assert_readable_like_other_files(tmp_path / "run")
     capsys.readouterr()
+
+
+def assert_readable_like_other_files(folder: Path) -> None:
+    """safetensors 0.8 leaves what it writes at 0600; the project's saves give them the umask's mode."""
+    from taxadiffusion.saved_files import new_file_mode
+
+    weights = list(folder.rglob("*.safetensors"))
+    assert weights and {oct(f.stat().st_mode & 0o777) for f in weights} == {oct(new_file_mode())}
 
 
 def test_the_frozen_lora_is_fused_and_a_killed_run_resumes_bit_for_bit(prior, data, tmp_path):
@@ -318,6 +328,22 @@ def test_a_packed_prior_unpacks_to_the_same_base(prior, tmp_path):
     before, after = load_file(prior / weights), load_file(folder / weights)
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert (folder / "prior.json").read_text() == (prior / "prior.json").read_text()
+    for written in (prior, packed, folder):
+        assert_readable_like_other_files(written if written.is_dir() else written.parent)
+
+
+def test_saved_weights_are_readable_by_others_under_a_shared_umask(prior, tmp_path):
+    """Under umask 022 a packed prior and the folder unpacked from it are 0644, as any file written here."""
+    from taxadiffusion.prior import pack_prior, unpack_prior
+
+    before = os.umask(0o022)
+    try:
+        packed = pack_prior(prior, tmp_path / "prior.safetensors", "recipe: text")
+        folder = unpack_prior(packed, tmp_path / "unpacked")
+    finally:
+        os.umask(before)
+    for file in [packed, *folder.rglob("*.safetensors")]:
+        assert file.stat().st_mode & 0o777 == 0o644, file
 
 
 def test_an_unpacked_prior_is_reused_only_for_its_own_file(prior, tmp_path):

@@ -35,7 +35,7 @@ from .errors import InputError
 from .guidance import Guidance, cfg, in_window
 from .model import SpaceToDepth, has_lora, lora_fused, spatial_factor
 from .sampling import Negative, SamplingSettings, Scheduler, Spacing
-from .saved_files import check_saved_folder
+from .saved_files import check_saved_folder, share_safetensors
 from .taxonomy import NONE_ID, Lineage, Rank, Taxonomy
 from .text import TextEmbeddingCache
 
@@ -348,6 +348,7 @@ class TaxaDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                 )
             else:
                 component.save_pretrained(directory / name, safe_serialization=safe_serialization)
+        share_safetensors(directory)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs) -> TaxaDiffusionPipeline:

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import InputError, UnreadableFile
+from .saved_files import share_safetensors
 
 PRIOR_FILE = "prior.json"
 UNPACKED_FILE = "unpacked_from.json"  # the packed file a base folder was unpacked from
@@ -89,6 +90,7 @@ def save_base_folder(folder: Path, unet, noise_scheduler, codec, info: PriorInfo
     if codec is not None:
         codec.save_pretrained(tmp / "vae")
     info.save(tmp)
+    share_safetensors(tmp)
     for part in BASE_PARTS:
         target = folder / part
         if target.is_dir():
@@ -135,6 +137,7 @@ def pack_prior(base: str | Path, out: str | Path, recipe: str, precision: str = 
         weights = {key: w.to(torch.float16) if w.is_floating_point() else w for key, w in weights.items()}
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     save_file(weights, str(out), metadata=metadata)
+    share_safetensors(out)
     return Path(out)
 
 
@@ -202,6 +205,7 @@ def unpack_prior(file: str | Path, folder: str | Path) -> Path:
     codec = json.loads(metadata["codec_config"])
     SpaceToDepth(codec["factor"], codec["channels"], codec["scaling_factor"]).save_pretrained(tmp / "vae")
     _record_unpacked(tmp, file, digest)
+    share_safetensors(tmp)
     folder.parent.mkdir(parents=True, exist_ok=True)
     if folder.exists():
         folder.rmdir()  # empty (checked above)

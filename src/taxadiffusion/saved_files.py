@@ -51,6 +51,30 @@ def refuse_nonempty(folder: str | Path, overwrite: bool) -> Path:
     return folder
 
 
+def new_file_mode() -> int:
+    """The mode `open()` gives a new file here: 0o666 less the process's umask (read by setting it back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def share_safetensors(path: str | Path) -> None:
+    """Give a written safetensors file (or every one under a folder) the mode any other file written here gets.
+
+    safetensors 0.8 writes through a temporary file that is created 0600 and renamed into place, so the weights of
+    a saved pipeline, prior or checkpoint would be readable by their owner alone, beside a config.json that
+    everyone may read (safetensors#782, not fixed in a release): a colleague on a shared machine, or a container
+    running as another user, could then not load the model.
+    """
+    path = Path(path)
+    if os.name != "posix":
+        return
+    mode = new_file_mode()
+    for file in [path] if path.is_file() else path.rglob("*.safetensors"):
+        if file.stat().st_mode & 0o777 != mode:
+            file.chmod(mode)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write a text file whole or not at all: to `.tmp-<name>` beside it, flushed to disk, then renamed over it."""
     tmp = path.with_name(f".tmp-{path.name}")

@@ -21,7 +21,7 @@ from diffusers.models.modeling_utils import ModelMixin
 
 from .errors import InputError, UnreadableFile
 from .packaged import package_path
-from .saved_files import check_saved_folder
+from .saved_files import check_saved_folder, share_safetensors
 from .taxonomy import Rank, Taxonomy
 
 DEFAULT_TEMPLATE = "{rank}: {name}"
@@ -255,6 +255,7 @@ class TextEmbeddingCache(ModelMixin, ConfigMixin):
         tmp = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a killed build; the cache folder is the run's own
         cache.save_pretrained(tmp)
+        share_safetensors(tmp)
         if folder.exists():
             shutil.rmtree(folder)
         tmp.replace(folder)

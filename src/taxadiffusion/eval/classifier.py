@@ -19,7 +19,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from ..saved_files import refuse_nonempty
+from ..saved_files import refuse_nonempty, share_safetensors
 from ..taxonomy import Taxonomy
 
 
@@ -186,6 +186,7 @@ class ClassifierRun:
         """The model folder plus `heldout_accuracy.json`; a non-empty folder needs `overwrite`."""
         out = refuse_nonempty(out, overwrite)
         self.model.save_pretrained(out)
+        share_safetensors(out)
         report = {"held_out_images": self.held_out_images, "accuracy": self.accuracy}
         (out / "heldout_accuracy.json").write_text(json.dumps(report, indent=1))
         return out

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import UnreadableFile
+from ..saved_files import share_safetensors
 
 PREFIX = "step-"
 TMP_PREFIX = ".tmp-"  # being written
@@ -98,6 +99,7 @@ def write_checkpoint(
     torch.save(rng_state(), tmp / f"rng-{process_index}.pt")
     if is_main:
         save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, tmp / WEIGHTS)
+        share_safetensors(tmp / WEIGHTS)
         optim = {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict()}
         if ema is not None:
             optim["ema"] = ema.state_dict()
