@@ -346,9 +346,11 @@ class TaxaDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                     weight_name=LORA_WEIGHT_NAME,
                     unet_lora_adapter_metadata=_jsonable(config),
                 )
+                share_safetensors(directory / LORA_WEIGHT_NAME)
             else:
                 component.save_pretrained(directory / name, safe_serialization=safe_serialization)
-        share_safetensors(directory)
+            if (directory / name).is_dir():  # what this save wrote, not other files a user keeps beside it
+                share_safetensors(directory / name)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs) -> TaxaDiffusionPipeline:
