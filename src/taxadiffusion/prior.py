@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import InputError, UnreadableFile
-from .saved_files import share_safetensors
+from .saved_files import save_safetensors, share_safetensors
 
 PRIOR_FILE = "prior.json"
 UNPACKED_FILE = "unpacked_from.json"  # the packed file a base folder was unpacked from
@@ -125,7 +125,7 @@ def pack_prior(base: str | Path, out: str | Path, recipe: str, precision: str = 
     stores the weights at half the size, as Stable Diffusion's fp16 variant does (a prior is adapted from
     the rounded weights, upcast on unpacking)."""
     import torch
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     if precision not in PACK_PRECISIONS:
         raise InputError(f"pack precision {precision!r}: one of {', '.join(PACK_PRECISIONS)}")
@@ -136,8 +136,7 @@ def pack_prior(base: str | Path, out: str | Path, recipe: str, precision: str = 
     if precision == "fp16":
         weights = {key: w.to(torch.float16) if w.is_floating_point() else w for key, w in weights.items()}
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    save_file(weights, str(out), metadata=metadata)
-    share_safetensors(out)
+    save_safetensors(weights, out, metadata=metadata)
     return Path(out)
 
 

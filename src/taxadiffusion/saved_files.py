@@ -75,6 +75,14 @@ def share_safetensors(path: str | Path) -> None:
             file.chmod(mode)
 
 
+def save_safetensors(tensors: dict, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' `save_file`, the written file then given the umask's mode (see `share_safetensors`)."""
+    from safetensors.torch import save_file  # imports torch: only when weights are written
+
+    save_file(tensors, str(path), metadata=metadata)
+    share_safetensors(path)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write a text file whole or not at all: to `.tmp-<name>` beside it, flushed to disk, then renamed over it."""
     tmp = path.with_name(f".tmp-{path.name}")

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..errors import UnreadableFile
-from ..saved_files import share_safetensors
+from ..saved_files import save_safetensors
 
 PREFIX = "step-"
 TMP_PREFIX = ".tmp-"  # being written
@@ -98,8 +98,7 @@ def write_checkpoint(
     barrier()
     torch.save(rng_state(), tmp / f"rng-{process_index}.pt")
     if is_main:
-        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, tmp / WEIGHTS)
-        share_safetensors(tmp / WEIGHTS)
+        save_safetensors({k: v.detach().cpu().contiguous() for k, v in weights.items()}, tmp / WEIGHTS)
         optim = {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict()}
         if ema is not None:
             optim["ema"] = ema.state_dict()
