@@ -171,11 +171,22 @@ def test_a_resumed_run_may_change_the_running_stages_length(
     assert all(torch.equal(whole[k], extended[k]) for k in whole)
     assert "3 steps" in (tmp_path / "run" / "plan.txt").read_text()
 
-    # The finished run: its stages keep their lengths.
+    # The finished run: a stage that a later one trained on keeps its length; the last one may train longer,
+    # from its checkpoint before the averaged weights, and ends as a run given that length from the start.
     with pytest.raises(RunConflict, match=r"stage 0-genus finished at 3 steps, and this config gives it 2"):
         Trainer(_config(two_rank_data, tiny_sd, steps=[2, 2], **settings), tmp_path / "run", progress=False)
     with pytest.raises(RunConflict, match=r"stage 1-specific_epithet finished at 2 steps"):
-        Trainer(_config(two_rank_data, tiny_sd, steps=[3, 5], **settings), tmp_path / "run", progress=False)
+        Trainer(_config(two_rank_data, tiny_sd, steps=[3, 1], **settings), tmp_path / "run", progress=False)
+    ema = {**settings, "ema_decay": 0.9}
+    longest = _weights(train(_config(two_rank_data, tiny_sd, steps=[3, 4], **ema), tmp_path / "4", progress=False))
+    train(_config(two_rank_data, tiny_sd, steps=[3, 2], **ema), tmp_path / "2", progress=False)
+    grown = _weights(train(_config(two_rank_data, tiny_sd, steps=[3, 4], **ema), tmp_path / "2", progress=False))
+    assert "stage 1-specific_epithet finished at 2 steps and now trains to 4" in capsys.readouterr().out
+    assert all(torch.equal(longest[k], grown[k]) for k in longest)
+    for final in ckpt_dir(tmp_path / "2")[:-1]:  # only the final checkpoint (averaged weights) left: refused
+        final.rename(final.with_name("moved"))
+    with pytest.raises(RunConflict, match=r"train longer only from a checkpoint inside it .* keeps none"):
+        Trainer(_config(two_rank_data, tiny_sd, steps=[3, 6], **ema), tmp_path / "2", progress=False)
 
     # A running stage shortened below the checkpoint's step ends where it is.
     def kill_later(state, batch):

@@ -292,7 +292,8 @@ RUNTIME_KEYS = frozenset(
 ) | {f"sample.{f.name}" for f in dataclasses.fields(SampleConfig)}
 
 # How long a run trains. A run resumes with them changed (nanoGPT's max_iters: stop a prior early, or extend
-# it) as long as no finished stage changes length; the trainer checks that against the checkpoint.
+# it, finished or not) as long as no stage that a later stage trained on changes length; the trainer checks
+# that against the checkpoint.
 LENGTH_KEYS = frozenset({"train.steps", "train.epochs"})
 NOT_IDENTITY = RUNTIME_KEYS | LENGTH_KEYS  # what neither the fingerprint nor a config's differences count
 

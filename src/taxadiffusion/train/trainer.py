@@ -297,6 +297,7 @@ class Trainer:
                 if main:
                     print(f"taxadiffusion: skipping damaged checkpoint {path} ({error}); trying the one before")
                 continue
+            checkpoint = self._reopen_if_lengthened(checkpoint, found[: found.index(path)])
             self._check_fits(checkpoint)
             if checkpoint.rng is not None:
                 ckpt.set_rng_state(checkpoint.rng)
@@ -309,6 +310,34 @@ class Trainer:
                 "pass --overwrite to start this run over"
             )
         return None
+
+    def _reopen_if_lengthened(self, checkpoint: ckpt.Checkpoint, before: list[Path]) -> ckpt.Checkpoint:
+        """Train a finished stage longer (a prior extended from 5,000 to 10,000 steps) when no stage after it has
+        started. Its final checkpoint holds the averaged weights (EMA copied in), not the trained ones, so the
+        stage continues from its newest checkpoint inside it, replaying at most `checkpoint_every` steps; the
+        schedule is constant and the batches are functions of (seed, epoch), so the result equals a run given
+        the longer length from the start."""
+        state = checkpoint.state
+        stage = self.stages[state.stage] if state.stage < len(self.stages) else None
+        if not state.stage_complete or stage is None or stage.steps <= state.step:
+            return checkpoint
+        for path in reversed(before):
+            try:
+                inside = ckpt.read_checkpoint(path, self.accelerator.process_index)
+            except ckpt.CorruptCheckpoint:
+                continue
+            if inside.state.stage == state.stage and not inside.state.stage_complete:
+                if self.accelerator.is_main_process:
+                    print(
+                        f"stage {stage.name} finished at {state.step} steps and now trains to {stage.steps}: "
+                        f"it continues from {path} (step {inside.state.step}), before its averaged weights"
+                    )
+                return inside
+        raise RunConflict(
+            f"stage {stage.name} finished at {state.step} steps, and this config gives it {stage.steps}; it can "
+            f"train longer only from a checkpoint inside it (its final one holds the averaged weights), and "
+            f"{self.paths.checkpoints} keeps none: restore its steps, choose a new --output, or pass --overwrite"
+        )
 
     def _check_fits(self, checkpoint: ckpt.Checkpoint) -> None:
         """The checkpoint was written by this config on this data, and fits this model; its weights are loaded."""
@@ -333,8 +362,8 @@ class Trainer:
 
     def _check_lengths(self, saved: Config, state: ckpt.TrainingState, path: Path) -> None:
         """A resumed run may change how long its stages train (LENGTH_KEYS), but not a finished stage's: the
-        stages after it were trained on what it was. A running stage shortened to or below the checkpoint's
-        step ends there."""
+        stages after it were trained on what it was (the newest finished stage may grow: _reopen_if_lengthened).
+        A running stage shortened to or below the checkpoint's step ends there."""
         before = plan_stages(saved.train, self.config.model, self.dataset_ranks, *self.stage_budget)
         for old, new in zip(before, self.stages, strict=True):
             finished = old.index < state.stage or (old.index == state.stage and state.stage_complete)
