@@ -316,6 +316,21 @@ def test_the_shipped_prior_loads_offline_and_is_the_committed_recipe(tmp_path, m
     assert Config.from_dict(yaml.safe_load(recipe)).caption.rank == "order"  # the prior never saw a finer name
 
 
+def test_a_packed_priors_recipe_is_its_config_and_the_overrides_that_changed_it(data, tiny_sd, tmp_path):
+    """`pretrain --pack` records its config file as written and, after it, the command line's `--set` values."""
+    from safetensors import safe_open
+
+    config = prior_config(tmp_path / "prior.yaml", data, tiny_sd)
+    packed = tmp_path / "prior.safetensors"
+    run = ["pretrain", "--config", str(config), "--output", str(tmp_path / "run"), "--pack", str(packed)]
+    assert main([*run, "--set", "train.steps=1", "--set", "train.log_every=1"]) == 0
+    with safe_open(str(packed), framework="pt") as handle:
+        recipe = handle.metadata()["recipe"]
+    overrides = "# pretrained with --set train.steps=1\n# pretrained with --set train.log_every=1\n"
+    assert recipe == config.read_text(encoding="utf-8") + overrides
+    assert yaml.safe_load(recipe) == yaml.safe_load(config.read_text(encoding="utf-8"))  # still the file's YAML
+
+
 def test_a_packed_prior_unpacks_to_the_same_base(prior, tmp_path):
     """`pretrain --pack` writes one file (its folder made if need be) that unpacks to the same UNet."""
     from safetensors.torch import load_file

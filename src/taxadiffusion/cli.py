@@ -89,10 +89,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if pretrain:
         print(f"done ({took}): the prior is the base folder {pipeline}; adapt it with --set model.base={pipeline}")
         if args.pack:
-            from .prior import pack_prior
+            from .prior import pack_prior, prior_recipe
 
-            recipe = Path(args.config).read_text(encoding="utf-8")
-            packed = pack_prior(pipeline, args.pack, recipe, args.pack_precision)
+            packed = pack_prior(pipeline, args.pack, prior_recipe(args.config, args.set), args.pack_precision)
             print(f"packed into {packed} ({packed.stat().st_size / 2**20:.1f} MB)")
     else:
         print(f"done ({took}): pipeline saved to {pipeline}; sample grids in {Path(args.output) / 'samples'}")

@@ -119,6 +119,15 @@ def packaged_file(name: str) -> Path:
 PACK_PRECISIONS = ("fp32", "fp16")
 
 
+def prior_recipe(config_file: str | Path, overrides: list[str]) -> str:
+    """What made a prior, as a person reruns it: its config file as written, then each command-line `--set`
+    after it as a comment (a prior pretrained with `--set train.steps=2500` must not claim the file's steps)."""
+    text = Path(config_file).read_text(encoding="utf-8")
+    if overrides and not text.endswith("\n"):
+        text += "\n"
+    return text + "".join(f"# pretrained with --set {item}\n" for item in overrides)
+
+
 def pack_prior(base: str | Path, out: str | Path, recipe: str, precision: str = "fp32") -> Path:
     """A base folder as one safetensors file: the UNet's weights, with every config (and `recipe`, the config
     that pretrained it) as metadata. The codec has no weights of its own (a patch codec). `precision` fp16
