@@ -45,6 +45,23 @@ from taxadiffusion.saved_files import write_text_atomic
 from taxadiffusion.taxonomy import Rank
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def warn_if_package_elsewhere() -> None:
+    """A copy of the tree (a snapshot for a long run) that borrows another tree's editable venv imports that
+    tree's package, not its own: its results would not be what the copy holds, and an edit there can crash it.
+    Say so (PYTHONPATH=<copy>/src puts the copy first)."""
+    import taxadiffusion
+
+    loaded, here = Path(taxadiffusion.__file__).resolve().parent, REPO / "src" / "taxadiffusion"
+    if here.is_dir() and loaded != here.resolve():
+        print(
+            f"warning: this benchmark is in {REPO} but imports taxadiffusion from {loaded}; "
+            f"run it with PYTHONPATH={REPO / 'src'} to measure this tree's code",
+            file=sys.stderr,
+        )
+
+
 F4K = REPO.parent / "shared" / "data" / "fish4knowledge"
 PRESET = REPO / "configs" / "f4k.yaml"
 RESULTS = REPO / "benchmarks" / "results"
@@ -322,6 +339,7 @@ def write_results(
 
 
 def main(argv: list[str] | None = None) -> int:
+    warn_if_package_elsewhere()
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     quick = args.quick

@@ -57,6 +57,7 @@ from quality import (  # the benchmarks share their data steps
     run_tables,
     train_classifier,
     train_or_find,
+    warn_if_package_elsewhere,
     write_table,
 )
 
@@ -218,6 +219,7 @@ def export_species_images(evaluation: Path, target: Path, heldout: Path) -> None
 
 
 def main(argv: list[str] | None = None) -> int:
+    warn_if_package_elsewhere()
     args = parse_args(argv)
     name = f"quality_{args.dataset}" + ("_quick" if args.quick else "")
     out = args.out or REPO / "benchmarks" / "runs" / f"table1-{args.dataset}{'-quick' if args.quick else ''}"
