@@ -302,7 +302,7 @@ class Trainer:
             if checkpoint.rng is not None:
                 ckpt.set_rng_state(checkpoint.rng)
             if main:
-                print(f"resuming from {path} (stage {checkpoint.state.stage}, step {checkpoint.state.step})")
+                print(f"resuming from {checkpoint.path} (stage {checkpoint.state.stage}, step {checkpoint.state.step})")
             return checkpoint
         if found:
             raise RunConflict(
