@@ -65,8 +65,7 @@ lint: $(VENV)/.installed-dev
 clean-venv:
 	rm -rf $(VENV)
 
-# The prior the demo adapts, as shipped in the package (3,000 steps: 45 to 70 min at one thread beside other
-# jobs; resumable).
+# The prior the demo adapts, as shipped in the package (6,000 steps: 73 min on 2 cores; resumable).
 prior-demo: $(VENV)/.installed-demo
 	$(TD) pretrain --config configs/prior_demo.yaml --output runs/prior-demo \
 		--pack src/taxadiffusion/priors/demo.safetensors
