@@ -185,8 +185,8 @@ def test_a_resumed_run_may_change_the_running_stages_length(
     assert "stage 1-specific_epithet finished at 2 steps and now trains to 4" in out
     assert "resuming from " in out and "step-00000004 (stage 1, step 1)" in out  # the checkpoint inside the stage
     assert all(torch.equal(longest[k], grown[k]) for k in longest)
-    for final in ckpt_dir(tmp_path / "2")[:-1]:  # only the final checkpoint (averaged weights) left: refused
-        final.rename(final.with_name("moved"))
+    for inside in ckpt_dir(tmp_path / "2")[:-1]:  # only the final checkpoint (averaged weights) left: refused
+        inside.rename(inside.with_name("moved"))
     with pytest.raises(RunConflict, match=r"train longer only from a checkpoint inside it .* keeps none"):
         Trainer(_config(two_rank_data, tiny_sd, steps=[3, 6], **ema), tmp_path / "2", progress=False)
 

@@ -289,48 +289,48 @@ class Trainer:
     def _resume(self) -> ckpt.Checkpoint | None:
         """Load the newest readable checkpoint of this run (an unreadable one is reported and passed over)."""
         found = ckpt.list_checkpoints(self.paths.checkpoints)
-        main = self.accelerator.is_main_process
+        readable = self._readable_checkpoints(found)
+        checkpoint = next(readable, None)
+        if checkpoint is None:
+            if found:
+                raise RunConflict(
+                    f"no checkpoint in {self.paths.checkpoints} can be read back ({len(found)} damaged); "
+                    "pass --overwrite to start this run over"
+                )
+            return None
+        checkpoint = self._reopen_if_lengthened(checkpoint, readable)
+        self._check_fits(checkpoint)
+        if checkpoint.rng is not None:
+            ckpt.set_rng_state(checkpoint.rng)
+        if self.accelerator.is_main_process:
+            print(f"resuming from {checkpoint.path} (stage {checkpoint.state.stage}, step {checkpoint.state.step})")
+        return checkpoint
+
+    def _readable_checkpoints(self, found: list[Path]) -> Iterator[ckpt.Checkpoint]:
+        """The checkpoints of `found` that read back whole, newest first; a damaged one is reported and passed over."""
         for path in reversed(found):
             try:
-                checkpoint = ckpt.read_checkpoint(path, self.accelerator.process_index)
+                yield ckpt.read_checkpoint(path, self.accelerator.process_index)
             except ckpt.CorruptCheckpoint as error:
-                if main:
+                if self.accelerator.is_main_process:
                     print(f"taxadiffusion: skipping damaged checkpoint {path} ({error}); trying the one before")
-                continue
-            checkpoint = self._reopen_if_lengthened(checkpoint, found[: found.index(path)])
-            self._check_fits(checkpoint)
-            if checkpoint.rng is not None:
-                ckpt.set_rng_state(checkpoint.rng)
-            if main:
-                print(f"resuming from {checkpoint.path} (stage {checkpoint.state.stage}, step {checkpoint.state.step})")
-            return checkpoint
-        if found:
-            raise RunConflict(
-                f"no checkpoint in {self.paths.checkpoints} can be read back ({len(found)} damaged); "
-                "pass --overwrite to start this run over"
-            )
-        return None
 
-    def _reopen_if_lengthened(self, checkpoint: ckpt.Checkpoint, before: list[Path]) -> ckpt.Checkpoint:
+    def _reopen_if_lengthened(self, checkpoint: ckpt.Checkpoint, older: Iterator[ckpt.Checkpoint]) -> ckpt.Checkpoint:
         """Train a finished stage longer (a prior extended from 5,000 to 10,000 steps) when no stage after it has
         started. Its final checkpoint holds the averaged weights (EMA copied in), not the trained ones, so the
-        stage continues from its newest checkpoint inside it, replaying at most `checkpoint_every` steps; the
-        schedule is constant and the batches are functions of (seed, epoch), so the result equals a run given
-        the longer length from the start."""
+        stage continues from its newest checkpoint inside it (the next of `older`, the readable checkpoints before
+        it), replaying at most `checkpoint_every` steps; the schedule is constant and the batches are functions of
+        (seed, epoch), so the result equals a run given the longer length from the start."""
         state = checkpoint.state
         stage = self.stages[state.stage] if state.stage < len(self.stages) else None
         if not state.stage_complete or stage is None or stage.steps <= state.step:
             return checkpoint
-        for path in reversed(before):
-            try:
-                inside = ckpt.read_checkpoint(path, self.accelerator.process_index)
-            except ckpt.CorruptCheckpoint:
-                continue
+        for inside in older:
             if inside.state.stage == state.stage and not inside.state.stage_complete:
                 if self.accelerator.is_main_process:
                     print(
                         f"stage {stage.name} finished at {state.step} steps and now trains to {stage.steps}: "
-                        f"it continues from {path} (step {inside.state.step}), before its averaged weights"
+                        f"it continues from {inside.path} (step {inside.state.step}), before its averaged weights"
                     )
                 return inside
         raise RunConflict(
