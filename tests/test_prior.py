@@ -347,6 +347,63 @@ def test_a_packed_prior_unpacks_to_the_same_base(prior, tmp_path):
         assert_readable_like_other_files(written if written.is_dir() else written.parent)
 
 
+def test_a_packed_file_is_a_base_to_pretrain_further_or_to_adapt(prior, data, tiny_sd, tmp_path, monkeypatch, capsys):
+    """`model.base` may name the file `pretrain --pack` wrote: it is unpacked into the user's cache once and read as
+    its base folder, to pretrain further (a longer prior from a committed one) or to adapt. A missing file, or a
+    safetensors file that is not a packed prior, is refused with a line naming it, before any step."""
+    from safetensors.torch import save_file
+
+    from taxadiffusion.prior import pack_prior
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    packed = pack_prior(prior, tmp_path / "prior.safetensors", "recipe: text")
+    config = prior_config(tmp_path / "more.yaml", data, tiny_sd)
+    further = tmp_path / "further"
+    more = ["--set", f"model.base={packed}", "--set", "train.steps=2"]
+    assert main(["pretrain", "--config", str(config), *more, "--output", str(further)]) == 0
+    (unpacked,) = (tmp_path / "cache" / "taxadiffusion" / "priors").glob("prior-*")
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    start, packed_weights, after = (
+        load_file(prior / weights),
+        load_file(unpacked / weights),
+        load_file(further / weights),
+    )
+    assert all(torch.equal(packed_weights[k], start[k]) for k in start)
+    # two AdamW steps at lr 1e-3 move a weight by about 2e-3: the run went on from the packed weights, and moved them
+    assert all(torch.allclose(after[k], start[k], atol=1e-2) for k in start)
+    assert any(not torch.equal(after[k], start[k]) for k in start)
+    adapt = {
+        "model": {"base": str(packed), "resolution": 16, "encoder_heads": 4},
+        "text": {"encoder": "base"},
+        "data": {"format": "folder", "path": str(data)},
+    }
+    path = tmp_path / "adapt.yaml"
+    path.write_text(yaml.safe_dump(adapt))
+    assert main(["train", "--config", str(path), "--output", str(tmp_path / "o"), "--dry-run"]) == 0
+    assert f"model: {packed} at 16 px" in capsys.readouterr().out
+    save_file({"weight": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
+    for base, message in (
+        (tmp_path / "absent.safetensors", "no such file"),
+        (tmp_path / "plain.safetensors", "not a packed prior"),
+    ):
+        assert (
+            main(
+                [
+                    "train",
+                    "--config",
+                    str(path),
+                    "--set",
+                    f"model.base={base}",
+                    "--output",
+                    str(tmp_path / "o"),
+                    "--dry-run",
+                ]
+            )
+            == 2
+        )
+        assert message in capsys.readouterr().err
+
+
 def test_saved_weights_are_readable_by_others_under_a_shared_umask(prior, tmp_path):
     """Under umask 022 a packed prior and the folder unpacked from it are 0644, as any file written here."""
     from taxadiffusion.prior import pack_prior, unpack_prior

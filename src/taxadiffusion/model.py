@@ -126,7 +126,8 @@ class ModelConfig:
 
     @property
     def base_path(self) -> str:
-        """`base` as a local folder or hub id (a packaged prior, `packaged:NAME`, is unpacked once)."""
+        """`base` as a local folder or hub id (a packed prior, `packaged:NAME` or the path of a `.safetensors`
+        file, is unpacked once)."""
         from .prior import resolve_base
 
         return resolve_base(self.base)

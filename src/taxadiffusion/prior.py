@@ -112,8 +112,11 @@ PACKED_FILES = {  # metadata key -> the file of the base folder it holds
 }
 
 
+PACK_SUFFIX = ".safetensors"
+
+
 def packaged_file(name: str) -> Path:
-    return Path(__file__).parent / "priors" / f"{name}.safetensors"
+    return Path(__file__).parent / "priors" / f"{name}{PACK_SUFFIX}"
 
 
 PACK_PRECISIONS = ("fp32", "fp16")
@@ -222,21 +225,46 @@ def unpack_prior(file: str | Path, folder: str | Path) -> Path:
 
 
 def resolve_base(base: str) -> str:
-    """A base as a local folder or hub id: `packaged:NAME` is unpacked into the user's cache first."""
-    if not base.startswith(PACKAGED):
-        return base
+    """A base as a local folder or hub id. A packed prior, `packaged:NAME` or the path of a file that `pretrain
+    --pack` wrote (`model.base: benchmarks/priors/birds_fish.safetensors`), is unpacked into the user's cache
+    first, once: a file is adapted or pretrained further from where it lies, as a Stable Diffusion folder is."""
     import hashlib
     import os
 
-    name = base.removeprefix(PACKAGED)
-    file = packaged_file(name)
-    if not file.is_file():
-        shipped = sorted(p.stem for p in file.parent.glob("*.safetensors"))
-        raise InputError(f"no packaged prior {name!r}; the package ships: {', '.join(shipped) or 'none'}")
+    if base.startswith(PACKAGED):
+        name = base.removeprefix(PACKAGED)
+        file = packaged_file(name)
+        if not file.is_file():
+            shipped = sorted(p.stem for p in file.parent.glob("*.safetensors"))
+            raise InputError(f"no packaged prior {name!r}; the package ships: {', '.join(shipped) or 'none'}")
+    elif base.endswith(PACK_SUFFIX):
+        file = Path(base).expanduser()
+        name = file.stem
+        if not file.is_file():
+            raise InputError(f"model.base {base}: no such file (a prior packed by `taxadiffusion pretrain --pack`)")
+        if not _is_packed_prior(file):
+            raise InputError(
+                f"model.base {base} is a safetensors file but not a packed prior (it lacks the metadata "
+                f"{', '.join(PACKED_FILES)} that `taxadiffusion pretrain --pack` writes); give a base folder instead"
+            )
+    else:
+        return base
     digest = hashlib.sha256(file.read_bytes()).hexdigest()[:12]
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "taxadiffusion" / "priors"
     folder = cache / f"{name}-{digest}"  # named by the file's digest: a complete one is this file's, unhashed again
     return str(folder if (folder / PRIOR_FILE).is_file() else unpack_prior(file, folder))
+
+
+def _is_packed_prior(file: Path) -> bool:
+    """Whether a safetensors file holds a packed prior's metadata (read from its header, not its weights)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except (SafetensorError, OSError):
+        return False
+    return all(key in metadata for key in PACKED_FILES)
 
 
 def prior_pipeline(base: str | Path, captions: list[str], scheduler: str = "pndm"):
