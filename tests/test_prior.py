@@ -353,7 +353,7 @@ def test_a_packed_file_is_a_base_to_pretrain_further_or_to_adapt(prior, data, ti
     safetensors file that is not a packed prior, is refused with a line naming it, before any step."""
     from safetensors.torch import save_file
 
-    from taxadiffusion.prior import pack_prior
+    from taxadiffusion.prior import pack_prior, prior_pipeline
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     packed = pack_prior(prior, tmp_path / "prior.safetensors", "recipe: text")
@@ -372,6 +372,8 @@ def test_a_packed_file_is_a_base_to_pretrain_further_or_to_adapt(prior, data, ti
     # two AdamW steps at lr 1e-3 move a weight by about 2e-3: the run went on from the packed weights, and moved them
     assert all(torch.allclose(after[k], start[k], atol=1e-2) for k in start)
     assert any(not torch.equal(after[k], start[k]) for k in start)
+    zero_shot = prior_pipeline(packed, ["a photo of Aus"])  # `evaluate --zero-shot` prompts the file's prior
+    assert all(torch.equal(value, start[k]) for k, value in zero_shot.unet.state_dict().items())
     adapt = {
         "model": {"base": str(packed), "resolution": 16, "encoder_heads": 4},
         "text": {"encoder": "base"},

@@ -277,6 +277,7 @@ def prior_pipeline(base: str | Path, captions: list[str], scheduler: str = "pndm
     from .taxonomy import Lineage, Rank, Taxonomy
     from .text import TextEmbeddingCache, TextEncoderSpec
 
+    base = resolve_base(str(base))  # a packed file is prompted as the folder it unpacks to
     info = read_prior(base)
     if info is None:
         raise InputError(f"{base} is not a prior made by `taxadiffusion pretrain` (no {PRIOR_FILE})")
