@@ -225,14 +225,19 @@ def test_zero_shot_prompts_the_prior_with_species_captions(prior, data, tmp_path
     assert "not {scientific_name} or a rank" in capsys.readouterr().err
 
 
-def test_a_prior_refuses_another_text_encoder_or_resolution(prior, data, tmp_path, capsys):
+def adapt_config(path: Path, base, data, text_encoder: str) -> Path:
+    """An adaptation config of `base` (a prior's folder or packed file) at 16 px, written to `path`."""
     config = {
-        "model": {"base": str(prior), "resolution": 16, "encoder_heads": 4},
-        "text": {"encoder": "minilm"},
+        "model": {"base": str(base), "resolution": 16, "encoder_heads": 4},
+        "text": {"encoder": text_encoder},
         "data": {"format": "folder", "path": str(data)},
     }
-    path = tmp_path / "adapt.yaml"
     path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_a_prior_refuses_another_text_encoder_or_resolution(prior, data, tmp_path, capsys):
+    path = adapt_config(tmp_path / "adapt.yaml", prior, data, "minilm")
     assert main(["train", "--config", str(path), "--output", str(tmp_path / "o"), "--dry-run"]) == 2
     assert "trained with text encoder" in capsys.readouterr().err
     args = ["--set", "text.encoder=base", "--set", "model.resolution=32"]
@@ -374,35 +379,16 @@ def test_a_packed_file_is_a_base_to_pretrain_further_or_to_adapt(prior, data, ti
     assert any(not torch.equal(after[k], start[k]) for k in start)
     zero_shot = prior_pipeline(packed, ["a photo of Aus"])  # `evaluate --zero-shot` prompts the file's prior
     assert all(torch.equal(value, start[k]) for k, value in zero_shot.unet.state_dict().items())
-    adapt = {
-        "model": {"base": str(packed), "resolution": 16, "encoder_heads": 4},
-        "text": {"encoder": "base"},
-        "data": {"format": "folder", "path": str(data)},
-    }
-    path = tmp_path / "adapt.yaml"
-    path.write_text(yaml.safe_dump(adapt))
-    assert main(["train", "--config", str(path), "--output", str(tmp_path / "o"), "--dry-run"]) == 0
+    path = adapt_config(tmp_path / "adapt.yaml", packed, data, "base")
+    dry_run = ["--output", str(tmp_path / "o"), "--dry-run"]
+    assert main(["train", "--config", str(path), *dry_run]) == 0
     assert f"model: {packed} at 16 px" in capsys.readouterr().out
     save_file({"weight": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
     for base, message in (
         (tmp_path / "absent.safetensors", "no such file"),
         (tmp_path / "plain.safetensors", "not a packed prior"),
     ):
-        assert (
-            main(
-                [
-                    "train",
-                    "--config",
-                    str(path),
-                    "--set",
-                    f"model.base={base}",
-                    "--output",
-                    str(tmp_path / "o"),
-                    "--dry-run",
-                ]
-            )
-            == 2
-        )
+        assert main(["train", "--config", str(path), "--set", f"model.base={base}", *dry_run]) == 2
         assert message in capsys.readouterr().err
 
 

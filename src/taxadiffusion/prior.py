@@ -235,7 +235,7 @@ def resolve_base(base: str) -> str:
         name = base.removeprefix(PACKAGED)
         file = packaged_file(name)
         if not file.is_file():
-            shipped = sorted(p.stem for p in file.parent.glob("*.safetensors"))
+            shipped = sorted(p.stem for p in file.parent.glob(f"*{PACK_SUFFIX}"))
             raise InputError(f"no packaged prior {name!r}; the package ships: {', '.join(shipped) or 'none'}")
     elif base.endswith(PACK_SUFFIX):
         file = Path(base).expanduser()
