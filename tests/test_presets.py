@@ -203,3 +203,12 @@ def test_cluster_recipe_files_are_valid():
     assert "accelerate launch" in text and "configs/accelerate/multi_node.yaml" in text and "--requeue" in text
     for referenced in ("configs/accelerate/multi_node.yaml", "configs/slurm/train.sbatch"):
         assert referenced in (REPO / "docs" / "cluster.md").read_text()
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda path: path.stem)
+def test_every_committed_config_loads(path):
+    """Every config under configs/ passes the config's own checks (a typo in a benchmark's prior or recipe fails
+    here, not hours into a run); a prior's captions stop at the order, so it never reads a finer name."""
+    config = Config.load(path)
+    if path.stem.startswith("prior_"):
+        assert config.train.strategy == "prior" and config.caption.rank == "order"
