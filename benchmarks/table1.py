@@ -1,5 +1,6 @@
 """The paper's Table 1 and strategy ablation in miniature, on real birds (CUB-100-LT) and fish (Fish4Knowledge),
-every row adapted from one pretrained prior (configs/prior_birds_fish.yaml).
+every row of a dataset adapted from one pretrained prior (`DATASETS`: benchmarks/priors/<prior>.safetensors, made
+by configs/prior_<prior>.yaml).
 
     python benchmarks/table1.py --dataset cub          # run again to resume; --dataset f4k for the fish
     python benchmarks/table1.py --dataset cub --quick  # every step in a few minutes (a few-step prior and runs)
@@ -27,18 +28,25 @@ runs/<row>~NAME) or its sampling (`--scale`, `--window`, reusing the row's model
 model an earlier investigation trained). It is evaluated at `--ranks` only, kept in
 the record under "investigations" and tabled in the md's investigations section beside the rows it changes,
 never in Table 1 itself.
+
+The record names the prior that Table 1's rows were adapted from, and a Table 1 run on another prior (the
+dataset's in `DATASETS` changed) stops before it trains: `--archive NAME` first moves the rows to the
+investigations as <row>~NAME, each with its prior and the command that measures it again.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import fcntl
 import json
 import os
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -63,15 +71,34 @@ from quality import (  # the benchmarks share their data steps
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
+
+
+class Dataset(NamedTuple):
+    fmt: str
+    path: Path
+    label: str
+    # Table 1's prior: benchmarks/priors/<prior>.safetensors, made by configs/prior_<prior>.yaml. The record
+    # names the prior its rows were adapted from; rows of another prior are archived first (--archive).
+    prior: str
+
+
 DATASETS = {
-    "cub": ("csv", SHARED / "cub100_lt" / "metadata.csv", "CUB-100-LT"),
-    "f4k": ("folder", SHARED / "fish4knowledge", "Fish4Knowledge"),
+    "cub": Dataset("csv", SHARED / "cub100_lt" / "metadata.csv", "CUB-100-LT", "birds_fish"),
+    "f4k": Dataset("folder", SHARED / "fish4knowledge", "Fish4Knowledge", "birds_fish"),
 }
 # "Rare": fewer training images than this. CUB-100-LT's tail is 3-10 images (50 of its 100 species); in F4K's
 # training part one species has at most 10, so there rare is under 50 (8 of 23), as benchmarks/quality.py has it.
 RARE = {"cub": 11, "f4k": 50}
-PRIOR_CONFIG = REPO / "configs" / "prior_birds_fish.yaml"
-PRIOR_FILE = REPO / "benchmarks" / "priors" / "birds_fish.safetensors"
+
+
+def prior_pack(dataset: str) -> Path:
+    return REPO / "benchmarks" / "priors" / f"{DATASETS[dataset].prior}.safetensors"
+
+
+def prior_config(dataset: str) -> Path:
+    return REPO / "configs" / f"prior_{DATASETS[dataset].prior}.yaml"
+
+
 RECIPE = REPO / "configs" / "adapt_birds_fish.yaml"
 RESULTS = REPO / "benchmarks" / "results"
 CAPTION = "a photo of {scientific_name}"  # the species caption of zero-shot, flat and full
@@ -98,8 +125,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--prior",
         type=Path,
-        default=PRIOR_FILE,
-        help="the packed prior (pretrain --pack); another than the committed one is an investigation (--variant)",
+        help="the packed prior (pretrain --pack; default: the dataset's Table 1 prior); another is an investigation "
+        "(--variant)",
     )
     parser.add_argument("--out", type=Path, help="work folder (default benchmarks/runs/table1-<dataset>[-quick])")
     parser.add_argument(
@@ -142,14 +169,23 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="with --variant and no --set: sample the model that the investigation VARIANT trained (its --set) "
         "instead of the row's own, so that a sampling change is measured on it without training it again",
     )
+    parser.add_argument(
+        "--archive",
+        metavar="NAME",
+        help="move Table 1's rows to the investigations as <row>~NAME, with the prior they were adapted from, so "
+        "that Table 1 can be measured on another prior (the dataset's in DATASETS); rewrites the record only",
+    )
     args = parser.parse_args(argv)
     args.window = tuple(args.window)
-    args.other_prior = args.prior.resolve() != PRIOR_FILE.resolve()
+    args.prior = args.prior or prior_pack(args.dataset)
+    args.other_prior = args.prior.resolve() != prior_pack(args.dataset).resolve()
     changed = args.set or len(args.ranks) < len(RANKS) or args.model or args.window != EVERY_STEP or args.other_prior
     if not args.variant and changed:
         parser.error(
             "--set, --ranks, --model, --window and --prior change a row: name the investigation with --variant NAME"
         )
+    if args.archive and (args.variant or changed):
+        parser.error("--archive only moves the record's Table 1 rows: it takes no --variant and no row changes")
     if args.model and args.other_prior:
         parser.error("--model samples a model trained earlier: its prior is that investigation's --prior")
     if args.model and args.set:
@@ -167,7 +203,7 @@ def write_split(dataset: str, out: Path) -> tuple[Path, Path]:
     paths = out / "train.csv", out / "heldout.csv"
     if all(p.is_file() for p in paths):
         return paths
-    fmt, path, _ = DATASETS[dataset]
+    fmt, path, *_ = DATASETS[dataset]
     records = read_records(fmt, path)
     train, held = split_records(records.records, 0.2, seed=0)
     out.mkdir(parents=True, exist_ok=True)
@@ -185,7 +221,7 @@ def prior_folder(args, out: Path) -> Path:
     if not args.quick or args.other_prior:
         if not args.prior.is_file():
             raise SystemExit(
-                f"{args.prior} not found: make it with `taxadiffusion pretrain --config {PRIOR_CONFIG} "
+                f"{args.prior} not found: make it with `taxadiffusion pretrain --config {prior_config(args.dataset)} "
                 f"--output runs/prior-birds-fish --pack {args.prior}` (or pass --prior)"
             )
         # another prior (an investigation) beside the committed one's folder, which the rows' configs name
@@ -194,7 +230,8 @@ def prior_folder(args, out: Path) -> Path:
 
     folder = out / "prior"
     if not (folder / "prior.json").is_file():
-        Trainer(Config.load(PRIOR_CONFIG, ["train.steps=4", "train.checkpoint_every=4"]), folder).run()
+        recipe = prior_config(args.dataset)
+        Trainer(Config.load(recipe, ["train.steps=4", "train.checkpoint_every=4"]), folder).run()
     return folder
 
 
@@ -223,7 +260,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     name = f"quality_{args.dataset}" + ("_quick" if args.quick else "")
     out = args.out or REPO / "benchmarks" / "runs" / f"table1-{args.dataset}{'-quick' if args.quick else ''}"
-    fmt_label = DATASETS[args.dataset][2]
+    results = (out if args.quick else args.results) / name
+    if args.archive:
+        with locked_record(results) as record:
+            archived = archive_rows(record, args.archive, args.dataset)
+        print(f"archived {', '.join(archived) or 'no row'} as <row>~{args.archive} in {results / RECORD}")
+        print("Table 1's tables are written again with its first row on the dataset's prior")
+        return 0
+    fmt_label = DATASETS[args.dataset].label
     steps = Config.load(RECIPE).train.steps
     if args.quick:
         steps, args.per_taxon = [2] * len(steps), 1
@@ -234,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         "taxon)"
     )
     train_csv, heldout = write_split(args.dataset, out / "data")
-    results = (out if args.quick else args.results) / name
+    refuse_another_prior(read_record(results), args)
     if args.model:  # a model trained earlier is sampled with (and recorded as adapted from) its own prior
         earlier = investigation_prior(results, args.model)
         if earlier is not None:
@@ -307,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
             change |= {"model": f"{base}~{args.model}"} if args.model else {}
             keep_record(results, {"investigations": {evaluated: {**metrics, "investigation": change}}})
             continue
-        keep_record(results, {row: metrics})
+        keep_record(results, {row: metrics, "prior": relative(args.prior)})
         for grid in (target / "grids").glob("*.png"):
             shutil.copy(grid, results / f"samples_{row}_{grid.name}")
         if row in EXPORTED:
@@ -321,12 +365,14 @@ def main(argv: list[str] | None = None) -> int:
     investigations = record.get("investigations", {})
     rare = RARE[args.dataset]
     if not runs:  # the tables set investigations beside Table 1's rows
-        print(f"no Table 1 row evaluated yet: the investigation is kept in {results / RECORD}, the tables wait")
+        print(f"no Table 1 row evaluated yet: the investigations are kept in {results / RECORD}, the tables wait")
         return 0
     table = args
     if args.variant:  # the table's own command: an investigation's is listed with it
         table = argparse.Namespace(**{**vars(args), "variant": None, "scale": 3.0, "window": EVERY_STEP})
-    target = write_results(results, runs, investigations, timings, classifier, fmt_label, command(table), name, rare)
+    target = write_results(
+        results, runs, investigations, timings, classifier, fmt_label, command(table), name, rare, record["prior"]
+    )
     print(f"results: {target}")
     return 0
 
@@ -345,17 +391,75 @@ def read_record(results: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def keep_record(results: Path, entries: dict) -> None:
-    """Merge `entries` (row -> metrics, or "train_seconds" -> {row: seconds}) into the results' record."""
-    path = results / RECORD
+@contextlib.contextmanager
+def locked_record(results: Path) -> Iterator[dict]:
+    """The results' record to change in place, written back when the block ends: two processes on different rows
+    share it, so it is read, changed and written under one lock."""
     results.mkdir(parents=True, exist_ok=True)
-    # two processes on different rows share the record: read, merge and write it under one lock
     with (results / f"{RECORD}.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         record = read_record(results)
+        yield record
+        write_text_atomic(results / RECORD, json.dumps(record, indent=1) + "\n")
+
+
+def keep_record(results: Path, entries: dict) -> None:
+    """Merge `entries` (row -> metrics, "prior" -> the rows' prior, or "train_seconds" -> {row: seconds}) into the
+    results' record."""
+    with locked_record(results) as record:
         for key, value in entries.items():
             record[key] = {**record.get(key, {}), **value} if key in MERGED else value
-        write_text_atomic(path, json.dumps(record, indent=1) + "\n")
+
+
+def table_rows(record: dict) -> list[str]:
+    return [row for row, *_ in ROWS if row in record]
+
+
+def refuse_another_prior(record: dict, args) -> None:
+    """Table 1's rows all come from one prior: a Table 1 run on another than the record's rows' stops before it
+    trains (an investigation names its own prior and is kept apart)."""
+    kept = record.get("prior")
+    if args.variant or not table_rows(record) or kept == relative(args.prior):
+        return
+    raise SystemExit(
+        f"Table 1's rows in the record were adapted from {kept}, and this run's prior is {relative(args.prior)}: "
+        f"keep them as investigations first with `--archive NAME` (e.g. --archive prior-{Path(kept).stem})"
+    )
+
+
+def archive_rows(record: dict, name: str, dataset: str) -> list[str]:
+    """Move Table 1's rows into the record's investigations as <row>~`name`, each with the prior it was adapted
+    from and the command that measures it again, so that Table 1 can be measured on another prior without losing
+    them. The investigations run beside those rows, against the same prior, are given it explicitly too."""
+    rows = table_rows(record)
+    if not rows:
+        return []
+    prior = record.pop("prior")
+    investigations = record.get("investigations", {})
+    for variant, run in investigations.items():  # run against the record's prior, which they did not name
+        what = run["investigation"]
+        if "prior" not in what:
+            what["prior"] = prior
+            if "model" not in what:  # with --model the prior is the trained investigation's (command())
+                flag = f"--variant {variant.split('~', 1)[1]}"
+                what["command"] = what["command"].replace(flag, f"{flag} --prior {prior}", 1)
+    archived = {}
+    for row in rows:
+        run = record.pop(row)
+        settings = run["settings"]
+        again = argparse.Namespace(
+            dataset=dataset, quick=False, per_taxon=settings["per_taxon"], scale=settings["scale"],
+            window=tuple(settings["window"]), variant=name, prior=REPO / prior, other_prior=True, model=None,
+            set=[], ranks=settings["ranks"],
+        )  # fmt: skip
+        what = {"row": row, "set": [], "scale": settings["scale"], "command": command(again, [row]), "prior": prior}
+        what |= {"window": settings["window"]} if tuple(settings["window"]) != EVERY_STEP else {}
+        archived[f"{row}~{name}"] = {**run, "investigation": what}
+        for key in ("train_seconds", "train_threads"):
+            if row in record.get(key, {}):
+                record[key][f"{row}~{name}"] = record[key].pop(row)
+    record["investigations"] = archived | investigations  # listed first: the rows the others were compared with
+    return rows
 
 
 def trained_changes(results: Path, trained: str) -> list[str]:
@@ -449,7 +553,16 @@ def investigation_lines(runs: dict, investigations: dict, timings: dict, rare: i
 
 
 def write_results(
-    assets: Path, runs: dict, investigations: dict, timings, classifier: Path, label: str, command, name, rare: int
+    assets: Path,
+    runs: dict,
+    investigations: dict,
+    timings,
+    classifier: Path,
+    label: str,
+    command,
+    name,
+    rare: int,
+    prior: str,
 ) -> Path:
     write_report(assets, runs, title=f"{label}: the paper's rows from one prior")
     accuracy = json.loads((classifier / "heldout_accuracy.json").read_text())
@@ -465,7 +578,8 @@ def write_results(
         f"Command: `{command}` (resumable). Machine: {os.cpu_count()} CPU cores, torch {torch.__version__}; runs "
         f"often shared them (the threads of each run trained since this is recorded: `train_threads` in "
         f"`{assets.name}/{RECORD}`).",
-        f"Prior: `{PRIOR_CONFIG.relative_to(REPO)}`; adaptation: `{RECIPE.relative_to(REPO)}`, the same steps for "
+        f"Prior: `{prior}` (`configs/prior_{Path(prior).stem}.yaml`); adaptation: `{RECIPE.relative_to(REPO)}`, "
+        "the same steps for "
         "every trained row; a fixed, stratified 20% held out of every species (never trained on, prior included).",
         f"Every row's metrics and training time: `{assets.name}/{RECORD}`; the classifier of the Acc columns: "
         f"`{assets.name}/classifier/`.",

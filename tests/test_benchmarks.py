@@ -1,0 +1,90 @@
+"""The benchmarks' bookkeeping that results depend on (their measurements run in benchmarks/, not here)."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+OLD_PRIOR = "benchmarks/priors/birds_fish.safetensors"
+
+
+@pytest.fixture
+def table1(monkeypatch):
+    """benchmarks/table1.py as a module (it imports its sibling quality.py from its own folder)."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("table1_under_test", REPO / "benchmarks" / "table1.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def evaluated(scale: float, ranks: list[str], fid: float) -> dict:
+    """A row's metrics.json as the evaluation writes it, cut to what the record's bookkeeping reads."""
+    settings = {"ranks": ranks, "per_taxon": 10, "scale": scale, "window": [0.0, 1.0]}
+    return {"settings": settings, "ranks": {rank: {"all": {"fid": fid}} for rank in ranks}}
+
+
+def test_table1_keeps_its_rows_to_one_prior_and_archives_them_before_another(table1, tmp_path, monkeypatch):
+    """Table 1's rows are all adapted from the record's prior: a Table 1 run on another prior stops before it
+    trains, until `--archive NAME` has moved the rows to the investigations as <row>~NAME with that prior and a
+    command that measures each again; the investigations run against that prior get it explicitly too."""
+    every = list(table1.RANKS)
+    results = tmp_path / "quality_cub"
+    results.mkdir()
+    scale_5 = (
+        "python benchmarks/table1.py --dataset cub --rows taxadiffusion --scale 5 --variant scale-5 "
+        "--ranks specific_epithet"
+    )
+    record = {
+        "flat": evaluated(3.0, every, 220.0),
+        "taxadiffusion": evaluated(3.0, every, 210.0),
+        "taxadiffusion-vanilla": evaluated(3.0, every, 200.0),
+        "train_seconds": {"flat": 60.0, "taxadiffusion": 90.0},
+        "investigations": {
+            "taxadiffusion~scale-5": {
+                **evaluated(5.0, ["specific_epithet"], 205.0),
+                "investigation": {"row": "taxadiffusion", "set": [], "scale": 5.0, "command": scale_5},
+            }
+        },
+        "prior": OLD_PRIOR,
+    }
+    (results / "metrics.json").write_text(json.dumps(record))
+
+    # the dataset's Table 1 prior changes: its rows must be archived before Table 1 runs on it
+    cub = table1.DATASETS["cub"]
+    monkeypatch.setitem(table1.DATASETS, "cub", cub._replace(prior="birds_fish_long"))
+    args = table1.parse_args(["--dataset", "cub", "--results", str(tmp_path)])
+    assert table1.relative(args.prior) == "benchmarks/priors/birds_fish_long.safetensors" and not args.other_prior
+    with pytest.raises(SystemExit, match=f"adapted from {OLD_PRIOR}.*--archive prior-birds_fish"):
+        table1.refuse_another_prior(table1.read_record(results), args)
+    with pytest.raises(SystemExit):  # archiving is all that --archive does
+        table1.parse_args(["--dataset", "cub", "--archive", "old", "--rows", "flat", "--variant", "x"])
+
+    assert table1.main(["--dataset", "cub", "--archive", "prior-5000", "--results", str(tmp_path)]) == 0
+    kept = table1.read_record(results)
+    assert "prior" not in kept and not table1.table_rows(kept)
+    archived = ["flat~prior-5000", "taxadiffusion~prior-5000", "taxadiffusion-vanilla~prior-5000"]
+    assert list(kept["investigations"]) == [*archived, "taxadiffusion~scale-5"]
+    assert kept["train_seconds"] == {"flat~prior-5000": 60.0, "taxadiffusion~prior-5000": 90.0}
+    for name in archived:
+        run = kept["investigations"][name]
+        assert run["ranks"] == record[name.split("~")[0]]["ranks"]
+        assert run["investigation"]["prior"] == OLD_PRIOR and run["investigation"]["set"] == []
+    table1.refuse_another_prior(kept, args)  # Table 1 may now run on the new prior
+
+    # each archived row's command measures it again: from the old prior, as an investigation, at every rank
+    again = table1.parse_args(
+        kept["investigations"]["taxadiffusion-vanilla~prior-5000"]["investigation"]["command"].split()[2:]
+    )
+    assert again.rows == ["taxadiffusion-vanilla"] and again.variant == "prior-5000" and again.scale == 3.0
+    assert table1.relative(again.prior) == OLD_PRIOR and again.other_prior and again.ranks == every
+    scale = kept["investigations"]["taxadiffusion~scale-5"]["investigation"]
+    assert scale["prior"] == OLD_PRIOR and scale["command"] == scale_5.replace(
+        "--variant scale-5", f"--variant scale-5 --prior {OLD_PRIOR}"
+    )
+    again = table1.parse_args(scale["command"].split()[2:])
+    assert table1.relative(again.prior) == OLD_PRIOR and again.scale == 5.0 and again.ranks == ["specific_epithet"]
