@@ -31,7 +31,8 @@ never in Table 1 itself.
 
 The record names the prior that Table 1's rows were adapted from, and a Table 1 run on another prior (the
 dataset's in `DATASETS` changed) stops before it trains: `--archive NAME` first moves the rows to the
-investigations as <row>~NAME, each with its prior and the command that measures it again.
+investigations as <row>~NAME, each with its prior and the command that measures it again. `--tables` writes the
+md again from the record alone, e.g. after bringing in a record that a run on another machine extended.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ from taxadiffusion.config import Config
 from taxadiffusion.data.readers import read_records
 from taxadiffusion.data.records import split_records
 from taxadiffusion.eval.protocol import EvalSettings, evaluate, taxon_folder
-from taxadiffusion.eval.report import write_keeping_section, write_report
+from taxadiffusion.eval.report import SHORT, write_keeping_section, write_report
 from taxadiffusion.guidance import Guidance
 from taxadiffusion.sampling import SamplingSettings
 from taxadiffusion.saved_files import write_text_atomic
@@ -175,6 +176,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="move Table 1's rows to the investigations as <row>~NAME, with the prior they were adapted from, so "
         "that Table 1 can be measured on another prior (the dataset's in DATASETS); rewrites the record only",
     )
+    parser.add_argument(
+        "--tables",
+        action="store_true",
+        help="write the md, report and plots again from the record alone (e.g. after bringing in a record that "
+        "another machine extended); trains and evaluates nothing",
+    )
     args = parser.parse_args(argv)
     args.window = tuple(args.window)
     args.prior = args.prior or prior_pack(args.dataset)
@@ -184,8 +191,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(
             "--set, --ranks, --model, --window and --prior change a row: name the investigation with --variant NAME"
         )
-    if args.archive and (args.variant or changed):
-        parser.error("--archive only moves the record's Table 1 rows: it takes no --variant and no row changes")
+    if (args.archive or args.tables) and (args.variant or changed):
+        parser.error("--archive and --tables only rewrite the record or its tables: no --variant, no row changes")
     if args.model and args.other_prior:
         parser.error("--model samples a model trained earlier: its prior is that investigation's --prior")
     if args.model and args.set:
@@ -267,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"archived {', '.join(archived) or 'no row'} as <row>~{args.archive} in {results / RECORD}")
         print("Table 1's tables are written again with its first row on the dataset's prior")
         return 0
+    if args.tables:
+        return write_tables(args, results, name)
     fmt_label = DATASETS[args.dataset].label
     steps = Config.load(RECIPE).train.steps
     if args.quick:
@@ -357,7 +366,12 @@ def main(argv: list[str] | None = None) -> int:
         if row in EXPORTED:
             export_species_images(target, results / "generated" / row, heldout)
 
-    # the results: every row whose metrics are kept (this run's and earlier machines'), in the table's order
+    return write_tables(args, results, name)
+
+
+def write_tables(args, results: Path, name: str) -> int:
+    """The md, report and plots from the record alone: every row whose metrics are kept (this run's and earlier
+    machines'), in the table's order, and the investigations."""
     record = read_record(results)
     runs = {row: record[row] for row, *_ in ROWS if row in record}
     timings = {row: record["train_seconds"][row] for row, *_ in ROWS if row in record.get("train_seconds", {})}
@@ -370,8 +384,15 @@ def main(argv: list[str] | None = None) -> int:
     table = args
     if args.variant:  # the table's own command: an investigation's is listed with it
         table = argparse.Namespace(**{**vars(args), "variant": None, "scale": 3.0, "window": EVERY_STEP})
+    label = DATASETS[args.dataset].label
+    classifier = results / "classifier"  # the committed judge (committed_classifier)
+    if not (classifier / "heldout_accuracy.json").is_file():
+        raise SystemExit(
+            f"{classifier} holds no classifier: the record's accuracy columns were scored by one not kept with it, "
+            "so its tables are written by the runs that made them (a row run again trains and keeps one)"
+        )
     target = write_results(
-        results, runs, investigations, timings, classifier, fmt_label, command(table), name, rare, record["prior"]
+        results, runs, investigations, timings, classifier, label, command(table), name, rare, record["prior"]
     )
     print(f"results: {target}")
     return 0
@@ -521,16 +542,10 @@ def command(args, rows: list[str] | None = None) -> str:
 
 
 def investigation_lines(runs: dict, investigations: dict, timings: dict, rare: int) -> list[str]:
-    """The investigations, each beside the Table 1 rows it changes, at the ranks they were evaluated at."""
+    """The investigations, each beside the Table 1 rows it changes, at the ranks they were evaluated at: one
+    table per set of ranks."""
     if not investigations:
         return []
-    ranks = [r for r in RANKS if any(r in run["ranks"] for run in investigations.values())]
-    changed = [run["investigation"]["row"] for run in investigations.values()]
-    compared = {
-        row: {**run, "ranks": {r: run["ranks"][r] for r in ranks if r in run["ranks"]}}
-        for row, run in runs.items()
-        if row in {"flat", "full", *changed}
-    }
     lines = [
         "## Investigations, one change at a time",
         "",
@@ -549,7 +564,21 @@ def investigation_lines(runs: dict, investigations: dict, timings: dict, rare: i
         sampled = f"scale {what['scale']:g}" + (f", guidance window {window[0]:g}-{window[1]:g}" if window else "")
         trained = f"; trained in {timings[name] / 60:.1f} min" if name in timings else ""  # --model: never timed
         lines.append(f"- `{name}`: {what['row']} {change}, sampled at {sampled}{trained}. `{what['command']}`")
-    return [*lines, "", *run_tables({**compared, **investigations}, f"at most {rare - 1} training images")]
+    lines.append("")
+    by_ranks: dict[tuple[str, ...], dict] = {}
+    for name, run in investigations.items():
+        by_ranks.setdefault(tuple(r for r in RANKS if r in run["ranks"]), {})[name] = run
+    for ranks, group in by_ranks.items():
+        changed = {run["investigation"]["row"] for run in group.values()}
+        compared = {
+            row: {**run, "ranks": {r: run["ranks"][r] for r in ranks if r in run["ranks"]}}
+            for row, run in runs.items()
+            if row in {"flat", "full", *changed}
+        }
+        if len(by_ranks) > 1:
+            lines += [f"At {', '.join(SHORT.get(r, r) for r in ranks)}:", ""]
+        lines += run_tables({**compared, **group}, f"at most {rare - 1} training images")
+    return lines
 
 
 def write_results(

@@ -88,3 +88,18 @@ def test_table1_keeps_its_rows_to_one_prior_and_archives_them_before_another(tab
     )
     again = table1.parse_args(scale["command"].split()[2:])
     assert table1.relative(again.prior) == OLD_PRIOR and again.scale == 5.0 and again.ranks == ["specific_epithet"]
+
+    # a row measured on the new prior elsewhere, its record brought here: the tables are written from it alone,
+    # the investigations in one table per set of ranks
+    kept["taxadiffusion"] = evaluated(3.0, every, 190.0)
+    kept["prior"] = "benchmarks/priors/birds_fish_long.safetensors"
+    (results / "metrics.json").write_text(json.dumps(kept))
+    (results / "classifier").mkdir()
+    (results / "classifier" / "heldout_accuracy.json").write_text(json.dumps({"accuracy": {"genus": 0.9}}))
+    assert table1.main(["--dataset", "cub", "--tables", "--results", str(tmp_path)]) == 0
+    md = (tmp_path / "quality_cub.md").read_text()
+    assert "Prior: `benchmarks/priors/birds_fish_long.safetensors` (`configs/prior_birds_fish_long.yaml`)" in md
+    table, investigations = md.split("## Investigations")
+    assert "| taxadiffusion | 190.00 |" in table and "prior-5000" not in table
+    assert "At order, family, genus, species:" in investigations and "At species:" in investigations
+    assert "| taxadiffusion~prior-5000 | 210.00 |" in investigations

@@ -385,6 +385,9 @@ def test_evaluate_a_folder_of_images_and_compare(evaluated, tmp_path):
     rows = _table_cells((tmp_path / "both" / "report.md").read_text())
     assert [r[0] for r in rows[1:3]] == ["eval", "external"]
     assert re.match(r"FID . genus", rows[0][1])
+    # the rare/common table: a row per run and rank it was evaluated at (external: genus only)
+    split = [r[:2] for r in rows if len(r) > 1 and r[1] in ("genus", "species")]
+    assert split == [["eval", "genus"], ["eval", "species"], ["external", "genus"]]
 
 
 def test_regenerated_report_keeps_its_hand_written_reading(tmp_path):

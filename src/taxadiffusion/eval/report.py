@@ -102,7 +102,7 @@ def main_table(runs: dict[str, dict], group: str = "all") -> list[list[str]]:
 
 
 def split_table(runs: dict[str, dict]) -> list[list[str]]:
-    """Rare vs common taxa (by number of training images), per run and rank."""
+    """Rare vs common taxa (by number of training images), per run and each rank it was evaluated at."""
     ranks, metrics = _ranks(runs), _present(runs)
     rows = [
         ["run", "rank", "taxa (rare/common)"]
@@ -110,8 +110,8 @@ def split_table(runs: dict[str, dict]) -> list[list[str]]:
         + [f"{t} common" for _, t, _, _ in metrics]
     ]
     for name, run in runs.items():
-        for rank in ranks:
-            groups = run["ranks"].get(rank, {})
+        for rank in (r for r in ranks if r in run["ranks"]):
+            groups = run["ranks"][rank]
             rare, common = groups.get("rare", {}), groups.get("common", {})
             row = [name, SHORT.get(rank, rank), f"{rare.get('taxa', 0)}/{common.get('taxa', 0)}"]
             row += [format_value(metric_value(rare, k, rank), f) for k, _, f, _ in metrics]
