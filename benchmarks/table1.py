@@ -392,7 +392,7 @@ def write_tables(args, results: Path, name: str) -> int:
             "so its tables are written by the runs that made them (a row run again trains and keeps one)"
         )
     target = write_results(
-        results, runs, investigations, timings, classifier, label, command(table), name, rare, record["prior"]
+        results, runs, investigations, timings, classifier, label, command(table), name, rare, record.get("prior")
     )
     print(f"results: {target}")
     return 0
@@ -442,9 +442,11 @@ def refuse_another_prior(record: dict, args) -> None:
     kept = record.get("prior")
     if args.variant or not table_rows(record) or kept == relative(args.prior):
         return
+    example = f"prior-{Path(kept).stem}" if kept else "previous"
     raise SystemExit(
-        f"Table 1's rows in the record were adapted from {kept}, and this run's prior is {relative(args.prior)}: "
-        f"keep them as investigations first with `--archive NAME` (e.g. --archive prior-{Path(kept).stem})"
+        f"Table 1's rows in the record were adapted from {kept or 'a prior it does not name'}, and this run's prior "
+        f"is {relative(args.prior)}: keep them as investigations first with `--archive NAME` (e.g. --archive "
+        f"{example})"
     )
 
 
@@ -455,6 +457,8 @@ def archive_rows(record: dict, name: str, dataset: str) -> list[str]:
     rows = table_rows(record)
     if not rows:
         return []
+    if "prior" not in record:  # a record written before the prior was recorded
+        raise SystemExit(f'the record names no prior for its rows {rows}: add "prior": "<its .safetensors>"')
     prior = record.pop("prior")
     investigations = record.get("investigations", {})
     for variant, run in investigations.items():  # run against the record's prior, which they did not name
@@ -591,7 +595,7 @@ def write_results(
     command,
     name,
     rare: int,
-    prior: str,
+    prior: str | None,
 ) -> Path:
     write_report(assets, runs, title=f"{label}: the paper's rows from one prior")
     accuracy = json.loads((classifier / "heldout_accuracy.json").read_text())
@@ -607,9 +611,9 @@ def write_results(
         f"Command: `{command}` (resumable). Machine: {os.cpu_count()} CPU cores, torch {torch.__version__}; runs "
         f"often shared them (the threads of each run trained since this is recorded: `train_threads` in "
         f"`{assets.name}/{RECORD}`).",
-        f"Prior: `{prior}` (`configs/prior_{Path(prior).stem}.yaml`); adaptation: `{RECIPE.relative_to(REPO)}`, "
-        "the same steps for "
-        "every trained row; a fixed, stratified 20% held out of every species (never trained on, prior included).",
+        (f"Prior: `{prior}` (`configs/prior_{Path(prior).stem}.yaml`)" if prior else "Prior: not recorded")
+        + f"; adaptation: `{RECIPE.relative_to(REPO)}`, the same steps for every trained row; a fixed, stratified "
+        "20% held out of every species (never trained on, prior included).",
         f"Every row's metrics and training time: `{assets.name}/{RECORD}`; the classifier of the Acc columns: "
         f"`{assets.name}/classifier/`.",
         *[f"Rows {', '.join(rows)}: {why}." for why, rows in transcribed.items()],
