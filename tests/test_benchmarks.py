@@ -103,3 +103,10 @@ def test_table1_keeps_its_rows_to_one_prior_and_archives_them_before_another(tab
     assert "| taxadiffusion | 190.00 |" in table and "prior-5000" not in table
     assert "At order, family, genus, species:" in investigations and "At species:" in investigations
     assert "| taxadiffusion~prior-5000 | 210.00 |" in investigations
+
+
+def test_table1_priors_are_committed_with_their_configs(table1):
+    """Each dataset's Table 1 prior is in the repository beside the config that made it (test_prior.py checks
+    that the file's recipe is that config), so that the benchmark reruns from a clean clone."""
+    for dataset in table1.DATASETS:
+        assert table1.prior_pack(dataset).is_file() and table1.prior_config(dataset).is_file()

@@ -456,14 +456,16 @@ def test_an_fp16_pack_is_half_the_size_and_unpacks_to_fp32(prior, tmp_path):
         pack_prior(prior, tmp_path / "x.safetensors", "recipe: text", precision="bf8")
 
 
-@pytest.mark.parametrize("name", ["birds_fish", "birds_fish_wide"])
-def test_the_benchmark_priors_are_their_committed_recipes(name):
-    """benchmarks/priors/<name>.safetensors (Table 1's prior, and the wider one of its investigation) was made
-    by configs/prior_<name>.yaml, and fits the 50 MB a committed prior may take."""
+BENCHMARK_PRIORS = sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "priors").glob("*.safetensors"))
+
+
+@pytest.mark.parametrize("packed", BENCHMARK_PRIORS, ids=[p.stem for p in BENCHMARK_PRIORS])
+def test_the_benchmark_priors_are_their_committed_recipes(packed):
+    """Every benchmarks/priors/<name>.safetensors (Table 1's priors, and those of its investigations) was made by
+    configs/prior_<name>.yaml, and fits the 50 MB a committed prior may take."""
     from safetensors import safe_open
 
-    repo = Path(__file__).resolve().parents[1]
-    packed = repo / "benchmarks" / "priors" / f"{name}.safetensors"
+    repo, name = Path(__file__).resolve().parents[1], packed.stem
     assert packed.stat().st_size <= 50 * 2**20
     with safe_open(str(packed), framework="pt") as handle:
         assert handle.metadata()["recipe"] == (repo / "configs" / f"prior_{name}.yaml").read_text(encoding="utf-8")
