@@ -96,8 +96,9 @@ def prior_pack(dataset: str) -> Path:
     return REPO / "benchmarks" / "priors" / f"{DATASETS[dataset].prior}.safetensors"
 
 
-def prior_config(dataset: str) -> Path:
-    return REPO / "configs" / f"prior_{DATASETS[dataset].prior}.yaml"
+def prior_config(pack: str | Path) -> Path:
+    """The config that made a packed prior: configs/prior_<its name>.yaml (test_prior.py checks the pack's recipe)."""
+    return REPO / "configs" / f"prior_{Path(pack).stem}.yaml"
 
 
 RECIPE = REPO / "configs" / "adapt_birds_fish.yaml"
@@ -228,7 +229,7 @@ def prior_folder(args, out: Path) -> Path:
     if not args.quick or args.other_prior:
         if not args.prior.is_file():
             raise SystemExit(
-                f"{args.prior} not found: make it with `taxadiffusion pretrain --config {prior_config(args.dataset)} "
+                f"{args.prior} not found: make it with `taxadiffusion pretrain --config {prior_config(args.prior)} "
                 f"--output runs/prior-birds-fish --pack {args.prior}` (or pass --prior)"
             )
         # another prior (an investigation) beside the committed one's folder, which the rows' configs name
@@ -237,7 +238,7 @@ def prior_folder(args, out: Path) -> Path:
 
     folder = out / "prior"
     if not (folder / "prior.json").is_file():
-        recipe = prior_config(args.dataset)
+        recipe = prior_config(prior_pack(args.dataset))
         Trainer(Config.load(recipe, ["train.steps=4", "train.checkpoint_every=4"]), folder).run()
     return folder
 
@@ -464,20 +465,16 @@ def archive_rows(record: dict, name: str, dataset: str) -> list[str]:
     for variant, run in investigations.items():  # run against the record's prior, which they did not name
         what = run["investigation"]
         if "prior" not in what:
+            model = what.get("model", "").partition("~")[2] or None
+            changes = [] if model else what["set"]  # --model brings its investigation's --set along
             what["prior"] = prior
-            if "model" not in what:  # with --model the prior is the trained investigation's (command())
-                flag = f"--variant {variant.split('~', 1)[1]}"
-                what["command"] = what["command"].replace(flag, f"{flag} --prior {prior}", 1)
+            what["command"] = rerun_command(run, what["row"], variant.split("~", 1)[1], prior, changes, model, dataset)
     archived = {}
     for row in rows:
         run = record.pop(row)
         settings = run["settings"]
-        again = argparse.Namespace(
-            dataset=dataset, quick=False, per_taxon=settings["per_taxon"], scale=settings["scale"],
-            window=tuple(settings["window"]), variant=name, prior=REPO / prior, other_prior=True, model=None,
-            set=[], ranks=settings["ranks"],
-        )  # fmt: skip
-        what = {"row": row, "set": [], "scale": settings["scale"], "command": command(again, [row]), "prior": prior}
+        again = rerun_command(run, row, name, prior, [], None, dataset)
+        what = {"row": row, "set": [], "scale": settings["scale"], "command": again, "prior": prior}
         what |= {"window": settings["window"]} if tuple(settings["window"]) != EVERY_STEP else {}
         archived[f"{row}~{name}"] = {**run, "investigation": what}
         for key in ("train_seconds", "train_threads"):
@@ -485,6 +482,20 @@ def archive_rows(record: dict, name: str, dataset: str) -> list[str]:
                 record[key][f"{row}~{name}"] = record[key].pop(row)
     record["investigations"] = archived | investigations  # listed first: the rows the others were compared with
     return rows
+
+
+def rerun_command(
+    run: dict, row: str, variant: str, prior: str, changes: list[str], model: str | None, dataset: str
+) -> str:
+    """The command that measures a record's run again as the investigation `variant` from `prior`, with the
+    evaluation settings its metrics were made with."""
+    settings = run["settings"]
+    again = argparse.Namespace(
+        dataset=dataset, quick=False, per_taxon=settings["per_taxon"], scale=settings["scale"],
+        window=tuple(settings["window"]), variant=variant, prior=REPO / prior, other_prior=True, model=model,
+        set=changes, ranks=settings["ranks"],
+    )  # fmt: skip
+    return command(again, [row])
 
 
 def trained_changes(results: Path, trained: str) -> list[str]:
@@ -611,7 +622,7 @@ def write_results(
         f"Command: `{command}` (resumable). Machine: {os.cpu_count()} CPU cores, torch {torch.__version__}; runs "
         f"often shared them (the threads of each run trained since this is recorded: `train_threads` in "
         f"`{assets.name}/{RECORD}`).",
-        (f"Prior: `{prior}` (`configs/prior_{Path(prior).stem}.yaml`)" if prior else "Prior: not recorded")
+        (f"Prior: `{prior}` (`{relative(prior_config(prior))}`)" if prior else "Prior: not recorded")
         + f"; adaptation: `{RECIPE.relative_to(REPO)}`, the same steps for every trained row; a fixed, stratified "
         "20% held out of every species (never trained on, prior included).",
         f"Every row's metrics and training time: `{assets.name}/{RECORD}`; the classifier of the Acc columns: "

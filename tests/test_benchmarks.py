@@ -109,4 +109,5 @@ def test_table1_priors_are_committed_with_their_configs(table1):
     """Each dataset's Table 1 prior is in the repository beside the config that made it (test_prior.py checks
     that the file's recipe is that config), so that the benchmark reruns from a clean clone."""
     for dataset in table1.DATASETS:
-        assert table1.prior_pack(dataset).is_file() and table1.prior_config(dataset).is_file()
+        pack = table1.prior_pack(dataset)
+        assert pack.is_file() and table1.prior_config(pack).is_file()
