@@ -506,3 +506,33 @@ def test_the_zero_shot_pipeline_reads_as_the_same_model_in_every_process(prior):
         for seed in ("0", "1")
     }  # fmt: skip
     assert len(digests) == 1 and len(digests.pop()) == 32
+
+
+def test_prior_fidelity_scores_the_prior_on_its_own_taxonomy_per_rank(tiny_sd, tmp_path, monkeypatch):
+    """benchmarks/prior_fidelity.py: an oracle trained on the prior's synthetic taxonomy scores samples of every
+    species under the caption its training images had, at every rank."""
+    import importlib.util
+
+    synthetic = {"seed": 1, "branching": [[1, 1], [1, 1], [2, 2], [1, 1], [1, 1], [1, 1], [2, 2]]}
+    config = {
+        "model": PRIOR_MODEL,
+        "text": {"encoder": str(tiny_sd), "template": "{name}"},
+        "data": {"format": "synthetic", "crop": "squash", "synthetic": synthetic | {"max_images": 3, "min_images": 2}},
+        "caption": {"rank": "order", "template": "a photo of {class}, {order}: {appearance}"},
+        "train": {"strategy": "prior", "steps": 2, "batch_size": 4, "checkpoint_every": 2},
+    }
+    (tmp_path / "prior.yaml").write_text(yaml.safe_dump(config))
+    assert main(["pretrain", "--config", str(tmp_path / "prior.yaml"), "--output", str(tmp_path / "prior")]) == 0
+    repo = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("prior_fidelity", repo / "benchmarks" / "prior_fidelity.py")
+    fidelity = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fidelity)
+    out = tmp_path / "fidelity.json"
+    args = ["--config", str(tmp_path / "prior.yaml"), "--prior", str(tmp_path / "prior"), "--per-taxon", "2"]
+    args += ["--steps", "2", "--oracle", str(tmp_path / "oracle"), "--oracle-steps", "2", "--out", str(out)]
+    assert fidelity.main(args) == 0
+    result = json.loads(out.read_text())
+    accuracy = result["accuracy"][str(tmp_path / "prior")]
+    assert result["species"] == 4 and list(accuracy) == list(result["oracle_held_out_accuracy"])
+    assert accuracy["kingdom"] == 1.0 and all(0.0 <= a <= 1.0 for a in accuracy.values())  # one kingdom
+    assert (tmp_path / "oracle" / "config.json").is_file()  # trained once, then reused

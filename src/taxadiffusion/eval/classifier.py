@@ -11,6 +11,7 @@ import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -21,6 +22,9 @@ from torch import nn
 
 from ..saved_files import refuse_nonempty, share_safetensors
 from ..taxonomy import Taxonomy
+
+if TYPE_CHECKING:
+    from ..data.synthetic import SyntheticConfig
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:
@@ -217,13 +221,17 @@ def train_on_records(records, holdout: float = 0.1, training: ClassifierTraining
 
 
 def train_synthetic_oracle(
-    synthetic_seed: int = 0, per_species: int = 120, training: ClassifierTraining | None = None
+    synthetic_seed: int = 0,
+    per_species: int = 120,
+    training: ClassifierTraining | None = None,
+    synthetic: SyntheticConfig | None = None,
 ) -> ClassifierRun:
-    """An oracle for the embedded synthetic taxonomy: trained on fresh renders, scored on other fresh ones."""
+    """An oracle for the embedded synthetic taxonomy (or the one `synthetic` shapes, e.g. a prior's): trained on
+    fresh renders, scored on other fresh ones."""
     from ..data.synthetic import SyntheticConfig, SyntheticTaxonomy
 
     training = training or ClassifierTraining()
-    synth = SyntheticTaxonomy(SyntheticConfig(seed=synthetic_seed))
+    synth = SyntheticTaxonomy(synthetic or SyntheticConfig(seed=synthetic_seed))
     images, ids = synthetic_pool(synth, per_species, training.resolution, seed=1)
     held_images, held_ids = synthetic_pool(synth, 20, training.resolution, seed=2)  # fresh, never trained on
     return _fit(synth.taxonomy, images, ids, held_images, held_ids, training)
