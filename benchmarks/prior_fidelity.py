@@ -66,6 +66,20 @@ def fidelity(pipe, synth: SyntheticTaxonomy, config: Config, classifier, per_tax
     return dict(zip((r.value for r in classifier.taxonomy.ranks), by_rank, strict=True))
 
 
+@torch.no_grad()
+def condition_norms(pipe) -> dict[str, float]:
+    """Mean L2 norm of the condition's tokens (c_k, the rank encoders' sum) at each depth, over every species of
+    an adapted pipeline: what its frozen UNet reads, to compare with the prior's caption features."""
+    taxonomy = pipe.taxonomy
+    species = [t for t in taxonomy.leaves() if t.level == len(taxonomy.ranks) - 1]
+    ids = torch.tensor([taxonomy.ids(taxonomy.lineage(taxon)) for taxon in species])
+    features = pipe.text_embeddings.lookup(ids)
+    encoder = pipe.taxonomy_encoder.eval()
+    return {
+        rank.value: float(encoder(features, depth).norm(dim=-1).mean()) for depth, rank in enumerate(taxonomy.ranks, 1)
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/prior_demo.yaml", help="the config the prior was made by")
@@ -86,10 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     classifier = oracle(config, args.oracle, args.oracle_steps)
     captions = sorted({config.caption.caption(s.lineage, appearance(s.traits)) for s in synth.species})
     pipe = prior_pipeline(args.prior, captions, scheduler="dpm")
-    rows = {}
+    rows, norms = {}, {args.prior: float(pipe.text_embeddings.table(0).norm(dim=-1).mean())}
     for unet_from in [None, *args.unet_from]:
         if unet_from is not None:  # the adapted UNet (its LoRA loaded as the pipeline loads it), same captions
-            pipe.unet = TaxaDiffusionPipeline.from_pretrained(unet_from).unet.eval()
+            adapted = TaxaDiffusionPipeline.from_pretrained(unet_from)
+            pipe.unet, norms[unet_from] = adapted.unet.eval(), condition_norms(adapted)
         name, start = unet_from or args.prior, time.perf_counter()
         rows[name] = fidelity(pipe, synth, config, classifier, args.per_taxon, args.scale, args.steps)
         print(name, json.dumps(rows[name]), f"{time.perf_counter() - start:.0f} s")
@@ -102,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         "guidance": f"vanilla, scale {args.scale}, DPM-Solver++ {args.steps} steps",
         "oracle_held_out_accuracy": held_out,
         "accuracy": rows,
+        # the prior's caption features, and each adapted pipeline's condition per depth (mean token L2 norm)
+        "text_token_norm": norms,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
