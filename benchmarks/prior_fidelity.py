@@ -29,6 +29,7 @@ from taxadiffusion.eval.classifier import (
     to_unit,
     train_synthetic_oracle,
 )
+from taxadiffusion.guidance import Guidance
 from taxadiffusion.pipeline import TaxaDiffusionPipeline
 from taxadiffusion.prior import prior_pipeline
 
@@ -38,19 +39,17 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def oracle(config: Config, folder: Path, steps: int) -> TaxonClassifier:
     """The prior's taxonomy's oracle, trained once into `folder` (reused when it is there)."""
     if not (folder / "config.json").is_file():
-        synthetic = config.data.synthetic
-        run = train_synthetic_oracle(per_species=60, training=ClassifierTraining(steps=steps), synthetic=synthetic)
+        run = train_synthetic_oracle(config.data.synthetic, per_species=60, training=ClassifierTraining(steps=steps))
         print(run.describe())
         run.save(folder, overwrite=True)
     return TaxonClassifier.from_pretrained(str(folder)).eval()
 
 
-def fidelity(pipe, synth: SyntheticTaxonomy, config: Config, classifier, per_taxon: int, scale: float, steps: int):
-    """Per-rank oracle accuracy of `per_taxon` samples of every species under its own caption (seeds fixed by
-    species and image, so every UNet measured draws from the same noise)."""
+def fidelity(pipe, synth: SyntheticTaxonomy, captions: list[str], classifier, per_taxon: int, scale: float, steps: int):
+    """Per-rank oracle accuracy of `per_taxon` samples of every species under its own caption (`captions`, one per
+    species; seeds fixed by species and image, so every UNet measured draws from the same noise)."""
     predicted, truth = [], []
-    for species in synth.species:
-        caption = config.caption.caption(species.lineage, appearance(species.traits))
+    for species, caption in zip(synth.species, captions, strict=True):
         generators = [torch.Generator().manual_seed(1000 * species.index + k) for k in range(per_taxon)]
         images = pipe(
             [caption] * per_taxon,
@@ -69,15 +68,15 @@ def fidelity(pipe, synth: SyntheticTaxonomy, config: Config, classifier, per_tax
 @torch.no_grad()
 def condition_norms(pipe) -> dict[str, float]:
     """Mean L2 norm of the condition's tokens (c_k, the rank encoders' sum) at each depth, over every species of
-    an adapted pipeline: what its frozen UNet reads, to compare with the prior's caption features."""
+    an adapted pipeline, as its sampling encodes them (`encode`): what its frozen UNet reads, to compare with the
+    prior's caption features."""
     taxonomy = pipe.taxonomy
-    species = [t for t in taxonomy.leaves() if t.level == len(taxonomy.ranks) - 1]
-    ids = torch.tensor([taxonomy.ids(taxonomy.lineage(taxon)) for taxon in species])
-    features = pipe.text_embeddings.lookup(ids)
-    encoder = pipe.taxonomy_encoder.eval()
-    return {
-        rank.value: float(encoder(features, depth).norm(dim=-1).mean()) for depth, rank in enumerate(taxonomy.ranks, 1)
-    }
+    species = [taxonomy.lineage(t) for t in taxonomy.leaves() if t.level == len(taxonomy.ranks) - 1]
+    norms = {}
+    for depth, rank in enumerate(taxonomy.ranks, 1):
+        condition, _ = pipe.encode([lineage.truncate(depth) for lineage in species], Guidance.NONE, 1)
+        norms[rank.value] = float(condition.norm(dim=-1).mean())
+    return norms
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,15 +97,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{args.config}: a prior of the synthetic taxonomy whose captions describe each look")
     synth = SyntheticTaxonomy(config.data.synthetic)
     classifier = oracle(config, args.oracle, args.oracle_steps)
-    captions = sorted({config.caption.caption(s.lineage, appearance(s.traits)) for s in synth.species})
-    pipe = prior_pipeline(args.prior, captions, scheduler="dpm")
+    captions = [config.caption.caption(s.lineage, appearance(s.traits)) for s in synth.species]
+    pipe = prior_pipeline(args.prior, sorted(set(captions)), scheduler="dpm")
     rows, norms = {}, {args.prior: float(pipe.text_embeddings.table(0).norm(dim=-1).mean())}
     for unet_from in [None, *args.unet_from]:
         if unet_from is not None:  # the adapted UNet (its LoRA loaded as the pipeline loads it), same captions
             adapted = TaxaDiffusionPipeline.from_pretrained(unet_from)
             pipe.unet, norms[unet_from] = adapted.unet.eval(), condition_norms(adapted)
         name, start = unet_from or args.prior, time.perf_counter()
-        rows[name] = fidelity(pipe, synth, config, classifier, args.per_taxon, args.scale, args.steps)
+        rows[name] = fidelity(pipe, synth, captions, classifier, args.per_taxon, args.scale, args.steps)
         print(name, json.dumps(rows[name]), f"{time.perf_counter() - start:.0f} s")
     held_out = json.loads((args.oracle / "heldout_accuracy.json").read_text())["accuracy"]
     result = {

@@ -97,3 +97,18 @@ def test_fast_preset_fills_in_what_is_not_given():
     mine = _sampling(parse([*base, "--fast", "--steps", "14", "--scale", "3"]))
     assert mine["steps"] == 14 and mine["scale"] == 3.0 and mine["scheduler"] == FAST["scheduler"]
     assert all(v is None for v in _sampling(parse(base)).values())
+
+
+def test_classifier_train_synthetic_writes_an_oracle_of_the_seeds_taxonomy(tmp_path, capsys):
+    """`classifier train --synthetic` (what `make demo` runs): an oracle of the synthetic taxonomy of
+    `--synthetic-seed`, saved with its held-out accuracy at every rank."""
+    from taxadiffusion.data.synthetic import SyntheticConfig, SyntheticTaxonomy
+    from taxadiffusion.eval.classifier import TaxonClassifier
+
+    out = tmp_path / "oracle"
+    args = ["classifier", "train", "--synthetic", "--synthetic-seed", "3", "--per-species", "2", "--steps", "2"]
+    assert main([*args, "--out", str(out)]) == 0
+    held_out = json.loads((out / "heldout_accuracy.json").read_text())
+    taxonomy = SyntheticTaxonomy(SyntheticConfig(seed=3)).taxonomy
+    assert TaxonClassifier.from_pretrained(str(out)).taxonomy.to_dict() == taxonomy.to_dict()
+    assert list(held_out["accuracy"]) == [rank.value for rank in taxonomy.ranks]

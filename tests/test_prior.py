@@ -508,7 +508,7 @@ def test_the_zero_shot_pipeline_reads_as_the_same_model_in_every_process(prior):
     assert len(digests) == 1 and len(digests.pop()) == 32
 
 
-def test_prior_fidelity_scores_the_prior_on_its_own_taxonomy_per_rank(tiny_sd, tmp_path, monkeypatch):
+def test_prior_fidelity_scores_the_prior_on_its_own_taxonomy_per_rank(tiny_sd, tmp_path):
     """benchmarks/prior_fidelity.py: an oracle trained on the prior's synthetic taxonomy scores samples of every
     species under the caption its training images had, at every rank."""
     import importlib.util
@@ -535,4 +535,4 @@ def test_prior_fidelity_scores_the_prior_on_its_own_taxonomy_per_rank(tiny_sd, t
     accuracy = result["accuracy"][str(tmp_path / "prior")]
     assert result["species"] == 4 and list(accuracy) == list(result["oracle_held_out_accuracy"])
     assert accuracy["kingdom"] == 1.0 and all(0.0 <= a <= 1.0 for a in accuracy.values())  # one kingdom
-    assert (tmp_path / "oracle" / "config.json").is_file()  # trained once, then reused
+    assert (tmp_path / "oracle" / "config.json").is_file()  # saved, for a later run to reuse

@@ -271,7 +271,9 @@ def cmd_classifier_train(args: argparse.Namespace) -> int:
     refuse_nonempty(args.out, args.overwrite)  # before the training, not after
     common = ClassifierTraining(args.steps, args.resolution, args.width, args.batch_size)
     if args.synthetic:
-        run = train_synthetic_oracle(args.synthetic_seed, args.per_species, common)
+        from .data.synthetic import SyntheticConfig
+
+        run = train_synthetic_oracle(SyntheticConfig(seed=args.synthetic_seed), args.per_species, common)
     elif args.data:
         from .data.readers import read_records
 

@@ -221,17 +221,14 @@ def train_on_records(records, holdout: float = 0.1, training: ClassifierTraining
 
 
 def train_synthetic_oracle(
-    synthetic_seed: int = 0,
-    per_species: int = 120,
-    training: ClassifierTraining | None = None,
-    synthetic: SyntheticConfig | None = None,
+    synthetic: SyntheticConfig, per_species: int = 120, training: ClassifierTraining | None = None
 ) -> ClassifierRun:
-    """An oracle for the embedded synthetic taxonomy (or the one `synthetic` shapes, e.g. a prior's): trained on
-    fresh renders, scored on other fresh ones."""
-    from ..data.synthetic import SyntheticConfig, SyntheticTaxonomy
+    """An oracle for a synthetic taxonomy (the embedded default's, or a prior's): trained on fresh renders, scored
+    on other fresh ones."""
+    from ..data.synthetic import SyntheticTaxonomy
 
     training = training or ClassifierTraining()
-    synth = SyntheticTaxonomy(synthetic or SyntheticConfig(seed=synthetic_seed))
+    synth = SyntheticTaxonomy(synthetic)
     images, ids = synthetic_pool(synth, per_species, training.resolution, seed=1)
     held_images, held_ids = synthetic_pool(synth, 20, training.resolution, seed=2)  # fresh, never trained on
     return _fit(synth.taxonomy, images, ids, held_images, held_ids, training)
