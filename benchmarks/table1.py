@@ -84,7 +84,7 @@ class Dataset(NamedTuple):
 
 
 DATASETS = {
-    "cub": Dataset("csv", SHARED / "cub100_lt" / "metadata.csv", "CUB-100-LT", "birds_fish"),
+    "cub": Dataset("csv", SHARED / "cub100_lt" / "metadata.csv", "CUB-100-LT", "birds_fish_long"),
     "f4k": Dataset("folder", SHARED / "fish4knowledge", "Fish4Knowledge", "birds_fish"),
 }
 # "Rare": fewer training images than this. CUB-100-LT's tail is 3-10 images (50 of its 100 species); in F4K's
