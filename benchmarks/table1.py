@@ -272,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.archive:
         with locked_record(results) as record:
             archived = archive_rows(record, args.archive, args.dataset)
+        archive_sheets(results, archived, args.archive)
         print(f"archived {', '.join(archived) or 'no row'} as <row>~{args.archive} in {results / RECORD}")
         print("Table 1's tables are written again with its first row on the dataset's prior")
         return 0
@@ -484,6 +485,15 @@ def archive_rows(record: dict, name: str, dataset: str) -> list[str]:
     return rows
 
 
+def archive_sheets(results: Path, rows: list[str], name: str) -> None:
+    """Rename the sample sheets of archived rows to samples_<row>~`name`_<rank>.png: the md lists a sheet beside the
+    run it shows, and the next Table 1 row of that name writes its own. (generated/<row>/ is overwritten by that row's
+    export; until then the md does not list it.)"""
+    for row in rows:
+        for sheet in results.glob(f"samples_{row}_*.png"):
+            sheet.rename(sheet.with_name(f"samples_{row}~{name}_{sheet.name.removeprefix(f'samples_{row}_')}"))
+
+
 def rerun_command(
     run: dict, row: str, variant: str, prior: str, changes: list[str], model: str | None, dataset: str
 ) -> str:
@@ -610,7 +620,11 @@ def write_results(
 ) -> Path:
     write_report(assets, runs, title=f"{label}: the paper's rows from one prior")
     accuracy = json.loads((classifier / "heldout_accuracy.json").read_text())
-    exported = [row for row in EXPORTED if (assets / "generated" / row).is_dir()]
+    # only the rows in the table: an archived row's export stays until the row is measured again, and is not its
+    exported = [row for row in EXPORTED if row in runs and (assets / "generated" / row).is_dir()]
+    sheets = [assets / f"samples_{row}_specific_epithet.png" for row in runs]
+    sheets = [p for p in sheets if p.is_file()]
+    archived_sheets = sorted(assets.glob("samples_*~*_specific_epithet.png"))
     transcribed = {run["transcribed"]: [] for run in runs.values() if "transcribed" in run}
     for row, run in runs.items():
         if "transcribed" in run:
@@ -635,8 +649,13 @@ def write_results(
         *investigation_lines(runs, investigations, timings, rare),
         "## Samples",
         "",
-        *[f"![{p.stem}]({assets.name}/{p.name})" for p in sorted(assets.glob("samples_*_specific_epithet.png"))],
+        *[f"![{p.stem}]({assets.name}/{p.name})" for p in sheets],
         "",
+        *(
+            ["Archived rows' sheets: " + ", ".join(f"[{p.stem}]({assets.name}/{p.name})" for p in archived_sheets), ""]
+            if archived_sheets
+            else []
+        ),
         f"The species-rank images of {', '.join(exported)} are in `{assets.name}/generated/<row>/` with an "
         "`index.csv` (path, scientific_name), to score with another classifier or reference set.",
         "",

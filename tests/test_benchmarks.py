@@ -53,6 +53,9 @@ def test_table1_keeps_its_rows_to_one_prior_and_archives_them_before_another(tab
         "prior": OLD_PRIOR,
     }
     (results / "metrics.json").write_text(json.dumps(record))
+    for sheet in ("samples_flat_specific_epithet.png", "samples_taxadiffusion-vanilla_order.png"):
+        (results / sheet).write_bytes(b"png")
+    (results / "generated" / "flat").mkdir(parents=True)  # the flat row's export, from the old prior
 
     # the dataset's Table 1 prior changes: its rows must be archived before Table 1 runs on it
     cub = table1.DATASETS["cub"]
@@ -75,6 +78,11 @@ def test_table1_keeps_its_rows_to_one_prior_and_archives_them_before_another(tab
         assert run["ranks"] == record[name.split("~")[0]]["ranks"]
         assert run["investigation"]["prior"] == OLD_PRIOR and run["investigation"]["set"] == []
     table1.refuse_another_prior(kept, args)  # Table 1 may now run on the new prior
+    sheets = sorted(path.name for path in results.glob("samples_*"))  # each archived row's sheets go with it
+    assert sheets == [
+        "samples_flat~prior-5000_specific_epithet.png",
+        "samples_taxadiffusion-vanilla~prior-5000_order.png",
+    ]
 
     # each archived row's command measures it again: from the old prior, as an investigation, at every rank
     again = table1.parse_args(
@@ -94,6 +102,8 @@ def test_table1_keeps_its_rows_to_one_prior_and_archives_them_before_another(tab
     kept["taxadiffusion"] = evaluated(3.0, every, 190.0)
     kept["prior"] = "benchmarks/priors/birds_fish_long.safetensors"
     (results / "metrics.json").write_text(json.dumps(kept))
+    (results / "samples_taxadiffusion_specific_epithet.png").write_bytes(b"png")
+    (results / "generated" / "taxadiffusion").mkdir()
     (results / "classifier").mkdir()
     (results / "classifier" / "heldout_accuracy.json").write_text(json.dumps({"accuracy": {"genus": 0.9}}))
     assert table1.main(["--dataset", "cub", "--tables", "--results", str(tmp_path)]) == 0
@@ -103,6 +113,13 @@ def test_table1_keeps_its_rows_to_one_prior_and_archives_them_before_another(tab
     assert "| taxadiffusion | 190.00 |" in table and "prior-5000" not in table
     assert "At order, family, genus, species:" in investigations and "At species:" in investigations
     assert "| taxadiffusion~prior-5000 | 210.00 |" in investigations
+    # the samples and exports listed are the table's rows'; the archived rows' sheets are linked apart
+    samples = md.split("## Samples")[1]
+    assert (
+        "![samples_taxadiffusion_specific_epithet](quality_cub/samples_taxadiffusion_specific_epithet.png)" in samples
+    )
+    assert "Archived rows' sheets: [samples_flat~prior-5000_specific_epithet]" in samples
+    assert "The species-rank images of taxadiffusion are in" in samples  # not the old prior's flat export
 
 
 def test_table1_priors_are_committed_with_their_configs(table1):
