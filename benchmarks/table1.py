@@ -620,7 +620,7 @@ def write_results(
 ) -> Path:
     write_report(assets, runs, title=f"{label}: the paper's rows from one prior")
     accuracy = json.loads((classifier / "heldout_accuracy.json").read_text())
-    # only the rows in the table: an archived row's export stays until the row is measured again, and is not its
+    # only the table's rows: an archived row's export and sheets stay until the row is measured again, unlisted
     exported = [row for row in EXPORTED if row in runs and (assets / "generated" / row).is_dir()]
     sheets = [assets / f"samples_{row}_specific_epithet.png" for row in runs]
     sheets = [p for p in sheets if p.is_file()]
