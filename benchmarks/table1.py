@@ -364,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         keep_record(results, {row: metrics, "prior": relative(args.prior)})
         for grid in (target / "grids").glob("*.png"):
-            shutil.copy(grid, results / f"samples_{row}_{grid.name}")
+            shutil.copy(grid, results / sheet_name(row, grid.stem))
         if row in EXPORTED:
             export_species_images(target, results / "generated" / row, heldout)
 
@@ -485,13 +485,19 @@ def archive_rows(record: dict, name: str, dataset: str) -> list[str]:
     return rows
 
 
+def sheet_name(row: str, rank: str) -> str:
+    """The file name of a row's sample sheet at `rank` in the results folder (a glob pattern with "*")."""
+    return f"samples_{row}_{rank}.png"
+
+
 def archive_sheets(results: Path, rows: list[str], name: str) -> None:
     """Rename the sample sheets of archived rows to samples_<row>~`name`_<rank>.png: the md lists a sheet beside the
     run it shows, and the next Table 1 row of that name writes its own. (generated/<row>/ is overwritten by that row's
     export; until then the md does not list it.)"""
     for row in rows:
-        for sheet in results.glob(f"samples_{row}_*.png"):
-            sheet.rename(sheet.with_name(f"samples_{row}~{name}_{sheet.name.removeprefix(f'samples_{row}_')}"))
+        for sheet in results.glob(sheet_name(row, "*")):
+            rank = sheet.stem.removeprefix(f"samples_{row}_")
+            sheet.rename(sheet.with_name(sheet_name(f"{row}~{name}", rank)))
 
 
 def rerun_command(
@@ -622,9 +628,9 @@ def write_results(
     accuracy = json.loads((classifier / "heldout_accuracy.json").read_text())
     # only the table's rows: an archived row's export and sheets stay until the row is measured again, unlisted
     exported = [row for row in EXPORTED if row in runs and (assets / "generated" / row).is_dir()]
-    sheets = [assets / f"samples_{row}_specific_epithet.png" for row in runs]
+    sheets = [assets / sheet_name(row, "specific_epithet") for row in runs]
     sheets = [p for p in sheets if p.is_file()]
-    archived_sheets = sorted(assets.glob("samples_*~*_specific_epithet.png"))
+    archived_sheets = sorted(assets.glob(sheet_name("*~*", "specific_epithet")))
     transcribed = {run["transcribed"]: [] for run in runs.values() if "transcribed" in run}
     for row, run in runs.items():
         if "transcribed" in run:
