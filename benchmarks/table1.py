@@ -373,7 +373,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def write_tables(args, results: Path, name: str) -> int:
     """The md, report and plots from the record alone: every row whose metrics are kept (this run's and earlier
-    machines'), in the table's order, and the investigations."""
+    machines'), in the table's order, and the investigations. Written under the record's lock: a table written
+    from a record that another row has since extended would otherwise replace that row's newer table."""
+    with record_lock(results):
+        return _write_tables(args, results, name)
+
+
+def _write_tables(args, results: Path, name: str) -> int:
     record = read_record(results)
     runs = {row: record[row] for row, *_ in ROWS if row in record}
     timings = {row: record["train_seconds"][row] for row, *_ in ROWS if row in record.get("train_seconds", {})}
@@ -415,12 +421,19 @@ def read_record(results: Path) -> dict:
 
 
 @contextlib.contextmanager
-def locked_record(results: Path) -> Iterator[dict]:
-    """The results' record to change in place, written back when the block ends: two processes on different rows
-    share it, so it is read, changed and written under one lock."""
+def record_lock(results: Path) -> Iterator[None]:
+    """Two processes on different rows share the results' record and the tables written from it: each reads,
+    changes and writes them under this lock, so that neither's write is lost to the other's."""
     results.mkdir(parents=True, exist_ok=True)
     with (results / f"{RECORD}.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+@contextlib.contextmanager
+def locked_record(results: Path) -> Iterator[dict]:
+    """The results' record to change in place, written back when the block ends."""
+    with record_lock(results):
         record = read_record(results)
         yield record
         write_text_atomic(results / RECORD, json.dumps(record, indent=1) + "\n")

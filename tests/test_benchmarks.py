@@ -122,6 +122,30 @@ def test_table1_keeps_its_rows_to_one_prior_and_archives_them_before_another(tab
     assert "The species-rank images of taxadiffusion are in" in samples  # not the old prior's flat export
 
 
+def test_table1_writes_its_tables_under_the_records_lock(table1, tmp_path, monkeypatch):
+    """Two rows finishing together: the one writing its tables holds the lock that a record's writer waits for, so
+    a table written from an older record cannot replace a newer one."""
+    import fcntl
+
+    results = tmp_path / "quality_cub"
+    table1.keep_record(results, {"flat": evaluated(3.0, ["genus"], 200.0)})
+    held = []
+
+    def write_results(*_args):  # another process's attempt at the lock while the tables are being written
+        with (results / "metrics.json.lock").open("w") as other, pytest.raises(BlockingIOError):
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.append(True)
+        return results / "report.md"
+
+    monkeypatch.setattr(table1, "write_results", write_results)
+    (results / "classifier").mkdir()
+    (results / "classifier" / "heldout_accuracy.json").write_text("{}")
+    assert table1.main(["--dataset", "cub", "--tables", "--results", str(tmp_path)]) == 0
+    assert held == [True]
+    table1.keep_record(results, {"full": evaluated(3.0, ["genus"], 190.0)})  # released after
+    assert set(table1.table_rows(table1.read_record(results))) == {"flat", "full"}
+
+
 def test_table1_priors_are_committed_with_their_configs(table1):
     """Each dataset's Table 1 prior is in the repository beside the config that made it (test_prior.py checks
     that the file's recipe is that config), so that the benchmark reruns from a clean clone."""
