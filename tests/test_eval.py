@@ -77,8 +77,8 @@ def test_inception_features_are_2048d_and_memoised():
     assert torch.equal(again, out[[2, 0]]) and len(features.memo) == 3
 
 
-def test_inception_features_equal_the_unfrozen_graph():
-    """The frozen graph (batch norms folded into the convolutions) gives the TF-Inception graph's features."""
+def test_inception_features_equal_the_graphs_own():
+    """Batched, resized and scaled as the TF-Inception graph expects, in batches smaller than the images given."""
     from taxadiffusion.eval.weights import inception_weights
 
     images = torch.randint(0, 255, (2, 3, 40, 24), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
@@ -86,7 +86,7 @@ def test_inception_features_equal_the_unfrozen_graph():
     batch = torch.nn.functional.interpolate(images.float(), size=(299, 299), mode="bilinear", align_corners=False)
     with torch.no_grad():
         expected = graph(batch / 128.0 - 1.0)
-    torch.testing.assert_close(InceptionFeatures()(images), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(InceptionFeatures(batch_size=1)(images), expected, rtol=1e-4, atol=1e-4)
 
 
 def _load(path):
