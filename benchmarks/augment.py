@@ -57,11 +57,9 @@ from taxadiffusion.eval.classifier import (
 from taxadiffusion.eval.report import markdown_table, write_keeping_section
 from taxadiffusion.saved_files import write_text_atomic
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
+from common import RARE, REPO, RESULTS
+
 LABELS = {"cub": "CUB-100-LT", "f4k": "Fish4Knowledge"}
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from table1 import RARE  # noqa: E402 (rare and common as Table 1 splits them, per dataset)
 
 MODELS = {"taxadiffusion": "taxonomic", "flat": "vanilla"}  # model row of Table 1 -> its guidance
 ARMS = ("real", "real + taxadiffusion", "real + flat", "taxadiffusion only", "flat only")

@@ -32,7 +32,8 @@ from taxadiffusion.data.dataset import ImageDataset
 from taxadiffusion.data.readers import read_inat21
 from taxadiffusion.eval.report import write_keeping_section
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from common import RESULTS
+
 IMAGE_FIELDS = {  # the release's other keys per image, so that the file is as large to parse
     "license": 1,
     "rights_holder": "observer name",

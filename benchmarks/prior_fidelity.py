@@ -33,7 +33,7 @@ from taxadiffusion.guidance import Guidance
 from taxadiffusion.pipeline import TaxaDiffusionPipeline
 from taxadiffusion.prior import prior_pipeline
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from common import RESULTS
 
 
 def oracle(config: Config, folder: Path, steps: int) -> TaxonClassifier:

@@ -19,7 +19,7 @@ import torch
 from taxadiffusion.grid import image_grid
 from taxadiffusion.prior import prior_pipeline, read_prior, resolve_base
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from common import RESULTS
 
 
 def measure(base: str, n_captions: int, n_seeds: int, guidance: str, scale: float) -> tuple[dict, list]:

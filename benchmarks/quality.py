@@ -19,52 +19,37 @@ already in that file is kept.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import shutil
 import sys
 from pathlib import Path
 
 import torch
 
 from taxadiffusion.config import Config
-from taxadiffusion.data.readers import read_folder, read_table
-from taxadiffusion.data.records import Record, split_records
+from taxadiffusion.data.readers import read_table
 from taxadiffusion.eval.protocol import EvalSettings, Evaluation
 from taxadiffusion.eval.report import (
     load_runs,
-    main_table,
-    markdown_table,
-    split_table,
     write_keeping_section,
     write_report,
 )
 from taxadiffusion.guidance import Guidance
 from taxadiffusion.sampling import SamplingSettings
-from taxadiffusion.saved_files import write_text_atomic
-from taxadiffusion.taxonomy import Rank
 
-REPO = Path(__file__).resolve().parents[1]
+from common import (
+    REPO,
+    RESULTS,
+    dataset_path,
+    result_tables,
+    run_tables,
+    save_sheet,
+    train_classifier,
+    train_or_find,
+    warn_if_package_elsewhere,
+    write_split,
+)
 
-
-def warn_if_package_elsewhere() -> None:
-    """A copy of the tree (a snapshot for a long run) that borrows another tree's editable venv imports that
-    tree's package, not its own: its results would not be what the copy holds, and an edit there can crash it.
-    Say so (PYTHONPATH=<copy>/src puts the copy first)."""
-    import taxadiffusion
-
-    loaded, here = Path(taxadiffusion.__file__).resolve().parent, REPO / "src" / "taxadiffusion"
-    if here.is_dir() and loaded != here.resolve():
-        print(
-            f"warning: this benchmark is in {REPO} but imports taxadiffusion from {loaded}; "
-            f"run it with PYTHONPATH={REPO / 'src'} to measure this tree's code",
-            file=sys.stderr,
-        )
-
-
-F4K = REPO.parent / "shared" / "data" / "fish4knowledge"
 PRESET = REPO / "configs" / "f4k.yaml"
-RESULTS = REPO / "benchmarks" / "results"
 SECONDS_PER_STEP = 0.85  # measured on the reference machine (2 cores), for the first ETA only
 
 # (evaluation name, trained run, guidance)
@@ -125,7 +110,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a few steps and images: checks the pipeline only")
     parser.add_argument("--out", type=Path, help="work folder (default benchmarks/runs/quality[-quick])")
-    parser.add_argument("--data", type=Path, default=F4K, help="the Fish4Knowledge folder")
+    parser.add_argument("--data", type=Path, help="the Fish4Knowledge folder (default: fish4knowledge/ under the root)")
+    parser.add_argument(
+        "--data-root", type=Path, help="the folder holding the benchmark datasets (default: $TAXADIFFUSION_DATA)"
+    )
     parser.add_argument("--scale", type=float, default=3.0, help="guidance scale at evaluation")
     parser.add_argument("--per-taxon", type=int, default=10, help="generated images per taxon")
     parser.add_argument("--holdout", type=float, default=0.2, help="fraction of each class held out")
@@ -142,67 +130,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="store_true",
         help="also train and evaluate the progressive variants and guidance windows that look for its gap to flat",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.data = args.data or dataset_path("fish4knowledge", args.data_root)
+    return args
 
 
 # -- data ---------------------------------------------------------------------------------------------
 
 
-def write_split(data: Path, out: Path, fraction: float) -> tuple[Path, Path]:
-    """A fixed stratified split of the folder into train.csv and heldout.csv (absolute image paths)."""
-    paths = out / "train.csv", out / "heldout.csv"
-    if all(p.is_file() for p in paths):
-        return paths
-    records = read_folder(data)
-    train, held = split_records(records.records, fraction, seed=0)
-    out.mkdir(parents=True, exist_ok=True)
-    for path, rows in zip(paths, (train, held), strict=True):
-        write_table(path, rows, records.ranks)
-    print(f"split {data}: {len(train)} training and {len(held)} held-out images")
-    return paths
-
-
-def write_table(path: Path, records: list[Record], ranks: tuple[Rank, ...]) -> None:
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["file_name", *(r.value for r in ranks)])
-        for record in records:
-            names = list(record.lineage.names) + [""] * (len(ranks) - record.lineage.depth)
-            writer.writerow([str(record.image), *names])
-    tmp.replace(path)
-
-
 # -- steps of the benchmark ------------------------------------------------------------------------------
-
-
-def train_classifier(train_csv: Path, out: Path, steps: int) -> Path:
-    from taxadiffusion.data.readers import read_records
-    from taxadiffusion.eval.classifier import ClassifierTraining, train_on_records
-
-    if not (out / "heldout_accuracy.json").is_file():
-        shutil.rmtree(out, ignore_errors=True)  # our own folder, never finished
-        run = train_on_records(read_records("csv", train_csv), training=ClassifierTraining(steps=steps))
-        run.save(out)
-        print(f"classifier saved to {out}; {run.describe()}")
-    return out
-
-
-def train_or_find(config: Config, out: Path, **record) -> tuple[Path, dict, bool]:
-    """Train (or resume, or find finished) one run into `out`. Returns its pipeline, how it was trained
-    ({"seconds", "threads", **record}: its training time summed over every process that ran or resumed it, the
-    last one's torch threads) and whether it was found finished. Both benchmarks train their runs through this."""
-    from taxadiffusion.train.trainer import Trainer
-
-    done = out / "train_seconds.json"
-    if (out / "pipeline" / "model_index.json").is_file() and done.is_file():
-        return out / "pipeline", json.loads(done.read_text()), True
-    trainer = Trainer(config, out)
-    print(trainer.describe())
-    pipeline = trainer.run()
-    timing = {"seconds": trainer.state.train_seconds, "threads": torch.get_num_threads(), **record}
-    write_text_atomic(done, json.dumps(timing) + "\n")  # the finished-run marker: whole or absent after a kill
-    return pipeline, timing, False
 
 
 def train_run(train_csv: Path, out: Path, overrides: list[str], steps: int) -> tuple[Path, float]:
@@ -261,32 +197,6 @@ def section(title: str, evals: list[Path], lead: list[str] = (), split: bool = F
     return [f"## {title}", "", *lead, *run_tables(load_runs(evals), "< 50 training images" if split else None)]
 
 
-def run_tables(runs: dict, rare: str | None) -> list[str]:
-    """The runs' table per rank and, given what `rare` means, their rare/common split (shared with table1.py)."""
-    lines = [markdown_table(main_table(runs)), ""]
-    return lines + ([f"Rare ({rare}) vs common taxa:", "", markdown_table(split_table(runs)), ""] if rare else [])
-
-
-def result_tables(runs: dict, timings: dict, accuracy: dict, rare: str) -> list[str]:
-    """Training times, the classifier's ceiling, and the all-taxa and rare/common tables (shared with table1.py)."""
-    return [
-        "Training time per run: "
-        + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items())
-        + ". Classifier held-out accuracy (real images, ceiling of the accuracy columns): "
-        + ", ".join(f"{r} {a:.1%}" for r, a in accuracy["accuracy"].items() if a is not None)
-        + ".",
-        "",
-        "## All taxa (FID/KID/LPIPS lower is better; Acc = generated images classified as the conditioned taxon)",
-        "",
-        markdown_table(main_table(runs)),
-        "",
-        f"## Rare ({rare}) vs common taxa",
-        "",
-        markdown_table(split_table(runs)),
-        "",
-    ]
-
-
 def write_results(
     out: Path,
     evals: list[Path],
@@ -303,7 +213,7 @@ def write_results(
     write_report(assets, runs, title="Fish4Knowledge: training strategies and guidance")
     for path in evals:
         for grid in (path / "grids").glob("*.png"):
-            shutil.copy(grid, assets / f"samples_{path.name}_{grid.name}")
+            save_sheet(grid, assets / f"samples_{path.name}_{grid.stem}.jpg")
     target = (out if quick else RESULTS) / f"{name}.md"
     plots = [p for p in sorted(assets.glob("*.png")) if not p.name.startswith("samples_")]
     accuracy = json.loads((classifier / "heldout_accuracy.json").read_text())
@@ -331,7 +241,7 @@ def write_results(
         "",
         *[f"![{p.stem}]({assets.name}/{p.name})" for p in plots],
         "",
-        *[f"![{p.stem}]({assets.name}/{p.name})" for p in sorted(assets.glob("samples_*_specific_epithet.png"))],
+        *[f"![{p.stem}]({assets.name}/{p.name})" for p in sorted(assets.glob("samples_*_specific_epithet.jpg"))],
         "",
     ]
     write_keeping_section(target, "\n".join(lines))
@@ -360,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         f"({', '.join(f'{name} {n} steps' for name, n in budget.items())}), evaluations; first ETA "
         f"{sum(budget.values()) * SECONDS_PER_STEP / 60:.0f} min of training (25 min at most per 800-step run)"
     )
-    train_csv, heldout = write_split(args.data, out / "data", args.holdout)
+    train_csv, heldout = write_split("folder", args.data, out / "data", args.holdout)
     classifier = train_classifier(train_csv, out / "classifier", 60 if quick else 1500)
     pipelines, timings = {}, {}
     for i, (name, overrides) in enumerate(runs.items()):

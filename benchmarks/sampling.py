@@ -36,8 +36,7 @@ from taxadiffusion.pipeline import TaxaDiffusionPipeline
 from taxadiffusion.samples import slug
 from taxadiffusion.sampling import FAST, SamplingSettings
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
+from common import REPO, RESULTS
 
 # The settings compared, as changes of the model's own (published: PNDM 25, guidance on every step).
 SETTINGS: dict[str, dict] = {

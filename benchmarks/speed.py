@@ -45,10 +45,9 @@ import torch
 from taxadiffusion.eval.report import write_keeping_section
 from taxadiffusion.sampling import SamplingSettings
 
-PUBLISHED = SamplingSettings()  # PNDM, 25 steps, taxonomic guidance at s = 9.0
+from common import RESULTS
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
+PUBLISHED = SamplingSettings()  # PNDM, 25 steps, taxonomic guidance at s = 9.0
 
 
 @dataclass(frozen=True)

@@ -52,31 +52,30 @@ from typing import NamedTuple
 import torch
 
 from taxadiffusion.config import Config
-from taxadiffusion.data.readers import read_records
-from taxadiffusion.data.records import split_records
 from taxadiffusion.eval.protocol import EvalSettings, evaluate, taxon_folder
 from taxadiffusion.eval.report import SHORT, write_keeping_section, write_report
 from taxadiffusion.guidance import Guidance
 from taxadiffusion.sampling import SamplingSettings
 from taxadiffusion.saved_files import write_text_atomic
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import (  # the benchmarks share their data steps
+from common import (
+    RARE,
+    REPO,
+    RESULTS,
+    dataset_path,
     result_tables,
     run_tables,
+    save_sheet,
     train_classifier,
     train_or_find,
     warn_if_package_elsewhere,
-    write_table,
+    write_split,
 )
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data"
 
 
 class Dataset(NamedTuple):
     fmt: str
-    path: Path
+    path: str  # under the benchmark data root (--data-root or $TAXADIFFUSION_DATA)
     label: str
     # Table 1's prior: benchmarks/priors/<prior>.safetensors, made by configs/prior_<prior>.yaml. The record
     # names the prior its rows were adapted from; rows of another prior are archived first (--archive).
@@ -84,12 +83,9 @@ class Dataset(NamedTuple):
 
 
 DATASETS = {
-    "cub": Dataset("csv", SHARED / "cub100_lt" / "metadata.csv", "CUB-100-LT", "birds_fish_long"),
-    "f4k": Dataset("folder", SHARED / "fish4knowledge", "Fish4Knowledge", "birds_fish"),
+    "cub": Dataset("csv", "cub100_lt/metadata.csv", "CUB-100-LT", "birds_fish_long"),
+    "f4k": Dataset("folder", "fish4knowledge", "Fish4Knowledge", "birds_fish"),
 }
-# "Rare": fewer training images than this. CUB-100-LT's tail is 3-10 images (50 of its 100 species); in F4K's
-# training part one species has at most 10, so there rare is under 50 (8 of 23), as benchmarks/quality.py has it.
-RARE = {"cub": 11, "f4k": 50}
 
 
 def prior_pack(dataset: str) -> Path:
@@ -102,7 +98,6 @@ def prior_config(pack: str | Path) -> Path:
 
 
 RECIPE = REPO / "configs" / "adapt_birds_fish.yaml"
-RESULTS = REPO / "benchmarks" / "results"
 CAPTION = "a photo of {scientific_name}"  # the species caption of zero-shot, flat and full
 EVERY_STEP = SamplingSettings().window  # the default guidance window: every sampling step guided
 
@@ -123,6 +118,9 @@ RANKS = ("order", "family", "genus", "specific_epithet")
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", choices=DATASETS, default="cub")
+    parser.add_argument(
+        "--data-root", type=Path, help="the folder holding the benchmark datasets (default: $TAXADIFFUSION_DATA)"
+    )
     parser.add_argument("--quick", action="store_true", help="a few steps and images: checks every step only")
     parser.add_argument(
         "--prior",
@@ -206,21 +204,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 # -- steps ------------------------------------------------------------------------------------------
 
 
-def write_split(dataset: str, out: Path) -> tuple[Path, Path]:
-    """train.csv and heldout.csv: the held-out part is the prior config's `data.holdout` (0.2, seed 0)."""
-    paths = out / "train.csv", out / "heldout.csv"
-    if all(p.is_file() for p in paths):
-        return paths
-    fmt, path, *_ = DATASETS[dataset]
-    records = read_records(fmt, path)
-    train, held = split_records(records.records, 0.2, seed=0)
-    out.mkdir(parents=True, exist_ok=True)
-    for target, rows in zip(paths, (train, held), strict=True):
-        write_table(target, rows, records.ranks)
-    print(f"split {path}: {len(train)} training and {len(held)} held-out images")
-    return paths
-
-
 def prior_folder(args, out: Path) -> Path:
     """The prior's base folder: the committed file unpacked, or with --quick a few-step prior trained here
     (unless --prior names another file)."""
@@ -278,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.tables:
         return write_tables(args, results, name)
-    fmt_label = DATASETS[args.dataset].label
+    dataset = DATASETS[args.dataset]
+    fmt_label = dataset.label
     steps = Config.load(RECIPE).train.steps
     if args.quick:
         steps, args.per_taxon = [2] * len(steps), 1
@@ -288,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{sum(steps)} steps each, {len(args.rows)} evaluations (order .. species, {args.per_taxon} images per "
         "taxon)"
     )
-    train_csv, heldout = write_split(args.dataset, out / "data")
+    train_csv, heldout = write_split(dataset.fmt, dataset_path(dataset.path, args.data_root), out / "data")
     refuse_another_prior(read_record(results), args)
     if args.model:  # a model trained earlier is sampled with (and recorded as adapted from) its own prior
         earlier = investigation_prior(results, args.model)
@@ -364,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         keep_record(results, {row: metrics, "prior": relative(args.prior)})
         for grid in (target / "grids").glob("*.png"):
-            shutil.copy(grid, results / sheet_name(row, grid.stem))
+            save_sheet(grid, results / sheet_name(row, grid.stem))
         if row in EXPORTED:
             export_species_images(target, results / "generated" / row, heldout)
 
@@ -500,11 +484,11 @@ def archive_rows(record: dict, name: str, dataset: str) -> list[str]:
 
 def sheet_name(row: str, rank: str) -> str:
     """The file name of a row's sample sheet at `rank` in the results folder (a glob pattern with "*")."""
-    return f"samples_{row}_{rank}.png"
+    return f"samples_{row}_{rank}.jpg"
 
 
 def archive_sheets(results: Path, rows: list[str], name: str) -> None:
-    """Rename the sample sheets of archived rows to samples_<row>~`name`_<rank>.png: the md lists a sheet beside the
+    """Rename the sample sheets of archived rows to samples_<row>~`name`_<rank>.jpg: the md lists a sheet beside the
     run it shows, and the next Table 1 row of that name writes its own. (generated/<row>/ is overwritten by that row's
     export; until then the md does not list it.)"""
     for row in rows:

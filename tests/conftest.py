@@ -1,4 +1,9 @@
-"""Shared fixtures: paths to the data beside the repository, and small writers of fixture files."""
+"""Shared fixtures: the small real files in tests/data, the benchmark datasets, and tiny model folders.
+
+The suite passes on a clone with nothing beside it. Tests that read a whole benchmark dataset carry the
+`data` marker and find it in the folder that `TAXADIFFUSION_DATA` names. Without it they are skipped with
+one line naming what is missing; under `CI=true` they fail instead, so CI never passes a test it did not run.
+"""
 
 from __future__ import annotations
 
@@ -8,24 +13,64 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("TAXADIFFUSION_SHARED", REPO.parent / "shared"))
-DATA = SHARED / "data"
+FIXTURES = Path(__file__).resolve().parent / "data"
+DATA_VARIABLE = "TAXADIFFUSION_DATA"
 
 
-def _need(path: Path) -> Path:
-    if not path.exists():
-        pytest.fail(f"test data missing: {path} (the repository expects ../shared beside it, or TAXADIFFUSION_SHARED)")
-    return path
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def benchmark_dataset(name: str) -> Path:
+    """The folder of one benchmark dataset (e.g. "fish4knowledge") under $TAXADIFFUSION_DATA.
+
+    Missing: skipped with one line, or failed under CI=true."""
+    root = os.environ.get(DATA_VARIABLE)
+    if not root:
+        reason = f"{name}: set {DATA_VARIABLE} to the folder that holds the benchmark datasets"
+    elif not (Path(root) / name).exists():
+        reason = f"{name}: not found in {DATA_VARIABLE}={root}"
+    else:
+        return Path(root) / name
+    if in_ci():
+        pytest.fail(f"benchmark data missing under CI=true: {reason}", pytrace=False)
+    pytest.skip(reason)
 
 
 @pytest.fixture(scope="session")
 def fishnet_csv() -> Path:
-    return _need(DATA / "formats" / "fishnet_sample.csv")
+    """300 real rows of FishNet's annotation CSV."""
+    return FIXTURES / "fishnet_sample.csv"
+
+
+@pytest.fixture(scope="session")
+def lpips_reference() -> Path:
+    """The LPIPS authors' example images (their published distances are in tests/data/README.md)."""
+    return FIXTURES / "lpips_reference"
+
+
+@pytest.fixture(scope="session")
+def f4k_mini() -> Path:
+    """25 Fish4Knowledge photos in the dataset's own layout (5 classes, one labelled to family only)."""
+    return FIXTURES / "fish4knowledge_mini"
 
 
 @pytest.fixture(scope="session")
 def f4k_root() -> Path:
-    return _need(DATA / "fish4knowledge")
+    """The whole Fish4Knowledge folder (`data` tests only)."""
+    return benchmark_dataset("fish4knowledge")
+
+
+@pytest.fixture(scope="session")
+def cub_root() -> Path:
+    """The whole CUB-100-LT folder (`data` tests only)."""
+    return benchmark_dataset("cub100_lt")
+
+
+@pytest.fixture(scope="session")
+def birds525_root() -> Path:
+    """The whole birds525 corpus (`data` tests only)."""
+    return benchmark_dataset("birds525")
 
 
 @pytest.fixture(scope="session")

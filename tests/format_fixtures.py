@@ -1,7 +1,7 @@
 """Tiny datasets in the published formats, with real (small, random) images, for end-to-end tests.
 
 iNat21 `train.json` (COCO style with the taxonomy on each category), FishNet (rows of the real sample CSV
-beside ../shared) and BIOSCAN-1M (metadata TSV, images in `part<chunk>/`).
+in tests/data) and BIOSCAN-1M (metadata TSV, images in `part<chunk>/`).
 """
 
 from __future__ import annotations

@@ -14,8 +14,6 @@ from torch import nn
 from taxadiffusion.eval.fid import InceptionFeatures, fid_kid
 from taxadiffusion.eval.lpips import LPIPS
 
-REFERENCE = "lpips_reference"
-
 
 class FixedFeatures(nn.Module):
     """Maps image i (its first pixel holds i) to a fixed random 16-d feature vector."""
@@ -95,11 +93,8 @@ def _load(path):
     ]
 
 
-def test_lpips_reproduces_the_published_distances():
-    from conftest import DATA, _need
-
-    folder = _need(DATA / REFERENCE)  # missing shared data: the suite's one clear message, not a PIL error
-    ref, p0, p1 = (_load(folder / f"ex_{n}.png") for n in ("ref", "p0", "p1"))
+def test_lpips_reproduces_the_published_distances(lpips_reference):
+    ref, p0, p1 = (_load(lpips_reference / f"ex_{n}.png") for n in ("ref", "p0", "p1"))
     alex = LPIPS("alex")
     assert round(float(alex(ref, p0)), 3) == 0.722
     assert round(float(alex(ref, p1)), 3) == 0.138

@@ -172,10 +172,10 @@ def test_authors_protocol_resizes_to_512_before_the_metrics():
 # -- the held-out part and flips (the benchmarks' priors) ------------------------------------------
 
 
-def test_holdout_leaves_out_the_benchmarks_split(f4k_root, tmp_path):
-    config = Config.from_dict({"data": {"format": "folder", "path": str(f4k_root), "holdout": 0.2}})
+def test_holdout_leaves_out_the_benchmarks_split(f4k_mini, tmp_path):
+    config = Config.from_dict({"data": {"format": "folder", "path": str(f4k_mini), "holdout": 0.2}})
     kept = load_training_records(config, tmp_path)
-    everything = read_records("folder", f4k_root)
+    everything = read_records("folder", f4k_mini)
     expected, held = split_records(everything.records, 0.2, seed=0)
     assert [r.image for r in kept] == [r.image for r in expected]
     assert not {r.image for r in kept} & {r.image for r in held}

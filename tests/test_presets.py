@@ -10,6 +10,7 @@ import yaml
 from format_fixtures import write_bioscan, write_fishnet, write_inat21
 from taxadiffusion.cli import main
 from taxadiffusion.config import Config
+from taxadiffusion.errors import ConfigError
 from taxadiffusion.train.plan import plan_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -206,9 +207,25 @@ def test_cluster_recipe_files_are_valid():
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda path: path.stem)
-def test_every_committed_config_loads(path):
+def test_every_committed_config_loads(path, monkeypatch):
     """Every config under configs/ passes the config's own checks (a typo in a benchmark's prior or recipe fails
-    here, not hours into a run); a prior's captions stop at the order, so it never reads a finer name."""
+    here, not hours into a run); a prior's captions stop at the order, so it never reads a finer name. The
+    benchmark configs name their data under ${TAXADIFFUSION_DATA}, never a path outside the repository."""
+    monkeypatch.setenv("TAXADIFFUSION_DATA", "/datasets")
+    text = path.read_text(encoding="utf-8")
+    assert "../" not in text and "DESIGN" not in text
     config = Config.load(path)
+    if config.data.path and "TAXADIFFUSION_DATA" in text:
+        assert config.data.path.startswith("/datasets/")
     if path.stem.startswith("prior_"):
         assert config.train.strategy == "prior" and config.caption.rank == "order"
+
+
+def test_a_data_path_reads_the_environment_and_names_an_unset_variable(monkeypatch):
+    monkeypatch.setenv("TAXADIFFUSION_DATA", "/datasets")
+    data = {"format": "folder", "path": "${TAXADIFFUSION_DATA}/fish4knowledge", "root": "$TAXADIFFUSION_DATA/img"}
+    config = Config.from_dict({"data": data})
+    assert (config.data.path, config.data.root) == ("/datasets/fish4knowledge", "/datasets/img")
+    monkeypatch.delenv("TAXADIFFUSION_DATA")
+    with pytest.raises(ConfigError, match=r"data\.path .* TAXADIFFUSION_DATA is not set: export TAXADIFFUSION_DATA="):
+        Config.from_dict({"data": data})

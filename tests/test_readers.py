@@ -2,6 +2,7 @@
 
 import csv
 import json
+from collections import Counter
 
 import pytest
 
@@ -150,6 +151,17 @@ def test_bioscan(tmp_path):
     assert second.lineage.depth == 3 and second.split == "validation"
 
 
+def test_folder_f4k_mini_keeps_the_family_level_class(f4k_mini):
+    """The fixture in the dataset's own layout: 5 classes of 5 photos; fish_18 is labelled to family only."""
+    out = read_folder(f4k_mini)
+    assert out.summary()["records"] == 25
+    assert out.summary()["labelled_to"]["specific_epithet"] == 20
+    assert out.summary()["taxa"]["specific_epithet"] == 4
+    scarid = [r for r in out if r.image.parent.name == "fish_18"]
+    assert len(scarid) == 5 and scarid[0].lineage.finest_rank is Rank.FAMILY
+
+
+@pytest.mark.data
 def test_folder_f4k_counts(f4k_root):
     """Fish4Knowledge: 23 folders; fish_18 is labelled to family only (45 images)."""
     out = read_folder(f4k_root)
@@ -230,3 +242,28 @@ def test_unknown_format_and_missing_file(tmp_path, capsys):
         read_records("coco", tmp_path)
     assert main(["data", "inspect", "--format", "fishnet", str(tmp_path / "nope.csv")]) == 2
     assert "FishNet CSV not found" in capsys.readouterr().err
+
+
+@pytest.mark.data
+def test_cub100_lt_counts(cub_root):
+    """CUB-100-LT as the benchmarks read it: 1,782 images of 100 species in 13 orders, long-tailed."""
+    out = read_records("csv", cub_root / "metadata.csv")
+    summary = out.summary()
+    assert summary["records"] == 1782 and not summary["skipped"]
+    assert summary["taxa"]["order"] == 13 and summary["taxa"]["specific_epithet"] == 100
+    per_species = Counter(r.lineage.names for r in out)
+    assert min(per_species.values()) == 4 and sum(1 for n in per_species.values() if n == 4) == 30
+
+
+@pytest.mark.data
+def test_birds525_shares_no_species_with_cub100_lt(birds525_root, cub_root):
+    """The prior's corpus: 2,295 photos of 459 species, none of them a species the CUB benchmark evaluates. The 5
+    photos of the fish eagle Ichthyophaga ichthyaetus carry a flatworm's lineage (a homonym genus resolved to the
+    wrong kingdom branch, no class): they are counted as skipped, not lost, and the other 38 orders remain."""
+    birds = read_records("csv", birds525_root / "metadata.csv")
+    cub = read_records("csv", cub_root / "metadata.csv")
+    assert len(birds) == 2290 and dict(birds.skipped) == {"missing class": 5}
+    assert birds.summary()["taxa"]["order"] == 38
+    binomial = Rank.SPECIFIC_EPITHET
+    cub_species = {r.lineage.names for r in cub if r.lineage.finest_rank is binomial}
+    assert not {r.lineage.names for r in birds if r.lineage.finest_rank is binomial} & cub_species

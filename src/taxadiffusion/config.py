@@ -8,6 +8,8 @@ import difflib
 import hashlib
 import json
 import math
+import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +53,20 @@ def check_range(
         raise ConfigError(f"{key} must be {bounds}, got {value!r}")
 
 
+_VARIABLE = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?")
+
+
+def expand_variables(key: str, value: str | None) -> str | None:
+    """`${NAME}` and `$NAME` in a path replaced by the environment's value, so that a shared config can say
+    `${TAXADIFFUSION_DATA}/fish4knowledge` and each machine keeps its data where it likes."""
+    if not value or "$" not in value:
+        return value
+    unset = [name for name in _VARIABLE.findall(value) if name not in os.environ]
+    if unset:
+        raise ConfigError(f"{key} is {value!r}, but {', '.join(unset)} is not set: export {unset[0]}=FOLDER first")
+    return os.path.expandvars(value)
+
+
 @dataclass
 class DataConfig:
     format: str = "synthetic"  # synthetic (the embedded default) or a reader of data/readers.py
@@ -58,7 +74,7 @@ class DataConfig:
     root: str | None = None  # image root, when not next to the metadata
     split: str | None = None  # keep only records of this split (e.g. "train")
     resolve_taxonomy: bool = False  # folder/csv: complete missing ranks from species names (iNaturalist)
-    crop: str = "random_crop"  # random_crop | squash | pad | fishnet (DESIGN.md: iNat crop, BIOSCAN pad)
+    crop: str = "random_crop"  # random_crop | squash | pad | fishnet (published: iNat, FishNet, BIOSCAN)
     boxes: str | None = None  # fishnet: the bounding-box JSON {image id: {x, y, w, h}}; images crop to their box
     random_flip: bool = False  # horizontal flips with p = 0.5 (not in the published recipe; priors use it)
     # Leave out a fixed, stratified fraction of each species (split_records with holdout_seed): the part a
@@ -72,6 +88,8 @@ class DataConfig:
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
     def __post_init__(self) -> None:
+        for key in ("path", "root", "boxes"):
+            setattr(self, key, expand_variables(f"data.{key}", getattr(self, key)))
         if self.format not in FORMATS:
             raise ConfigError(f"data.format must be one of {', '.join(FORMATS)}, got {self.format!r}")
         if self.format != "synthetic" and not self.path:

@@ -2,7 +2,9 @@
 Diffusion (`unet/`, `scheduler/`, `vae/` holding the codec) plus `prior.json`, which names the text encoder
 it was trained with, its resolution, codec and captions.
 
-TaxaDiffusion adapts a pretrained text-to-image model (DESIGN.md, "The method needs a prior"): the UNet reads
+TaxaDiffusion adapts a pretrained text-to-image model: after stage 0 the UNet is frozen and the rank encoders
+steer it, which works only when its cross-attention already answers many texts of the domain (as Stable
+Diffusion's does); docs/fidelity.md, "Why a prior". The UNet reads
 the text encoder's features through its own projection (diffusers' `encoder_hid_dim`, as SD's UNet reads
 CLIP's), so the rank encoders of the adaptation output text-width features, as published.
 """

