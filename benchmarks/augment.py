@@ -45,6 +45,7 @@ from pathlib import Path
 
 import torch
 
+from taxadiffusion.atomic import write_text_atomic
 from taxadiffusion.data.readers import read_records, read_table
 from taxadiffusion.eval.classifier import (
     ClassifierTraining,
@@ -55,7 +56,6 @@ from taxadiffusion.eval.classifier import (
     train_classifier,
 )
 from taxadiffusion.eval.report import markdown_table, write_keeping_section
-from taxadiffusion.saved_files import write_text_atomic
 
 from common import RARE, REPO, RESULTS
 

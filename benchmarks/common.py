@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
+from taxadiffusion.atomic import write_text_atomic
 from taxadiffusion.config import Config
 from taxadiffusion.eval.report import main_table, markdown_table, split_table
-from taxadiffusion.saved_files import write_text_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"

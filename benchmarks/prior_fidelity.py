@@ -31,7 +31,6 @@ from taxadiffusion.eval.classifier import (
 )
 from taxadiffusion.guidance import Guidance
 from taxadiffusion.pipeline import TaxaDiffusionPipeline
-from taxadiffusion.prior import prior_pipeline
 
 from common import RESULTS
 
@@ -98,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     synth = SyntheticTaxonomy(config.data.synthetic)
     classifier = oracle(config, args.oracle, args.oracle_steps)
     captions = [config.caption.caption(s.lineage, appearance(s.traits)) for s in synth.species]
-    pipe = prior_pipeline(args.prior, sorted(set(captions)), scheduler="dpm")
+    pipe = TaxaDiffusionPipeline.from_prior(args.prior, sorted(set(captions)), scheduler="dpm")
     rows, norms = {}, {args.prior: float(pipe.text_embeddings.table(0).norm(dim=-1).mean())}
     for unet_from in [None, *args.unet_from]:
         if unet_from is not None:  # the adapted UNet (its LoRA loaded as the pipeline loads it), same captions

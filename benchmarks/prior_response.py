@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from taxadiffusion.grid import image_grid
-from taxadiffusion.prior import prior_pipeline, read_prior, resolve_base
+from taxadiffusion.pipeline import TaxaDiffusionPipeline
+from taxadiffusion.prior import read_prior, resolve_base
 
 from common import RESULTS
 
@@ -25,7 +26,7 @@ from common import RESULTS
 def measure(base: str, n_captions: int, n_seeds: int, guidance: str, scale: float) -> tuple[dict, list]:
     info = read_prior(base)
     captions = sorted(info.captions, key=lambda c: -info.captions[c])[:n_captions]
-    pipe = prior_pipeline(base, captions)
+    pipe = TaxaDiffusionPipeline.from_prior(base, captions)
     images = []
     for caption in captions:
         generators = [torch.Generator().manual_seed(seed) for seed in range(n_seeds)]

@@ -35,6 +35,7 @@ from taxadiffusion.eval.report import (
 )
 from taxadiffusion.guidance import Guidance
 from taxadiffusion.sampling import SamplingSettings
+from taxadiffusion.taxonomy import PAPER_RANKS
 
 from common import (
     REPO,
@@ -152,7 +153,7 @@ def settings(
     args, classifier: Path, guidance: str, quick: bool, scale: float | None = None, window=(0.0, 1.0), species=False
 ) -> EvalSettings:
     return EvalSettings(
-        ranks=("specific_epithet",) if quick or species else ("order", "family", "genus", "specific_epithet"),
+        ranks=("specific_epithet",) if quick or species else tuple(rank.value for rank in PAPER_RANKS),
         per_taxon=args.per_taxon,
         max_real_per_taxon=8 if quick else 50,
         resolution=32,

@@ -51,12 +51,13 @@ from typing import NamedTuple
 
 import torch
 
+from taxadiffusion.atomic import write_text_atomic
 from taxadiffusion.config import Config
-from taxadiffusion.eval.protocol import EvalSettings, evaluate, taxon_folder
+from taxadiffusion.eval.protocol import EvalInputs, EvalSettings, evaluate, taxon_folder
 from taxadiffusion.eval.report import SHORT, write_keeping_section, write_report
 from taxadiffusion.guidance import Guidance
 from taxadiffusion.sampling import SamplingSettings
-from taxadiffusion.saved_files import write_text_atomic
+from taxadiffusion.taxonomy import PAPER_RANKS
 
 from common import (
     RARE,
@@ -112,7 +113,7 @@ ROWS = (
     ("taxadiffusion-vanilla", "progressive", [], Guidance.VANILLA),
 )
 EXPORTED = ("zero-shot", "flat", "full", "taxadiffusion")
-RANKS = ("order", "family", "genus", "specific_epithet")
+RANKS = tuple(rank.value for rank in PAPER_RANKS)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -328,16 +329,14 @@ def main(argv: list[str] | None = None) -> int:
                 classifier=str(classifier),
             )
             one_text = strategy in (None, "flat", "full")  # their rare and common taxa: by training counts
-            evaluate(
+            inputs = EvalInputs(
                 ("csv", str(heldout)),
-                target,
-                settings,
                 model,
-                progress=False,
                 sampling_changes=settings.sampling.to_dict(),
                 zero_shot=CAPTION if strategy is None else None,
                 taxonomy=training if one_text else None,
             )
+            evaluate(inputs, target, settings, progress=False)
         metrics = json.loads((target / "metrics.json").read_text())
         if args.variant:  # an investigation: kept apart from Table 1's rows
             change = {"row": row, "set": changes, "scale": args.scale, "command": command(args, [row])}

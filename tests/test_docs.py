@@ -84,3 +84,14 @@ def test_the_product_names_nothing_outside_the_repository():
             continue
         text = path.read_text(encoding="utf-8", errors="replace")
         assert "DESIGN.md" not in text and "../shared" not in text, name
+
+
+def test_the_readme_module_table_names_every_module():
+    """Every module and subpackage of src/taxadiffusion appears in the README's table of the code, and the table
+    names nothing that is not there."""
+    package = REPO / "src" / "taxadiffusion"
+    table = table_with(README.read_text(encoding="utf-8"), "module", "what it holds")
+    named = {name for row in table[1:] for name in re.findall(r"`([\w/]+\.py|\w+/)`", row[0])}
+    present = {p.name for p in package.glob("*.py") if not p.name.startswith("__")}
+    present |= {f"{p.name}/" for p in package.iterdir() if (p / "__init__.py").is_file()}
+    assert named == present

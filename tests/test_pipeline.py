@@ -218,7 +218,8 @@ def test_save_load_reproduces_images_and_lora_loads_in_diffusers(sd, parts, tiny
 
 @pytest.mark.parametrize("patch_size", [1, 2])
 def test_pixel_space_pipeline_round_trip(parts, tmp_path, patch_size):
-    from taxadiffusion.model import ModelConfig, SpaceToDepth, build_denoiser
+    from taxadiffusion.codec import SpaceToDepth
+    from taxadiffusion.model import ModelConfig, build_denoiser
 
     tiny = tiny_pixel_unet_config(patch_size)
     denoiser = build_denoiser(ModelConfig(resolution=16, tiny=tiny))

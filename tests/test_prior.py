@@ -358,7 +358,8 @@ def test_a_packed_file_is_a_base_to_pretrain_further_or_to_adapt(prior, data, ti
     safetensors file that is not a packed prior, is refused with a line naming it, before any step."""
     from safetensors.torch import save_file
 
-    from taxadiffusion.prior import pack_prior, prior_pipeline
+    from taxadiffusion.pipeline import TaxaDiffusionPipeline
+    from taxadiffusion.prior import pack_prior
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     packed = pack_prior(prior, tmp_path / "prior.safetensors", "recipe: text")
@@ -377,7 +378,9 @@ def test_a_packed_file_is_a_base_to_pretrain_further_or_to_adapt(prior, data, ti
     # two AdamW steps at lr 1e-3 move a weight by about 2e-3: the run went on from the packed weights, and moved them
     assert all(torch.allclose(after[k], start[k], atol=1e-2) for k in start)
     assert any(not torch.equal(after[k], start[k]) for k in start)
-    zero_shot = prior_pipeline(packed, ["a photo of Aus"])  # `evaluate --zero-shot` prompts the file's prior
+    zero_shot = TaxaDiffusionPipeline.from_prior(
+        packed, ["a photo of Aus"]
+    )  # `evaluate --zero-shot` prompts the file's prior
     assert all(torch.equal(value, start[k]) for k, value in zero_shot.unet.state_dict().items())
     path = adapt_config(tmp_path / "adapt.yaml", packed, data, "base")
     dry_run = ["--output", str(tmp_path / "o"), "--dry-run"]
@@ -475,10 +478,11 @@ def test_the_prior_prompted_alone_responds_to_its_captions(prior):
     """The zero-shot row: the prior sampled from its own captions, no adaptation."""
     import numpy as np
 
-    from taxadiffusion.prior import prior_pipeline, read_prior
+    from taxadiffusion.pipeline import TaxaDiffusionPipeline
+    from taxadiffusion.prior import read_prior
 
     captions = sorted(read_prior(prior).captions)
-    pipe = prior_pipeline(prior, captions)
+    pipe = TaxaDiffusionPipeline.from_prior(prior, captions)
     images = [
         pipe(caption, num_inference_steps=2, guidance="vanilla", generator=torch.Generator().manual_seed(0),
              output_type="np").images
@@ -494,9 +498,9 @@ def test_the_zero_shot_pipeline_reads_as_the_same_model_in_every_process(prior):
     import sys
 
     script = (
-        "import sys; from taxadiffusion.prior import prior_pipeline;"
+        "import sys; from taxadiffusion.pipeline import TaxaDiffusionPipeline;"
         "from taxadiffusion.eval.protocol import weights_digest;"
-        "print(weights_digest(prior_pipeline(sys.argv[1], ['a photo of Aa bb', 'a photo of Cc dd'])))"
+        "print(weights_digest(TaxaDiffusionPipeline.from_prior(sys.argv[1], ['a photo of Aa bb', 'a photo of Cc dd'])))"
     )
     digests = {
         subprocess.run(

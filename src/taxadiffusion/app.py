@@ -8,6 +8,7 @@ Every event has an `api_name`, so `gradio_client` can drive the app as an API.
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from PIL import Image
@@ -159,143 +160,140 @@ def build_app(explorer: Explorer):
     """The Gradio Blocks app. Heavy import inside: nothing else in the package needs gradio."""
     import gradio as gr
 
+    with gr.Blocks(title="taxadiffusion explorer", analytics_enabled=False) as app:
+        taxonomy = explorer.taxonomy
+        gr.Markdown(
+            f"# taxadiffusion explorer\n{len(taxonomy.taxa(taxonomy.ranks[-1]))} "
+            f"{taxonomy.ranks[-1]} taxa over {len(explorer.ranks)} ranks ({', '.join(explorer.ranks)})."
+        )
+        ui = _layout(gr, explorer)
+        _wire_browsing(gr, explorer, ui)
+        _wire_generation(gr, explorer, ui)
+    return app
+
+
+def _layout(gr, explorer: Explorer) -> SimpleNamespace:
+    """The page's components: search and browse on the left with the sampling settings, galleries on the right."""
+    ranks, ui = explorer.ranks, SimpleNamespace()
+    with gr.Row():
+        with gr.Column(scale=1):
+            ui.query = gr.Textbox(
+                label="Search any name", placeholder="e.g. Amphiprion clarkii or Pomacentridae", elem_id="search"
+            )
+            ui.matches = gr.JSON(visible=False)
+            ui.found = gr.Dropdown(label="Matches", choices=[], interactive=True)
+            with gr.Accordion("Browse rank by rank", open=False):
+                ui.cascade = [
+                    gr.Dropdown(label=rank, choices=explorer.children(None) if i == 0 else [], interactive=True)
+                    for i, rank in enumerate(ranks)
+                ]
+            ui.selected = gr.Textbox(label="Selected taxon", interactive=False, elem_id="selected-taxon")
+            ui.lineage = gr.Markdown(elem_id="lineage")
+            ui.condition_rank = gr.Dropdown(label="Condition down to rank", choices=ranks, value=None)
+            ui.settings = _sampling_controls(gr, explorer.pipeline.sampling)
+            with gr.Row():
+                ui.seed = gr.Number(value=0, precision=0, label="Seed")
+                ui.count = gr.Slider(1, MAX_IMAGES, value=4, step=1, label="Images")
+            ui.generate = gr.Button("Generate", variant="primary", elem_id="generate")
+        with gr.Column(scale=2):
+            ui.gallery = gr.Gallery(label="Samples", columns=4, elem_id="gallery", format="png")
+            ui.strip = gr.Gallery(
+                label="Same seed, conditioned at each rank (coarse to fine)",
+                columns=len(ranks),
+                elem_id="rank-strip",
+                format="png",
+            )
+    return ui
+
+
+def _sampling_controls(gr, saved: SamplingSettings) -> list:
+    """Guidance, scale, window, scheduler, steps and spacing, starting from the settings the model was trained and
+    evaluated with; in the order `Explorer.generate` takes them (`SETTING_NAMES`)."""
+    with gr.Row():
+        guidance = gr.Radio([g.value for g in Guidance], value=saved.guidance, label="Guidance")
+        scale = gr.Slider(0.0, 15.0, value=saved.scale, step=0.5, label="Scale s = 1 + w")
+    with gr.Row():
+        window_start = gr.Slider(0.0, 1.0, value=saved.window[0], step=0.05, label="Guidance from")
+        window_end = gr.Slider(0.0, 1.0, value=saved.window[1], step=0.05, label="Guidance until")
+    with gr.Row():
+        scheduler = gr.Dropdown([s.value for s in Scheduler], value=saved.scheduler, label="Scheduler")
+        steps = gr.Slider(1, 100, value=saved.steps, step=1, label="Steps")
+        spacing = gr.Dropdown([s.value for s in Spacing], value=saved.spacing, label="Step spacing")
+    return [guidance, scale, window_start, window_end, scheduler, steps, spacing]
+
+
+SETTING_NAMES = ("guidance", "scale", "window_start", "window_end", "scheduler", "steps", "spacing")
+
+
+def _wire_browsing(gr, explorer: Explorer, ui: SimpleNamespace) -> None:
+    """Search, the rank-by-rank cascade and the selected taxon's lineage. API endpoints return plain values
+    (lists, text); the UI-only updates that follow them (dropdown choices) are chained with `.then`."""
     ranks = explorer.ranks
 
-    def user_error(error: Exception):
-        return gr.Error(str(error))
+    def on_search(text):
+        return explorer.search(text or "")
 
-    def settings_of(guidance, scale, window_start, window_end, scheduler, steps, spacing):
-        return dict(
-            guidance=guidance,
-            scale=scale,
-            window_start=window_start,
-            window_end=window_end,
-            scheduler=scheduler,
-            steps=steps,
-            spacing=spacing,
-        )
+    def show_matches(matches):
+        return gr.update(choices=matches, value=matches[0] if matches else None)
 
-    with gr.Blocks(title="taxadiffusion explorer", analytics_enabled=False) as app:
-        gr.Markdown(
-            f"# taxadiffusion explorer\n{len(explorer.taxonomy.taxa(explorer.taxonomy.ranks[-1]))} "
-            f"{explorer.taxonomy.ranks[-1]} taxa over {len(ranks)} ranks ({', '.join(ranks)})."
-        )
-        with gr.Row():
-            with gr.Column(scale=1):
-                query = gr.Textbox(
-                    label="Search any name", placeholder="e.g. Amphiprion clarkii or Pomacentridae", elem_id="search"
-                )
-                matches = gr.JSON(visible=False)
-                found = gr.Dropdown(label="Matches", choices=[], interactive=True)
-                with gr.Accordion("Browse rank by rank", open=False):
-                    cascade = [
-                        gr.Dropdown(
-                            label=rank,
-                            choices=explorer.children(None) if i == 0 else [],
-                            interactive=True,
-                        )
-                        for i, rank in enumerate(ranks)
-                    ]
-                selected = gr.Textbox(label="Selected taxon", interactive=False, elem_id="selected-taxon")
-                lineage = gr.Markdown(elem_id="lineage")
-                condition_rank = gr.Dropdown(label="Condition down to rank", choices=ranks, value=None)
-                saved = explorer.pipeline.sampling  # the settings the model was trained and evaluated with
-                with gr.Row():
-                    guidance = gr.Radio([g.value for g in Guidance], value=saved.guidance, label="Guidance")
-                    scale = gr.Slider(0.0, 15.0, value=saved.scale, step=0.5, label="Scale s = 1 + w")
-                with gr.Row():
-                    window_start = gr.Slider(0.0, 1.0, value=saved.window[0], step=0.05, label="Guidance from")
-                    window_end = gr.Slider(0.0, 1.0, value=saved.window[1], step=0.05, label="Guidance until")
-                with gr.Row():
-                    scheduler = gr.Dropdown([s.value for s in Scheduler], value=saved.scheduler, label="Scheduler")
-                    steps = gr.Slider(1, 100, value=saved.steps, step=1, label="Steps")
-                    spacing = gr.Dropdown([s.value for s in Spacing], value=saved.spacing, label="Step spacing")
-                with gr.Row():
-                    seed = gr.Number(value=0, precision=0, label="Seed")
-                    count = gr.Slider(1, MAX_IMAGES, value=4, step=1, label="Images")
-                generate = gr.Button("Generate", variant="primary", elem_id="generate")
-            with gr.Column(scale=2):
-                gallery = gr.Gallery(label="Samples", columns=4, elem_id="gallery", format="png")
-                strip = gr.Gallery(
-                    label="Same seed, conditioned at each rank (coarse to fine)",
-                    columns=len(ranks),
-                    elem_id="rank-strip",
-                    format="png",
-                )
+    def on_select(label):
+        if not label:
+            return ""
+        try:
+            return explorer.lineage_markdown(label)
+        except TaxaDiffusionError as error:
+            raise gr.Error(str(error)) from None
 
-        def on_search(text):
-            return explorer.search(text or "")
+    def condition_choices(label):
+        choices = explorer.condition_ranks(label) if label in explorer.by_label else ranks
+        return gr.update(choices=choices, value=None)
 
-        def show_matches(matches):
-            return gr.update(choices=matches, value=matches[0] if matches else None)
+    def on_cascade(level):
+        """A choice at one rank lists its children at the next and clears the finer ranks."""
 
-        def on_select(label):
-            if not label:
-                return ""
-            try:
-                return explorer.lineage_markdown(label)
-            except TaxaDiffusionError as error:
-                raise user_error(error) from None
+        def update(label):
+            below = [gr.update(choices=explorer.children(label) if label else [], value=None)]
+            below += [gr.update(choices=[], value=None)] * (len(ranks) - level - 2)
+            # Clearing a rank (a coarser choice changed) keeps the selection that choice made.
+            return [*below[: len(ranks) - level - 1], label if label else gr.update()]
 
-        def condition_choices(label):
-            choices = explorer.condition_ranks(label) if label in explorer.by_label else ranks
-            return gr.update(choices=choices, value=None)
+        return update
 
-        def on_cascade(level):
-            """A choice at one rank lists its children at the next and clears the finer ranks."""
+    ui.query.submit(on_search, ui.query, ui.matches, api_name="search").then(
+        show_matches, ui.matches, ui.found, api_name=False
+    )
+    ui.query.change(on_search, ui.query, ui.matches, api_name=False).then(
+        show_matches, ui.matches, ui.found, api_name=False
+    )
+    ui.found.change(lambda label: label or "", ui.found, ui.selected, api_name=False)
+    for level, box in enumerate(ui.cascade):
+        box.change(on_cascade(level), box, [*ui.cascade[level + 1 :], ui.selected], api_name=False)
+    ui.selected.change(on_select, ui.selected, ui.lineage, api_name="lineage").then(
+        condition_choices, ui.selected, ui.condition_rank, api_name=False
+    )
 
-            def update(label):
-                below = [gr.update(choices=explorer.children(label) if label else [], value=None)]
-                below += [gr.update(choices=[], value=None)] * (len(ranks) - level - 2)
-                # Clearing a rank (a coarser choice changed) keeps the selection that choice made.
-                return [*below[: len(ranks) - level - 1], label if label else gr.update()]
 
-            return update
+def _wire_generation(gr, explorer: Explorer, ui: SimpleNamespace) -> None:
+    """The `generate` endpoint: a gallery of the taxon and the same seed conditioned at each rank."""
+    progress_tracker = gr.Progress(track_tqdm=True)  # gradio swaps in a per-request tracker
 
-        progress_tracker = gr.Progress(track_tqdm=True)  # gradio swaps in a per-request tracker
+    def on_generate(label, rank, n, seed_value, *values, progress=progress_tracker):
+        options = dict(zip(SETTING_NAMES, values, strict=True))
+        try:
+            progress(0, desc="sampling")
+            images = explorer.generate(label, rank or None, n, int(seed_value or 0), **options)
+            row = explorer.rank_strip(label, int(seed_value or 0), **options)
+        except TaxaDiffusionError as error:
+            raise gr.Error(str(error)) from None
+        return images, row
 
-        def on_generate(
-            label,
-            rank,
-            n,
-            seed_value,
-            guidance_v,
-            scale_v,
-            start_v,
-            end_v,
-            scheduler_v,
-            steps_v,
-            spacing_v,
-            progress=progress_tracker,
-        ):
-            options = settings_of(guidance_v, scale_v, start_v, end_v, scheduler_v, steps_v, spacing_v)
-            try:
-                progress(0, desc="sampling")
-                images = explorer.generate(label, rank or None, n, int(seed_value or 0), **options)
-                row = explorer.rank_strip(label, int(seed_value or 0), **options)
-            except TaxaDiffusionError as error:
-                raise user_error(error) from None
-            return images, row
-
-        # API endpoints return plain values (lists, text, images); the UI-only updates that follow them
-        # (dropdown choices) are chained with `.then` and have no endpoint.
-        query.submit(on_search, query, matches, api_name="search").then(show_matches, matches, found, api_name=False)
-        query.change(on_search, query, matches, api_name=False).then(show_matches, matches, found, api_name=False)
-        found.change(lambda label: label or "", found, selected, api_name=False)
-        for level, box in enumerate(cascade):
-            box.change(on_cascade(level), box, [*cascade[level + 1 :], selected], api_name=False)
-        selected.change(on_select, selected, lineage, api_name="lineage").then(
-            condition_choices, selected, condition_rank, api_name=False
-        )
-        settings_inputs = [guidance, scale, window_start, window_end, scheduler, steps, spacing]
-        generate.click(
-            on_generate,
-            [selected, condition_rank, count, seed, *settings_inputs],
-            [gallery, strip],
-            api_name="generate",
-            concurrency_limit=1,
-        )
-    return app
+    ui.generate.click(
+        on_generate,
+        [ui.selected, ui.condition_rank, ui.count, ui.seed, *ui.settings],
+        [ui.gallery, ui.strip],
+        api_name="generate",
+        concurrency_limit=1,
+    )
 
 
 def offline_theme():

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .cli_parser import build_parser
 from .errors import TaxaDiffusionError
+from .options import from_args, given
 
 
 class CommandError(TaxaDiffusionError):
@@ -101,21 +102,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _sampling(args: argparse.Namespace) -> dict:
     """The sampling options given on the command line (None: the pipeline's saved setting); `--fast` fills in the
     fast preset's."""
-    from .sampling import FAST
+    from .sampling import FAST, SamplingSettings
 
-    window = tuple(args.window) if args.window else None
-    given = dict(
-        scheduler=args.scheduler,
-        steps=args.steps,
-        guidance=args.guidance,
-        scale=args.scale,
-        window=window,
-        negative=args.negative,
-        spacing=args.spacing,
-    )
+    chosen = given(args, SamplingSettings)
+    chosen["window"] = tuple(chosen["window"]) if chosen["window"] else None
     if getattr(args, "fast", False):  # the preset, under the options given beside it
-        return {**given, **{k: v for k, v in FAST.items() if given.get(k) is None}}
-    return given
+        return {**chosen, **{k: v for k, v in FAST.items() if chosen.get(k) is None}}
+    return chosen
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -135,33 +128,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def _generation_plan(args: argparse.Namespace, taxonomy):
-    """The images `generate` makes, from --per-taxon / --fill-to / --taxa."""
-    from . import generate as gen
-
-    if args.fill_to is not None:
-        if not args.data:
-            raise CommandError("--fill-to counts the real images of a dataset: give --data FORMAT PATH")
-        from .data.readers import read_records
-
-        real = read_records(args.data[0], args.data[1], root=args.root)
-        if tuple(real.ranks) != tuple(taxonomy.ranks):
-            raise CommandError(f"--data has ranks {', '.join(real.ranks)}; the model {', '.join(taxonomy.ranks)}")
-        lineages = [record.lineage for record in real]
-        return gen.plan_fill_to(taxonomy, args.fill_to, lineages, args.seed, source=args.data[1])
-    if args.taxa is not None:
-        from .resolver import read_names_file
-
-        lines = read_names_file(args.taxa)
-        return gen.plan_taxa(taxonomy, lines, args.per_taxon or 10, args.seed, source=str(args.taxa))
-    if args.per_taxon is None:
-        raise CommandError("say what to generate: --per-taxon N, --fill-to N --data FORMAT PATH, or --taxa FILE")
-    return gen.plan_per_taxon(taxonomy, args.per_taxon, args.rank, args.seed)
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
-    import time
-
     from accelerate import PartialState
 
     from . import generate as gen
@@ -175,7 +142,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise CommandError(f"--batch-size must be >= 1, got {args.batch_size}")
     check_saved_folder(args.model, "a saved pipeline", "model_index.json", "train one with `taxadiffusion train`")
     taxonomy = TextEmbeddingCache.from_config(TextEmbeddingCache.load_config(args.model / "text_embeddings")).taxonomy
-    plan = _generation_plan(args, taxonomy)
+    options = ("per_taxon", "fill_to", "data", "root", "taxa", "rank", "seed")
+    plan = gen.plan_request(taxonomy, **{name: getattr(args, name) for name in options})
     print(f"plan: {plan.describe()}; into {args.out}")
     if args.dry_run or not plan.items:
         return 0
@@ -188,40 +156,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if state.is_main_process:
         gen.claim_output(args.out, key, args.add)
     state.wait_for_everyone()
-    single = state.num_processes == 1
-
-    begun, said = time.perf_counter(), []
-
-    def on_batch(done: int) -> None:  # the plan's estimated time, from the first batch
-        if not said and state.is_main_process:
-            said.append(True)
-            per_image = (time.perf_counter() - begun) / done
-            from tqdm.auto import tqdm
-
-            tqdm.write(f"estimated: {gen.estimate(per_image, len(plan.items) // state.num_processes)} in all")
-
-    result = gen.generate(
-        pipe,
-        plan,
-        args.out,
-        key,
-        batch_size=args.batch_size,
-        shard=(state.process_index, state.num_processes),
-        write_table=single,
-        progress=state.is_main_process,
-        on_batch=on_batch,
-    )
-    state.wait_for_everyone()
+    result, rows = gen.generate_sharded(pipe, plan, args.out, key, args.batch_size)
     if state.is_main_process:
-        rows = result.rows if single else gen.write_metadata(args.out, taxonomy, plan, gen.generation_tag(key), key)
+        made = f"{result.written:,} images made ({result.images_per_second:.2f} images/s)" if result.written else None
         print(
-            "done: "
-            + (
-                f"{result.written:,} images made ({result.images_per_second:.2f} images/s)"
-                if result.written
-                else "no image left to make"
-            )
-            + f", {result.existing:,} already there; {args.out / gen.METADATA_FILE} lists {rows:,} images"
+            f"done: {made or 'no image left to make'}, {result.existing:,} already there; "
+            f"{args.out / gen.METADATA_FILE} lists {rows:,} images"
         )
     return 0
 
@@ -236,40 +176,34 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if not args.data:
         raise CommandError("--data FORMAT PATH is required (the real images to compare with)")
     from .devices import choose_device
-    from .eval.protocol import EvalSettings, evaluate
+    from .eval.protocol import EvalInputs, evaluate
     from .eval.report import summary_lines
+    from .eval.settings import EvalSettings
 
     device = choose_device(args.device) if args.model else "cpu"  # checked before any data or weights load
-    settings = EvalSettings(
-        ranks=tuple(r.strip() for r in args.ranks.split(",")),
-        per_taxon=args.per_taxon,
-        max_real_per_taxon=args.max_real,
-        resolution=args.resolution,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        lpips_net=args.lpips_net,
-        protocol=args.protocol,
-        rare_threshold=args.rare_threshold,
-        inception=args.inception,
-        classifier=str(args.classifier) if args.classifier else None,
-        bioclip=args.bioclip,
-        bioclip_tokenizer=args.bioclip_tokenizer,
+    settings = from_args(EvalSettings, args)
+    inputs = EvalInputs(
+        data=tuple(args.data),
+        model=args.model,
+        images=args.images,
+        root=args.root,
+        split=args.split,
+        zero_shot=args.zero_shot,
+        sampling_changes=_sampling(args),
     )
-    metrics = evaluate(
-        tuple(args.data), args.out, settings, args.model, args.images, args.root, args.split, device, args.regenerate,
-        sampling_changes=_sampling(args), zero_shot=args.zero_shot,
-    )  # fmt: skip
+    metrics = evaluate(inputs, args.out, settings, device, regenerate=args.regenerate)
     print(summary_lines(metrics))
     print(f"report: {Path(args.out) / 'report.md'} and {Path(args.out) / 'report.html'}")
     return 0
 
 
 def cmd_classifier_train(args: argparse.Namespace) -> int:
-    from .eval.classifier import ClassifierTraining, train_on_records, train_synthetic_oracle
+    from .eval.classifier import train_on_records, train_synthetic_oracle
+    from .eval.settings import ClassifierTraining
     from .saved_files import refuse_nonempty
 
     refuse_nonempty(args.out, args.overwrite)  # before the training, not after
-    common = ClassifierTraining(args.steps, args.resolution, args.width, args.batch_size)
+    common = from_args(ClassifierTraining, args)
     if args.synthetic:
         from .data.synthetic import SyntheticConfig
 

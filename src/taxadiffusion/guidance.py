@@ -12,10 +12,13 @@ With the diffusers convention `guidance_scale = s = 1 + w` (published s = 9.0, w
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
+from .checks import check_window
 from .choices import Choice
-from .errors import InputError
+
+if TYPE_CHECKING:  # the rules are arithmetic on whatever tensors they get; `--help` must not import torch
+    import torch
 
 
 class Guidance(Choice):
@@ -45,7 +48,5 @@ def in_window(step: int, num_steps: int, window: tuple[float, float] = (0.0, 1.0
     the first (noisiest) half. As published (`i >= r0 * N and i <= r1 * N`) both ends are included, so with
     N = 20 the window (0, 0.5) guides steps 0..10.
     """
-    start, end = window
-    if not 0.0 <= start <= end <= 1.0:
-        raise InputError(f"guidance window must satisfy 0 <= r0 <= r1 <= 1, got {window}")
+    start, end = check_window("window", window)
     return start * num_steps <= step <= end * num_steps

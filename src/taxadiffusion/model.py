@@ -6,23 +6,32 @@ the published code trained with `linear` betas while sampling with `scaled_linea
 
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from .checks import check_choice, check_integer, check_range
+from .choices import Choice
+from .codec import SpaceToDepth, base_codec
 from .conditioning import TaxonomyEncoder
-from .errors import InputError, MissingInput
+from .errors import ConfigError, InputError, MissingInput
 
 TINY = "tiny"
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+class PredictionType(Choice):
+    EPSILON = "epsilon"  # as SD 1.5
+    V_PREDICTION = "v_prediction"
+    SAMPLE = "sample"
+
+
+class Finetune(Choice):
+    LORA = "lora"  # published: LoRA on the frozen base
+    FULL = "full"  # the SD + full fine-tuning baseline
 
 
 @dataclass
@@ -52,24 +61,18 @@ class TinyUNetConfig:
         self.block_out_channels = tuple(self.block_out_channels)
         self.down_block_types = tuple(self.down_block_types)
         self.up_block_types = tuple(self.up_block_types)
-        if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
-            raise InputError(
-                f"tiny UNet: prediction_type must be epsilon, v_prediction or sample, got {self.prediction_type!r}"
-            )
+        key = "model.tiny."
+        check_choice(f"{key}prediction_type", self.prediction_type, PredictionType)
         for name in ("patch_size", "layers_per_block", "attention_head_dim", "cross_attention_dim", "norm_num_groups"):
-            if getattr(self, name) < 1:
-                raise InputError(f"tiny UNet: {name} must be >= 1, got {getattr(self, name)}")
-        if self.num_train_timesteps < 2:
-            raise InputError(f"tiny UNet: num_train_timesteps must be >= 2, got {self.num_train_timesteps}")
+            check_integer(f"{key}{name}", getattr(self, name), 1)
+        check_integer(f"{key}num_train_timesteps", self.num_train_timesteps, 2)
         if not self.block_out_channels:
-            raise InputError("tiny UNet: block_out_channels needs at least one level")
+            raise ConfigError(f"{key}block_out_channels needs at least one level")
         n = len(self.block_out_channels)
         if len(self.down_block_types) != n or len(self.up_block_types) != n:
-            raise InputError("tiny UNet: block_out_channels, down_block_types and up_block_types need equal lengths")
+            raise ConfigError(f"{key}block_out_channels, down_block_types and up_block_types need equal lengths")
         if any(c % self.norm_num_groups for c in self.block_out_channels):
-            raise InputError(
-                f"tiny UNet: every block width must be divisible by norm_num_groups={self.norm_num_groups}"
-            )
+            raise ConfigError(f"{key}block_out_channels: every width must be divisible by {key}norm_num_groups")
 
 
 @dataclass
@@ -95,28 +98,21 @@ class ModelConfig:
         if isinstance(self.tiny, dict):
             self.tiny = TinyUNetConfig(**self.tiny)
         self.lora_targets = tuple(self.lora_targets)
-        if self.finetune not in ("lora", "full"):
-            raise InputError(f"finetune must be 'lora' or 'full', got {self.finetune!r}")
-        if self.lora_rank < 1:
-            raise InputError(f"lora_rank must be >= 1, got {self.lora_rank}")
-        if self.resolution < 8 or self.resolution % 8:
-            raise InputError(f"resolution must be a positive multiple of 8, got {self.resolution}")
-        if not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
-            raise InputError(f"lora_alpha must be a finite number > 0, got {self.lora_alpha}")
-        if self.encoder_feedforward < 1:
-            raise InputError(f"encoder_feedforward must be >= 1, got {self.encoder_feedforward}")
-        if self.encoder_layers < 1 or self.encoder_heads < 1:
-            raise InputError(
-                f"encoder_layers and encoder_heads must be >= 1, got {self.encoder_layers}, {self.encoder_heads}"
-            )
-        if not 0.0 <= self.encoder_dropout < 1.0:
-            raise InputError(f"encoder_dropout must be in [0, 1), got {self.encoder_dropout}")
+        check_choice("model.finetune", self.finetune, Finetune)
+        check_integer("model.lora_rank", self.lora_rank, 1)
+        check_integer("model.resolution", self.resolution, 8)
+        if self.resolution % 8:
+            raise ConfigError(f"model.resolution must be a positive multiple of 8, got {self.resolution}")
+        check_range("model.lora_alpha", self.lora_alpha, 0, open_low=True)
+        for name in ("encoder_feedforward", "encoder_layers", "encoder_heads"):
+            check_integer(f"model.{name}", getattr(self, name), 1)
+        check_range("model.encoder_dropout", self.encoder_dropout, 0, 1, open_high=True)
         if not self.is_latent:
             factor = self.tiny.patch_size * 2 ** (len(self.tiny.block_out_channels) - 1)
             if self.resolution % factor:
-                raise InputError(
-                    f"resolution {self.resolution} must be a multiple of {factor} for this tiny UNet "
-                    f"(patch_size x 2^(levels - 1))"
+                raise ConfigError(
+                    f"model.resolution {self.resolution} must be a multiple of {factor} for this tiny UNet "
+                    f"(model.tiny.patch_size x 2^(levels - 1))"
                 )
 
     @property
@@ -126,11 +122,14 @@ class ModelConfig:
 
     @property
     def base_path(self) -> str:
-        """`base` as a local folder or hub id (a packed prior, `packaged:NAME` or the path of a `.safetensors`
-        file, is unpacked once)."""
+        """`base` as a local folder or hub id. A packed prior (`packaged:NAME` or the path of a `.safetensors`
+        file) is hashed and unpacked on the first access only: the answer is kept for this value of `base`."""
         from .prior import resolve_base
 
-        return resolve_base(self.base)
+        known = self.__dict__.get("_resolved_base")  # not a dataclass field: never saved, compared or printed
+        if known is None or known[0] != self.base:
+            known = self.__dict__["_resolved_base"] = (self.base, resolve_base(self.base))
+        return known[1]
 
     @property
     def codec(self) -> str:
@@ -144,49 +143,6 @@ class ModelConfig:
         return asdict(self)
 
 
-class SpaceToDepth(ModelMixin, ConfigMixin):
-    """A lossless pixel-space "autoencoder": each `factor` x `factor` block of pixels becomes channels.
-
-    It stands where a VAE stands (encode/decode, `scaling_factor` 1), so pixel models with patches use
-    the same training and sampling code as latent models. No library offers this as a diffusers
-    component; it is two calls to torch's pixel (un)shuffle.
-    """
-
-    @register_to_config
-    def __init__(self, factor: int = 2, channels: int = 3, scaling_factor: float = 1.0):
-        super().__init__()
-        # A persistent scalar gives the module a device and dtype, and diffusers a weights file to save and load.
-        self.register_buffer("anchor", torch.zeros(()))
-
-    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        return F.pixel_unshuffle(pixels, self.config.factor)
-
-    def decode(self, latents: torch.Tensor, return_dict: bool = False, generator=None) -> tuple[torch.Tensor]:
-        return (F.pixel_shuffle(latents, self.config.factor),)
-
-
-def base_codec(base: str) -> str:
-    """The codec of a base folder or hub id: "vae" unless its `vae/config.json` names another (a prior)."""
-    config_file = Path(base) / "vae" / "config.json"
-    if not config_file.is_file():
-        # a prior in pixel space has no codec; else a hub id, or a folder checked elsewhere
-        return "pixels" if (Path(base) / "prior.json").is_file() else "vae"
-    try:
-        name = json.loads(config_file.read_text(encoding="utf-8")).get("_class_name")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return "vae"  # the loader names the damaged file
-    return "patches" if name == SpaceToDepth.__name__ else "vae"
-
-
-def spatial_factor(vae: nn.Module | None) -> int:
-    """How many pixels one latent cell spans."""
-    if vae is None:
-        return 1
-    if isinstance(vae, SpaceToDepth):
-        return vae.config.factor
-    return 2 ** (len(vae.config.block_out_channels) - 1)
-
-
 def config_spatial_factor(config: ModelConfig) -> int:
     """`spatial_factor` of the model a config builds, from config files alone (no weights read)."""
     if not config.is_latent:
@@ -198,17 +154,6 @@ def config_spatial_factor(config: ModelConfig) -> int:
     if config.codec == "patches":
         return vae_config["factor"]
     return 2 ** (len(vae_config["block_out_channels"]) - 1)
-
-
-@torch.no_grad()
-def encode_images(vae: nn.Module | None, pixels: torch.Tensor, generator: torch.Generator | None = None):
-    """Pixels in [-1, 1] -> the space the UNet denoises (VAE latents x scaling factor, patches, or pixels)."""
-    if vae is None:
-        return pixels
-    if isinstance(vae, SpaceToDepth):
-        return vae.encode(pixels)
-    latents = vae.encode(pixels.to(vae.dtype)).latent_dist.sample(generator)
-    return latents * vae.config.scaling_factor
 
 
 @dataclass
@@ -297,6 +242,21 @@ def _check_base(base: str) -> None:
         )
 
 
+# peft's names: what LoRA adds to a layer ("...to_q.lora_A.default.weight") and the layer it wraps
+# ("...to_q.base_layer.weight"). Every reader of a UNet's keys asks these two functions.
+LORA_KEY = ".lora_"
+BASE_LAYER_KEY = ".base_layer."
+
+
+def is_lora_key(name: str) -> bool:
+    return LORA_KEY in name
+
+
+def plain_key(name: str) -> str:
+    """A wrapped layer's key as the UNet without LoRA names it."""
+    return name.replace(BASE_LAYER_KEY, ".")
+
+
 def add_lora(unet: UNet2DConditionModel, rank: int, alpha: float, targets: tuple[str, ...] = LORA_TARGETS) -> None:
     """Inject the published LoRA (peft, gaussian init) into the UNet's attention projections."""
     from peft import LoraConfig
@@ -306,7 +266,7 @@ def add_lora(unet: UNet2DConditionModel, rank: int, alpha: float, targets: tuple
 
 
 def lora_parameters(unet: nn.Module) -> list[nn.Parameter]:
-    return [p for name, p in unet.named_parameters() if ".lora_" in name]
+    return [p for name, p in unet.named_parameters() if is_lora_key(name)]
 
 
 def has_lora(unet: nn.Module) -> bool:
@@ -324,7 +284,7 @@ def fuse_lora(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
     """Merge a frozen LoRA into the weights it adapts (diffusers' `fuse_lora`: peft's merge, W + s B A): each
     adapted projection is then one matmul instead of three. Returns exact copies of the weights it changes, for
     `unfuse_lora`."""
-    adapted = {n: p.detach().to("cpu", copy=True) for n, p in unet.named_parameters() if ".base_layer." in n}
+    adapted = {n: p.detach().to("cpu", copy=True) for n, p in unet.named_parameters() if BASE_LAYER_KEY in n}
     unet.fuse_lora()
     return adapted
 

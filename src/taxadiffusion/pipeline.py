@@ -30,14 +30,17 @@ from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from .checks import check_window
+from .codec import SpaceToDepth, spatial_factor
 from .conditioning import TaxonomyEncoder
 from .errors import InputError
 from .guidance import Guidance, cfg, in_window
-from .model import SpaceToDepth, has_lora, lora_fused, spatial_factor
+from .model import ModelConfig, build_denoiser, has_lora, is_lora_key, lora_fused, plain_key
+from .prior import PRIOR_FILE, read_prior, resolve_base
 from .sampling import Negative, SamplingSettings, Scheduler, Spacing
 from .saved_files import check_saved_folder, share_safetensors
 from .taxonomy import NONE_ID, Lineage, Rank, Taxonomy
-from .text import TextEmbeddingCache
+from .text import TextEmbeddingCache, TextEncoderSpec
 
 SCHEDULERS = {Scheduler.PNDM: PNDMScheduler, Scheduler.DDIM: DDIMScheduler, Scheduler.DPM: DPMSolverMultistepScheduler}
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -145,7 +148,7 @@ class TaxaDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             raise InputError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         if guidance_scale < 0:
             raise InputError(f"guidance_scale must be >= 0, got {guidance_scale}")
-        in_window(0, 1, window)  # validates the window
+        check_window("window", window)
         factor = self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
         if height % factor or width % factor:
             raise InputError(f"height and width must be multiples of {factor}, got {height}x{width}")
@@ -212,6 +215,36 @@ class TaxaDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             raise ValueError(f"got {len(generator)} generators for {batch} images")
         latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype) if latents is None else latents
         return latents.to(device) * self.scheduler.init_noise_sigma
+
+    def denoise(self, latents, condition, both, scale: float, window: tuple[float, float] | None, step_kwargs):
+        """The sampling loop over the scheduler's timesteps. Inside the guidance `window` (None: never) the
+        negative and the conditional branch run as one batch (`both` = [negative, condition]) and are combined by
+        CFG; taxonomic and vanilla guidance differ only in that negative branch."""
+        timesteps = self.scheduler.timesteps
+        with self.progress_bar(total=len(timesteps)) as progress:
+            for i, t in enumerate(timesteps):
+                use_guidance = window is not None and in_window(i, len(timesteps), window)
+                model_input = torch.cat([latents] * 2) if use_guidance else latents
+                model_input = self.scheduler.scale_model_input(model_input, t)
+                hidden = both if use_guidance else condition
+                noise = self.unet(model_input, t, encoder_hidden_states=hidden, return_dict=False)[0]
+                if use_guidance:
+                    eps_negative, eps_condition = noise.chunk(2)
+                    noise = cfg(eps_condition, eps_negative, scale)
+                latents = self.scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
+                progress.update()
+        return latents
+
+    def decode(self, latents: torch.Tensor, output_type: str, generator=None):
+        """Latents -> images in `output_type` ("pil", "np", "pt"; "latent" returns them as they are)."""
+        if output_type == "latent":
+            return latents
+        images = latents
+        if self.vae is not None:
+            latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
+            images = self.vae.decode(latents, return_dict=False, generator=generator)[0]
+        denormalize = [True] * images.shape[0]
+        return self.image_processor.postprocess(images, output_type=output_type, do_denormalize=denormalize)
 
     def _step_kwargs(self, generator, eta: float) -> dict:
         accepted = set(inspect.signature(self.scheduler.step).parameters)
@@ -283,35 +316,16 @@ class TaxaDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         # 2. timesteps and initial noise
         device = self._execution_device
         self.scheduler.set_timesteps(num_inference_steps, device=device)
-        timesteps = self.scheduler.timesteps
         batch = len(lineages) * num_images_per_prompt
         latents = self.prepare_latents(batch, height, width, condition.dtype, device, generator, latents)
         step_kwargs = self._step_kwargs(generator, eta)
 
         # 3. denoising loop: both branches in one batched UNet call inside the window
-        with self.progress_bar(total=len(timesteps)) as progress:
-            for i, t in enumerate(timesteps):
-                use_guidance = guided and in_window(i, len(timesteps), guidance_window)
-                model_input = torch.cat([latents] * 2) if use_guidance else latents
-                model_input = self.scheduler.scale_model_input(model_input, t)
-                hidden = both if use_guidance else condition
-                noise = self.unet(model_input, t, encoder_hidden_states=hidden, return_dict=False)[0]
-                if use_guidance:  # taxonomic and vanilla CFG differ only in the negative branch
-                    eps_negative, eps_condition = noise.chunk(2)
-                    noise = cfg(eps_condition, eps_negative, guidance_scale)
-                latents = self.scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
-                progress.update()
+        window = guidance_window if guided else None
+        latents = self.denoise(latents, condition, both, guidance_scale, window, step_kwargs)
 
         # 4. decode
-        if output_type == "latent":
-            images = latents
-        else:
-            if self.vae is not None:
-                latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
-                images = self.vae.decode(latents, return_dict=False, generator=generator)[0]
-            else:
-                images = latents
-            images = self.image_processor.postprocess(images, output_type=output_type, do_denormalize=[True] * batch)
+        images = self.decode(latents, output_type, generator)
         self.maybe_free_model_hooks()
         expanded = [lin for lin in lineages for _ in range(num_images_per_prompt)]
         if not return_dict:
@@ -371,6 +385,35 @@ class TaxaDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             pipe.load_lora_weights(pretrained_model_name_or_path, weight_name=LORA_WEIGHT_NAME)
         return pipe
 
+    @classmethod
+    def from_prior(cls, base: str | Path, captions: list[str], scheduler: str = "pndm") -> TaxaDiffusionPipeline:
+        """A prior made by `pretrain` prompted with captions of its own kind, no adaptation (the paper's SD row, and
+        the check that its cross-attention responds to the text): the captions are encoded by the prior's text
+        encoder and read by the UNet as they are (rank encoders of no layers). A packed file is prompted as the
+        folder it unpacks to."""
+        base = resolve_base(str(base))
+        info = read_prior(base)
+        if info is None:
+            raise InputError(f"{base} is not a prior made by `taxadiffusion pretrain` (no {PRIOR_FILE})")
+        encoder = TextEncoderSpec(info.text_encoder, max_length=info.max_length)
+        if (Path(info.text_encoder) / "text_encoder").is_dir():
+            encoder = TextEncoderSpec(info.text_encoder, "text_encoder", "tokenizer", info.max_length)
+        ranks = (Rank.SPECIFIC_EPITHET,)  # the one-text slot `pretrain` trained through
+        taxonomy = Taxonomy.from_lineages(Lineage(ranks, (caption,)) for caption in captions)
+        cache = TextEmbeddingCache.build(taxonomy, encoder.load(), "{name}")
+        denoiser = build_denoiser(ModelConfig(base=base, resolution=info.resolution))
+        width = cache.config.width
+        identity = TaxonomyEncoder(num_ranks=1, text_width=width, cross_attention_dim=width, num_layers=0).eval()
+        pipe = cls(
+            unet=denoiser.unet.eval(),
+            scheduler=make_scheduler(scheduler, denoiser.noise_scheduler.config),
+            taxonomy_encoder=identity,
+            text_embeddings=cache,
+            vae=denoiser.vae,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
 
 def is_local(name: str | Path) -> bool:
     """A path on this machine, as opposed to a Hub id ("owner/name"): it exists, or it is not shaped like an id."""
@@ -386,9 +429,9 @@ def save_base_unet(unet: UNet2DConditionModel, directory: Path) -> None:
     unet.save_config(directory)
     base = {}
     for key, value in unet.state_dict().items():
-        if ".lora_" in key:
+        if is_lora_key(key):
             continue
-        base[key.replace(".base_layer.", ".")] = value.detach().contiguous()
+        base[plain_key(key)] = value.detach().contiguous()
     save_file(base, directory / "diffusion_pytorch_model.safetensors")
 
 

@@ -15,6 +15,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .atomic import atomic_folder, temporary
 from .errors import InputError, UnreadableFile
 from .saved_files import save_safetensors, share_safetensors
 
@@ -85,7 +86,7 @@ def save_base_folder(folder: Path, unet, noise_scheduler, codec, info: PriorInfo
     written aside, then renamed into place."""
     import shutil
 
-    tmp = folder / ".tmp-base"
+    tmp = temporary(folder / "base")
     shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a killed save; the run's own
     unet.save_pretrained(tmp / "unet")
     noise_scheduler.save_pretrained(tmp / "scheduler")
@@ -191,11 +192,10 @@ def unpack_prior(file: str | Path, folder: str | Path) -> Path:
     SHA-256) is reused, and one unpacked from another file is refused, since what was adapted from it would
     otherwise be paired with other weights without a word."""
     import hashlib
-    import shutil
 
     from safetensors.torch import save_file
 
-    from .model import SpaceToDepth
+    from .codec import SpaceToDepth
 
     file, folder = Path(file), Path(folder)
     digest = hashlib.sha256(file.read_bytes()).hexdigest()
@@ -209,20 +209,16 @@ def unpack_prior(file: str | Path, folder: str | Path) -> Path:
     if folder.exists() and any(folder.iterdir()):  # not a prior's folder (unpacking renames a complete one in)
         raise InputError(f"{folder} is not empty and holds no prior: unpack {file.name} into another folder")
     metadata, weights = _read_packed(file)
-    tmp = folder.with_name(f".tmp-{folder.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    for key, relative in PACKED_FILES.items():
-        (tmp / relative).parent.mkdir(parents=True, exist_ok=True)
-        (tmp / relative).write_text(metadata[key], encoding="utf-8")
-    save_file(weights, str(tmp / "unet" / "diffusion_pytorch_model.safetensors"))
-    codec = json.loads(metadata["codec_config"])
-    SpaceToDepth(codec["factor"], codec["channels"], codec["scaling_factor"]).save_pretrained(tmp / "vae")
-    _record_unpacked(tmp, file, digest)
-    share_safetensors(tmp)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    if folder.exists():
-        folder.rmdir()  # empty (checked above)
-    tmp.rename(folder)
+    with atomic_folder(folder) as tmp:  # `folder` is absent or empty (checked above)
+        for key, relative in PACKED_FILES.items():
+            (tmp / relative).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / relative).write_text(metadata[key], encoding="utf-8")
+        save_file(weights, str(tmp / "unet" / "diffusion_pytorch_model.safetensors"))
+        codec = json.loads(metadata["codec_config"])
+        SpaceToDepth(codec["factor"], codec["channels"], codec["scaling_factor"]).save_pretrained(tmp / "vae")
+        _record_unpacked(tmp, file, digest)
+        share_safetensors(tmp)
     return folder
 
 
@@ -267,37 +263,3 @@ def _is_packed_prior(file: Path) -> bool:
     except (SafetensorError, OSError):
         return False
     return all(key in metadata for key in PACKED_FILES)
-
-
-def prior_pipeline(base: str | Path, captions: list[str], scheduler: str = "pndm"):
-    """A prior prompted with captions of its own kind, no adaptation (the paper's SD row, and the check that
-    its cross-attention responds to the text): the captions are encoded by the prior's text encoder and read
-    by the UNet as they are (rank encoders of no layers)."""
-    from .conditioning import TaxonomyEncoder
-    from .model import ModelConfig, build_denoiser
-    from .pipeline import TaxaDiffusionPipeline, make_scheduler
-    from .taxonomy import Lineage, Rank, Taxonomy
-    from .text import TextEmbeddingCache, TextEncoderSpec
-
-    base = resolve_base(str(base))  # a packed file is prompted as the folder it unpacks to
-    info = read_prior(base)
-    if info is None:
-        raise InputError(f"{base} is not a prior made by `taxadiffusion pretrain` (no {PRIOR_FILE})")
-    encoder = TextEncoderSpec(info.text_encoder, max_length=info.max_length)
-    if (Path(info.text_encoder) / "text_encoder").is_dir():
-        encoder = TextEncoderSpec(info.text_encoder, "text_encoder", "tokenizer", info.max_length)
-    ranks = (Rank.SPECIFIC_EPITHET,)  # the one-text slot `pretrain` trained through
-    taxonomy = Taxonomy.from_lineages(Lineage(ranks, (caption,)) for caption in captions)
-    cache = TextEmbeddingCache.build(taxonomy, encoder.load(), "{name}")
-    denoiser = build_denoiser(ModelConfig(base=str(base), resolution=info.resolution))
-    width = cache.config.width
-    identity = TaxonomyEncoder(num_ranks=1, text_width=width, cross_attention_dim=width, num_layers=0).eval()
-    pipe = TaxaDiffusionPipeline(
-        unet=denoiser.unet.eval(),
-        scheduler=make_scheduler(scheduler, denoiser.noise_scheduler.config),
-        taxonomy_encoder=identity,
-        text_embeddings=cache,
-        vae=denoiser.vae,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from .checks import check_choice, check_integer, check_range, check_window
 from .choices import Choice
-from .errors import ConfigError
 from .guidance import Guidance
+from .options import option
 
 SETTINGS_FILE = "sampling.json"
 
@@ -68,36 +68,33 @@ FAST = {"scheduler": "dpm", "steps": 8, "spacing": "trailing"}
 
 @dataclass
 class SamplingSettings:
-    scheduler: str = Scheduler.PNDM.value
-    steps: int = 25
-    guidance: str = Guidance.TAXONOMIC.value  # taxonomic | vanilla | none
-    scale: float = 9.0  # s = 1 + w (published 9.0)
-    window: tuple[float, float] = (0.0, 1.0)  # fractions of the schedule where guidance applies
-    negative: str = Negative.ENCODED.value  # encoded | text (published): see `Negative`
-    spacing: str = Spacing.LEADING.value  # leading (published) | trailing | linspace: see `Spacing`
+    scheduler: str = option(Scheduler.PNDM.value, "sampler; published: pndm", choices=Scheduler)
+    steps: int = option(25, "sampling steps; published: 25")
+    guidance: str = option(Guidance.TAXONOMIC.value, "guidance rule; published: taxonomic", choices=Guidance)
+    scale: float = option(9.0, "guidance scale s = 1 + w; published: 9.0")
+    window: tuple[float, float] = option((0.0, 1.0), "fractions of the schedule guided", metavar=("R0", "R1"))
+    negative: str = option(
+        Negative.ENCODED.value,
+        "guidance's negative branch: rank-encoded, or raw text features as published",
+        choices=Negative,
+    )
+    spacing: str = option(
+        Spacing.LEADING.value,
+        "where the steps fall: leading (published) starts below the last training step, trailing at it",
+        choices=Spacing,
+    )
 
     # The prefix of the keys in messages ("sample." in a run's config).
     key_prefix = ""
 
     def __post_init__(self) -> None:
         key = self.key_prefix
-        self.window = tuple(self.window)
-        choices = (("scheduler", Scheduler), ("guidance", Guidance), ("negative", Negative), ("spacing", Spacing))
-        for name, choice in choices:
-            value = getattr(self, name)
-            if value not in {c.value for c in choice}:
-                valid = ", ".join(c.value for c in choice)
-                raise ConfigError(f"{key}{name} must be one of {valid}, got {value!r}")
-        if not isinstance(self.steps, int) or self.steps < 1:
-            raise ConfigError(f"{key}steps must be an integer >= 1, got {self.steps!r}")
-        if not (isinstance(self.scale, int | float) and math.isfinite(self.scale) and self.scale >= 0):
-            raise ConfigError(f"{key}scale must be a finite number >= 0, got {self.scale!r}")
-        if len(self.window) != 2 or not all(isinstance(end, int | float) for end in self.window):
-            raise ConfigError(f"{key}window must be two fractions [r0, r1], got {list(self.window)}")
-        if not 0.0 <= self.window[0] <= self.window[1] <= 1.0:
-            raise ConfigError(
-                f"{key}window: the guidance window must satisfy 0 <= r0 <= r1 <= 1, got {list(self.window)}"
-            )
+        for name, choice in (("scheduler", Scheduler), ("guidance", Guidance), ("negative", Negative)):
+            check_choice(f"{key}{name}", getattr(self, name), choice)
+        check_choice(f"{key}spacing", self.spacing, Spacing)
+        check_integer(f"{key}steps", self.steps, 1)
+        check_range(f"{key}scale", self.scale, 0)
+        self.window = check_window(f"{key}window", self.window)
 
     def sampling(self) -> SamplingSettings:
         """The settings alone (a run's config section holds more)."""

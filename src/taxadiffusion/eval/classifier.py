@@ -20,8 +20,10 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from ..atomic import write_text_atomic
 from ..saved_files import refuse_nonempty, share_safetensors
 from ..taxonomy import Taxonomy
+from .settings import ClassifierTraining
 
 if TYPE_CHECKING:
     from ..data.synthetic import SyntheticConfig
@@ -192,19 +194,8 @@ class ClassifierRun:
         self.model.save_pretrained(out)
         share_safetensors(out)
         report = {"held_out_images": self.held_out_images, "accuracy": self.accuracy}
-        (out / "heldout_accuracy.json").write_text(json.dumps(report, indent=1))
+        write_text_atomic(out / "heldout_accuracy.json", json.dumps(report, indent=1))  # the finished-run marker
         return out
-
-
-@dataclass
-class ClassifierTraining:
-    """How the classifier trains: optimizer steps, image size, network width, batch size."""
-
-    steps: int = 1500
-    resolution: int = 32
-    width: int = 32
-    batch_size: int = 64
-    progress: bool = True
 
 
 def train_on_records(records, holdout: float = 0.1, training: ClassifierTraining | None = None) -> ClassifierRun:

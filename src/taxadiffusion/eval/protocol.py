@@ -14,7 +14,7 @@ import inspect
 import json
 import random
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,59 +22,18 @@ import torch
 from diffusers import SchedulerMixin
 from PIL import Image
 
+from ..atomic import atomic_file, write_text_atomic
 from ..data.images import load_image, prepare_image
 from ..data.records import RecordSet
 from ..errors import InputError
-from ..sampling import Negative, SamplingSettings, Spacing
+from ..sampling import Negative, Spacing
 from ..saved_files import check_saved_folder
 from ..taxonomy import Lineage, Rank, Taxon, Taxonomy, UnknownTaxonError
 from .bioclip import BioCLIPScorer, taxon_text
 from .classifier import TaxonClassifier, accuracy_by_rank, to_unit
 from .fid import FEATURE_NETWORK, RESIZE_RULE, InceptionFeatures, fid_kid
 from .lpips import LPIPS
-
-PAPER_RANKS = ("order", "family", "genus", "specific_epithet")
-
-
-@dataclass
-class EvalSettings:
-    ranks: tuple[str, ...] = PAPER_RANKS
-    per_taxon: int = 10  # generated images per taxon (paper: 10)
-    max_real_per_taxon: int = 50  # real reference images per taxon (a fixed random subset)
-    resolution: int | None = None  # default: the model's
-    seed: int = 0
-    sampling: SamplingSettings | None = None  # default: the pipeline's own (its run's settings)
-    batch_size: int = 32
-    lpips_net: str = "vgg"  # paper default
-    rare_threshold: int = 50  # taxa with fewer training images are "rare"
-    inception: str | None = None
-    classifier: str | None = None
-    bioclip: str | None = None
-    bioclip_tokenizer: str | None = None
-    bioclip_template: str = "{names}"
-    # "project": FID, KID and LPIPS on the images at the compared resolution. "authors": as the authors'
-    # evaluation code does, real and generated images resized to 512 px first (FID 2048-d, LPIPS on same-class
-    # real/generated pairs); BioCLIP's text is the taxonomy path joined by spaces under both.
-    protocol: str = "project"
-    notes: dict = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.protocol not in PROTOCOLS:
-            raise InputError(f"evaluation protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
-
-    @property
-    def metric_size(self) -> int | None:
-        """The side images are resized to before FID, KID and LPIPS (None: as compared)."""
-        return PROTOCOLS[self.protocol]
-
-
-# The evaluation protocols: the side FID, KID and LPIPS images are resized to first.
-PROTOCOLS = {"project": None, "authors": 512}
-PROTOCOL_TEXT = {
-    "project": "the project's: FID, KID and LPIPS at the compared resolution",
-    "authors": "the authors' evaluation code: images resized to 512 px for FID (2048-d), KID and LPIPS "
-    "(same-class real/generated pairs); BioCLIP text = the taxonomy path joined by spaces",
-}
+from .settings import PROTOCOL_TEXT, EvalSettings
 
 
 def taxon_folder(taxon: Taxon) -> str:
@@ -260,9 +219,8 @@ class Evaluation:
             images = pipe(lineages, generator=generators).images  # the pipeline's sampling settings
             for image, (_, _, target) in zip(images, chunk, strict=True):
                 target.parent.mkdir(parents=True, exist_ok=True)
-                tmp = target.with_suffix(".tmp.png")
-                image.save(tmp)
-                tmp.replace(target)
+                with atomic_file(target) as tmp:
+                    image.save(tmp, format="PNG")
 
     def _species_below(self, taxon: Taxon) -> list[Taxon]:
         """The species under a taxon, listed once per taxon (every image of it asks again)."""
@@ -312,9 +270,7 @@ class Evaluation:
             for path in ours:
                 path.unlink()
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = marker.with_suffix(".tmp")
-        tmp.write_text(json.dumps(key, indent=1) + "\n")
-        tmp.replace(marker)
+        write_text_atomic(marker, json.dumps(key, indent=1) + "\n")
         self._claimed = key
 
     # -- metrics ----------------------------------------------------------------------------------
@@ -347,7 +303,7 @@ class Evaluation:
                 if group
             }
         metrics = {"settings": self._settings(FEATURE_NETWORK, RESIZE_RULE), "ranks": results}
-        (self.out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+        write_text_atomic(self.out / "metrics.json", json.dumps(metrics, indent=1) + "\n")
         return metrics
 
     def _score(self, rank, taxa, real, generated, features, lpips, classifier, bioclip) -> dict:
@@ -472,67 +428,88 @@ def species_caption(template: str, lineage: Lineage) -> str:
         raise InputError(f"caption template {template!r}: {error} is not {{scientific_name}} or a rank") from None
 
 
+@dataclass
+class EvalInputs:
+    """What an evaluation compares: the real images, and what generates the other side (a saved pipeline, a prior
+    prompted zero-shot, or a folder of images generated before)."""
+
+    data: tuple[str, str | Path]  # (reader format, path) of the real images
+    model: str | Path | None = None  # a saved pipeline; with `zero_shot`, a prior made by `pretrain`
+    images: str | Path | None = None  # or: score the images of this folder (<rank>/<taxon>/*.png)
+    root: str | Path | None = None  # image root of `data`
+    split: str | None = None  # keep only this split of `data`
+    # A caption template per species ("a photo of {scientific_name}") that prompts the prior unadapted: the
+    # paper's SD row.
+    zero_shot: str | None = None
+    # The training taxonomy of a one-text or zero-shot model, whose counts tell rare taxa from common ones
+    # (default: the real set's).
+    taxonomy: Taxonomy | None = None
+    sampling_changes: dict | None = None  # sampling settings that differ from the model's saved ones
+
+    def __post_init__(self) -> None:
+        if (self.model is None) == (self.images is None):
+            raise InputError("give exactly one of --model DIR (generate and score) or --images DIR (score a folder)")
+        if self.zero_shot is not None and self.model is None:
+            raise InputError("a zero-shot evaluation prompts a prior: give it as --model")
+
+
 def evaluate(
-    data: tuple[str, str | Path],
+    inputs: EvalInputs,
     out: str | Path,
     settings: EvalSettings,
-    model: str | Path | None = None,
-    images: str | Path | None = None,
-    root: str | Path | None = None,
-    split: str | None = None,
     device: str = "cpu",
+    *,
     regenerate: bool = False,
     progress: bool = True,
-    sampling_changes: dict | None = None,
-    zero_shot: str | None = None,
-    taxonomy: Taxonomy | None = None,
 ) -> dict:
-    """The whole evaluation: read the real images (`data` = (reader format, path)), generate with `model` (or
-    score the folder `images`), score every rank, and write `metrics.json` and the report into `out`.
-    `sampling_changes`: sampling settings that differ from the model's saved ones (e.g. {"scale": 3.0}).
-    A model that knows only species names (the flat and full baselines) draws each taxon through its species.
-    `zero_shot`: `model` is a prior made by `pretrain`, prompted with this caption template per species (e.g.
-    "a photo of {scientific_name}"), no adaptation: the paper's SD row. `taxonomy`: the training taxonomy of a
-    one-text or zero-shot model, whose counts tell rare taxa from common ones (default: the real set's)."""
+    """The whole evaluation: read the real images, generate with the model (or score the folder of images),
+    score every rank, and write `metrics.json` and the report into `out`. A model that knows only species names
+    (the flat and full baselines, a prior prompted zero-shot) draws each taxon through its species."""
     from ..data.readers import read_records
     from .report import write_report
 
-    if (model is None) == (images is None):
-        raise InputError("give exactly one of --model DIR (generate and score) or --images DIR (score a folder)")
-    if zero_shot is not None and model is None:
-        raise InputError("a zero-shot evaluation prompts a prior: give it as --model")
     check_classifier(settings)  # before the data and the model load
-    real = read_records(data[0], data[1], root=root)
-    if split:
-        real = real.split(split)
-    pipeline, one_text = None, None
-    if zero_shot is not None:
-        from ..prior import prior_pipeline
-
-        known = taxonomy or real.taxonomy()
-        species = [known.lineage(t) for t in known.taxa(known.ranks[-1])]
-
-        def one_text(lineage: Lineage) -> str:
-            return species_caption(zero_shot, lineage)
-
-        pipeline = prior_pipeline(model, sorted({one_text(lineage) for lineage in species})).to(device)
-        # classifier-free guidance against the prior's own unconditional input (its "None" caption)
-        pipeline.configure_sampling(guidance="vanilla")
-        pipeline.configure_sampling(**(sampling_changes or {}))
-    elif model is not None:
-        from ..pipeline import TaxaDiffusionPipeline
-
-        pipeline = TaxaDiffusionPipeline.from_pretrained(model).to(device)
-        pipeline.set_progress_bar_config(disable=True)
-        pipeline.configure_sampling(**(sampling_changes or {}))
-        if pipeline.taxonomy.ranks == (Rank.SPECIFIC_EPITHET,) and len(real.ranks) > 1:  # a one-text baseline
-
-            def one_text(lineage: Lineage) -> str:
-                return lineage.scientific_name
-
+    real = read_records(inputs.data[0], inputs.data[1], root=inputs.root)
+    if inputs.split:
+        real = real.split(inputs.split)
+    pipeline, one_text = _generator(inputs, real, device)
     evaluation = Evaluation(
-        real, out, settings, pipeline, images, taxonomy=taxonomy, regenerate=regenerate, one_text=one_text
+        real,
+        out,
+        settings,
+        pipeline,
+        inputs.images,
+        taxonomy=inputs.taxonomy,
+        regenerate=regenerate,
+        one_text=one_text,
     )
     metrics = evaluation.run(progress)
     write_report(out, {Path(out).name: metrics})
     return metrics
+
+
+def _generator(inputs: EvalInputs, real: RecordSet, device: str) -> tuple:
+    """The pipeline that generates (None for a folder of images) and, for a model that reads one text per
+    species, the text of a lineage (else None)."""
+    from ..pipeline import TaxaDiffusionPipeline
+
+    if inputs.model is None:
+        return None, None
+    if inputs.zero_shot is not None:
+        known = inputs.taxonomy or real.taxonomy()
+        species = [known.lineage(t) for t in known.taxa(known.ranks[-1])]
+
+        def caption(lineage: Lineage) -> str:
+            return species_caption(inputs.zero_shot, lineage)
+
+        pipeline = TaxaDiffusionPipeline.from_prior(inputs.model, sorted({caption(lineage) for lineage in species}))
+        # classifier-free guidance against the prior's own unconditional input (its "None" caption)
+        pipeline.to(device).configure_sampling(guidance="vanilla")
+        pipeline.configure_sampling(**(inputs.sampling_changes or {}))
+        return pipeline, caption
+    pipeline = TaxaDiffusionPipeline.from_pretrained(inputs.model).to(device)
+    pipeline.set_progress_bar_config(disable=True)
+    pipeline.configure_sampling(**(inputs.sampling_changes or {}))
+    if pipeline.taxonomy.ranks == (Rank.SPECIFIC_EPITHET,) and len(real.ranks) > 1:  # a one-text baseline
+        return pipeline, lambda lineage: lineage.scientific_name
+    return pipeline, None

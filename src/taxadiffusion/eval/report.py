@@ -9,6 +9,7 @@ import html
 import json
 from pathlib import Path
 
+from ..atomic import write_text_atomic
 from ..errors import MissingInput, UnreadableFile
 
 # (key in metrics.json, column title, format, higher is better)
@@ -169,7 +170,7 @@ def write_keeping_section(path: Path, generated: str, heading: str = "## Reading
     the file already holds: results are regenerated, their reading is not."""
     old = path.read_text(encoding="utf-8") if path.is_file() else ""
     kept = old[old.index(heading) :] if heading in old else ""
-    path.write_text(generated + ("\n" + kept if kept else ""), encoding="utf-8")
+    write_text_atomic(path, generated + ("\n" + kept if kept else ""))
 
 
 def write_report(out: str | Path, runs: dict[str, dict], title: str = "taxadiffusion evaluation") -> tuple[Path, Path]:
@@ -214,7 +215,7 @@ def write_report(out: str | Path, runs: dict[str, dict], title: str = "taxadiffu
             f"**{SHORT.get(g.stem, g.stem)}**\n\n![{g.stem}](grids/{g.name})\n" for g in grids
         ]
     md_path = out / "report.md"
-    md_path.write_text("\n".join(md) + "\n", encoding="utf-8")
+    write_text_atomic(md_path, "\n".join(md) + "\n")
 
     style = (
         "body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;font-size:13px}"
@@ -228,10 +229,10 @@ def write_report(out: str | Path, runs: dict[str, dict], title: str = "taxadiffu
             f'<h3>{SHORT.get(g.stem, g.stem)}</h3><img src="grids/{g.name}">' for g in grids
         ]
     html_path = out / "report.html"
-    html_path.write_text(
+    write_text_atomic(
+        html_path,
         f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style>"
         + "\n".join(body)
         + "\n",
-        encoding="utf-8",
     )
     return md_path, html_path

@@ -8,7 +8,6 @@ the optimizer and LR scheduler, every process's RNG state and the position in th
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from dataclasses import asdict, dataclass
@@ -18,11 +17,13 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from ..atomic import TMP_PREFIX, fsync_file
+from ..atomic import fsync_folder as fsync_entries
 from ..errors import UnreadableFile
 from ..saved_files import save_safetensors
 
 PREFIX = "step-"
-TMP_PREFIX = ".tmp-"  # being written
+# TMP_PREFIX (being written) is the atomic writers' one name for work in progress
 DELETED_PREFIX = ".del-"  # being pruned: renamed first, so a kill mid-delete leaves no listed half-checkpoint
 STATE = "state.json"
 WEIGHTS = "weights.safetensors"
@@ -46,6 +47,13 @@ class TrainingState:
     # wall seconds of training up to this checkpoint, summed over every process that ran or resumed the run (the
     # work after a process's last checkpoint is lost with it, and so is its time): a resumed run's true cost
     train_seconds: float = 0.0
+
+    def finished(self, stage: int) -> bool:
+        """Whether stage `stage` is done in this state: an earlier one, or this one marked complete."""
+        return stage < self.stage or (stage == self.stage and self.stage_complete)
+
+    def running(self, stage: int) -> bool:
+        return stage == self.stage and not self.stage_complete
 
 
 def rng_state() -> dict:
@@ -138,22 +146,12 @@ def sweep(root: Path) -> None:
 
 
 def fsync_folder(folder: Path, files: bool = True) -> None:
-    """Flush a folder's files and its entry list to disk (POSIX; a no-op where folders cannot be opened)."""
+    """Flush a folder's files (unless `files` is false) and its entry list to disk."""
     if files:
         for path in folder.iterdir():
             if path.is_file():
-                with path.open("rb+") as handle:
-                    os.fsync(handle.fileno())
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+                fsync_file(path)
+    fsync_entries(folder)
 
 
 def read_state(path: Path) -> TrainingState:

@@ -22,9 +22,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
+from ..atomic import atomic_file
+from ..codec import spatial_factor
 from ..data.dataset import ImageDataset, pixel_tensor
 from ..data.images import CropPolicy, prepare_image, resize_short_side, square_window
-from ..model import spatial_factor
 from ..saved_files import save_safetensors
 
 FORMAT = "whole-image latents v2"  # part of the cache key: a cache of another layout is never misread
@@ -135,8 +136,8 @@ class ShardWriter:
             "shape": torch.tensor([list(p.shape) for _, p in self.buffer]),
         }
         path = self.folder / f"shard-{self.shards:05d}.safetensors"
-        save_safetensors(stored, path.with_suffix(".tmp"))
-        path.with_suffix(".tmp").replace(path)
+        with atomic_file(path) as tmp:
+            save_safetensors(stored, tmp)
         self.where[index, 0], self.where[index, 1], self.shapes[index] = self.shards, stored["offset"], stored["shape"]
         self.done.update(index.tolist())
         self.buffer, self.size, self.shards = [], 0, self.shards + 1
@@ -147,8 +148,8 @@ class ShardWriter:
         if len(self.done) != len(self.where):
             raise RuntimeError(f"latent cache in {self.folder}: {len(self.where) - len(self.done)} images missing")
         index = {"shard": self.where[:, 0].contiguous(), "offset": self.where[:, 1].contiguous(), "shapes": self.shapes}
-        save_safetensors(index, self.folder / "index.tmp")
-        (self.folder / "index.tmp").replace(self.folder / "index.safetensors")
+        with atomic_file(self.folder / "index.safetensors") as tmp:
+            save_safetensors(index, tmp)
 
 
 @torch.no_grad()

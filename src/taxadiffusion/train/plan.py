@@ -25,6 +25,7 @@ from ..model import (
     config_spatial_factor,
     count_parameters,
     has_lora,
+    is_lora_key,
 )
 from ..prior import read_prior
 from ..taxonomy import Rank, Taxonomy
@@ -199,7 +200,13 @@ class RunPlan:
         return 4 if self.config.train.text_features_dtype == "fp32" else 2
 
     def describe(self) -> str:
-        config, train, model = self.config, self.config.train, self.config.model
+        """The plan a person reads before the run: data, model, conditioning, text, optimizer, batch, stages."""
+        lines = [*self._data_lines(), self._model_line(), self._conditioning_line(), self._text_line()]
+        lines += [self._optimizer_line(), self._batch_line(), *self._stage_lines()]
+        return "\n".join(lines)
+
+    def _data_lines(self) -> list[str]:
+        config = self.config
         where = "synthetic (embedded default)" if config.data.format == "synthetic" else config.data.path
         lines = [
             f"data: {config.data.format} {where}: {len(self.records):,} images; "
@@ -209,44 +216,81 @@ class RunPlan:
         if self.records.skipped:
             skipped = ", ".join(f"{reason}: {n:,}" for reason, n in sorted(self.records.skipped.items()))
             lines.append(f"rows not used ({skipped})")
+        return lines
+
+    def _model_line(self) -> str:
+        model = self.config.model
         c, h, w = self.latent_shape
         tuning = (
             f"LoRA r{model.lora_rank}/alpha {model.lora_alpha:g} on {', '.join(model.lora_targets)}"
             if model.finetune == "lora"
             else "full fine-tuning"
         )
-        lines += [
+        return (
             f"model: {model.base} at {model.resolution} px (UNet denoises {c}x{h}x{w}); "
-            f"UNet {self.unet_parameters / 1e6:,.1f} M parameters, {tuning}",
-            (
+            f"UNet {self.unet_parameters / 1e6:,.1f} M parameters, {tuning}"
+        )
+
+    def _conditioning_line(self) -> str:
+        """What the UNet reads: a prior's captions, a one-text baseline's species caption, or the rank encoders."""
+        config, model = self.config, self.config.model
+        if config.train.strategy == "prior":
+            return (
                 f"captions: {config.caption.template!r} (ranks down to {config.caption.rank}), "
                 f"{self.taxonomy.num_taxa(self.taxonomy.ranks[0]):,} distinct; read by the UNet as text features "
                 f"of width {self.text_width}, no rank encoders"
-                if config.train.strategy == "prior"
-                else f"species caption {config.text.template!r} read by the UNet as text features of width "
+            )
+        if self.encoder_parameters == 0:
+            return (
+                f"species caption {config.text.template!r} read by the UNet as text features of width "
                 f"{self.text_width} (the base's own text path, as SD + LoRA / full fine-tuning), no rank encoders"
-                if self.encoder_parameters == 0
-                else f"taxonomy encoder: {len(self.taxonomy.ranks)} ranks x {model.encoder_layers} layers x "
-                f"{model.encoder_heads} heads, text width {self.text_width}, feed-forward {model.encoder_feedforward}, "
-                f"dropout {model.encoder_dropout:g} "
-                f"({self.encoder_parameters / 1e6:,.2f} M parameters)"
-            ),
+            )
+        return (
+            f"taxonomy encoder: {len(self.taxonomy.ranks)} ranks x {model.encoder_layers} layers x "
+            f"{model.encoder_heads} heads, text width {self.text_width}, feed-forward {model.encoder_feedforward}, "
+            f"dropout {model.encoder_dropout:g} "
+            f"({self.encoder_parameters / 1e6:,.2f} M parameters)"
+        )
+
+    def _text_line(self) -> str:
+        config, train = self.config, self.config.train
+        where = "in CPU memory" if train.text_features == "cpu" else "on the training device"
+        frozen = (
+            f"; the frozen ranks' tables up to {_size(self.frozen_table_bytes())} at the last stage"
+            if train.strategy == "progressive" and len(self.taxonomy.ranks) > 1
+            else ""
+        )
+        return (
             f"text: {config.text.encoder}, template {config.text.template!r}; features of "
             f"{self.text_feature_rows():,} texts x {self.text_tokens} tokens x {self.text_width} "
-            f"({_size(self.text_feature_bytes())} in {train.text_features_dtype}, "
-            + ("in CPU memory" if train.text_features == "cpu" else "on the training device")
-            + (
-                f"; the frozen ranks' tables up to {_size(self.frozen_table_bytes())} at the last stage"
-                if train.strategy == "progressive" and len(self.taxonomy.ranks) > 1
-                else ""
-            )
-            + "); condition dropout "
+            f"({_size(self.text_feature_bytes())} in {train.text_features_dtype}, {where}{frozen}); condition dropout "
             f"{train.condition_dropout:.4g} per rank{' (cascading)' if train.cascade_dropout else ''}"
-            + (f"; rank 0 alone for {train.coarse_dropout:.3g} of samples" if train.coarse_dropout else ""),
+            + (f"; rank 0 alone for {train.coarse_dropout:.3g} of samples" if train.coarse_dropout else "")
+        )
+
+    def _optimizer_line(self) -> str:
+        train = self.config.train
+        return (
             "optimizer: AdamW, constant lr (per stage below"
             + (f"; taxonomy encoders at {train.encoder_learning_rate:g}" if train.encoder_learning_rate else "")
             + f"), betas ({train.adam_beta1:g}, {train.adam_beta2:g}), weight decay {train.weight_decay:g}, "
-            f"gradient clip {train.max_grad_norm:g}" + (f", Min-SNR {train.snr_gamma:g}" if train.snr_gamma else ""),
+            f"gradient clip {train.max_grad_norm:g}" + (f", Min-SNR {train.snr_gamma:g}" if train.snr_gamma else "")
+        )
+
+    def _speed_switches(self) -> str:
+        train = self.config.train
+        # On CPU the first steps wait minutes for Inductor (167 s measured on the CUB benchmark's 12 M UNet, for
+        # ~5% a step), so the plan says so before anyone waits on it.
+        compiled = "compiled UNet" + (
+            " (CPU: minutes of compiling before the first step)" if self.device_type == "cpu" else ""
+        )
+        fused = fused_adamw(train, {self.device_type}) if self.device else train.fused_optimizer
+        switches = ((compiled, train.compile), ("channels-last", train.channels_last), ("fused AdamW", fused))
+        return "".join(f"{name}, " for name, on in switches if on)
+
+    def _batch_line(self) -> str:
+        config, train = self.config, self.config.train
+        return (
             f"batch: {train.batch_size} per process x {self.num_processes} process(es)"
             + (f" on {self.device}" if self.device else "")
             + " x "
@@ -255,38 +299,27 @@ class RunPlan:
             f"precision {train.mixed_precision}"
             + (f" (frozen base weights kept in {config.frozen_precision})" if config.frozen_precision else "")
             + f", gradient checkpointing {_on(train.gradient_checkpointing)}, "
-            + "".join(
-                f"{name}, "
-                for name, on in (
-                    # On CPU the first steps wait minutes for Inductor (167 s measured on the CUB benchmark's
-                    # 12 M UNet, for ~5% a step), so the plan says so before anyone waits on it.
-                    (
-                        "compiled UNet"
-                        + (" (CPU: minutes of compiling before the first step)" if self.device_type == "cpu" else ""),
-                        train.compile,
-                    ),
-                    ("channels-last", train.channels_last),
-                    ("fused AdamW", fused_adamw(train, {self.device_type}) if self.device else train.fused_optimizer),
-                )
-                if on
-            )
+            + self._speed_switches()
             + ("deterministic kernels, " if train.deterministic else "")
             + f"latent cache {_on(train.cache_latents)}"
-            + (f" (at least {_size(self.latent_cache_bytes())} on disk)" if train.cache_latents else ""),
+            + (f" (at least {_size(self.latent_cache_bytes())} on disk)" if train.cache_latents else "")
+        )
+
+    def _stage_lines(self) -> list[str]:
+        train = self.config.train
+        lines = [
+            f"{stage.describe()} ({params:,} parameters; {self.epochs(stage.steps):.2f} epochs, "
+            f"{self.checkpoints(stage)} checkpoint(s))"
+            + ("; the LoRA fused into the frozen UNet" if self.fused_lora and stage.unet is None else "")
+            for stage, params in zip(self.stages, self.stage_parameters, strict=True)
         ]
-        for stage, params in zip(self.stages, self.stage_parameters, strict=True):
-            lines.append(
-                f"{stage.describe()} ({params:,} parameters; {self.epochs(stage.steps):.2f} epochs, "
-                f"{self.checkpoints(stage)} checkpoint(s))"
-                + ("; the LoRA fused into the frozen UNet" if self.fused_lora and stage.unet is None else "")
-            )
         total = sum(s.steps for s in self.stages)
         lines.append(
             f"total: {total:,} steps ({self.epochs(total):.2f} epochs); checkpoints every "
             f"{train.checkpoint_every:,} steps and at each stage end, the last {train.keep_checkpoints} kept, "
             f"about {self.checkpoint_megabytes():,.0f} MB each"
         )
-        return "\n".join(lines)
+        return lines
 
     @classmethod
     def from_model(
@@ -313,7 +346,7 @@ class RunPlan:
             stages=stages,
             stage_parameters=per_stage,
             trained_parameters=trained,
-            unet_parameters=sum(p.numel() for n, p in unet.named_parameters() if ".lora_" not in n),
+            unet_parameters=sum(p.numel() for n, p in unet.named_parameters() if not is_lora_key(n)),
             encoder_parameters=count_parameters(list(model.taxonomy_encoder.parameters())),
             text_width=text_width,
             latent_shape=(unet.config.in_channels, side, side),

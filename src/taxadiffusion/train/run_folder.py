@@ -12,6 +12,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..atomic import temporary, write_text_atomic
 from ..config import Config
 from ..errors import TaxaDiffusionError
 from ..prior import BASE_PARTS
@@ -74,9 +75,9 @@ class RunPaths:
     def owned(self, config: Config) -> tuple[Path, ...]:
         """Everything this run may create under `root`."""
         owned = [self.config, self.taxonomy, self.plan, self.checkpoints, self.logs, self.samples, self.pipeline]
-        owned += [self.cache, self.root / ".tmp-pipeline"]
+        owned += [self.cache, temporary(self.pipeline)]
         if config.train.strategy == "prior":  # `pretrain` makes the run folder a base folder
-            owned += [self.root / part for part in (*BASE_PARTS, ".tmp-base")]
+            owned += [self.root / part for part in BASE_PARTS] + [temporary(self.root / "base")]
         if config.data.format == "synthetic":
             owned.append(self.data)
         return tuple(owned)
@@ -96,9 +97,9 @@ def read_manifest(paths: RunPaths) -> list[str] | None:
 
 
 def write_manifest(paths: RunPaths, names: list[str]) -> None:
-    tmp = paths.root / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps({"format": MANIFEST_FORMAT, "owns": sorted(set(names))}, indent=1) + "\n")
-    tmp.replace(paths.manifest)
+    write_text_atomic(
+        paths.manifest, json.dumps({"format": MANIFEST_FORMAT, "owns": sorted(set(names))}, indent=1) + "\n"
+    )
 
 
 def adopt_unmarked_run(paths: RunPaths, config: Config) -> list[str] | None:

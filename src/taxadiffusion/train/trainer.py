@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,19 +18,20 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from ..atomic import atomic_folder, write_text_atomic
+from ..codec import SpaceToDepth, encode_images, spatial_factor
 from ..conditioning import FrozenRankTables, cut_to_coarsest, drop_ranks
 from ..config import STORAGE_DTYPES, Config
 from ..data.check import screen_records
 from ..data.dataset import ImageDataset
 from ..errors import InputError, TaxaDiffusionError
 from ..model import (
-    SpaceToDepth,
     assemble_model,
     build_denoiser,
-    encode_images,
     fuse_lora,
+    is_lora_key,
     lora_parameters,
-    spatial_factor,
+    plain_key,
     unfuse_lora,
 )
 from ..taxonomy import Lineage, Taxonomy
@@ -263,7 +263,7 @@ class Trainer:
         if acc.is_main_process:
             config.save(self.paths.config)
             self.taxonomy.save(self.paths.taxonomy)
-            self.paths.plan.write_text(plan + "\n")
+            write_text_atomic(self.paths.plan, plan + "\n")
         return plan
 
     def describe(self) -> str:
@@ -278,7 +278,7 @@ class Trainer:
         if "full" in unet_modes:
             keys |= {f"unet.{k}" for k in unet_keys}
         elif "lora" in unet_modes:
-            keys |= {f"unet.{k}" for k in unet_keys if ".lora_" in k}
+            keys |= {f"unet.{k}" for k in unet_keys if is_lora_key(k)}
         return keys
 
     # -- resume ---------------------------------------------------------------------------------------
@@ -326,7 +326,7 @@ class Trainer:
         if not state.stage_complete or stage is None or stage.steps <= state.step:
             return checkpoint
         for inside in older:
-            if inside.state.stage == state.stage and not inside.state.stage_complete:
+            if inside.state.running(state.stage):
                 if self.accelerator.is_main_process:
                     print(
                         f"stage {stage.name} finished at {state.step} steps and now trains to {stage.steps}: "
@@ -366,15 +366,13 @@ class Trainer:
         A running stage shortened to or below the checkpoint's step ends there."""
         before = plan_stages(saved.train, self.config.model, self.dataset_ranks, *self.stage_budget)
         for old, new in zip(before, self.stages, strict=True):
-            finished = old.index < state.stage or (old.index == state.stage and state.stage_complete)
-            if finished and old.steps != new.steps:
+            if state.finished(old.index) and old.steps != new.steps:
                 raise RunConflict(
                     f"checkpoint {path}: stage {old.name} finished at {old.steps} steps, and this config gives it "
                     f"{new.steps}; a finished stage keeps its length (only the running stage and those after it "
                     "may change): restore its steps, choose a new --output, or pass --overwrite to start over"
                 )
-            running = old.index == state.stage and not state.stage_complete
-            if running and new.steps <= state.step and self.accelerator.is_main_process:
+            if state.running(old.index) and new.steps <= state.step and self.accelerator.is_main_process:
                 print(f"stage {new.name} now ends at {new.steps} steps; it ran {state.step}, and ends there")
 
     # -- training -------------------------------------------------------------------------------------
@@ -383,8 +381,7 @@ class Trainer:
         acc = self.accelerator
         acc.init_trackers("taxadiffusion", config=_hparams(self.config))
         for stage in self.stages:
-            done = stage.index < self.state.stage or (stage.index == self.state.stage and self.state.stage_complete)
-            if not done:
+            if not self.state.finished(stage.index):
                 self._train_stage(stage)
         saved = self.save_prior() if self.config.train.strategy == "prior" else self.save_pipeline()
         self._tick(self.state)  # the last sample grid and the save: `state.train_seconds` is now the run's total
@@ -401,6 +398,7 @@ class Trainer:
         acc, train = self.accelerator, self.config.train
         model, params, optimizer, lr_scheduler, loader = self._stage_setup(stage)
         ema = self._stage_ema(stage, params)
+        self.resumed = None  # its optimizer and EMA are restored: a later stage starts from its own fresh state
         state = self.state
         tables = self._frozen_tables(stage)
         batches = endless_batches(loader, self.dataset, acc, state)
@@ -573,7 +571,6 @@ class Trainer:
         bad = nonfinite(trained)  # every process checks its own replica, so all of them stop together
         if bad:
             raise self._diverged(f"{len(bad)} trained weight tensor(s) became NaN or infinite", stage, state.step)
-        self.resumed = None  # a later stage starts from its own fresh state
         self._tick(state)
         ckpt.write_checkpoint(
             self.paths.checkpoints,
@@ -664,7 +661,7 @@ class Trainer:
             base = build_denoiser(config.model, text_width=self.cache.config.width)
             unet = self.model.unet.to(torch.float32)
             own = base.unet.state_dict()
-            frozen = {k: own[k.replace(".base_layer.", ".")] for k in unet.state_dict() if ".lora_" not in k}
+            frozen = {k: own[plain_key(k)] for k in unet.state_dict() if not is_lora_key(k)}
             unet.load_state_dict(frozen, strict=False)
             if base.vae is not None:
                 self.vae = base.vae.to(self.accelerator.device)
@@ -675,14 +672,10 @@ class Trainer:
         """The final pipeline folder (written aside, then renamed into place)."""
         target = self.paths.pipeline
         if self.accelerator.is_main_process:
-            tmp = target.with_name(".tmp-pipeline")
-            shutil.rmtree(tmp, ignore_errors=True)
             self._fuse_frozen_lora(False)
             self._restore_full_precision()
-            self.pipeline().save_pretrained(tmp)
-            if target.exists():
-                shutil.rmtree(target)
-            tmp.rename(target)
+            with atomic_folder(target) as tmp:  # the run's own pipeline/, replaced whole
+                self.pipeline().save_pretrained(tmp)
         self.accelerator.wait_for_everyone()
         return target
 
