@@ -32,8 +32,8 @@ from taxadiffusion.data.readers import read_records
 from taxadiffusion.eval.fid import InceptionFeatures
 from taxadiffusion.eval.protocol import EvalSettings, Evaluation
 from taxadiffusion.eval.report import markdown_table, write_keeping_section
+from taxadiffusion.names import name_slug
 from taxadiffusion.pipeline import TaxaDiffusionPipeline
-from taxadiffusion.samples import slug
 from taxadiffusion.sampling import FAST, SamplingSettings
 
 from common import REPO, RESULTS
@@ -60,7 +60,7 @@ SETTINGS: dict[str, dict] = {
 def kept_folder(work: Path, name: str) -> Path:
     """Where a setting's evaluation is kept: named after the setting, so that adding or reordering settings
     never pairs one setting's kept images with another's name."""
-    return work / slug(name)
+    return work / name_slug(name)
 
 
 def fast_row() -> str | None:

@@ -97,6 +97,29 @@ def test_errors_are_messages(explorer):
         explorer.generate(CLARKII, None, 1, seed=0, window_start=0.8, window_end=0.2, **FAST)
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "says"),
+    [
+        ("seed", 2**64, "seed must be between 0 and"),
+        ("seed", 1e300, "seed must be between 0 and"),
+        ("seed", -1, "seed must be between 0 and"),
+        ("seed", 2.5, "seed must be a whole number"),
+        ("seed", math.nan, "seed must be a whole number"),
+        ("n", math.inf, "number of images must be a whole number"),
+        ("n", 17, "number of images must be between 1 and 16"),
+        ("steps", 1e9, "steps must be between 1 and 1000"),
+        ("scale", math.inf, "scale must be a finite number"),
+        ("scale", -1.0, r"scale must be in \[0"),
+    ],
+)
+def test_out_of_range_numbers_are_answered_with_the_reason(explorer, field, value, says):
+    """What a form or an API call may send: answered with one reason, never an unexplained error."""
+    request = {"n": 1, "seed": 0, **FAST, field: value}
+    n, seed = request.pop("n"), request.pop("seed")
+    with pytest.raises(ValueError, match=says):
+        explorer.generate(CLARKII, None, n, seed, **request)
+
+
 def test_gradio_client_drives_every_endpoint(served):
     from gradio_client import Client
     from gradio_client.exceptions import AppError

@@ -344,3 +344,205 @@ def test_messages_keep_their_quotes():
 
     error = UnknownTaxonError("Amphiprion clarki", None, ["Amphiprion clarkii"])
     assert str(error) == "unknown taxon 'Amphiprion clarki'; did you mean 'Amphiprion clarkii'?"
+
+
+class _Hostile:
+    """A pickle that creates a file when it is loaded: what a run folder from elsewhere could carry."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+@pytest.mark.parametrize("name", [ckpt.OPTIM, "rng-0.pt"])
+def test_resuming_never_unpickles_code(tmp_path, dataset, tiny_sd, capsys, name):
+    """Checkpoints load with weights_only=True: a hostile optimizer or RNG file is passed over with its name, and
+    the code in it never runs; the checkpoint before it resumes the run."""
+    import torch
+
+    data, _ = dataset
+    config = write_config(tmp_path / "c.yaml", data, tiny_sd, steps=[2, 2], keep_checkpoints=3)
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(config), "--output", str(out)]) == 0
+    shutil.rmtree(out / "pipeline")
+    latest = ckpt.list_checkpoints(out / "checkpoints")[-1]
+    marker = tmp_path / "code-ran"
+    torch.save({"state": _Hostile(marker)}, latest / name)
+    code = main(["train", "--config", str(config), "--output", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0 and "Traceback" not in captured.err
+    assert not marker.exists()
+    assert f"skipping damaged checkpoint {latest}" in captured.out and "never unpickled" in captured.out
+    assert (out / "pipeline" / "model_index.json").is_file()
+
+
+def test_an_older_runs_rng_state_still_resumes(tmp_path):
+    """RNG files hold numpy's state as an array: the one non-tensor type allowed when they load."""
+    import random
+
+    import numpy as np
+    import torch
+
+    torch.save(ckpt.rng_state(), tmp_path / "rng-0.pt")
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    ckpt.set_rng_state(ckpt.read_rng(tmp_path, 0))
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+# -- stops: a second run, interrupts, a full disk --------------------------------------------------
+
+
+def test_a_second_train_into_a_busy_run_folder_is_refused(tmp_path, dataset, tiny_sd, capsys):
+    """The folder is locked (flock) while a process trains into it; the holder's PID and host are named."""
+    import fcntl
+
+    data, files = dataset
+    config = write_config(tmp_path / "c.yaml", data, tiny_sd)
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / ".lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("PID 4242 on node-7\n")
+        held.flush()
+        code, err = run(capsys, "train", "--config", config, "--output", out)
+        assert code == 2 and "PID 4242 on node-7" in one_line(err) and "in use" in err
+        assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing of the run was written
+    assert main(["train", "--config", str(config), "--output", str(out)]) == 0  # released: it trains
+    assert snapshot(data) == files
+
+
+@pytest.mark.parametrize(("stop", "code", "word"), [("sigint", 130, "interrupted"), ("sigterm", 143, "terminated")])
+def test_an_interrupted_train_says_one_line_and_continues(
+    tmp_path, dataset, tiny_sd, capsys, monkeypatch, stop, code, word
+):
+    """Ctrl-C or SIGTERM mid-stage: one line with the step, the usual exit code, and the same command finishes."""
+    import os
+    import signal
+
+    from taxadiffusion.train.trainer import Trainer
+
+    data, files = dataset
+    config = write_config(tmp_path / "c.yaml", data, tiny_sd, steps=[3, 3])
+    out = tmp_path / "run"
+    real_loss, calls = Trainer.loss, []
+
+    def stopping_loss(self, *args):
+        calls.append(1)
+        if len(calls) == 5:  # stage 1, its second step
+            if stop == "sigint":
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_loss(self, *args)
+
+    monkeypatch.setattr(Trainer, "loss", stopping_loss)
+    result, err = run(capsys, "train", "--config", config, "--output", out)
+    line = one_line(err)
+    assert result == code and line.startswith(f"taxadiffusion: {word}") and "at step 1 of stage 1" in line
+    assert "run the same command to continue" in line
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the command's handler is gone with it
+    monkeypatch.setattr(Trainer, "loss", real_loss)
+    assert main(["train", "--config", str(config), "--output", str(out)]) == 0
+    assert (out / "pipeline" / "model_index.json").is_file() and snapshot(data) == files
+
+
+def test_an_interrupted_generate_leaves_no_partial_file(tmp_path, tiny_pipeline, capsys, monkeypatch):
+    from taxadiffusion.pipeline import TaxaDiffusionPipeline
+
+    out = tmp_path / "synthetic"
+    real_call, calls = TaxaDiffusionPipeline.__call__, []
+
+    def stopping_call(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(TaxaDiffusionPipeline, "__call__", stopping_call)
+    args = ["generate", "--model", tiny_pipeline, "--out", out, "--per-taxon", "2", "--batch-size", "2"]
+    code, err = run(capsys, *args, "--steps", "2")
+    assert code == 130 and "interrupted" in one_line(err)
+    assert not [p for p in out.rglob("*") if p.name.startswith(".tmp-")]
+    monkeypatch.setattr(TaxaDiffusionPipeline, "__call__", real_call)
+    assert main([str(a) for a in (*args, "--steps", "2")]) == 0  # the same command continues
+    assert len(list((out / "images").rglob("*.png"))) == 10  # 5 species x 2
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_empty_file(tmp_path, tiny_pipeline, capsys, monkeypatch):
+    """ENOSPC while images are written: one line naming the file, exit 74, no 0-byte leftover, and the same
+    command finishes once there is space."""
+    import errno
+
+    from PIL import Image
+
+    out = tmp_path / "synthetic"
+    real_save, saved = Image.Image.save, []
+
+    def full_disk(self, fp, *args, **kwargs):
+        saved.append(fp)
+        if len(saved) == 3:
+            open(fp, "wb").close()  # the OS created the file, then ran out of space
+            raise OSError(errno.ENOSPC, "No space left on device", str(fp))
+        return real_save(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", full_disk)
+    args = ["generate", "--model", tiny_pipeline, "--out", out, "--per-taxon", "2", "--batch-size", "4", "--steps", "2"]
+    code, err = run(capsys, *args)
+    line = one_line(err)
+    assert code == 74 and "no space left on the device writing" in line and str(saved[2]) in line
+    assert not [p for p in out.rglob("*") if p.is_file() and p.stat().st_size == 0]
+    monkeypatch.setattr(Image.Image, "save", real_save)
+    assert main([str(a) for a in args]) == 0
+    assert len(list((out / "images").rglob("*.png"))) == 10  # 5 species x 2
+
+
+# -- names that are not file names --------------------------------------------------------------------
+
+HOSTILE = ["a/b", "a_b", "Genus sp. 1", "Genus sp 1", "x" * 300, "é" * 200, "..", "bell\x07name", "CON"]
+
+
+def test_every_taxon_name_gets_its_own_safe_folder(tmp_path, tiny_sd, capsys):
+    """`generate` with names that share a naive slug, are too long, or hold separators and control characters:
+    every taxon gets its images, in its own folder of at most 255 bytes; metadata.csv keeps the exact names."""
+    import csv
+
+    from taxadiffusion.taxonomy import FISHNET_RANKS, Lineage, Taxonomy
+    from tiny_models import write_tiny_pipeline
+
+    lineages = [Lineage(FISHNET_RANKS[:2], ("Actinopterygii", name)) for name in HOSTILE]
+    model = write_tiny_pipeline(tmp_path / "model", tiny_sd, Taxonomy.from_lineages(lineages))
+    out = tmp_path / "synthetic"
+    code, err = run(capsys, "generate", "--model", model, "--out", out, "--per-taxon", "1", "--steps", "1")
+    assert code == 0, err
+    folders = [p for p in (out / "images").iterdir() if p.is_dir()]
+    assert len(folders) == len(HOSTILE) and all(len(p.name.encode()) <= 255 for p in folders)
+    assert all(p.name not in ("", ".", "..") and "\x07" not in p.name for p in folders)
+    with (out / "metadata.csv").open(encoding="utf-8", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert sorted(row["order"] for row in rows) == sorted(HOSTILE)
+    assert all((out / row["file_name"]).is_file() for row in rows)
+    plain = next(p for p in folders if p.name.startswith("Actinopterygii__Genus_sp_1"))
+    assert "-" not in plain.name  # a name of letters, digits and spaces keeps the folder it always had
+
+
+def test_data_inspect_lists_names_that_are_not_file_names(tmp_path, capsys):
+    """Counted and listed by `data inspect` (and `data check`); reading them still works."""
+    table = tmp_path / "metadata.csv"
+    rows = ["file_name,class,order"] + [f"{i}.png,Actinopterygii,{name}" for i, name in enumerate(HOSTILE[:2])]
+    rows += ["2.png,Actinopterygii,bell\x07name", f"3.png,Actinopterygii,{'x' * 300}"]
+    table.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    for i in range(4):
+        (tmp_path / f"{i}.png").write_bytes(b"")
+    assert main(["data", "inspect", "--format", "csv", str(table), "--json"]) == 0
+    found = json.loads(capsys.readouterr().out)["unwritable_names"]
+    assert found["count"] == 3 and found["reasons"] == {
+        "a path separator": 1,
+        "control characters": 1,
+        "over 255 bytes": 1,
+    }
+    assert main(["data", "inspect", "--format", "csv", str(table)]) == 0
+    out = capsys.readouterr().out
+    assert "names that cannot be file names as they are: 3" in out and "'a/b' (a path separator)" in out
+    assert main(["data", "check", "--format", "csv", str(table)]) == 1  # the empty images are unusable
+    assert "names that cannot be file names as they are: 3" in capsys.readouterr().out

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from PIL import Image
 from safetensors.torch import load_file
 
 from taxadiffusion.cli import main
@@ -260,6 +261,46 @@ def test_caption_ranks_are_checked(data, tiny_sd, tmp_path, capsys):
     assert "is not synthetic" in capsys.readouterr().err
 
 
+def test_each_corpus_entry_may_name_its_own_species(tmp_path):
+    """The prior of the birds benchmarks: other species captioned with their binomial, family and order, beside
+    the evaluated ones captioned down to the order; `data` keeps the prior's caption."""
+    from taxadiffusion.config import Config
+    from taxadiffusion.errors import ConfigError
+    from taxadiffusion.train.plan import run_records
+
+    def table(name: str, rows: list[tuple[str, ...]]) -> str:
+        folder = tmp_path / name
+        folder.mkdir()
+        header = "file_name,class,order,family,genus,specific_epithet\n"
+        lines = [f"{i}.png," + ",".join(row) + "\n" for i, row in enumerate(rows)]
+        for i in range(len(rows)):
+            Image.new("RGB", (8, 8)).save(folder / f"{i}.png")
+        (folder / "metadata.csv").write_text(header + "".join(lines))
+        return str(folder / "metadata.csv")
+
+    evaluated = table("evaluated", [("Aves", "Passeriformes", "Parulidae", "Setophaga", "kirtlandii")])
+    others = [
+        ("Aves", "Passeriformes", "Pellorneidae", "Malacocincla", "abbotti"),
+        ("Aves", "Piciformes", "Picidae", "Picus", ""),
+    ]
+    named = {"rank": "specific_epithet", "template": "a photo of {genus} {specific_epithet}, {family}, {order}"}
+    config = Config.from_dict(
+        {
+            "data": {"format": "csv", "path": evaluated, "crop": "squash"},
+            "corpus": [{"format": "csv", "path": table("others", others), "crop": "squash", "caption": named}],
+            "caption": {"rank": "order", "template": "a photo of {class}, {order}"},
+            "text": {"template": "{name}"},
+            "train": {"strategy": "prior"},
+        }
+    )
+    records, _ = run_records(config, tmp_path / "render")
+    texts = [record.lineage.names[0] for record in records]
+    assert texts == ["a photo of Aves, Passeriformes", "a photo of Malacocincla abbotti, Pellorneidae, Passeriformes"]
+    assert dict(records.skipped) == {"not labelled down to specific_epithet (caption)": 1}  # counted, not lost
+    with pytest.raises(ConfigError, match=r"data\.caption"):
+        Config.from_dict({"data": {"format": "csv", "path": evaluated, "caption": named}})
+
+
 def test_appearance_captions_describe_each_look_and_name_nothing_below_the_caption_rank(tmp_path):
     from taxadiffusion.config import CaptionConfig
     from taxadiffusion.data.synthetic import SyntheticConfig, SyntheticTaxonomy
@@ -270,7 +311,7 @@ def test_appearance_captions_describe_each_look_and_name_nothing_below_the_capti
     caption = CaptionConfig(rank="order", template="a photo of {class}, {order}: {appearance}")
     assert caption.ranks == [Rank.CLASS, Rank.ORDER] and caption.describes
     source = taxonomy.records(tmp_path)
-    records = caption_records([source], caption, [taxonomy])
+    records = caption_records([source], [caption], [taxonomy])
     by_species = {}
     for image, captioned in zip(source, records, strict=True):
         text = captioned.lineage.name(Rank.SPECIFIC_EPITHET)

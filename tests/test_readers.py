@@ -57,6 +57,18 @@ def test_fishnet_sample_counts(fishnet_csv, tmp_path):
         "taxa": {"class": 3, "order": 61, "family": 135, "genus": 216, "specific_epithet": 131},
         "labelled_to": {"class": 299, "order": 299, "family": 299, "genus": 299, "specific_epithet": 131},
         "skipped": {"missing class": 1},
+        # FishNet's own order names hold "/" ("Eupercaria/misc"): counted and listed, trained on as they are
+        "unwritable_names": {
+            "count": 6,
+            "reasons": {"a path separator": 6},
+            "examples": [
+                ["Eupercaria/misc", "a path separator"],
+                ["Perciformes/Serranoidei", "a path separator"],
+                ["Ovalentaria/misc", "a path separator"],
+                ["Perciformes/Scorpaenoidei", "a path separator"],
+                ["Perciformes/Percoidei", "a path separator"],
+            ],
+        },
     }
     by_image = {r.image.name: r for r in out}
     # An iNat-sourced row: no species, so labelled to genus; the path is root/Folder/image.
@@ -77,7 +89,7 @@ def test_fishnet_inspect_json_cli(fishnet_csv, capsys):
     assert printed.count("\n") == 1
     result = json.loads(printed)
     assert result["records"] == 299 and result["skipped"] == {"missing class": 1}
-    assert set(result) == {"records", "taxa", "labelled_to", "skipped"}
+    assert set(result) == {"records", "taxa", "labelled_to", "skipped", "unwritable_names"}
 
 
 def test_bioscan(tmp_path):

@@ -7,6 +7,7 @@ Every event has an `api_name`, so `gradio_client` can drive the app as an API.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,6 +21,33 @@ from .sampling import SamplingSettings, Scheduler, Spacing
 from .taxonomy import Lineage, Rank, Taxon, Taxonomy
 
 MAX_IMAGES = 16
+MAX_STEPS = 1000  # the training schedule's length
+MAX_SEED = 2**63 - 1  # torch's generators take 64-bit seeds; seed + i of a gallery must stay in range
+
+
+def whole_number(name: str, value, low: int, high: int) -> int:
+    """An integer from a form field (a float like 3.0 too), in [low, high], or a message that says why not."""
+    try:
+        number = value if isinstance(value, int) else float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{name} must be a whole number, got {value!r}") from None
+    if isinstance(number, float) and not (math.isfinite(number) and number.is_integer()):
+        raise InputError(f"{name} must be a whole number, got {value!r}")
+    if not low <= int(number) <= high:
+        raise InputError(f"{name} must be between {low} and {high}, got {value!r}")
+    return int(number)
+
+
+def real_number(name: str, value) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise InputError(f"{name} must be a finite number, got {value!r}")
+    return number
+
+
 SEPARATOR = " › "
 
 
@@ -118,9 +146,10 @@ class Explorer:
                 float(saved.window[1] if end is None else end),
             )
         given = {k: v for k, v in given.items() if v not in (None, "")}
-        for name, kind in (("steps", int), ("scale", float)):
-            if name in given:
-                given[name] = kind(given[name])
+        if "steps" in given:
+            given["steps"] = whole_number("steps", given["steps"], 1, MAX_STEPS)
+        if "scale" in given:
+            given["scale"] = real_number("scale", given["scale"])
         return saved.replace(**given)
 
     def _sample(self, lineages: list[Lineage], seeds: list[int], settings: dict) -> list[Image.Image]:
@@ -139,17 +168,17 @@ class Explorer:
 
     def generate(self, label: str, condition_rank: str | None, n: int, seed: int, **settings) -> list[Image.Image]:
         """`n` images of a taxon; image i uses seed + i, so a gallery is reproducible image by image."""
-        n = int(n)
-        if not 1 <= n <= MAX_IMAGES:
-            raise InputError(f"number of images must be between 1 and {MAX_IMAGES}, got {n}")
+        n = whole_number("number of images", n, 1, MAX_IMAGES)
+        seed = whole_number("seed", seed, 0, MAX_SEED - n)
         lineage = self._lineage(label, condition_rank)
-        return self._sample([lineage] * n, [int(seed) + i for i in range(n)], settings)
+        return self._sample([lineage] * n, [seed + i for i in range(n)], settings)
 
     def rank_strip(self, label: str, seed: int, **settings) -> list[tuple[Image.Image, str]]:
         """The same seed conditioned on the lineage cut at each rank, coarse to fine."""
+        seed = whole_number("seed", seed, 0, MAX_SEED)
         lineage = self.taxonomy.lineage(self.taxon(label))
         cuts = [lineage.truncate(depth) for depth in range(1, lineage.depth + 1)]
-        images = self._sample(cuts, [int(seed)] * len(cuts), settings)
+        images = self._sample(cuts, [seed] * len(cuts), settings)
         return [(image, f"{cut.finest_rank}: {cut.names[-1]}") for image, cut in zip(images, cuts, strict=True)]
 
 
@@ -281,8 +310,9 @@ def _wire_generation(gr, explorer: Explorer, ui: SimpleNamespace) -> None:
         options = dict(zip(SETTING_NAMES, values, strict=True))
         try:
             progress(0, desc="sampling")
-            images = explorer.generate(label, rank or None, n, int(seed_value or 0), **options)
-            row = explorer.rank_strip(label, int(seed_value or 0), **options)
+            seed = 0 if seed_value in (None, "") else seed_value
+            images = explorer.generate(label, rank or None, n, seed, **options)
+            row = explorer.rank_strip(label, seed, **options)
         except TaxaDiffusionError as error:
             raise gr.Error(str(error)) from None
         return images, row

@@ -12,6 +12,7 @@ from pathlib import Path
 from .cli_parser import build_parser
 from .errors import TaxaDiffusionError
 from .options import from_args, given
+from .stops import Terminated, run_command
 
 
 class CommandError(TaxaDiffusionError):
@@ -41,8 +42,14 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     records = _read(args)
     if not records.records:
         raise CommandError(f"{args.path} holds no images to check (is --format {args.format} the right reader?)")
+    from .data.records import describe_unwritable
+
     report = check_images((r.image for r in records), workers=args.workers, progress=not args.json)
-    print(json.dumps(report.to_dict()) if args.json else report.describe())
+    awkward = records.unwritable_names()
+    if args.json:
+        print(json.dumps(report.to_dict() | ({"unwritable_names": awkward} if awkward else {})))
+    else:
+        print("\n".join([report.describe(), *describe_unwritable(awkward)]))
     return 1 if report.unusable else 0
 
 
@@ -78,14 +85,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     from .train.trainer import Trainer, TrainingDiverged
 
+    trainer = Trainer(config, args.output, overwrite=args.overwrite)
     try:
-        trainer = Trainer(config, args.output, overwrite=args.overwrite)
         if trainer.accelerator.is_main_process:
             print(trainer.describe())
         pipeline = trainer.run()
     except TrainingDiverged as error:
         print(f"taxadiffusion: training stopped: {error}", file=sys.stderr)
         return 3
+    except (KeyboardInterrupt, Terminated) as stop:
+        state = trainer.state
+        stop.where = f"at step {state.step} of stage {state.stage} (the run resumes from its last checkpoint)"
+        raise
     took = f"{trainer.state.train_seconds / 60:.1f} min of training, over every process that ran or resumed it"
     if pretrain:
         print(f"done ({took}): the prior is the base folder {pipeline}; adapt it with --set model.base={pipeline}")
@@ -274,11 +285,7 @@ COMMANDS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return COMMANDS[args.run](args)
-    except TaxaDiffusionError as error:  # anything else is a bug, and keeps its traceback
-        print(f"taxadiffusion: error: {error}", file=sys.stderr)
-        return 2
+    return run_command(COMMANDS[args.run], args)  # errors, interrupts and full disks as one line (stops.py)
 
 
 if __name__ == "__main__":

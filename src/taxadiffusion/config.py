@@ -92,6 +92,9 @@ class DataConfig:
     crop: str = "random_crop"  # random_crop | squash | pad | fishnet (published: iNat, FishNet, BIOSCAN)
     boxes: str | None = None  # fishnet: the bounding-box JSON {image id: {x, y, w, h}}; images crop to their box
     random_flip: bool = False  # horizontal flips with p = 0.5 (not in the published recipe; priors use it)
+    # A prior's corpus entry: this dataset's own captions (default: the prior's `caption`), e.g. other species
+    # named by their binomial beside the evaluated ones named down to the order.
+    caption: CaptionConfig | None = None
     # Leave out a fixed, stratified fraction of each species (split_records with holdout_seed): the part a
     # benchmark evaluates on, so that a prior or a run trained on this config never sees it.
     holdout: float | None = None
@@ -340,6 +343,8 @@ class Config:
             raise ConfigError("data.random_flip needs the images decoded at every step: set train.cache_latents: false")
         if self.train.strategy == "prior" and "{rank}" in self.text.template:
             raise ConfigError('a prior reads its captions whole: set text.template: "{name}"')
+        if self.data.caption is not None:
+            raise ConfigError("data.caption: the main dataset's captions are `caption`; give corpus entries their own")
         if self.corpus and self.train.strategy != "prior":
             raise ConfigError("corpus lists a prior's datasets: it needs train.strategy: prior (pretrain)")
         for i, data in enumerate(self.corpus):  # one dataset of images: data's preparation applies to all
@@ -455,7 +460,7 @@ def _build(cls, data: dict, prefix: str):
             close = difflib.get_close_matches(key, names, n=1)
             hint = f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys: {', '.join(names)}"
             raise ConfigError(f"unknown config key {prefix}{key}{hint}")
-        hint = hints[key]
+        hint = _optional_dataclass(hints[key]) if value is not None else hints[key]
         item = typing.get_args(hint)[0] if typing.get_origin(hint) is list else None
         if dataclasses.is_dataclass(hint):
             value = _build(hint, value, f"{prefix}{key}.")
@@ -472,6 +477,14 @@ def _build(cls, data: dict, prefix: str):
         raise
     except (TypeError, ValueError) as error:
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {error}") from None
+
+
+def _optional_dataclass(hint):
+    """`SomeConfig | None` -> SomeConfig (a value was given); any other hint as it is."""
+    args = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+    if type(None) in typing.get_args(hint) and len(args) == 1 and dataclasses.is_dataclass(args[0]):
+        return args[0]
+    return hint
 
 
 def _check_scalar(key: str, hint, value):

@@ -34,7 +34,7 @@ import torch
 
 from .atomic import atomic_file, temporary, write_text_atomic
 from .errors import InputError, OutputExists
-from .samples import slug
+from .names import lineage_folder
 from .sampling import SamplingSettings
 from .taxonomy import AmbiguousTaxonError, Lineage, Rank, Taxonomy, UnknownTaxonError
 
@@ -163,7 +163,7 @@ def generation_tag(key: dict) -> str:
 
 def image_path(lineage: Lineage, tag: str, index: int) -> str:
     """The image's path relative to the output folder."""
-    return f"images/{'__'.join(slug(name) for name in lineage.names)}/{tag}-{index:05d}.png"
+    return f"images/{lineage_folder(lineage.names)}/{tag}-{index:05d}.png"
 
 
 def claim_output(out: Path, key: dict, add: bool) -> str:

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from .errors import InputError, OutputExists
+from .names import name_slug
 from .taxonomy import Lineage
 
 MAX_SAMPLES = 10_000  # one call; a training set's worth is `generate`'s work
@@ -20,10 +21,6 @@ def check_counts(n: int, batch_size: int) -> None:
         raise InputError(f"--batch-size must be >= 1, got {batch_size}")
 
 
-def slug(text: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in text).strip("_") or "taxon"
-
-
 def write_samples(
     pipe, lineage: Lineage, n: int, out: str | Path, seed: int = 0, batch_size: int = 16, overwrite: bool = False
 ) -> list[Path]:
@@ -33,7 +30,7 @@ def write_samples(
 
     check_counts(n, batch_size)
     out = Path(out)
-    stem = slug(lineage.scientific_name)
+    stem = name_slug(lineage.scientific_name)
     targets = [out / f"{stem}_{i:03d}.png" for i in range(n)] + [out / f"{stem}_grid.png"]
     existing = [t for t in targets if t.exists()]
     if existing and not overwrite:

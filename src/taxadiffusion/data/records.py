@@ -95,7 +95,27 @@ class RecordSet:
         }
         if self.notes:
             summary["notes"] = list(self.notes)
+        awkward = self.unwritable_names()
+        if awkward:
+            summary["unwritable_names"] = awkward
         return summary
+
+    def unwritable_names(self, shown: int = 5) -> dict:
+        """Taxon names that cannot be file names as they are (control characters, path separators, over 255
+        bytes, ...): {"count", "reasons": {reason: n}, "examples": [[name, reason], ...]}, or {} when there are
+        none. Training reads them as they are; the folders made from them get a safe name (names.py)."""
+        from ..names import unwritable
+
+        found = {}
+        for record in self.records:
+            for name in record.lineage.names:
+                if name not in found:
+                    found[name] = unwritable(name)
+        bad = {name: reason for name, reason in found.items() if reason}
+        if not bad:
+            return {}
+        reasons = dict(sorted(Counter(bad.values()).items()))
+        return {"count": len(bad), "reasons": reasons, "examples": [[n, r] for n, r in list(bad.items())[:shown]]}
 
 
 def describe_summary(summary: dict, title: str) -> str:
@@ -106,7 +126,19 @@ def describe_summary(summary: dict, title: str) -> str:
     lines.append("  skipped:" + ("" if summary["skipped"] else " none"))
     lines += [f"    {reason}: {n}" for reason, n in summary["skipped"].items()]
     lines += [f"  note: {note}" for note in summary.get("notes", [])]
+    lines += describe_unwritable(summary.get("unwritable_names", {}))
     return "\n".join(lines)
+
+
+def describe_unwritable(found: dict) -> list[str]:
+    """`RecordSet.unwritable_names()` in lines a person reads (none when there are none)."""
+    if not found:
+        return []
+    reasons = ", ".join(f"{reason}: {n}" for reason, n in found["reasons"].items())
+    lines = [f"  names that cannot be file names as they are: {found['count']} ({reasons}); they train as they are,"]
+    lines.append("  and the folders made from them get a readable name plus a short hash, e.g.")
+    lines += [f"    {name!r} ({reason})" for name, reason in found["examples"]]
+    return lines
 
 
 def split_records(records: Sequence[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:

@@ -26,6 +26,7 @@ from ..atomic import atomic_file, write_text_atomic
 from ..data.images import load_image, prepare_image
 from ..data.records import RecordSet
 from ..errors import InputError
+from ..names import lineage_folder
 from ..sampling import Negative, Spacing
 from ..saved_files import check_saved_folder
 from ..taxonomy import Lineage, Rank, Taxon, Taxonomy, UnknownTaxonError
@@ -37,8 +38,9 @@ from .settings import PROTOCOL_TEXT, EvalSettings
 
 
 def taxon_folder(taxon: Taxon) -> str:
-    """An unambiguous folder name for a taxon: its path joined by '__' (homonyms stay apart)."""
-    return "__".join("".join(c if c.isalnum() or c in "-." else "_" for c in name) for name in taxon.path)
+    """An unambiguous folder name for a taxon: its path's names as `names.lineage_folder` writes them (the rule
+    `generate` and `sample` share; homonyms stay apart)."""
+    return lineage_folder(taxon.path)
 
 
 def image_seed(*parts: int) -> int:

@@ -8,6 +8,7 @@ the optimizer and LR scheduler, every process's RNG state and the position in th
 from __future__ import annotations
 
 import json
+import pickle
 import random
 import shutil
 from dataclasses import asdict, dataclass
@@ -177,11 +178,22 @@ def read_rng(path: Path, process_index: int) -> dict | None:
     return _torch_load(file) if file.is_file() else None
 
 
+# What an optimizer or RNG file may hold besides tensors, dicts, lists and numbers: numpy's RNG state is an
+# array. Nothing else is unpickled, so a run folder received from elsewhere cannot run code on resume.
+SAFE_GLOBALS = (getattr(np, "_core", getattr(np, "core", None)).multiarray._reconstruct, np.ndarray, np.dtype)
+
+
 def _torch_load(file: Path):
     try:
-        # Our own files, written by `write_checkpoint`: optimizer state and RNG states hold non-tensor objects.
-        return torch.load(file, weights_only=False)
-    except Exception as error:  # a truncated pickle raises EOFError, RuntimeError or UnpicklingError
+        with torch.serialization.safe_globals([*SAFE_GLOBALS, type(np.dtype(np.uint32))]):
+            return torch.load(file, weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "Unsupported global" in str(error) or "weights_only" in str(error).lower():
+            raise CorruptCheckpoint(
+                file, "it holds Python objects other than tensors and numbers, which are never unpickled here"
+            ) from None
+        raise CorruptCheckpoint(file, f"unreadable ({type(error).__name__}: {error})") from None
+    except Exception as error:  # a truncated file raises EOFError or RuntimeError
         raise CorruptCheckpoint(file, f"unreadable ({type(error).__name__}: {error})") from None
 
 

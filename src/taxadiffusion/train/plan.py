@@ -69,13 +69,15 @@ def flatten_to_species(records: RecordSet) -> RecordSet:
 
 
 def caption_records(
-    sources: list[RecordSet], caption, looks: list[SyntheticTaxonomy | None] | None = None
+    sources: list[RecordSet], captions: list, looks: list[SyntheticTaxonomy | None] | None = None
 ) -> RecordSet:
     """A prior's records: every image of every source with its caption as one text (in the one-rank slot the
-    one-text baselines use); images not labelled down to the caption's ranks are counted. `looks`: per source,
-    the synthetic taxonomy that describes its images' traits (None for a dataset of photos)."""
+    one-text baselines use); images not labelled down to the caption's ranks are counted. `captions`: per
+    source, its `CaptionConfig`. `looks`: per source, the synthetic taxonomy that describes its images' traits
+    (None for a dataset of photos)."""
     captioned = RecordSet((Rank.SPECIFIC_EPITHET,), source=" + ".join(s.source for s in sources))
-    for records, look in zip(sources, looks or [None] * len(sources), strict=True):
+    looks = looks or [None] * len(sources)
+    for records, caption, look in zip(sources, captions, looks, strict=True):
         absent = [rank.value for rank in caption.ranks if rank not in records.ranks]
         if absent:
             raise InputError(
@@ -107,13 +109,16 @@ def run_records(config: Config, data_folder: Path, render: bool = True) -> tuple
         records = flatten_to_species(records)
     elif config.train.strategy == "prior":
         extra = [
-            load_training_records(replace(config, data=data), data_folder / f"corpus-{i}", render)
+            load_training_records(
+                replace(config, data=replace(data, caption=None)), data_folder / f"corpus-{i}", render
+            )
             for i, data in enumerate(config.corpus)
         ]
         looks = [
             SyntheticTaxonomy(d.synthetic) if d.format == "synthetic" else None for d in (config.data, *config.corpus)
         ]
-        records = caption_records([records, *extra], config.caption, looks)
+        captions = [config.caption, *(data.caption or config.caption for data in config.corpus)]
+        records = caption_records([records, *extra], captions, looks)
         ranks = records.ranks
     return records, ranks
 
@@ -235,8 +240,13 @@ class RunPlan:
         """What the UNet reads: a prior's captions, a one-text baseline's species caption, or the rank encoders."""
         config, model = self.config, self.config.model
         if config.train.strategy == "prior":
+            own = "".join(
+                f"; corpus[{i}]: {data.caption.template!r} (down to {data.caption.rank})"
+                for i, data in enumerate(config.corpus)
+                if data.caption is not None
+            )
             return (
-                f"captions: {config.caption.template!r} (ranks down to {config.caption.rank}), "
+                f"captions: {config.caption.template!r} (ranks down to {config.caption.rank}){own}, "
                 f"{self.taxonomy.num_taxa(self.taxonomy.ranks[0]):,} distinct; read by the UNet as text features "
                 f"of width {self.text_width}, no rank encoders"
             )

@@ -122,8 +122,41 @@ def _inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
-def prepare_output(paths: RunPaths, config: Config, overwrite: bool) -> None:
-    """Create the output folder, or accept it for resuming; with `overwrite`, delete what the run made.
+LOCK = ".lock"  # held (flock) by the process that trains into the folder; never in the manifest, never deleted
+
+
+def lock_run(root: Path):
+    """Hold an exclusive lock on the run folder for this process's life (the returned open file; the lock goes
+    when the process ends, however it ends). A second `train` into the folder is refused with the holder's PID
+    and host. Where the OS has no `flock` (Windows), nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    import os
+    import socket
+
+    root.mkdir(parents=True, exist_ok=True)
+    handle = open(root / LOCK, "a+", encoding="utf-8")  # noqa: SIM115 (held open for the run's life)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise RunConflict(
+            f"{root} is in use: {holder} trains into it; wait for it to end or choose another --output"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"PID {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    return handle
+
+
+def prepare_output(paths: RunPaths, config: Config, overwrite: bool):
+    """Create the output folder, or accept it for resuming; with `overwrite`, delete what the run made. Returns
+    the folder's lock (`lock_run`), taken before anything in it changes.
 
     A non-empty folder that is not a run is refused, with or without `overwrite`.
     """
@@ -133,11 +166,12 @@ def prepare_output(paths: RunPaths, config: Config, overwrite: bool) -> None:
     recorded = read_manifest(paths)
     if recorded is None:
         recorded = adopt_unmarked_run(paths, config)
-    if recorded is None and root.exists() and any(root.iterdir()):
+    if recorded is None and root.exists() and any(p.name != LOCK for p in root.iterdir()):
         raise RunConflict(
             f"{root} is not empty and is not a taxadiffusion run (it has no {MANIFEST}); "
             "train into a new or empty folder with another --output"
         )
+    lock = lock_run(root)
     datasets = dataset_paths(config)
     resolved = root.resolve()
     # What this run will write, and what an earlier run recorded (and --overwrite would delete).
@@ -164,6 +198,7 @@ def prepare_output(paths: RunPaths, config: Config, overwrite: bool) -> None:
         check_same_config(paths, config)
     root.mkdir(parents=True, exist_ok=True)
     write_manifest(paths, (recorded or []) + names)
+    return lock
 
 
 def check_same_config(paths: RunPaths, config: Config) -> None:

@@ -152,16 +152,26 @@ class Trainer:
         self.progress = progress
         self.unfused: dict[str, torch.Tensor] | None = None  # the LoRA-adapted weights while the LoRA is fused
         self.accelerator = acc = make_accelerator(config.train, self.paths)
-        if acc.is_main_process:
-            prepare_output(self.paths, config, overwrite)
-        acc.wait_for_everyone()
-        seed_everything(config.train)
-        records = self._build_data()
-        self._build_model()
-        self.plan = self._write_plan(records)
-        del records  # at iNat21's 2.7 M images it holds 1.6 GB per process (benchmarks/data_scale.py)
-        self.resumed = self._resume()
-        self.state = self.resumed.state if self.resumed else self._fresh_state()
+        # accelerate's other processes of this launch share the main process's lock
+        self._lock = prepare_output(self.paths, config, overwrite) if acc.is_main_process else None
+        try:
+            acc.wait_for_everyone()
+            seed_everything(config.train)
+            records = self._build_data()
+            self._build_model()
+            self.plan = self._write_plan(records)
+            del records  # at iNat21's 2.7 M images it holds 1.6 GB per process (benchmarks/data_scale.py)
+            self.resumed = self._resume()
+            self.state = self.resumed.state if self.resumed else self._fresh_state()
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        """Let another process train into the run folder (at the run's end, or when it stops)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     # -- construction ---------------------------------------------------------------------------------
 
@@ -379,13 +389,16 @@ class Trainer:
 
     def run(self) -> Path:
         acc = self.accelerator
-        acc.init_trackers("taxadiffusion", config=_hparams(self.config))
-        for stage in self.stages:
-            if not self.state.finished(stage.index):
-                self._train_stage(stage)
-        saved = self.save_prior() if self.config.train.strategy == "prior" else self.save_pipeline()
-        self._tick(self.state)  # the last sample grid and the save: `state.train_seconds` is now the run's total
-        acc.end_training()  # closes the trackers and the process group: last
+        try:
+            acc.init_trackers("taxadiffusion", config=_hparams(self.config))
+            for stage in self.stages:
+                if not self.state.finished(stage.index):
+                    self._train_stage(stage)
+            saved = self.save_prior() if self.config.train.strategy == "prior" else self.save_pipeline()
+            self._tick(self.state)  # the last grid and the save: `state.train_seconds` is now the run's total
+            acc.end_training()  # closes the trackers and the process group: last
+        finally:
+            self.release()
         return saved
 
     def _tick(self, state: ckpt.TrainingState) -> None:
