@@ -22,7 +22,7 @@ import torch
 from diffusers import SchedulerMixin
 from PIL import Image
 
-from ..atomic import atomic_file, write_text_atomic
+from ..atomic import atomic_file, is_temporary, temporary, write_text_atomic
 from ..data.images import load_image, prepare_image
 from ..data.records import RecordSet
 from ..errors import InputError
@@ -189,7 +189,8 @@ class Evaluation:
             if not folder.is_dir():
                 named = base / taxon.name
                 folder = named if named.is_dir() and len(self.taxonomy.find(taxon.name, rank)) == 1 else folder
-            files = sorted(p for p in folder.glob("*.png")) if folder.is_dir() else []
+            # a kill -9 mid-write leaves a `.tmp-` file: never an image
+            files = sorted(p for p in folder.glob("*.png") if not is_temporary(p)) if folder.is_dir() else []
             if files:
                 found[taxon.path] = [np.asarray(prepare_image(load_image(p), self.resolution, "squash")) for p in files]
         return found
@@ -210,6 +211,7 @@ class Evaluation:
             for i in range(s.per_taxon):
                 target = folder / f"{i:02d}.png"
                 if not target.is_file():
+                    temporary(target).unlink(missing_ok=True)  # a killed run's partial image
                     jobs.append((taxon, i, target))
         if not jobs:
             return
