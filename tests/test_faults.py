@@ -546,3 +546,27 @@ def test_data_inspect_lists_names_that_are_not_file_names(tmp_path, capsys):
     assert "names that cannot be file names as they are: 3" in out and "'a/b' (a path separator)" in out
     assert main(["data", "check", "--format", "csv", str(table)]) == 1  # the empty images are unusable
     assert "names that cannot be file names as they are: 3" in capsys.readouterr().out
+
+
+def test_training_reads_names_that_are_not_file_names(tmp_path, tiny_sd, capsys):
+    """The names train as they are: their texts are encoded, the run and its pipeline keep them exactly."""
+    from PIL import Image
+
+    from taxadiffusion.pipeline import TaxaDiffusionPipeline
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = ["file_name,class,order"]
+    for i, name in enumerate(["a/b", "a_b", "bell\x07name", "x" * 300]):
+        for j in range(2):
+            Image.new("RGB", (16, 16), (40 * i, 60 * j, 90)).save(data / f"{i}-{j}.png")
+            rows.append(f"{i}-{j}.png,Actinopterygii,{name}")
+    (data / "metadata.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    config = write_config(tmp_path / "c.yaml", data, tiny_sd)
+    settings = yaml.safe_load(config.read_text())
+    settings["data"] = {"format": "csv", "path": str(data / "metadata.csv"), "crop": "squash"}
+    config.write_text(yaml.safe_dump(settings))
+    code, err = run(capsys, "train", "--config", config, "--output", tmp_path / "run")
+    assert code == 0, err
+    pipe = TaxaDiffusionPipeline.from_pretrained(tmp_path / "run" / "pipeline")
+    assert {"a/b", "a_b", "bell\x07name", "x" * 300} <= {t.name for t in pipe.taxonomy.taxa(pipe.taxonomy.ranks[-1])}

@@ -95,7 +95,7 @@ def test_a_killed_run_continues_to_the_same_files_and_metadata(pipe, small_taxon
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        _run(pipe, plan, tmp_path / "killed", batch_size=4, on_batch=kill, metadata_every=1)
+        _run(pipe, plan, tmp_path / "killed", batch_size=4, on_batch=kill)
     killed = tmp_path / "killed"
     # The metadata written so far names only complete images.
     with open(killed / METADATA_FILE) as handle:
@@ -188,3 +188,31 @@ def test_generate_cli(tiny_pipeline, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "no image left to make" in printed and "5 already there" in printed
     assert main(["generate", "--model", str(tiny_pipeline), "--out", str(out)]) == 2
+
+
+def test_metadata_grows_by_appending_and_a_torn_line_is_cut(pipe, small_taxonomy, tmp_path):
+    """Each batch appends its rows (the same file, never rewritten mid-run: linear, not quadratic); a line torn
+    by a kill is cut before the next rows; the end rewrites the table sorted, equal to an uninterrupted run's."""
+    import os
+
+    plan = plan_per_taxon(small_taxonomy, 2)
+    out = tmp_path / "appended"
+    seen = []
+
+    def look(done):
+        table = out / METADATA_FILE
+        with open(table) as handle:
+            seen.append((os.stat(table).st_ino, len(list(csv.DictReader(handle))), done))
+
+    _run(pipe, plan, out, batch_size=4, on_batch=look)
+    assert len({inode for inode, _, _ in seen}) == 1 and all(rows == done for _, rows, done in seen)
+    table = out / METADATA_FILE
+    whole = table.read_text()
+    torn = tmp_path / "torn"
+    _run(pipe, plan, torn, batch_size=4, on_batch=lambda done: None)
+    lines = whole.splitlines(keepends=True)
+    (torn / METADATA_FILE).write_text("".join(lines[:3]) + lines[3][:10])  # killed mid-line
+    for image in sorted((torn / "images").rglob("*.png"))[4:]:
+        image.unlink()
+    _run(pipe, plan, torn, batch_size=4)
+    assert (torn / METADATA_FILE).read_text() == whole

@@ -248,6 +248,10 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 10
     seed: int = 0
+    # Seconds a process waits for the others at a barrier. The main process builds the image screen and the
+    # caches first while the others wait; PyTorch's default (gloo 30 min, NCCL 10 min) aborts a first launch at
+    # iNat21's scale. Generous on purpose: a true hang is rare, a long first preparation is not.
+    process_group_timeout: int = 6 * 3600
 
     def __post_init__(self) -> None:
         check_choice("train.strategy", self.strategy, Strategy)
@@ -276,6 +280,7 @@ class TrainConfig:
         check_range("train.max_grad_norm", self.max_grad_norm, 0, open_low=True)
         check_range("train.snr_gamma", self.snr_gamma, 0, open_low=True, optional=True)
         check_range("train.seed", self.seed, 0)
+        check_integer("train.process_group_timeout", self.process_group_timeout, 60)
         check_range("train.ema_decay", self.ema_decay, 0, 1, open_low=True, open_high=True, optional=True)
         check_range("train.condition_dropout", self.condition_dropout, 0, 1, open_high=True)
         check_range("train.coarse_dropout", self.coarse_dropout, 0, 1, open_high=True)
@@ -308,6 +313,7 @@ RUNTIME_KEYS = frozenset(
         "train.channels_last",
         "train.fused_optimizer",
         "train.text_features",
+        "train.process_group_timeout",
     }
 ) | {f"sample.{f.name}" for f in dataclasses.fields(SampleConfig)}
 

@@ -23,6 +23,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -201,6 +202,48 @@ def metadata_columns(ranks: Sequence[Rank]) -> list[str]:
 SETTING_COLUMNS = tuple(f.name for f in dataclasses.fields(SamplingSettings))
 
 
+def metadata_row(taxonomy: Taxonomy, item: Item, tag: str, key: dict) -> dict:
+    """One image's row: its file, the exact names of its lineage, its seed and the settings that made it."""
+    settings = {name: json.dumps(key[name]) if name == "window" else key[name] for name in SETTING_COLUMNS}
+    return {
+        "file_name": image_path(item.lineage, tag, item.index),
+        **dict(zip((r.value for r in taxonomy.ranks), item.lineage.names, strict=False)),
+        "scientific_name": item.lineage.scientific_name,
+        "index": item.index,
+        "seed": item.seed,
+        "tag": tag,
+        **settings,
+    }
+
+
+def append_metadata(out: Path, taxonomy: Taxonomy, items: Sequence[Item], tag: str, key: dict) -> bool:
+    """Append the rows of images just written to `metadata.csv` (flushed to disk): linear in the images, where a
+    rewrite per batch would be quadratic. A line torn by a kill is cut off first. Returns False (nothing
+    appended) when the table's header is another's; the rewrite at the end (`write_metadata`) sorts, drops
+    duplicates and settles every case."""
+    table = out / METADATA_FILE
+    columns = metadata_columns(taxonomy.ranks)
+    fresh = not table.is_file() or table.stat().st_size == 0
+    if not fresh:
+        with open(table, "rb+") as handle:
+            header = handle.readline().decode("utf-8", errors="replace").rstrip("\r\n")
+            if header != ",".join(columns):
+                return False
+            size = handle.seek(0, os.SEEK_END)
+            start = handle.seek(max(0, size - 65536))
+            tail = handle.read()
+            if not tail.endswith(b"\n"):  # a torn last line: cut back to the last whole one
+                handle.truncate(start + tail.rfind(b"\n") + 1)
+    with open(table, "a", encoding="utf-8", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+        if fresh:
+            writer.writeheader()
+        writer.writerows(metadata_row(taxonomy, item, tag, key) for item in items)
+        handle.flush()
+        os.fsync(handle.fileno())
+    return True
+
+
 def write_metadata(out: Path, taxonomy: Taxonomy, plan: GenerationPlan, tag: str, key: dict) -> int:
     """Rewrite `metadata.csv` from the images on disk: the rows of this run's images that exist, and the rows of
     other runs (other tags) kept from the previous table where their image exists. Returns the row count."""
@@ -212,20 +255,10 @@ def write_metadata(out: Path, taxonomy: Taxonomy, plan: GenerationPlan, tag: str
             for row in csv.DictReader(handle):
                 if row.get("tag") != tag and (out / row.get("file_name", "")).is_file():
                     rows[row["file_name"]] = row
-    settings = {name: json.dumps(key[name]) if name == "window" else key[name] for name in SETTING_COLUMNS}
     for item in plan.items:
         name = image_path(item.lineage, tag, item.index)
         if (out / name).is_file():
-            ranks = dict(zip((r.value for r in taxonomy.ranks), item.lineage.names, strict=False))
-            rows[name] = {
-                "file_name": name,
-                **ranks,
-                "scientific_name": item.lineage.scientific_name,
-                "index": item.index,
-                "seed": item.seed,
-                "tag": tag,
-                **settings,
-            }
+            rows[name] = metadata_row(taxonomy, item, tag, key)
     from io import StringIO
 
     buffer = StringIO()
@@ -261,7 +294,6 @@ def generate(
     batch_size: int = 16,
     shard: tuple[int, int] = (0, 1),
     write_table: bool = True,
-    metadata_every: int = 256,
     progress: bool = True,
     on_batch: Callable[[int], None] | None = None,
 ) -> GenerationResult:
@@ -269,7 +301,7 @@ def generate(
     settings (`key`: `generation_key` of the pipeline; the folder claimed with `claim_output` first).
     `shard` = (process index, number of processes): the plan is cut into blocks of `batch_size` items, and this
     process makes blocks k with k mod N = index; a block with any image missing is sampled whole.
-    `write_table`: this process rewrites metadata.csv (every `metadata_every` images and at the end); with
+    `write_table`: this process appends each batch's rows to metadata.csv and rewrites it sorted at the end; with
     several processes none does, and the main one calls `write_metadata` once all have finished."""
     from tqdm.auto import tqdm
 
@@ -291,7 +323,7 @@ def generate(
         return [item for item in block if not (out / image_path(item.lineage, tag, item.index)).is_file()]
 
     existing = len(mine) - sum(len(missing(block)) for block in blocks)
-    start, since_table, written = time.perf_counter(), 0, 0
+    start, written = time.perf_counter(), 0
     bar = tqdm(total=len(mine), initial=existing, desc="generating", unit="img", disable=not progress)
     for block in blocks:
         todo = missing(block)
@@ -308,10 +340,8 @@ def generate(
                 image.save(tmp, format="PNG")
         written += len(todo)
         bar.update(len(todo))
-        since_table += len(todo)
-        if write_table and since_table >= metadata_every:
-            write_metadata(out, pipe.taxonomy, plan, tag, key)
-            since_table = 0
+        if write_table:  # a killed run's table lists what it made
+            append_metadata(out, pipe.taxonomy, todo, tag, key)
         if on_batch is not None:
             on_batch(written)
     bar.close()

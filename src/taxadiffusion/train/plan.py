@@ -327,7 +327,8 @@ class RunPlan:
         lines.append(
             f"total: {total:,} steps ({self.epochs(total):.2f} epochs); checkpoints every "
             f"{train.checkpoint_every:,} steps and at each stage end, the last {train.keep_checkpoints} kept, "
-            f"about {self.checkpoint_megabytes():,.0f} MB each"
+            f"about {self.checkpoint_megabytes():,.0f} MB each; processes wait up to "
+            f"{train.process_group_timeout / 3600:g} h for each other (train.process_group_timeout)"
         )
         return lines
 

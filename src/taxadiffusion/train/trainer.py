@@ -65,10 +65,13 @@ def grid_lineages(taxonomy: Taxonomy, n: int) -> list[Lineage]:
 
 def make_accelerator(train, paths: RunPaths):
     """accelerate for this run: precision, accumulation, TensorBoard under `logs/`, a seedable sampler."""
+    from datetime import timedelta
+
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+    from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, ProjectConfiguration
 
     return Accelerator(
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=train.process_group_timeout))],
         mixed_precision=train.mixed_precision,
         gradient_accumulation_steps=train.gradient_accumulation,
         log_with="tensorboard",
