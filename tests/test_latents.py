@@ -73,6 +73,8 @@ def test_cached_windows_are_random_crops_of_the_whole_latent(records, tmp_path):
     batch = next(iter(torch.utils.data.DataLoader(cached, batch_size=4)))
     assert batch["latent_params"].shape == (4, 8, 8, 8)
     assert pickle.loads(pickle.dumps(cached))[tall]["latent_params"].shape == (8, 8, 8)  # open handles stay behind
+    # the index is three arrays (40 bytes an image at the paper's scale), not lists of Python objects
+    assert all(type(part).__module__ == "numpy" for part in (cached.shard, cached.offset, cached.shapes))
 
 
 def test_centre_windows_without_random_crops_and_exact_latents_for_squash(records, tmp_path):

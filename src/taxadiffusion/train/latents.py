@@ -43,7 +43,9 @@ class LatentDataset(Dataset):
     def __init__(self, folder: Path, source: ImageDataset, side: int):
         index = load_file(Path(folder) / "index.safetensors")
         self.folder = Path(folder)
-        self.shard, self.offset, self.shapes = (index[k].tolist() for k in ("shard", "offset", "shapes"))
+        # numpy arrays, not Python lists: at iNat21's 2.7 M images lists took 384 MiB, and every DataLoader worker
+        # touched (so copied) their objects' reference counts; arrays are 40 bytes an image, shared as they are
+        self.shard, self.offset, self.shapes = (index[k].numpy() for k in ("shard", "offset", "shapes"))
         self.source = source
         self.side = side
         self._open: dict[int, object] = {}  # shard -> safe_open handle, per process
@@ -59,11 +61,11 @@ class LatentDataset(Dataset):
 
     def latent(self, index: int) -> torch.Tensor:
         """The image's whole (2C, h, w) latent distribution."""
-        shard = self.shard[index]
+        shard = int(self.shard[index])
         if shard not in self._open:
             self._open[shard] = safe_open(self.folder / f"shard-{shard:05d}.safetensors", framework="pt")
-        shape = self.shapes[index]
-        start = self.offset[index]
+        shape = tuple(int(side) for side in self.shapes[index])
+        start = int(self.offset[index])
         return self._open[shard].get_slice("params")[start : start + math.prod(shape)].view(shape)
 
     def __getitem__(self, index: int) -> dict:
