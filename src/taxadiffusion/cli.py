@@ -221,9 +221,17 @@ def cmd_classifier_train(args: argparse.Namespace) -> int:
         run = train_synthetic_oracle(SyntheticConfig(seed=args.synthetic_seed), args.per_species, common)
     elif args.data:
         from .data.readers import read_records
+        from .eval.classifier import train_with_generated
+        from .eval.settings import GeneratedRecipe
 
         records = read_records(args.data[0], args.data[1], root=args.root)
-        run = train_on_records(records.split(args.split) if args.split else records, args.holdout, common)
+        records = records.split(args.split) if args.split else records
+        if args.generated:
+            generated = read_records(*args.generated)
+            recipe = from_args(GeneratedRecipe, args)
+            run = train_with_generated(records, generated, args.holdout, common, recipe)
+        else:
+            run = train_on_records(records, args.holdout, common)
     else:
         raise CommandError("give --data FORMAT PATH or --synthetic")
     run.save(args.out, overwrite=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from . import __version__
 from .devices import DEVICE_HELP
-from .eval.settings import ClassifierTraining, EvalSettings
+from .eval.settings import ClassifierTraining, EvalSettings, GeneratedRecipe
 from .options import add_options
 from .prior import PACK_PRECISIONS
 from .sampling import FAST, SamplingSettings
@@ -166,6 +166,13 @@ def _add_classifier(commands) -> None:
     ctrain.add_argument("--per-species", type=int, default=120, help="synthetic renders per species")
     ctrain.add_argument("--holdout", type=float, default=0.1, help="fraction of real images held out for accuracy")
     add_options(ctrain, ClassifierTraining)
+    ctrain.add_argument(
+        "--generated",
+        nargs=2,
+        metavar=("FORMAT", "PATH"),
+        help="generated images to add to --data's training part (e.g. csv synthetic/metadata.csv)",
+    )
+    add_options(ctrain, GeneratedRecipe)
     ctrain.add_argument("--out", required=True, type=Path)
     ctrain.add_argument("--overwrite", action="store_true")
     ctrain.set_defaults(run="classifier train")

@@ -21,9 +21,10 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from ..atomic import write_text_atomic
+from ..errors import TaxaDiffusionError
 from ..saved_files import refuse_nonempty, share_safetensors
 from ..taxonomy import Taxonomy
-from .settings import ClassifierTraining
+from .settings import ClassifierTraining, GeneratedRecipe
 
 if TYPE_CHECKING:
     from ..data.synthetic import SyntheticConfig
@@ -95,22 +96,24 @@ def train_classifier(
     lr: float = 2e-3,
     seed: int = 0,
     progress: bool = True,
+    model: TaxonClassifier | None = None,
 ) -> TaxonClassifier:
-    """Train on `(images in [-1, 1], taxon ids (B, R), -1 = unlabelled)` batches with a cosine schedule."""
+    """Train on `(images in [-1, 1], taxon ids (B, R), -1 = unlabelled)` batches with a cosine schedule; a batch
+    may carry a third item, each image's loss weight (B,). `model`: continue training this one (fine-tuning)."""
     from tqdm.auto import tqdm
 
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    model = TaxonClassifier(taxonomy.to_dict(), resolution, width)
+    model = model if model is not None else TaxonClassifier(taxonomy.to_dict(), resolution, width)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     model.train()
     step = 0
     with tqdm(total=steps, desc="training classifier", disable=not progress) as bar:
         while step < steps:
-            for images, ids in batches():
+            for images, ids, *weights in batches():
                 logits = model(augment(images, generator))
-                loss = sum(F.cross_entropy(lg, ids[:, r], ignore_index=-1) for r, lg in enumerate(logits))
+                loss = _loss(logits, ids, weights[0] if weights else None)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -121,6 +124,57 @@ def train_classifier(
                 if step >= steps:
                     break
     return model.eval()
+
+
+def _loss(logits: list[torch.Tensor], ids: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Cross-entropy summed over ranks, each averaged over the images labelled at that rank, weighted per image
+    when the batch says so (without weights: exactly PyTorch's mean, as the classifier always trained)."""
+    if weights is None:
+        return sum(F.cross_entropy(lg, ids[:, r], ignore_index=-1) for r, lg in enumerate(logits))
+    total = 0.0
+    for r, lg in enumerate(logits):
+        labelled = (ids[:, r] >= 0).float() * weights
+        each = F.cross_entropy(lg, ids[:, r].clamp_min(0), reduction="none")
+        total = total + (each * labelled).sum() / labelled.sum().clamp_min(1e-12)
+    return total
+
+
+def mixed_batches(
+    real: tuple[np.ndarray, torch.Tensor],
+    generated: tuple[np.ndarray, torch.Tensor],
+    batch_size: int,
+    seed: int,
+    recipe: GeneratedRecipe,
+):
+    """A factory of epochs over real and generated images, with each image's loss weight (real 1, generated
+    `recipe.generated_weight`). Without `generated_probability` the two form one shuffled pool; with it, each
+    batch position is a generated image with that probability, each source drawn from its own shuffled stream.
+    An epoch is as many batches as the real images fill."""
+    images = torch.cat([to_unit(real[0]), to_unit(generated[0])])
+    ids = torch.cat([real[1], generated[1]])
+    n_real, n_generated = len(real[1]), len(generated[1])
+    weights = torch.cat([torch.ones(n_real), torch.full((n_generated,), float(recipe.generated_weight))])
+    generator = torch.Generator().manual_seed(seed)
+    p = recipe.generated_probability
+
+    def stream(offset: int, n: int) -> Iterator[int]:
+        while True:
+            yield from (offset + torch.randperm(n, generator=generator)).tolist()
+
+    def epoch():
+        if p is None:
+            order = torch.randperm(len(ids), generator=generator)
+            batches = [order[k : k + batch_size] for k in range(0, len(order) - batch_size + 1, batch_size)]
+        else:
+            reals, fakes = stream(0, n_real), stream(n_real, n_generated) if n_generated else None
+            batches = []
+            for _ in range(max(1, n_real // batch_size)):
+                fake = (torch.rand(batch_size, generator=generator) < p).tolist() if fakes else [False] * batch_size
+                batches.append(torch.tensor([next(fakes) if f else next(reals) for f in fake]))
+        for index in batches:
+            yield images[index], ids[index], weights[index]
+
+    return epoch
 
 
 def accuracy_by_rank(predicted: torch.Tensor, truth: torch.Tensor) -> list[float | None]:
@@ -209,6 +263,47 @@ def train_on_records(records, holdout: float = 0.1, training: ClassifierTraining
     images, ids = record_pool(train_records, taxonomy, training.resolution)
     held_images, held_ids = record_pool(held_records, taxonomy, training.resolution)
     return _fit(taxonomy, images, ids, held_images, held_ids, training)
+
+
+def train_with_generated(
+    records,
+    generated,
+    holdout: float = 0.1,
+    training: ClassifierTraining | None = None,
+    recipe: GeneratedRecipe | None = None,
+) -> ClassifierRun:
+    """The classifier of a real dataset with generated images in its training set (`generate`'s output read as
+    records), scored on the real held-out part only. `recipe`: their weight, draw probability and pretraining.
+    Generated images of taxa the real set does not have are left out, and counted."""
+    from ..data.records import split_records
+
+    training, recipe = training or ClassifierTraining(), recipe or GeneratedRecipe()
+    taxonomy = records.taxonomy()
+    known = [r for r in generated.records if _labelled_in(taxonomy, r.lineage)]
+    if len(known) < len(generated.records):
+        print(f"taxadiffusion: {len(generated.records) - len(known)} generated images of taxa the real set lacks")
+    train_records, held_records = split_records(records.records, holdout, seed=0)
+    real = record_pool(train_records, taxonomy, training.resolution)
+    fake = record_pool(known, taxonomy, training.resolution) if known else (real[0][:0], real[1][:0])
+    held_images, held_ids = record_pool(held_records, taxonomy, training.resolution)
+    t, model = training, None
+    if recipe.pretrain_steps and known:
+        pretrain = pool_batches(*fake, t.batch_size, seed=1)
+        model = train_classifier(taxonomy, pretrain, recipe.pretrain_steps, t.resolution, t.width, progress=t.progress)
+        model.train()
+    batches = mixed_batches(real, fake, t.batch_size, 0, recipe)
+    model = train_classifier(taxonomy, batches, t.steps, t.resolution, t.width, progress=t.progress, model=model)
+    accuracy = accuracy_by_rank(model.predict(to_unit(held_images)), held_ids)
+    by_rank = {r.value: a for r, a in zip(taxonomy.ranks, accuracy, strict=True)}
+    return ClassifierRun(model, len(held_ids), by_rank)
+
+
+def _labelled_in(taxonomy: Taxonomy, lineage) -> bool:
+    try:
+        taxonomy.ids(lineage)
+    except TaxaDiffusionError:  # other ranks, or a taxon the real set does not have
+        return False
+    return True
 
 
 def train_synthetic_oracle(

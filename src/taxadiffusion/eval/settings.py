@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..checks import check_choice, check_integer
+from ..checks import check_choice, check_integer, check_range
 from ..choices import Choice
 from ..options import option
 from ..sampling import SamplingSettings
@@ -82,3 +82,21 @@ class ClassifierTraining:
     width: int = option(32, "channels of its first layer")
     batch_size: int = option(64, "images per step")
     progress: bool = True
+
+
+@dataclass
+class GeneratedRecipe:
+    """How generated images join a classifier's training set. Published recipes that turned synthetic images into
+    gains weigh them lower (DiffuLT), draw them with a fixed probability per batch position (DA-Fusion: 0.5), or
+    pretrain on them before the real images. Defaults: one pool, generated images counted as real ones."""
+
+    generated_weight: float = option(1.0, "loss weight of a generated image (a real one weighs 1)")
+    generated_probability: float | None = option(
+        None, "draw each batch position from the generated images with this probability (default: one pool)"
+    )
+    pretrain_steps: int = option(0, "optimizer steps on the generated images alone, before the training steps")
+
+    def __post_init__(self) -> None:
+        check_range("generated_weight", self.generated_weight, 0)
+        check_range("generated_probability", self.generated_probability, 0, 1, optional=True)
+        check_integer("pretrain_steps", self.pretrain_steps, 0)
