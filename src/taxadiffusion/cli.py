@@ -158,22 +158,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
     print(f"plan: {plan.describe()}; into {args.out}")
     if args.dry_run or not plan.items:
         return 0
+    filtering = (args.filter, args.filter_rank, args.filter_threshold, args.filter_retries)
+    image_filter = gen.ImageFilter.load(*filtering) if args.filter else None  # checked before the model loads
     state = PartialState()
     device = choose_device(args.device) if state.num_processes == 1 else state.device
     pipe = TaxaDiffusionPipeline.from_pretrained(args.model).to(device)
     pipe.configure_sampling(**_sampling(args))
     pipe.set_progress_bar_config(disable=True)
-    key = generation_key(pipe, args.seed)
+    key = generation_key(pipe, args.seed) | ({"filter": image_filter.describe()} if image_filter else {})
     if state.is_main_process:
         gen.claim_output(args.out, key, args.add)
     state.wait_for_everyone()
-    result, rows = gen.generate_sharded(pipe, plan, args.out, key, args.batch_size)
+    result, rows = gen.generate_sharded(pipe, plan, args.out, key, args.batch_size, image_filter)
     if state.is_main_process:
-        made = f"{result.written:,} images made ({result.images_per_second:.2f} images/s)" if result.written else None
-        print(
-            f"done: {made or 'no image left to make'}, {result.existing:,} already there; "
-            f"{args.out / gen.METADATA_FILE} lists {rows:,} images"
-        )
+        print(gen.done_line(result, rows, args.out))
     return 0
 
 

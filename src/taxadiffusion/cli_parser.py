@@ -125,6 +125,12 @@ def _add_generate(commands) -> None:
     generate.add_argument("--seed", type=int, default=0, help="the run's seed; each image's derives from it")
     generate.add_argument("--batch-size", type=int, default=16)
     generate.add_argument("--add", action="store_true", help="add to a folder holding images of other settings")
+    generate.add_argument(
+        "--filter", type=Path, metavar="CLASSIFIER", help="keep only images this classifier places in their taxon"
+    )
+    generate.add_argument("--filter-rank", help="the rank the filter checks (default: the classifier's finest)")
+    generate.add_argument("--filter-threshold", type=float, default=0.5, help="least probability of the taxon kept")
+    generate.add_argument("--filter-retries", type=int, default=3, help="new seeds for a rejected image at most")
     generate.add_argument("--dry-run", action="store_true", help="print the plan, generate nothing")
     generate.set_defaults(run="generate")
 

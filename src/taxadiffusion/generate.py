@@ -35,6 +35,9 @@ import torch
 
 from .atomic import atomic_file, temporary, write_text_atomic
 from .errors import InputError, OutputExists
+from .filtering import COLUMNS as FILTER_COLUMNS
+from .filtering import SUMMARY as FILTER_SUMMARY
+from .filtering import ImageFilter, filtered_block, journal_block, read_journals, retry_seed, summarize
 from .names import lineage_folder
 from .sampling import SamplingSettings
 from .taxonomy import AmbiguousTaxonError, Lineage, Rank, Taxonomy, UnknownTaxonError
@@ -194,35 +197,44 @@ def claim_output(out: Path, key: dict, add: bool) -> str:
     return tag
 
 
-def metadata_columns(ranks: Sequence[Rank]) -> list[str]:
-    return ["file_name", *(r.value for r in ranks), "scientific_name", "index", "seed", "tag", *SETTING_COLUMNS]
+def metadata_columns(ranks: Sequence[Rank], filtered: bool = False) -> list[str]:
+    columns = ["file_name", *(r.value for r in ranks), "scientific_name", "index", "seed", "tag", *SETTING_COLUMNS]
+    return columns + list(FILTER_COLUMNS) if filtered else columns
 
 
 # Every sampling setting, named as the pipeline's sampling.json names it (a setting added there is a column here).
 SETTING_COLUMNS = tuple(f.name for f in dataclasses.fields(SamplingSettings))
 
 
-def metadata_row(taxonomy: Taxonomy, item: Item, tag: str, key: dict) -> dict:
-    """One image's row: its file, the exact names of its lineage, its seed and the settings that made it."""
+def metadata_row(taxonomy: Taxonomy, item: Item, tag: str, key: dict, decided: dict | None = None) -> dict:
+    """One image's row: its file, the exact names of its lineage, the seed that drew it and the settings that made
+    it; for a filtered run (`decided`: the filter's journal, filtering.py) also the classifier's score, the
+    attempt that was kept and the rank checked."""
     settings = {name: json.dumps(key[name]) if name == "window" else key[name] for name in SETTING_COLUMNS}
-    return {
+    entry = (decided or {}).get((item.lineage.names, item.index), {})
+    row = {
         "file_name": image_path(item.lineage, tag, item.index),
         **dict(zip((r.value for r in taxonomy.ranks), item.lineage.names, strict=False)),
         "scientific_name": item.lineage.scientific_name,
         "index": item.index,
-        "seed": item.seed,
+        "seed": retry_seed(item.seed, entry.get("attempt") or 0),
         "tag": tag,
         **settings,
     }
+    if decided is not None:
+        row |= {"score": entry.get("score"), "attempt": entry.get("attempt"), "rank_checked": entry.get("rank")}
+    return row
 
 
-def append_metadata(out: Path, taxonomy: Taxonomy, items: Sequence[Item], tag: str, key: dict) -> bool:
+def append_metadata(
+    out: Path, taxonomy: Taxonomy, items: Sequence[Item], tag: str, key: dict, decided: dict | None = None
+) -> bool:
     """Append the rows of images just written to `metadata.csv` (flushed to disk): linear in the images, where a
     rewrite per batch would be quadratic. A line torn by a kill is cut off first. Returns False (nothing
     appended) when the table's header is another's; the rewrite at the end (`write_metadata`) sorts, drops
     duplicates and settles every case."""
     table = out / METADATA_FILE
-    columns = metadata_columns(taxonomy.ranks)
+    columns = metadata_columns(taxonomy.ranks, decided is not None)
     fresh = not table.is_file() or table.stat().st_size == 0
     if not fresh:
         with open(table, "rb+") as handle:
@@ -238,16 +250,18 @@ def append_metadata(out: Path, taxonomy: Taxonomy, items: Sequence[Item], tag: s
         writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
         if fresh:
             writer.writeheader()
-        writer.writerows(metadata_row(taxonomy, item, tag, key) for item in items)
+        writer.writerows(metadata_row(taxonomy, item, tag, key, decided) for item in items)
         handle.flush()
         os.fsync(handle.fileno())
     return True
 
 
-def write_metadata(out: Path, taxonomy: Taxonomy, plan: GenerationPlan, tag: str, key: dict) -> int:
+def write_metadata(
+    out: Path, taxonomy: Taxonomy, plan: GenerationPlan, tag: str, key: dict, decided: dict | None = None
+) -> int:
     """Rewrite `metadata.csv` from the images on disk: the rows of this run's images that exist, and the rows of
     other runs (other tags) kept from the previous table where their image exists. Returns the row count."""
-    columns = metadata_columns(taxonomy.ranks)
+    columns = metadata_columns(taxonomy.ranks, decided is not None)
     rows: dict[str, dict] = {}
     table = out / METADATA_FILE
     if table.is_file():
@@ -258,7 +272,7 @@ def write_metadata(out: Path, taxonomy: Taxonomy, plan: GenerationPlan, tag: str
     for item in plan.items:
         name = image_path(item.lineage, tag, item.index)
         if (out / name).is_file():
-            rows[name] = metadata_row(taxonomy, item, tag, key)
+            rows[name] = metadata_row(taxonomy, item, tag, key, decided)
     from io import StringIO
 
     buffer = StringIO()
@@ -296,13 +310,16 @@ def generate(
     write_table: bool = True,
     progress: bool = True,
     on_batch: Callable[[int], None] | None = None,
+    image_filter: ImageFilter | None = None,
 ) -> GenerationResult:
     """Make the plan's images that are not on disk yet, `batch_size` at a time, with the pipeline's sampling
     settings (`key`: `generation_key` of the pipeline; the folder claimed with `claim_output` first).
     `shard` = (process index, number of processes): the plan is cut into blocks of `batch_size` items, and this
     process makes blocks k with k mod N = index; a block with any image missing is sampled whole.
     `write_table`: this process appends each batch's rows to metadata.csv and rewrites it sorted at the end; with
-    several processes none does, and the main one calls `write_metadata` once all have finished."""
+    several processes none does, and the main one calls `write_metadata` once all have finished.
+    `image_filter`: keep only the images a classifier places in their taxon, redrawing rejected ones
+    (filtering.py); an image rejected at every attempt is counted, not made."""
     from tqdm.auto import tqdm
 
     if batch_size < 1:
@@ -319,8 +336,16 @@ def generate(
         target = out / image_path(item.lineage, tag, item.index)
         temporary(target).unlink(missing_ok=True)
 
+    decided = read_journals(out) if image_filter is not None else None
+
     def missing(block: list[Item]) -> list[Item]:
-        return [item for item in block if not (out / image_path(item.lineage, tag, item.index)).is_file()]
+        given_up = {key for key, entry in (decided or {}).items() if not entry["kept"]}
+        return [
+            item
+            for item in block
+            if not (out / image_path(item.lineage, tag, item.index)).is_file()
+            and (item.lineage.names, item.index) not in given_up
+        ]
 
     existing = len(mine) - sum(len(missing(block)) for block in blocks)
     start, written = time.perf_counter(), 0
@@ -329,25 +354,45 @@ def generate(
         todo = missing(block)
         if not todo:
             continue
-        generators = [torch.Generator().manual_seed(item.seed) for item in block]
-        images = pipe([item.lineage for item in block], generator=generators).images  # the whole block, always
-        for item, image in zip(block, images, strict=True):
-            if item not in todo:
-                continue
+        images = draw_block(pipe, block, image_filter)  # the whole block, always
+        made = [item for item in todo if images[item] is not None]
+        for item in made:
             target = out / image_path(item.lineage, tag, item.index)
             target.parent.mkdir(parents=True, exist_ok=True)
             with atomic_file(target) as tmp:
-                image.save(tmp, format="PNG")
-        written += len(todo)
+                images[item].save(tmp, format="PNG")
+        if image_filter is not None:  # after the images: a decision on record is one whose image is on disk
+            decided.update(journal_block(out, index, images.outcome, image_filter.rank))
+        written += len(made)
         bar.update(len(todo))
         if write_table:  # a killed run's table lists what it made
-            append_metadata(out, pipe.taxonomy, todo, tag, key)
+            append_metadata(out, pipe.taxonomy, made, tag, key, decided)
         if on_batch is not None:
             on_batch(written)
     bar.close()
     seconds = time.perf_counter() - start
-    rows = write_metadata(out, pipe.taxonomy, plan, tag, key) if write_table else 0
+    rows = write_metadata(out, pipe.taxonomy, plan, tag, key, decided) if write_table else 0
+    if write_table and image_filter is not None:
+        write_text_atomic(out / FILTER_SUMMARY, json.dumps(summarize(read_journals(out)), indent=1) + "\n")
     return GenerationResult(written, existing, rows, seconds)
+
+
+class DrawnBlock(dict):
+    """A block's images by item (None: rejected at every attempt), with the filter's outcome when there is one."""
+
+    outcome: dict
+
+
+def draw_block(pipe, block: list[Item], image_filter: ImageFilter | None) -> DrawnBlock:
+    """Sample a block whole from its items' seeds; with a filter, redraw its rejected items (filtering.py)."""
+    drawn = DrawnBlock()
+    if image_filter is None:
+        generators = [torch.Generator().manual_seed(item.seed) for item in block]
+        drawn.update(zip(block, pipe([item.lineage for item in block], generator=generators).images, strict=True))
+        return drawn
+    drawn.outcome = filtered_block(pipe, block, image_filter)
+    drawn.update({item: image for item, (image, _, _) in drawn.outcome.items()})
+    return drawn
 
 
 def estimate(seconds_per_image: float, images: int) -> str:
@@ -390,7 +435,9 @@ def plan_request(
     return plan_per_taxon(taxonomy, per_taxon, rank, seed)
 
 
-def generate_sharded(pipe, plan: GenerationPlan, out: Path, key: dict, batch_size: int) -> tuple[GenerationResult, int]:
+def generate_sharded(
+    pipe, plan: GenerationPlan, out: Path, key: dict, batch_size: int, image_filter: ImageFilter | None = None
+) -> tuple[GenerationResult, int]:
     """`generate` in every process of an `accelerate launch` (or alone): each makes its blocks of the plan, the
     main process prints the estimated time after the first batch and writes `metadata.csv` once all are done.
     Returns this process's result and the rows `metadata.csv` lists."""
@@ -417,9 +464,28 @@ def generate_sharded(pipe, plan: GenerationPlan, out: Path, key: dict, batch_siz
         write_table=single,
         progress=state.is_main_process,
         on_batch=on_batch,
+        image_filter=image_filter,
     )
     state.wait_for_everyone()
     rows = result.rows
     if state.is_main_process and not single:
-        rows = write_metadata(out, pipe.taxonomy, plan, generation_tag(key), key)
+        decided = read_journals(out) if image_filter is not None else None
+        rows = write_metadata(out, pipe.taxonomy, plan, generation_tag(key), key, decided)
+        if decided is not None:
+            write_text_atomic(out / FILTER_SUMMARY, json.dumps(summarize(decided), indent=1) + "\n")
     return result, rows
+
+
+def done_line(result: GenerationResult, rows: int, out: Path) -> str:
+    """What `generate` says at its end: images made, found, listed, and what a filter kept."""
+    made = f"{result.written:,} images made ({result.images_per_second:.2f} images/s)" if result.written else None
+    line = f"done: {made or 'no image left to make'}, {result.existing:,} already there; "
+    line += f"{out / METADATA_FILE} lists {rows:,} images"
+    if (out / FILTER_SUMMARY).is_file():
+        summary = json.loads((out / FILTER_SUMMARY).read_text(encoding="utf-8"))
+        acceptance = "" if summary["acceptance"] is None else f" (acceptance {summary['acceptance']:.1%})"
+        line += (
+            f"; the filter kept {summary['kept']:,}, rejected {summary['rejected']:,} draws{acceptance}, "
+            f"gave up on {summary['given_up']:,} (per taxon: {out / FILTER_SUMMARY})"
+        )
+    return line

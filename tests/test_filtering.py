@@ -1,0 +1,133 @@
+"""`generate --filter`: images kept and rejected by a classifier's scores, rejected ones redrawn from new seeds
+up to a budget, deterministically, and a killed run resumes to the same files."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from taxadiffusion.cli import main
+from taxadiffusion.eval.protocol import generation_key
+from taxadiffusion.filtering import ImageFilter, read_journals, retry_seed
+from taxadiffusion.generate import METADATA_FILE, claim_output, generate, plan_per_taxon
+from taxadiffusion.pipeline import TaxaDiffusionPipeline
+from taxadiffusion.taxonomy import Rank
+
+
+class Brightness(nn.Module):
+    """A classifier whose belief is a function of the image: its species head favours the species that a digit of
+    the image's mean brightness points to. Deterministic, so each kept or rejected image can be checked again from
+    its PNG."""
+
+    def __init__(self, taxonomy):
+        super().__init__()
+        self.taxonomy = taxonomy
+        self.scale = nn.Parameter(torch.tensor(40.0))
+
+    def forward(self, images):
+        species = self.taxonomy.num_taxa(Rank.SPECIFIC_EPITHET)
+        brightness = (images.mean(dim=(1, 2, 3)) * 1000).frac().abs()  # in [0, 1), varying from seed to seed
+        centre = (torch.arange(species) + 0.5) / species
+        return [torch.zeros(len(images), self.taxonomy.num_taxa(r)) for r in self.taxonomy.ranks[:-1]] + [
+            -self.scale * (brightness[:, None] - centre[None]).abs()
+        ]
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_pipeline):
+    pipe = TaxaDiffusionPipeline.from_pretrained(tiny_pipeline)
+    pipe.configure_sampling(steps=2)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _run(pipe, plan, out, image_filter, **kwargs):
+    key = generation_key(pipe, 0) | {"filter": image_filter.describe()}
+    claim_output(out, key, False)
+    return generate(pipe, plan, out, key, progress=False, image_filter=image_filter, **kwargs)
+
+
+def _files(out):
+    return {p.relative_to(out).as_posix(): np.asarray(Image.open(p)) for p in sorted(out.glob("images/*/[!.]*.png"))}
+
+
+def _rows(out):
+    with open(out / METADATA_FILE, encoding="utf-8", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_the_filter_keeps_what_the_classifier_places_and_redraws_the_rest(pipe, small_taxonomy, tmp_path):
+    image_filter = ImageFilter(Brightness(small_taxonomy), "specific_epithet", threshold=0.3, retries=3)
+    plan = plan_per_taxon(small_taxonomy, 3)
+    out = tmp_path / "kept"
+    result = _run(pipe, plan, out, image_filter, batch_size=4)
+    summary = json.loads((out / "filter_summary.json").read_text())
+    rows = _rows(out)
+    assert summary["kept"] == len(rows) == result.rows and summary["kept"] + summary["given_up"] == len(plan.items)
+    assert summary["rejected"] > 0 and any(int(row["attempt"]) > 0 for row in rows)  # redraws happened
+    by_file = {row["file_name"]: row for row in rows}
+    for item in plan.items:  # every kept image is one the classifier places, with the score it got
+        row = next(
+            (r for r in rows if (r["scientific_name"], int(r["index"])) == (item.lineage.scientific_name, item.index)),
+            None,
+        )
+        if row is None:
+            continue
+        image = Image.open(out / row["file_name"])
+        ((kept, score),) = image_filter.scores([image], [item.lineage])
+        assert kept and score == pytest.approx(float(row["score"])) and score >= 0.3
+        assert (
+            int(row["seed"]) == retry_seed(item.seed, int(row["attempt"])) and row["rank_checked"] == "specific_epithet"
+        )
+    assert set(by_file) == {p for p in _files(out)}
+    impossible = ImageFilter(Brightness(small_taxonomy), "specific_epithet", threshold=1.0, retries=1)
+    nothing = tmp_path / "nothing"
+    _run(pipe, plan, nothing, impossible, batch_size=4)
+    assert json.loads((nothing / "filter_summary.json").read_text())["given_up"] == len(plan.items)
+    assert _rows(nothing) == [] and not _files(nothing)
+
+
+def test_a_killed_filtered_run_resumes_to_the_same_files(pipe, small_taxonomy, tmp_path):
+    image_filter = ImageFilter(Brightness(small_taxonomy), "specific_epithet", threshold=0.3, retries=2)
+    plan = plan_per_taxon(small_taxonomy, 3)
+    _run(pipe, plan, tmp_path / "whole", image_filter, batch_size=4)
+
+    def kill(done):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _run(pipe, plan, tmp_path / "killed", image_filter, batch_size=4, on_batch=kill)
+    assert 0 < len(read_journals(tmp_path / "killed")) < len(plan.items)
+    _run(pipe, plan, tmp_path / "killed", image_filter, batch_size=4)
+    whole, resumed = _files(tmp_path / "whole"), _files(tmp_path / "killed")
+    assert whole.keys() == resumed.keys() and whole
+    for name in whole:
+        np.testing.assert_array_equal(whole[name], resumed[name])
+    assert (tmp_path / "whole" / METADATA_FILE).read_text() == (tmp_path / "killed" / METADATA_FILE).read_text()
+    summary = "filter_summary.json"
+    assert (tmp_path / "whole" / summary).read_text() == (tmp_path / "killed" / summary).read_text()
+
+
+def test_generate_filter_through_the_command(tiny_pipeline, small_taxonomy, tmp_path, capsys):
+    from taxadiffusion.eval.classifier import TaxonClassifier
+
+    classifier = tmp_path / "classifier"
+    torch.manual_seed(0)
+    TaxonClassifier(small_taxonomy.to_dict(), resolution=16, width=4).save_pretrained(classifier)
+    out = tmp_path / "synthetic"
+    args = ["generate", "--model", str(tiny_pipeline), "--out", str(out), "--per-taxon", "2", "--steps", "1"]
+    args += ["--filter", str(classifier), "--filter-threshold", "0", "--filter-retries", "1"]
+    assert main(args) == 0
+    said = capsys.readouterr().out
+    assert "the filter kept" in said and "filter_summary.json" in said
+    rows = _rows(out)
+    assert {"score", "attempt", "rank_checked"} <= set(rows[0]) if rows else True
+    assert json.loads((out / "filter_summary.json").read_text())["kept"] == len(rows)
+    bad = [*args[:-6], "--filter", str(classifier), "--filter-rank", "kingdom"]
+    assert main(bad) == 2 and "the classifier knows" in capsys.readouterr().err
