@@ -15,7 +15,7 @@ from torch import nn
 from taxadiffusion.cli import main
 from taxadiffusion.eval.protocol import generation_key
 from taxadiffusion.filtering import ImageFilter, read_journals, retry_seed
-from taxadiffusion.generate import METADATA_FILE, claim_output, generate, plan_per_taxon
+from taxadiffusion.generate import METADATA_FILE, claim_output, generate, generation_tag, plan_per_taxon
 from taxadiffusion.pipeline import TaxaDiffusionPipeline
 from taxadiffusion.taxonomy import Rank
 
@@ -103,7 +103,8 @@ def test_a_killed_filtered_run_resumes_to_the_same_files(pipe, small_taxonomy, t
 
     with pytest.raises(KeyboardInterrupt):
         _run(pipe, plan, tmp_path / "killed", image_filter, batch_size=4, on_batch=kill)
-    assert 0 < len(read_journals(tmp_path / "killed")) < len(plan.items)
+    tag = generation_tag(generation_key(pipe, 0) | {"filter": image_filter.describe()})
+    assert 0 < len(read_journals(tmp_path / "killed", tag)) < len(plan.items)
     _run(pipe, plan, tmp_path / "killed", image_filter, batch_size=4)
     whole, resumed = _files(tmp_path / "whole"), _files(tmp_path / "killed")
     assert whole.keys() == resumed.keys() and whole
@@ -131,3 +132,26 @@ def test_generate_filter_through_the_command(tiny_pipeline, small_taxonomy, tmp_
     assert json.loads((out / "filter_summary.json").read_text())["kept"] == len(rows)
     bad = [*args[:-6], "--filter", str(classifier), "--filter-rank", "kingdom"]
     assert main(bad) == 2 and "the classifier knows" in capsys.readouterr().err
+
+
+def test_two_processes_keep_the_same_images_as_one(pipe, small_taxonomy, tmp_path):
+    """Each process journals its own blocks; the main one writes the table from all journals."""
+    from taxadiffusion.generate import write_metadata
+
+    image_filter = ImageFilter(Brightness(small_taxonomy), "specific_epithet", threshold=0.3, retries=2)
+    plan = plan_per_taxon(small_taxonomy, 3)
+    _run(pipe, plan, tmp_path / "one", image_filter, batch_size=4)
+    key = generation_key(pipe, 0) | {"filter": image_filter.describe()}
+    shared = tmp_path / "two"
+    claim_output(shared, key, False)
+    for index in range(2):
+        generate(pipe, plan, shared, key, batch_size=4, shard=(index, 2), write_table=False, progress=False,
+                 image_filter=image_filter)  # fmt: skip
+    tag = generation_tag(key)
+    assert sorted(p.name for p in shared.glob("filter-*.jsonl")) == [f"filter-{tag}-0.jsonl", f"filter-{tag}-1.jsonl"]
+    write_metadata(shared, small_taxonomy, plan, tag, key, read_journals(shared, tag))
+    assert (shared / METADATA_FILE).read_text() == (tmp_path / "one" / METADATA_FILE).read_text()
+    one, two = _files(tmp_path / "one"), _files(shared)
+    assert one.keys() == two.keys()
+    for name in one:
+        np.testing.assert_array_equal(one[name], two[name])

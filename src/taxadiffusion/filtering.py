@@ -7,7 +7,8 @@ classifier's top prediction at the checked rank is its taxon there, with at leas
 A rejected image is drawn again from a new seed, up to `retries` times. The retries are a function of the plan
 alone: a block's first draw is the whole block, and each retry draws that attempt's rejected items, in plan order.
 So the kept images are the same whatever kills and reruns happen, and whatever the number of processes.
-Each block's outcome is appended to `filter-<process>.jsonl`; a rerun reads it back and skips what is decided.
+Each block's outcome is appended to `filter-<tag>-<process>.jsonl`; a rerun reads it back and skips what is
+decided. Runs of other settings added to the same folder (`--add`) keep journals of their own.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 from .errors import InputError
 from .taxonomy import Lineage, Rank
 
-JOURNAL = "filter-{index}.jsonl"
+JOURNAL = "filter-{tag}-{index}.jsonl"  # per run (its generation tag) and process
 SUMMARY = "filter_summary.json"
 COLUMNS = ("score", "attempt", "rank_checked")  # the metadata.csv columns of a filtered run
 
@@ -111,7 +112,7 @@ def filtered_block(pipe, block: Sequence, image_filter: ImageFilter) -> dict:
     return outcome
 
 
-def journal_block(out: Path, index: int, outcome: dict, rank: Rank) -> dict:
+def journal_block(out: Path, tag: str, index: int, outcome: dict, rank: Rank) -> dict:
     """Append a block's decisions to this process's journal (flushed to disk): what a rerun skips, and what
     metadata.csv and the summary read. Returns them as `read_journals` does."""
     entries = {
@@ -125,18 +126,18 @@ def journal_block(out: Path, index: int, outcome: dict, rank: Rank) -> dict:
         }
         for item, (image, score, attempt) in outcome.items()
     }
-    with open(out / JOURNAL.format(index=index), "a", encoding="utf-8") as handle:
+    with open(out / JOURNAL.format(tag=tag, index=index), "a", encoding="utf-8") as handle:
         handle.write("".join(json.dumps(entry) + "\n" for entry in entries.values()))
         handle.flush()
         os.fsync(handle.fileno())
     return entries
 
 
-def read_journals(out: Path) -> dict[tuple[tuple[str, ...], int], dict]:
-    """Every process's decisions, by (lineage names, index); a line torn by a kill is ignored (its block is
-    drawn again, to the same result)."""
+def read_journals(out: Path, tag: str) -> dict[tuple[tuple[str, ...], int], dict]:
+    """Every process's decisions of the run `tag`, by (lineage names, index); a line torn by a kill is ignored
+    (its block is drawn again, to the same result)."""
     decided = {}
-    for path in sorted(out.glob(JOURNAL.format(index="*"))):
+    for path in sorted(out.glob(JOURNAL.format(tag=tag, index="*"))):
         for line in path.read_text(encoding="utf-8").splitlines():
             try:
                 entry = json.loads(line)

@@ -336,7 +336,7 @@ def generate(
         target = out / image_path(item.lineage, tag, item.index)
         temporary(target).unlink(missing_ok=True)
 
-    decided = read_journals(out) if image_filter is not None else None
+    decided = read_journals(out, tag) if image_filter is not None else None
 
     def missing(block: list[Item]) -> list[Item]:
         given_up = {key for key, entry in (decided or {}).items() if not entry["kept"]}
@@ -362,7 +362,7 @@ def generate(
             with atomic_file(target) as tmp:
                 images[item].save(tmp, format="PNG")
         if image_filter is not None:  # after the images: a decision on record is one whose image is on disk
-            decided.update(journal_block(out, index, images.outcome, image_filter.rank))
+            decided.update(journal_block(out, tag, index, images.outcome, image_filter.rank))
         written += len(made)
         bar.update(len(todo))
         if write_table:  # a killed run's table lists what it made
@@ -373,7 +373,7 @@ def generate(
     seconds = time.perf_counter() - start
     rows = write_metadata(out, pipe.taxonomy, plan, tag, key, decided) if write_table else 0
     if write_table and image_filter is not None:
-        write_text_atomic(out / FILTER_SUMMARY, json.dumps(summarize(read_journals(out)), indent=1) + "\n")
+        write_text_atomic(out / FILTER_SUMMARY, json.dumps(summarize(read_journals(out, tag)), indent=1) + "\n")
     return GenerationResult(written, existing, rows, seconds)
 
 
@@ -469,7 +469,7 @@ def generate_sharded(
     state.wait_for_everyone()
     rows = result.rows
     if state.is_main_process and not single:
-        decided = read_journals(out) if image_filter is not None else None
+        decided = read_journals(out, generation_tag(key)) if image_filter is not None else None
         rows = write_metadata(out, pipe.taxonomy, plan, generation_tag(key), key, decided)
         if decided is not None:
             write_text_atomic(out / FILTER_SUMMARY, json.dumps(summarize(decided), indent=1) + "\n")
