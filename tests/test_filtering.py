@@ -155,3 +155,11 @@ def test_two_processes_keep_the_same_images_as_one(pipe, small_taxonomy, tmp_pat
     assert one.keys() == two.keys()
     for name in one:
         np.testing.assert_array_equal(one[name], two[name])
+
+
+def test_a_taxon_the_classifier_never_saw_is_kept_unscored(small_taxonomy):
+    from taxadiffusion.taxonomy import Lineage
+
+    image_filter = ImageFilter(Brightness(small_taxonomy), "specific_epithet", threshold=0.3, retries=1)
+    unknown = Lineage(small_taxonomy.ranks, ("Actinopterygii", "Perciformes", "Pomacentridae", "Amphiprion", "nova"))
+    assert image_filter.scores([Image.new("RGB", (16, 16))], [unknown]) == [(True, None)]

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import InputError
+from .errors import InputError, TaxaDiffusionError
 from .taxonomy import Lineage, Rank
 
 JOURNAL = "filter-{tag}-{index}.jsonl"  # per run (its generation tag) and process
@@ -79,12 +79,13 @@ class ImageFilter:
 
         taxonomy, level = self.classifier.taxonomy, self.classifier.taxonomy.ranks.index(self.rank)
         batch = to_unit(np.stack([np.asarray(image.convert("RGB")) for image in images]))
-        probabilities = torch.softmax(self.classifier(batch)[level], dim=-1)
+        device = next(self.classifier.parameters()).device
+        probabilities = torch.softmax(self.classifier(batch.to(device))[level], dim=-1).cpu()
         out = []
         for row, lineage in zip(probabilities, lineages, strict=True):
             try:
                 truth = taxonomy.ids(Lineage(taxonomy.ranks, lineage.names))[level]
-            except (InputError, IndexError):
+            except (TaxaDiffusionError, IndexError):  # other ranks, or a taxon the classifier never saw
                 out.append((True, None))
                 continue
             score = float(row[truth])
