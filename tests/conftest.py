@@ -96,6 +96,17 @@ def small_taxonomy():
     return Taxonomy.from_lineages(Lineage(FISHNET_RANKS, n) for n in names)
 
 
+@pytest.fixture(scope="module")
+def pipe(tiny_pipeline):
+    """The tiny pipeline loaded, sampling at 2 steps without progress bars (what `generate`'s tests draw with)."""
+    from taxadiffusion.pipeline import TaxaDiffusionPipeline
+
+    pipe = TaxaDiffusionPipeline.from_pretrained(tiny_pipeline)
+    pipe.configure_sampling(steps=2)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 @pytest.fixture(scope="session")
 def tiny_pipeline(tmp_path_factory, tiny_sd, small_taxonomy) -> Path:
     """A saved tiny pixel-space pipeline over `small_taxonomy` (16 px)."""

@@ -237,13 +237,19 @@ def test_a_damaged_pipeline_names_its_file(tmp_path, tiny_pipeline, capsys, dama
     assert code == 2 and "is not a saved pipeline (no model_index.json)" in one_line(err)
 
 
-def test_a_truncated_latest_checkpoint_falls_back_to_the_one_before(tmp_path, dataset, tiny_sd, capsys):
+def trained_without_pipeline(tmp_path, dataset, tiny_sd) -> tuple[Path, Path, Path]:
+    """A finished two-stage run whose pipeline is gone, so that the same command resumes from its checkpoints:
+    (its config, its folder, its newest checkpoint)."""
     data, _ = dataset
     config = write_config(tmp_path / "c.yaml", data, tiny_sd, steps=[2, 2], keep_checkpoints=3)
     out = tmp_path / "run"
     assert main(["train", "--config", str(config), "--output", str(out)]) == 0
     shutil.rmtree(out / "pipeline")
-    latest = ckpt.list_checkpoints(out / "checkpoints")[-1]
+    return config, out, ckpt.list_checkpoints(out / "checkpoints")[-1]
+
+
+def test_a_truncated_latest_checkpoint_falls_back_to_the_one_before(tmp_path, dataset, tiny_sd, capsys):
+    config, out, latest = trained_without_pipeline(tmp_path, dataset, tiny_sd)
     weights = latest / ckpt.WEIGHTS
     weights.write_bytes(weights.read_bytes()[:50])
     code = main(["train", "--config", str(config), "--output", str(out)])
@@ -362,12 +368,7 @@ def test_resuming_never_unpickles_code(tmp_path, dataset, tiny_sd, capsys, name)
     the code in it never runs; the checkpoint before it resumes the run."""
     import torch
 
-    data, _ = dataset
-    config = write_config(tmp_path / "c.yaml", data, tiny_sd, steps=[2, 2], keep_checkpoints=3)
-    out = tmp_path / "run"
-    assert main(["train", "--config", str(config), "--output", str(out)]) == 0
-    shutil.rmtree(out / "pipeline")
-    latest = ckpt.list_checkpoints(out / "checkpoints")[-1]
+    config, out, latest = trained_without_pipeline(tmp_path, dataset, tiny_sd)
     marker = tmp_path / "code-ran"
     torch.save({"state": _Hostile(marker)}, latest / name)
     code = main(["train", "--config", str(config), "--output", str(out)])

@@ -16,8 +16,8 @@ from taxadiffusion.cli import main
 from taxadiffusion.eval.protocol import generation_key
 from taxadiffusion.filtering import ImageFilter, read_journals, retry_seed
 from taxadiffusion.generate import METADATA_FILE, claim_output, generate, generation_tag, plan_per_taxon
-from taxadiffusion.pipeline import TaxaDiffusionPipeline
 from taxadiffusion.taxonomy import Rank
+from tiny_models import generated_images
 
 
 class Brightness(nn.Module):
@@ -39,22 +39,10 @@ class Brightness(nn.Module):
         ]
 
 
-@pytest.fixture(scope="module")
-def pipe(tiny_pipeline):
-    pipe = TaxaDiffusionPipeline.from_pretrained(tiny_pipeline)
-    pipe.configure_sampling(steps=2)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def _run(pipe, plan, out, image_filter, **kwargs):
     key = generation_key(pipe, 0) | {"filter": image_filter.describe()}
     claim_output(out, key, False)
     return generate(pipe, plan, out, key, progress=False, image_filter=image_filter, **kwargs)
-
-
-def _files(out):
-    return {p.relative_to(out).as_posix(): np.asarray(Image.open(p)) for p in sorted(out.glob("images/*/[!.]*.png"))}
 
 
 def _rows(out):
@@ -85,12 +73,12 @@ def test_the_filter_keeps_what_the_classifier_places_and_redraws_the_rest(pipe, 
         assert (
             int(row["seed"]) == retry_seed(item.seed, int(row["attempt"])) and row["rank_checked"] == "specific_epithet"
         )
-    assert set(by_file) == {p for p in _files(out)}
+    assert set(by_file) == {p for p in generated_images(out)}
     impossible = ImageFilter(Brightness(small_taxonomy), "specific_epithet", threshold=1.0, retries=1)
     nothing = tmp_path / "nothing"
     _run(pipe, plan, nothing, impossible, batch_size=4)
     assert json.loads((nothing / "filter_summary.json").read_text())["given_up"] == len(plan.items)
-    assert _rows(nothing) == [] and not _files(nothing)
+    assert _rows(nothing) == [] and not generated_images(nothing)
 
 
 def test_a_killed_filtered_run_resumes_to_the_same_files(pipe, small_taxonomy, tmp_path):
@@ -106,7 +94,7 @@ def test_a_killed_filtered_run_resumes_to_the_same_files(pipe, small_taxonomy, t
     tag = generation_tag(generation_key(pipe, 0) | {"filter": image_filter.describe()})
     assert 0 < len(read_journals(tmp_path / "killed", tag)) < len(plan.items)
     _run(pipe, plan, tmp_path / "killed", image_filter, batch_size=4)
-    whole, resumed = _files(tmp_path / "whole"), _files(tmp_path / "killed")
+    whole, resumed = generated_images(tmp_path / "whole"), generated_images(tmp_path / "killed")
     assert whole.keys() == resumed.keys() and whole
     for name in whole:
         np.testing.assert_array_equal(whole[name], resumed[name])
@@ -151,7 +139,7 @@ def test_two_processes_keep_the_same_images_as_one(pipe, small_taxonomy, tmp_pat
     assert sorted(p.name for p in shared.glob("filter-*.jsonl")) == [f"filter-{tag}-0.jsonl", f"filter-{tag}-1.jsonl"]
     write_metadata(shared, small_taxonomy, plan, tag, key, read_journals(shared, tag))
     assert (shared / METADATA_FILE).read_text() == (tmp_path / "one" / METADATA_FILE).read_text()
-    one, two = _files(tmp_path / "one"), _files(shared)
+    one, two = generated_images(tmp_path / "one"), generated_images(shared)
     assert one.keys() == two.keys()
     for name in one:
         np.testing.assert_array_equal(one[name], two[name])

@@ -8,7 +8,6 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from taxadiffusion.cli import main
 from taxadiffusion.data.readers import read_records
@@ -23,26 +22,14 @@ from taxadiffusion.generate import (
     plan_taxa,
     write_metadata,
 )
-from taxadiffusion.pipeline import TaxaDiffusionPipeline
 from taxadiffusion.taxonomy import FISHNET_RANKS, Lineage
-
-
-@pytest.fixture(scope="module")
-def pipe(tiny_pipeline):
-    pipe = TaxaDiffusionPipeline.from_pretrained(tiny_pipeline)
-    pipe.configure_sampling(steps=2)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+from tiny_models import generated_images
 
 
 def _run(pipe, plan, out, **kwargs):
     key = generation_key(pipe, 0)
     claim_output(out, key, kwargs.pop("add", False))
     return generate(pipe, plan, out, key, progress=False, **kwargs)
-
-
-def _files(out):
-    return {p.relative_to(out).as_posix(): np.asarray(Image.open(p)) for p in sorted(out.glob("images/*/[!.]*.png"))}
 
 
 def test_plan_counts(small_taxonomy):
@@ -78,7 +65,7 @@ def test_images_do_not_depend_on_the_batch(pipe, small_taxonomy, tmp_path):
     plan = plan_per_taxon(small_taxonomy, 2)
     _run(pipe, plan, tmp_path / "one", batch_size=1)
     _run(pipe, plan, tmp_path / "three", batch_size=3)
-    one, three = _files(tmp_path / "one"), _files(tmp_path / "three")
+    one, three = generated_images(tmp_path / "one"), generated_images(tmp_path / "three")
     assert len(one) == 10 and one.keys() == three.keys()
     for name in one:
         difference = np.abs(one[name].astype(int) - three[name].astype(int))
@@ -101,13 +88,13 @@ def test_a_killed_run_continues_to_the_same_files_and_metadata(pipe, small_taxon
     with open(killed / METADATA_FILE) as handle:
         rows = list(csv.DictReader(handle))
     assert 0 < len(rows) < 10 and all((killed / r["file_name"]).is_file() for r in rows)
-    pending = next(name for name in _files(tmp_path / "whole") if not (killed / name).is_file())
+    pending = next(name for name in generated_images(tmp_path / "whole") if not (killed / name).is_file())
     half = (killed / pending).with_name(".tmp-" + (killed / pending).name)  # a write the kill cut short
     half.parent.mkdir(parents=True, exist_ok=True)
     half.write_bytes(b"\x89PNG")
     result = _run(pipe, plan, killed, batch_size=4)
     assert result.existing == 4 and result.written == 6 and not half.exists()
-    whole, resumed = _files(tmp_path / "whole"), _files(killed)
+    whole, resumed = generated_images(tmp_path / "whole"), generated_images(killed)
     assert whole.keys() == resumed.keys()
     for name in whole:
         np.testing.assert_array_equal(whole[name], resumed[name])
@@ -121,15 +108,15 @@ def test_two_processes_write_disjoint_shards(pipe, small_taxonomy, tmp_path):
     claim_output(shared, key, add=False)
     seen = []
     for index in (0, 1):
-        before = set(_files(shared))
+        before = set(generated_images(shared))
         generate(pipe, plan, shared, key, batch_size=3, shard=(index, 2), write_table=False, progress=False)
-        seen.append(set(_files(shared)) - before)
+        seen.append(set(generated_images(shared)) - before)
     assert seen[0] and seen[1] and not seen[0] & seen[1] and len(seen[0] | seen[1]) == 10
     assert write_metadata(shared, small_taxonomy, plan, generation_tag_of(key), key) == 10
     _run(pipe, plan, tmp_path / "single", batch_size=3)
     assert (shared / METADATA_FILE).read_text() == (tmp_path / "single" / METADATA_FILE).read_text()
-    single = _files(tmp_path / "single")
-    for name, pixels in _files(shared).items():  # bit for bit: the same blocks, on whichever process
+    single = generated_images(tmp_path / "single")
+    for name, pixels in generated_images(shared).items():  # bit for bit: the same blocks, on whichever process
         np.testing.assert_array_equal(pixels, single[name])
 
 

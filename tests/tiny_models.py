@@ -165,3 +165,11 @@ def write_two_rank_dataset(root: Path) -> Path:
         writer.writerow(["folder", "genus", "specific_epithet"])
         writer.writerows([r["folder"], r["genus"], r["specific_epithet"]] for r in rows)
     return root
+
+
+def generated_images(out: Path) -> dict:
+    """A generated dataset's images by path under `out`, as pixel arrays (work-in-progress `.tmp-` files left out)."""
+    import numpy as np
+    from PIL import Image
+
+    return {p.relative_to(out).as_posix(): np.asarray(Image.open(p)) for p in sorted(out.glob("images/*/[!.]*.png"))}

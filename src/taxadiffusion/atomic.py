@@ -53,19 +53,26 @@ def _remove(path: Path) -> None:
 
 
 @contextmanager
+def _rolled_back(tmp: Path) -> Iterator[None]:
+    """On any error, an interrupt included, remove the work in progress and let the error go on."""
+    try:
+        yield
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+@contextmanager
 def atomic_file(path: str | Path) -> Iterator[Path]:
     """Yield the temporary path to write `path` through (with any writer that takes a path: PIL, safetensors,
     torch.save, csv). On success the file is fsynced and renamed over `path`, and the folder fsynced; on any
     error, an interrupt included, the temporary file is removed and `path` is left as it was."""
     path = Path(path)
     tmp = temporary(path)
-    try:
+    with _rolled_back(tmp):
         yield tmp
         fsync_file(tmp)
         tmp.replace(path)
-    except BaseException:
-        _remove(tmp)
-        raise
     fsync_folder(path.parent)
 
 
@@ -73,6 +80,15 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     """A text file (UTF-8, newlines as given), written whole or not at all."""
     with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as handle:
         handle.write(text)
+
+
+def append_durably(path: str | Path, text: str) -> None:
+    """Append to a journal-like file (a table, a log of decisions) and flush it to disk: a kill loses at most the
+    line being written, which its readers cut off or skip."""
+    with open(path, "a", encoding="utf-8", newline="") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
@@ -89,7 +105,7 @@ def atomic_folder(path: str | Path, replace: bool = True) -> Iterator[Path]:
     tmp = temporary(path)
     _remove(tmp)
     tmp.mkdir(parents=True)
-    try:
+    with _rolled_back(tmp):
         yield tmp
         for file in tmp.rglob("*"):
             if file.is_file():
@@ -99,7 +115,4 @@ def atomic_folder(path: str | Path, replace: bool = True) -> Iterator[Path]:
                 raise FileExistsError(f"{path} exists")
             _remove(path)
         tmp.rename(path)
-    except BaseException:
-        _remove(tmp)
-        raise
     fsync_folder(path.parent)

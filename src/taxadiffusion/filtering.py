@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .atomic import append_durably
 from .errors import InputError, TaxaDiffusionError
 from .taxonomy import Lineage, Rank
 
@@ -127,10 +127,7 @@ def journal_block(out: Path, tag: str, index: int, outcome: dict, rank: Rank) ->
         }
         for item, (image, score, attempt) in outcome.items()
     }
-    with open(out / JOURNAL.format(tag=tag, index=index), "a", encoding="utf-8") as handle:
-        handle.write("".join(json.dumps(entry) + "\n" for entry in entries.values()))
-        handle.flush()
-        os.fsync(handle.fileno())
+    append_durably(out / JOURNAL.format(tag=tag, index=index), "".join(json.dumps(e) + "\n" for e in entries.values()))
     return entries
 
 

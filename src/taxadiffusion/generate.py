@@ -28,12 +28,13 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from io import StringIO
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .atomic import atomic_file, temporary, write_text_atomic
+from .atomic import append_durably, atomic_file, temporary, write_text_atomic
 from .errors import InputError, OutputExists
 from .filtering import COLUMNS as FILTER_COLUMNS
 from .filtering import SUMMARY as FILTER_SUMMARY
@@ -246,13 +247,12 @@ def append_metadata(
             tail = handle.read()
             if not tail.endswith(b"\n"):  # a torn last line: cut back to the last whole one
                 handle.truncate(start + tail.rfind(b"\n") + 1)
-    with open(table, "a", encoding="utf-8", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-        if fresh:
-            writer.writeheader()
-        writer.writerows(metadata_row(taxonomy, item, tag, key, decided) for item in items)
-        handle.flush()
-        os.fsync(handle.fileno())
+    buffer = StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    if fresh:
+        writer.writeheader()
+    writer.writerows(metadata_row(taxonomy, item, tag, key, decided) for item in items)
+    append_durably(table, buffer.getvalue())
     return True
 
 
@@ -273,8 +273,6 @@ def write_metadata(
         name = image_path(item.lineage, tag, item.index)
         if (out / name).is_file():
             rows[name] = metadata_row(taxonomy, item, tag, key, decided)
-    from io import StringIO
-
     buffer = StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
@@ -338,13 +336,15 @@ def generate(
 
     decided = read_journals(out, tag) if image_filter is not None else None
 
+    def given_up(item: Item) -> bool:  # a filtered image rejected at every attempt: decided, never on disk
+        entry = (decided or {}).get((item.lineage.names, item.index))
+        return entry is not None and not entry["kept"]
+
     def missing(block: list[Item]) -> list[Item]:
-        given_up = {key for key, entry in (decided or {}).items() if not entry["kept"]}
         return [
             item
             for item in block
-            if not (out / image_path(item.lineage, tag, item.index)).is_file()
-            and (item.lineage.names, item.index) not in given_up
+            if not (out / image_path(item.lineage, tag, item.index)).is_file() and not given_up(item)
         ]
 
     existing = len(mine) - sum(len(missing(block)) for block in blocks)
