@@ -99,26 +99,41 @@ def test_split_records_holds_out_part_of_every_taxon():
         split_records(records.records, 1.0, seed=0)
 
 
-def test_the_pre_flight_screen_is_kept_for_a_resumed_run(tmp_path, monkeypatch):
-    """A resumed run whose files are unchanged decodes none of them again; a changed file is screened anew."""
+def test_the_pre_flight_screen_is_split_across_processes_and_kept_in_a_manifest(tmp_path, monkeypatch):
+    """Each process screens its chunks; a later start of the same images reads the manifest and opens no file."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from taxadiffusion.data import check
     from taxadiffusion.errors import InputError
+    from taxadiffusion.shards import Share
     from taxadiffusion.taxonomy import FISHNET_RANKS
 
     records = RecordSet(FISHNET_RANKS)
-    for i in range(3):
+    for i in range(5):
         Image.new("RGB", (8, 8)).save(tmp_path / f"{i}.png")
         records.add(tmp_path / f"{i}.png", {FISHNET_RANKS[0]: "Actinopterygii"})
+    (tmp_path / "3.png").write_bytes(b"not an image")
     decoded = []
     original = check.check_image
     monkeypatch.setattr(check, "check_image", lambda path: decoded.append(path) or original(path))
-    cache = tmp_path / "run" / "screen.json"
-    assert check.screen_records(records, False, 1, False, cache=cache) is records and len(decoded) == 3
-    assert check.screen_records(records, False, 1, False, cache=cache) is records and len(decoded) == 3  # reused
-    (tmp_path / "1.png").write_bytes(b"not an image")  # the file changed: screened again, and refused
+    monkeypatch.setattr(check, "SCREEN_CHUNK", 2)  # chunks {0, 1} {2, 3} {4}: process 0 takes two, process 1 one
+
+    def process(rank: int):
+        return check.screen_records(records, True, 1, tmp_path / "cache", Share(rank, 2), progress=False)
+
+    with ThreadPoolExecutor(2) as pool:
+        kept = list(pool.map(process, (0, 1)))
+    assert sorted(decoded) == sorted(r.image for r in records)  # each image decoded once, by one process
+    assert [[r.image.name for r in k] for k in kept] == [["0.png", "1.png", "2.png", "4.png"]] * 2
+    assert kept[0].skipped["unusable image (unreadable)"] == 1
+    (folder,) = (tmp_path / "cache").glob("screen-*")
+    assert sorted(p.name for p in folder.iterdir()) == [f"chunk-00000{i}.json" for i in range(3)] + ["manifest.json"]
+
+    decoded.clear()  # a later start: the manifest, not a file opened
     with pytest.raises(InputError, match="1 unusable training image"):
-        check.screen_records(records, False, 1, False, cache=cache)
-    assert len(decoded) == 6
-    cache.write_text("{damaged")  # a damaged cache: screened again
-    kept = check.screen_records(records, True, 1, False, cache=cache)
-    assert len(kept) == 2 and len(decoded) == 9
+        check.screen_records(records, False, 1, tmp_path / "cache", progress=False)
+    assert decoded == []
+    (folder / "manifest.json").write_text("{damaged")  # a damaged manifest: the finished chunks are read again
+    assert len(check.screen_records(records, True, 1, tmp_path / "cache", progress=False)) == 4 and decoded == []
+    fewer = RecordSet(FISHNET_RANKS, records.records[:2])  # other images: another key, screened anew
+    assert check.screen_records(fewer, False, 1, tmp_path / "cache", progress=False) is fewer and len(decoded) == 2

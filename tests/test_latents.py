@@ -48,9 +48,9 @@ def _direct(vae, dataset, index):
 def test_cached_windows_are_random_crops_of_the_whole_latent(records, tmp_path):
     vae = tiny_vae()  # 2x downsampling: 16 px images are 8 x 8 latents
     dataset = ImageDataset(records.records, records.taxonomy(), size=16, seed=1)
-    cached = build_latent_dataset(dataset, vae, tmp_path / "cache", batch_size=2, progress=False, shard_bytes=4096)
+    cached = build_latent_dataset(dataset, vae, tmp_path / "cache", batch_size=2, progress=False, chunk=3)
     shards = sorted((tmp_path / "cache").glob("latents-*/shard-*.safetensors"))
-    assert len(shards) > 1  # the small shard size forces several
+    assert len(shards) == 2  # 4 images in shards of 3
     index = {Path(path).name: i for i, path in enumerate(dataset.paths)}
 
     wide, tall = index["0.png"], index["1.png"]
@@ -106,7 +106,7 @@ def test_the_cache_is_reused_and_an_interrupted_build_goes_on(records, tmp_path,
 
     monkeypatch.setattr(type(vae), "encode", killed_after_two)
     with pytest.raises(KeyboardInterrupt):  # one image per shard: two complete shards survive
-        build_latent_dataset(dataset, vae, tmp_path / "cache", batch_size=1, progress=False, shard_bytes=1)
+        build_latent_dataset(dataset, vae, tmp_path / "cache", batch_size=1, progress=False, chunk=1)
     (folder,) = (tmp_path / "cache").glob("latents-*")
     assert not (folder / "index.safetensors").exists() and len(list(folder.glob("shard-*.safetensors"))) == 2
 
@@ -114,14 +114,38 @@ def test_the_cache_is_reused_and_an_interrupted_build_goes_on(records, tmp_path,
     monkeypatch.setattr(
         type(vae), "encode", lambda self, x, *a, **k: calls.append(len(x)) or original(self, x, *a, **k)
     )
-    resumed = build_latent_dataset(dataset, vae, tmp_path / "cache", batch_size=1, progress=False, shard_bytes=1)
+    resumed = build_latent_dataset(dataset, vae, tmp_path / "cache", batch_size=1, progress=False, chunk=1)
     assert sum(calls) == len(SIZES) - 2  # only the images no complete shard holds
     for i in range(len(SIZES)):
         torch.testing.assert_close(resumed.latent(i), clean.latent(i))
 
     calls.clear()
-    build_latent_dataset(dataset, vae, tmp_path / "cache", batch_size=1, progress=False)
+    build_latent_dataset(dataset, vae, tmp_path / "cache", batch_size=1, progress=False, chunk=1)
     assert calls == []  # complete: reused as is
+
+
+def test_shards_split_across_processes_are_the_files_one_process_writes(records, tmp_path):
+    """Process r of w encodes shards r, r + w, ...: each shard the same bytes as one process writes, so two
+    processes (here two threads, each waiting for the other's shards) build the same cache."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from taxadiffusion.shards import Share
+
+    vae = tiny_vae()
+    dataset = ImageDataset(records.records, records.taxonomy(), size=16)
+    build_latent_dataset(dataset, vae, tmp_path / "one", batch_size=2, progress=False, chunk=1, workers=2)
+
+    def process(rank: int):
+        share = Share(rank, 2)
+        return build_latent_dataset(dataset, vae, tmp_path / "two", share, batch_size=2, progress=False, chunk=1)
+
+    with ThreadPoolExecutor(2) as pool:
+        assert all(len(cached) == len(SIZES) for cached in pool.map(process, (0, 1)))
+    (one,), (two,) = (list((tmp_path / name).glob("latents-*")) for name in ("one", "two"))
+    assert one.name == two.name
+    names = sorted(p.name for p in one.iterdir())
+    assert names == sorted(p.name for p in two.iterdir()) and len(names) == len(SIZES) + 1
+    assert all((one / name).read_bytes() == (two / name).read_bytes() for name in names)
 
 
 def test_cache_latents_defaults_on_for_latent_models_only(tiny_sd):

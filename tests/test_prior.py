@@ -138,7 +138,7 @@ def test_the_frozen_lora_is_fused_and_a_killed_run_resumes_bit_for_bit(prior, da
     assert all(torch.equal(base[k], saved[k]) for k in base)  # unfused bit for bit before saving
 
 
-def test_the_plan_counts_the_priors_own_token_length(prior, data, tmp_path, capsys):
+def test_the_plan_counts_the_priors_own_token_length(prior, data, tiny_sd, tmp_path, capsys):
     """`text.encoder: base` takes the prior's `text.max_length` unless given fewer; the dry run's memory plan must
     count it too."""
     import shutil
@@ -163,6 +163,11 @@ def test_the_plan_counts_the_priors_own_token_length(prior, data, tmp_path, caps
     longer = ["--set", "text.max_length=13", "--output", str(tmp_path / "long"), "--dry-run"]
     assert main(["train", "--config", str(path), *longer]) == 2
     assert "trained with text.max_length 12, not 13; set text.max_length to at most 12" in capsys.readouterr().err
+    # a prior pretrained further may read longer captions: its whole UNet trains on them
+    further = prior_config(tmp_path / "further.yaml", data, tiny_sd)
+    longer = ["--set", f"model.base={base}", "--set", "text.max_length=13", "--output", str(tmp_path / "f")]
+    assert main(["pretrain", "--config", str(further), *longer, "--dry-run"]) == 0
+    assert " x 13 tokens x 32 " in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("strategy", ["flat", "full"])

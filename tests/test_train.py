@@ -8,9 +8,11 @@ import subprocess
 import sys
 import textwrap
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -368,6 +370,61 @@ def test_latent_model_with_lora_and_cached_latents(two_rank_data, tiny_sd, tmp_p
     tables = trainer.text_embeddings
     text_bytes = sum(tables.table(i).nbytes for i in range(len(tables.ranks)))
     assert f"({text_bytes / 2**20:,.1f} MB in fp32, on the training device" in plan
+
+
+PREPARE = """
+import os, sys, time
+import taxadiffusion.data.check as check
+import taxadiffusion.train.latents as latents
+from taxadiffusion.cli import main
+
+check.SCREEN_CHUNK, latents.LATENT_CHUNK = 4, 4  # several chunks for each of the two processes
+if os.environ.get("RANK") == "1":  # one process screens slowly: longer than the process group's timeout
+    screen = check.check_image
+    check.check_image = lambda path: time.sleep(float(sys.argv[1])) or screen(path)
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def _launch(script: Path, *args: str, processes: int, port: int) -> subprocess.CompletedProcess:
+    """A torchrun-style launch of `processes` CPU processes (gloo), as the two-process training test does."""
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes)]
+    if processes > 1:
+        launcher += ["--multi_gpu", "--main_process_port", str(port)]
+    launcher += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launcher += ["--num_cpu_threads_per_process", "1", str(script), *args]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run(launcher, capture_output=True, text=True, timeout=600, env=env)
+
+
+def test_prepare_splits_across_processes_outlasts_the_barrier_timeout_and_equals_one_process(
+    two_rank_data, tiny_sd, tmp_path
+):
+    """`taxadiffusion prepare` on two gloo processes whose process group gives up after 10 s, one of them screening
+    for about 24 s: nobody waits at a barrier meanwhile, and the caches are the files one process writes."""
+    config = {
+        "model": {"base": str(tiny_sd), "resolution": 16, "finetune": "lora", "encoder_heads": 4},
+        "text": {"encoder": "base"},
+        "data": {"format": "folder", "path": str(two_rank_data), "crop": "squash"},
+        "train": {"steps": [2, 2], "batch_size": 2, "cache_latents": True, "process_group_timeout": 10},
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    script = tmp_path / "prepare.py"
+    script.write_text(textwrap.dedent(PREPARE))
+    runs = {}
+    for processes, port in ((2, 29519), (1, 0)):
+        run = tmp_path / f"run-{processes}"
+        command = ["prepare", "--config", str(tmp_path / "config.yaml"), "--output", str(run)]
+        result = _launch(script, "2" if processes == 2 else "0", *command, processes=processes, port=port)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[processes] = run / "cache"
+    assert "stage 1 [1-specific_epithet]" in result.stdout  # the plan is printed
+    (two_screen,), (two_latents,) = (list(runs[2].glob(pattern)) for pattern in ("screen-*", "latents-*"))
+    assert len(list(two_screen.glob("chunk-*.json"))) > 2 and len(list(two_latents.glob("shard-*"))) > 2
+    for folder in (two_screen, two_latents):
+        names = sorted(p.name for p in folder.iterdir())
+        assert names == sorted(p.name for p in (runs[1] / folder.name).iterdir())
+        assert all((folder / n).read_bytes() == (runs[1] / folder.name / n).read_bytes() for n in names)
 
 
 @pytest.mark.parametrize("strategy", ["random", "flat"])

@@ -72,7 +72,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = Config.load(args.config, args.set)
     pretrain = args.run == "pretrain"
-    if pretrain != (config.train.strategy == "prior"):
+    if args.run != "prepare" and pretrain != (config.train.strategy == "prior"):
         raise CommandError(
             f"{args.config}: `pretrain` makes a prior (train.strategy: prior), `train` adapts one"
             if pretrain
@@ -89,6 +89,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         if trainer.accelerator.is_main_process:
             print(trainer.describe())
+        if args.run == "prepare":  # screened, encoded and cached by every process: `train` starts at its first step
+            trainer.release()
+            return 0
         pipeline = trainer.run()
     except TrainingDiverged as error:
         print(f"taxadiffusion: training stopped: {error}", file=sys.stderr)
@@ -280,6 +283,7 @@ COMMANDS = {
     "data synth": cmd_data_synth,
     "train": cmd_train,
     "pretrain": cmd_train,
+    "prepare": cmd_train,
     "sample": cmd_sample,
     "generate": cmd_generate,
     "evaluate": cmd_evaluate,

@@ -65,6 +65,7 @@ def _add_train(commands) -> None:
     for name, about in (
         ("train", "train every stage in one run (re-run the same command to resume)"),
         ("pretrain", "pretrain a prior on captions no finer than a rank; the output folder is its base folder"),
+        ("prepare", "screen the images, encode the texts and cache the latents, split across processes"),
     ):
         train = commands.add_parser(name, help=about)
         train.add_argument("--config", required=True, type=Path, help="a preset, e.g. configs/demo.yaml")

@@ -280,7 +280,7 @@ class TrainConfig:
         check_range("train.max_grad_norm", self.max_grad_norm, 0, open_low=True)
         check_range("train.snr_gamma", self.snr_gamma, 0, open_low=True, optional=True)
         check_range("train.seed", self.seed, 0)
-        check_integer("train.process_group_timeout", self.process_group_timeout, 60)
+        check_integer("train.process_group_timeout", self.process_group_timeout, 1)
         check_range("train.ema_decay", self.ema_decay, 0, 1, open_low=True, open_high=True, optional=True)
         check_range("train.condition_dropout", self.condition_dropout, 0, 1, open_high=True)
         check_range("train.coarse_dropout", self.coarse_dropout, 0, 1, open_high=True)

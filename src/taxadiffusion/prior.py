@@ -53,8 +53,10 @@ class PriorInfo:
                 f"{config.model.resolution}; set model.resolution: {self.resolution}"
             )
         # Fewer tokens are allowed: cross-attention reads any number of them, and the padding the rank texts
-        # would carry up to the prior's caption length costs the rank encoders time in proportion.
-        if None not in (config.text.max_length, self.max_length) and config.text.max_length > self.max_length:
+        # would carry up to the prior's caption length costs the rank encoders time in proportion. More are allowed
+        # only to a prior pretrained further (`strategy: prior`): its whole UNet trains on the longer captions.
+        longer = None not in (config.text.max_length, self.max_length) and config.text.max_length > self.max_length
+        if longer and config.train.strategy != "prior":
             raise InputError(
                 f"model.base {base} is a prior trained with text.max_length {self.max_length}, not "
                 f"{config.text.max_length}; set text.max_length to at most {self.max_length} (or leave it unset)"

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -13,6 +11,16 @@ from pathlib import Path
 
 from ..atomic import write_text_atomic
 from ..errors import InputError
+from ..shards import (
+    ONE_PROCESS,
+    SCREEN_CHUNK,
+    Share,
+    iter_json_chunks,
+    paths_key,
+    read_manifest,
+    run_chunks,
+    write_manifest,
+)
 from .images import ImageCheck, check_image
 from .records import RecordSet
 
@@ -88,43 +96,28 @@ def bounded_map(pool: ThreadPoolExecutor, function, items: Iterable, window: int
         yield pending.popleft().result()
 
 
-def files_key(paths: Iterable[Path]) -> str:
-    """A hash of every file's path, size and modification time (a missing file counts as missing): what a screen
-    of the same files, unchanged since, would find again."""
-    digest = hashlib.blake2b(digest_size=16)
-    for path in paths:
-        try:
-            stat = os.stat(path)
-            digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-        except OSError:
-            digest.update(f"{path}\0missing\n".encode())
-    return digest.hexdigest()
+SCREEN_MANIFEST = "manifest.json"
 
 
 def screen_records(
-    records: RecordSet, skip_bad: bool, workers: int, progress: bool = True, cache: Path | None = None
+    records: RecordSet, skip_bad: bool, workers: int, cache: Path, share: Share = ONE_PROCESS, progress: bool = True
 ) -> RecordSet:
     """Decode every training image once before training starts. Unusable images are refused, each named
     (or, with `skip_bad`, dropped and counted as skipped rows), so no bad file can stop a run mid-epoch.
 
-    With `cache` (a JSON file), the result is kept with a hash of every file's size and modification time, and a
-    resumed run whose files are unchanged reuses it instead of decoding them all again (hours at iNat21's size)."""
+    The work is split across processes in chunks (`shards.py`) under `cache/screen-<key>/`, keyed by the image
+    paths; its manifest lets a later start of the same images skip the screen without opening or stat-ing a file.
+    A file changed in place after its screen is not seen: delete the folder to screen again."""
     paths = [r.image for r in records]
-    key = files_key(paths) if cache is not None else None
-    bad = None
-    if cache is not None and cache.is_file():
-        try:
-            saved = json.loads(cache.read_text(encoding="utf-8"))
-            if saved.get("key") == key:
-                bad = [ImageCheck(Path(path), problem) for path, problem in saved["unusable"]]
-        except (OSError, ValueError, KeyError, TypeError):
-            bad = None  # a damaged cache: screen again
-    if bad is None:
-        bad = check_images(paths, workers, progress).unusable_images
-        if cache is not None:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            unusable = [[str(b.path), b.problem] for b in bad]
-            write_text_atomic(cache, json.dumps({"key": key, "unusable": unusable}) + "\n")
+    key = paths_key(paths, SCREEN_CHUNK)
+    folder = Path(cache) / f"screen-{key}"
+    manifest = read_manifest(folder / SCREEN_MANIFEST, key)
+    if manifest is None:
+        unusable = _screen_chunks(paths, workers, folder, share, progress)
+        manifest = {"key": key, "images": len(paths), "unusable": unusable}
+        if share.is_main:
+            write_manifest(folder / SCREEN_MANIFEST, manifest)
+    bad = [ImageCheck(Path(path), problem) for path, problem in manifest["unusable"]]
     if not bad:
         return records
     if not skip_bad:
@@ -141,3 +134,23 @@ def screen_records(
         kept.skip(f"unusable image ({result.problem})")
     kept.notes.append("unusable images skipped: " + ", ".join(str(b.path) for b in bad[:20]))
     return kept
+
+
+def _screen_chunks(paths: list[Path], workers: int, folder: Path, share: Share, progress: bool) -> list[list[str]]:
+    """This process's chunks of the screen, then everyone's unusable images as [path, problem] pairs."""
+
+    def work(index: int, items: range, advance) -> None:
+        unusable = []
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            for result in bounded_map(pool, check_image, (paths[i] for i in items), window=64 * max(1, workers)):
+                if result.problem:
+                    unusable.append([str(result.path), result.problem])
+                advance(1)
+        write_text_atomic(folder / chunk_name(index), json.dumps({"unusable": unusable}) + "\n")
+
+    files = run_chunks(folder, len(paths), SCREEN_CHUNK, share, chunk_name, work, "screening images", progress)
+    return [pair for chunk in iter_json_chunks(files) for pair in chunk["unusable"]]
+
+
+def chunk_name(index: int) -> str:
+    return f"chunk-{index:06d}.json"

@@ -20,15 +20,18 @@ import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from safetensors import safe_open
 from safetensors.torch import load_file
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from ..atomic import atomic_file
 from ..codec import spatial_factor
 from ..data.dataset import ImageDataset, pixel_tensor
 from ..data.images import CropPolicy, prepare_image, resize_short_side, square_window
 from ..saved_files import save_safetensors
+from ..shards import LATENT_CHUNK, ONE_PROCESS, Share, run_chunks, wait_for
 
-FORMAT = "whole-image latents v2"  # part of the cache key: a cache of another layout is never misread
+INDEX = "index.safetensors"
+# Part of the cache key, so that a cache of another layout is never misread. v3: shard i holds images i*chunk onwards.
+FORMAT = "whole-image latents v3"
 
 
 class LatentDataset(Dataset):
@@ -41,7 +44,7 @@ class LatentDataset(Dataset):
     """
 
     def __init__(self, folder: Path, source: ImageDataset, side: int):
-        index = load_file(Path(folder) / "index.safetensors")
+        index = load_file(Path(folder) / INDEX)
         self.folder = Path(folder)
         # numpy arrays, not Python lists: at iNat21's 2.7 M images lists took 384 MiB, and every DataLoader worker
         # touched (so copied) their objects' reference counts; arrays are 40 bytes an image, shared as they are
@@ -76,8 +79,8 @@ class LatentDataset(Dataset):
         return {"latent_params": window.contiguous(), "taxon_ids": self.source.taxon_ids[index], "index": index}
 
 
-def cache_key(dataset: ImageDataset, vae) -> str:
-    parts = (list(dataset.paths), dataset.size, dataset.policy.value, vae.config, FORMAT)
+def cache_key(dataset: ImageDataset, vae, chunk: int = LATENT_CHUNK) -> str:
+    parts = (list(dataset.paths), dataset.size, dataset.policy.value, vae.config, FORMAT, chunk)
     if vae.dtype != torch.float32:  # a VAE kept in low precision encodes other latents (fp32 keys unchanged)
         parts += (str(vae.dtype),)
     payload = repr(parts)
@@ -95,63 +98,80 @@ def encoder_input(dataset: ImageDataset, index: int, factor: int) -> torch.Tenso
     return pixel_tensor(np.array(image))
 
 
-class ShardWriter:
-    """Appends flat tensors to `shard-NNNNN.safetensors` files of about `shard_bytes` each (safetensors
-    cannot append, so a shard is held in memory until full) and records where each one went.
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.safetensors"
 
-    Each shard also holds which images it has (`index`, `offset`, `shape`) and appears only once complete
-    (written aside, then renamed), so an interrupted build resumes: the shards on disk count as `done`.
-    """
 
-    def __init__(self, folder: Path, count: int, shard_bytes: int):
-        self.folder, self.shard_bytes = folder, shard_bytes
-        self.where = torch.full((count, 2), -1, dtype=torch.long)  # (shard, offset)
-        self.shapes = torch.zeros(count, 3, dtype=torch.long)
-        self.shards = 0
-        for path in sorted(folder.glob("shard-*.safetensors")):
-            shard = int(path.stem.split("-")[1])
-            with safe_open(path, framework="pt") as stored:
-                index = stored.get_tensor("index")
-                self.where[index, 0] = shard
-                self.where[index, 1] = stored.get_tensor("offset")
-                self.shapes[index] = stored.get_tensor("shape")
-            self.shards = max(self.shards, shard + 1)
-        self.done = set((self.where[:, 0] >= 0).nonzero().flatten().tolist())
-        self.buffer: list[tuple[int, torch.Tensor]] = []
-        self.size = 0
+class PixelItems(Dataset):
+    """(index, pixels) of some records, as the cache encodes them: a DataLoader's workers decode and resize."""
 
-    def add(self, index: int, params: torch.Tensor) -> None:
-        self.buffer.append((index, params))
-        self.size += params.numel()
-        if self.size * 4 >= self.shard_bytes:
-            self.flush()
+    def __init__(self, dataset: ImageDataset, items: range, factor: int):
+        self.dataset, self.items, self.factor = dataset, items, factor
 
-    def flush(self) -> None:
-        if not self.buffer:
-            return
-        index = torch.tensor([i for i, _ in self.buffer])
-        sizes = torch.tensor([p.numel() for _, p in self.buffer])
-        stored = {
-            "params": torch.cat([p.reshape(-1) for _, p in self.buffer]),
-            "index": index,
-            "offset": torch.cumsum(sizes, 0) - sizes,
-            "shape": torch.tensor([list(p.shape) for _, p in self.buffer]),
-        }
-        path = self.folder / f"shard-{self.shards:05d}.safetensors"
-        with atomic_file(path) as tmp:
-            save_safetensors(stored, tmp)
-        self.where[index, 0], self.where[index, 1], self.shapes[index] = self.shards, stored["offset"], stored["shape"]
-        self.done.update(index.tolist())
-        self.buffer, self.size, self.shards = [], 0, self.shards + 1
+    def __len__(self) -> int:
+        return len(self.items)
 
-    def close(self) -> None:
-        """Write the last shard, then the index (its presence marks a complete cache)."""
-        self.flush()
-        if len(self.done) != len(self.where):
-            raise RuntimeError(f"latent cache in {self.folder}: {len(self.where) - len(self.done)} images missing")
-        index = {"shard": self.where[:, 0].contiguous(), "offset": self.where[:, 1].contiguous(), "shapes": self.shapes}
-        with atomic_file(self.folder / "index.safetensors") as tmp:
-            save_safetensors(index, tmp)
+    def __getitem__(self, position: int) -> tuple[int, torch.Tensor]:
+        index = self.items[position]
+        return index, encoder_input(self.dataset, index, self.factor)
+
+
+def encode_shard(dataset: ImageDataset, vae, items: range, batch_size: int, workers: int, advance) -> dict:
+    """One shard: the latent distributions of `items` as one flat buffer, with each image's offset and shape.
+
+    Images share a shape only by aspect ratio, so they are batched by shape; all pending groups are encoded
+    (partial or not) whenever `4 * batch_size` images wait, which bounds the pixels held. The grouping depends
+    on the shard's images alone, so a shard is the same bytes whichever process encodes it."""
+    device = next(vae.parameters()).device
+    loader = DataLoader(
+        PixelItems(dataset, items, spatial_factor(vae)), batch_size=None, num_workers=workers, persistent_workers=False
+    )
+    pending: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = defaultdict(list)
+    encoded: dict[int, torch.Tensor] = {}
+
+    def encode(group: list[tuple[int, torch.Tensor]]) -> None:
+        pixels = torch.stack([p for _, p in group]).to(device, vae.dtype)
+        params = vae.encode(pixels).latent_dist.parameters.float().cpu()
+        encoded.update(zip([i for i, _ in group], params, strict=True))
+        advance(len(group))
+        group.clear()
+
+    for index, pixels in loader:
+        group = pending[tuple(pixels.shape[1:])]
+        group.append((index, pixels))
+        if len(group) == batch_size:
+            encode(group)
+        if sum(map(len, pending.values())) >= 4 * batch_size:
+            for waiting in pending.values():
+                if waiting:
+                    encode(waiting)
+    for waiting in pending.values():
+        if waiting:
+            encode(waiting)
+    order = sorted(encoded)
+    sizes = torch.tensor([encoded[i].numel() for i in order])
+    return {
+        "params": torch.cat([encoded[i].reshape(-1) for i in order]),
+        "index": torch.tensor(order),
+        "offset": torch.cumsum(sizes, 0) - sizes,
+        "shape": torch.tensor([list(encoded[i].shape) for i in order]),
+    }
+
+
+def write_index(folder: Path, shards: list[Path], count: int) -> None:
+    """`index.safetensors`: where each image's latent lies (its presence marks a complete cache)."""
+    where = torch.full((count, 2), -1, dtype=torch.long)  # (shard, offset)
+    shapes = torch.zeros(count, 3, dtype=torch.long)
+    for shard, path in enumerate(shards):
+        with safe_open(path, framework="pt") as stored:
+            index = stored.get_tensor("index")
+            where[index, 0], where[index, 1] = shard, stored.get_tensor("offset")
+            shapes[index] = stored.get_tensor("shape")
+    if (where[:, 0] < 0).any():
+        raise RuntimeError(f"latent cache in {folder}: {int((where[:, 0] < 0).sum())} images missing")
+    index = {"shard": where[:, 0].contiguous(), "offset": where[:, 1].contiguous(), "shapes": shapes}
+    with atomic_file(folder / INDEX) as tmp:
+        save_safetensors(index, tmp)
 
 
 @torch.no_grad()
@@ -159,50 +179,28 @@ def build_latent_dataset(
     dataset: ImageDataset,
     vae,
     cache_dir: Path,
+    share: Share = ONE_PROCESS,
     batch_size: int = 16,
+    workers: int = 0,
     progress: bool = True,
-    shard_bytes: int = 2**30,
+    chunk: int | None = None,
 ) -> LatentDataset:
-    """Encode every image once into `cache_dir/latents-<key>/` (or find it there; an interrupted build
-    goes on from its last complete shard) and wrap the result."""
-    from tqdm.auto import tqdm
+    """Encode every image once into `cache_dir/latents-<key>/` (or find it there), split across processes in
+    shards of `chunk` images (`shards.py`: a killed build goes on from its finished shards), and wrap the result."""
+    chunk = chunk or LATENT_CHUNK
+    folder = Path(cache_dir) / f"latents-{cache_key(dataset, vae, chunk)}"
+    if not (folder / INDEX).is_file():
 
-    factor = spatial_factor(vae)
-    folder = Path(cache_dir) / f"latents-{cache_key(dataset, vae)}"
-    if not (folder / "index.safetensors").is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        writer = ShardWriter(folder, len(dataset), shard_bytes)
-        device = next(vae.parameters()).device
-        # Images share a shape only by aspect ratio, so they are batched by shape; all pending groups are
-        # encoded (partial or not) whenever `4 * batch_size` images wait, which bounds the pixels held.
-        pending: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = defaultdict(list)
+        def work(index: int, items: range, advance) -> None:
+            shard = encode_shard(dataset, vae, items, batch_size, workers, advance)
+            with atomic_file(folder / shard_name(index)) as tmp:
+                save_safetensors(shard, tmp)
 
-        def encode(group: list[tuple[int, torch.Tensor]]) -> None:
-            pixels = torch.stack([p for _, p in group]).to(device, vae.dtype)
-            params = vae.encode(pixels).latent_dist.parameters.float().cpu()
-            for (index, _), one in zip(group, params, strict=True):
-                writer.add(index, one)
-            group.clear()
-
-        def encode_pending() -> None:
-            for group in pending.values():
-                if group:
-                    encode(group)
-            pending.clear()
-
-        todo = [i for i in range(len(dataset)) if i not in writer.done]
-        bar = tqdm(todo, desc="caching VAE latents", initial=len(writer.done), total=len(dataset), disable=not progress)
-        for index in bar:
-            pixels = encoder_input(dataset, index, factor)
-            group = pending[tuple(pixels.shape[1:])]
-            group.append((index, pixels))
-            if len(group) == batch_size:
-                encode(group)
-            if sum(map(len, pending.values())) >= 4 * batch_size:
-                encode_pending()
-        encode_pending()
-        writer.close()
-    return LatentDataset(folder, dataset, side=dataset.size // factor)
+        shards = run_chunks(folder, len(dataset), chunk, share, shard_name, work, "caching VAE latents", progress)
+        if share.is_main:
+            write_index(folder, shards, len(dataset))
+        wait_for([folder / INDEX], "the latent index", False)
+    return LatentDataset(folder, dataset, side=dataset.size // spatial_factor(vae))
 
 
 def sample_latents(params: torch.Tensor, scaling_factor: float) -> torch.Tensor:

@@ -34,6 +34,7 @@ from ..model import (
     plain_key,
     unfuse_lora,
 )
+from ..shards import Share
 from ..taxonomy import Lineage, Taxonomy
 from ..text import TextEmbeddingCache
 from . import checkpoint as ckpt
@@ -183,13 +184,11 @@ class Trainer:
         acc, config = self.accelerator, self.config
         with acc.main_process_first():  # the main process renders the synthetic set first
             records, self.dataset_ranks = run_records(config, self.paths.data)
-            records = screen_records(
-                records,
-                config.data.skip_bad_images,
-                os.cpu_count() or 1,
-                self.progress and acc.is_main_process,
-                cache=self.paths.cache / "screen.json",  # a resumed run with unchanged files decodes none again
-            )
+        # Every process screens its share of the images and waits for the others' by watching the cache folder,
+        # not at a barrier: a screen of millions of images cannot trip the process group's timeout (shards.py).
+        records = screen_records(
+            records, config.data.skip_bad_images, os.cpu_count() or 1, self.paths.cache, self.share, self.main_progress
+        )
         self.taxonomy = records.taxonomy()
         train = config.train
         per_step = train.batch_size * acc.num_processes * train.gradient_accumulation
@@ -208,6 +207,15 @@ class Trainer:
         return TextEmbeddingCache.load_or_build(
             self.paths.cache, self.taxonomy, spec, config.text.template, progress, species=config.text.species
         )
+
+    @property
+    def share(self) -> Share:
+        """This process's share of the preparation (`shards.py`)."""
+        return Share(self.accelerator.process_index, self.accelerator.num_processes)
+
+    @property
+    def main_progress(self) -> bool:
+        return self.progress and self.accelerator.is_main_process
 
     @property
     def text_device(self) -> torch.device:
@@ -255,9 +263,15 @@ class Trainer:
             seed=train.seed,
             random_flip=config.data.random_flip,
         )
-        if train.cache_latents:  # the config refuses it without a VAE
-            with acc.main_process_first():
-                self.dataset = build_latent_dataset(self.dataset, self.vae, self.paths.cache, progress=self.progress)
+        if train.cache_latents:  # the config refuses it without a VAE; split across processes as the screen is
+            self.dataset = build_latent_dataset(
+                self.dataset,
+                self.vae,
+                self.paths.cache,
+                self.share,
+                workers=config.data.num_workers,
+                progress=self.main_progress,
+            )
         needed = train.batch_size * acc.num_processes
         if len(self.dataset) < needed:
             raise InputError(f"{len(self.dataset)} training images but one step needs {needed}; lower train.batch_size")
