@@ -51,8 +51,8 @@ from taxadiffusion.eval.classifier import (
     ClassifierTraining,
     accuracy_by_rank,
     pool_batches,
+    predict_pool,
     record_pool,
-    to_unit,
     train_classifier,
 )
 from taxadiffusion.eval.report import markdown_table, write_keeping_section
@@ -146,7 +146,7 @@ def score(model, held_images, held_ids, rare_mask, ranks) -> dict[str, float]:
     """Accuracy per rank over the held-out images labelled at that rank (an image whose lineage stops above a
     rank, such as Fish4Knowledge's Labridae of unknown genus, is not a miss there), and species accuracy over the
     rare and common species' images."""
-    predicted = model.predict(to_unit(held_images))
+    predicted = predict_pool(model, held_images)
     out = dict(zip((rank.value for rank in ranks), accuracy_by_rank(predicted, held_ids), strict=True))
     for name, mask in (("rare species", rare_mask), ("common species", ~rare_mask)):
         out[name] = accuracy_by_rank(predicted[mask], held_ids[mask])[-1]

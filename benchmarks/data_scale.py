@@ -3,6 +3,7 @@ the DataLoader's workers over an epoch.
 
     python benchmarks/data_scale.py                 # 2,686,843 images of 10,000 species, 2 workers, one epoch
     python benchmarks/data_scale.py --images 300000 --samples 100000   # a quick look
+    python benchmarks/data_scale.py --part evaluation --taxa 16000 --processes 2   # `evaluate` at iNat21's taxa
 
 Writes an iNat21-format `train.json` (metadata only: the images do not exist) to a temporary folder, then
 times `read_inat21`, the taxonomy and `ImageDataset`, and iterates a DataLoader over the dataset's own item
@@ -10,6 +11,12 @@ code with `load_image` replaced by one in-memory image: this measures the data s
 Forked workers that touch their parent's Python objects copy their memory pages (PyTorch issue 13246); the
 report gives the workers' private memory and the machine's memory rise. Linux only (/proc). Results go to
 benchmarks/results/data_scale.md (its `## Reading` section is kept) and data_scale.json.
+
+`--part evaluation` scores a folder of generated images (`evaluate --images`) for a simulated taxonomy of
+`--taxa` species in genera of 4, one real and one generated 64 px image a species, on `--processes` processes
+(RANK and WORLD_SIZE, as a launcher sets them). The networks are tiny: LPIPS-AlexNet and a small random
+convolutional network in Inception's place, so that the protocol's own cost and memory are what is measured.
+Each process's resident memory is sampled every 500 taxa scored; it must not grow with the taxa.
 """
 
 from __future__ import annotations
@@ -163,20 +170,162 @@ def report(results: dict, args: argparse.Namespace, argv: list[str]) -> str:
     )
 
 
+class SmallFeatures(torch.nn.Module):
+    """Stands in for Inception: uint8 (B, 3, H, W) -> (B, 2048), a few random convolutions."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 16, 3, stride=2), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(4), torch.nn.Flatten()
+        )
+        self.head = torch.nn.Linear(256, 2048)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.net(images.float() / 127.5 - 1))
+
+
+def write_evaluation_folder(root: Path, taxa: int) -> None:
+    """Real images (`real/<genus>/<species>/0.png` with a taxonomy.csv) and generated ones in `evaluate`'s layout."""
+    from taxadiffusion.names import lineage_folder
+    from taxadiffusion.taxonomy import Rank
+
+    ranks = (Rank.GENUS, Rank.SPECIFIC_EPITHET)
+    rows = ["folder,genus,specific_epithet"]
+    for i in tqdm(range(taxa), desc="writing images", unit="taxon"):
+        genus, species = f"Genus{i // 4}", f"epithet{i}"
+        colour = (i * 37 % 256, i * 91 % 256, i * 53 % 256)
+        (root / "real" / f"s{i}").mkdir(parents=True)
+        Image.new("RGB", (64, 64), colour).save(root / "real" / f"s{i}" / "0.png")
+        rows.append(f"s{i},{genus},{species}")
+        for rank, names in ((ranks[1], (genus, species)), (ranks[0], (genus,))):
+            folder = root / "images" / rank.value / lineage_folder(names)
+            if not folder.exists():
+                folder.mkdir(parents=True)
+                Image.new("RGB", (64, 64), colour[::-1]).save(folder / "00.png")
+    (root / "real" / "taxonomy.csv").write_text("\n".join(rows) + "\n")
+
+
+def evaluation_worker(root: Path) -> dict:
+    """One process's share of the evaluation, with its time and memory."""
+    from taxadiffusion.data.readers import read_folder
+    from taxadiffusion.eval import protocol
+    from taxadiffusion.eval.protocol import Evaluation
+    from taxadiffusion.eval.settings import EvalSettings
+
+    samples, score = [], protocol.score_taxon
+
+    def sampled(*args, **kwargs):
+        if len(samples) % 500 == 0:
+            samples.append(rss_mib())
+        else:
+            samples.append(None)
+        return score(*args, **kwargs)
+
+    protocol.score_taxon = sampled
+    start = time.perf_counter()
+    real = read_folder(root / "real")
+    settings = EvalSettings(ranks=("genus", "specific_epithet"), lpips_net="alex", resolution=64)
+    evaluation = Evaluation(real, root / "eval", settings, images=root / "images")
+    ready = time.perf_counter()
+    evaluation.run(progress=False, features=SmallFeatures())
+    memory = [m for m in samples if m is not None]
+    return {
+        "setup_s": ready - start,
+        "score_and_metrics_s": time.perf_counter() - ready,
+        "taxa_scored": len(samples),
+        "rss_samples_mib": memory,
+        "peak_rss_mib": peak_rss_mib(),
+    }
+
+
+def peak_rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def measure_evaluation(args: argparse.Namespace, folder: Path) -> dict:
+    """The evaluation on `args.processes` processes, each a fresh Python running this script's worker part."""
+    import subprocess
+
+    start = time.perf_counter()
+    write_evaluation_folder(folder, args.taxa)
+    results = {"taxa": args.taxa, "processes": args.processes, "write_s": time.perf_counter() - start}
+    command = [sys.executable, __file__, "--part", "evaluation-worker", "--root", str(folder)]
+    env = {**os.environ, "WORLD_SIZE": str(args.processes), "OMP_NUM_THREADS": "1"}
+    start = time.perf_counter()
+    launched = [
+        subprocess.Popen(command, env={**env, "RANK": str(r)}, stdout=subprocess.PIPE, text=True)
+        for r in range(args.processes)
+    ]
+    outputs = [p.communicate()[0] for p in launched]
+    if any(p.returncode for p in launched):
+        raise SystemExit(f"an evaluation process failed (exit codes {[p.returncode for p in launched]})")
+    workers = [json.loads(output.strip().splitlines()[-1]) for output in outputs]
+    results |= {"wall_s": time.perf_counter() - start, "per_process": workers}
+    results["metrics_written"] = (folder / "eval" / "metrics.json").is_file()
+    return results
+
+
+def evaluation_report(r: dict) -> list[str]:
+    rows = [
+        ("simulated taxa", f"{r['taxa']:,} species in genera of 4: {r['taxa'] + r['taxa'] // 4:,} taxa scored"),
+        ("processes", f"{r['processes']} (RANK / WORLD_SIZE), wall time {r['wall_s']:.0f} s"),
+    ]
+    for rank, worker in enumerate(r["per_process"]):
+        rss = worker["rss_samples_mib"]
+        rows.append(
+            (
+                f"process {rank}",
+                f"{worker['taxa_scored']:,} taxa in {worker['score_and_metrics_s']:.0f} s (setup "
+                f"{worker['setup_s']:.0f} s); RSS every 500 taxa {rss[0]:,.0f} to {rss[-1]:,.0f} MiB "
+                f"(min {min(rss):,.0f}, max {max(rss):,.0f}); peak {worker['peak_rss_mib']:,.0f} MiB",
+            )
+        )
+    return (
+        ["## Evaluation at iNat21's taxa", "", "| what | measured |", "|---|---|"]
+        + [f"| {what} | {value} |" for what, value in rows]
+        + [""]
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--part", choices=["loading", "evaluation", "evaluation-worker"], default="loading")
+    parser.add_argument("--taxa", type=int, default=16_000, help="--part evaluation: species simulated")
+    parser.add_argument("--processes", type=int, default=2, help="--part evaluation: processes sharing it")
+    parser.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--images", type=int, default=2_686_843, help="iNat21 train has 2,686,843")
     parser.add_argument("--species", type=int, default=10_000)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--samples", type=int, default=0, help="items to load (default: one epoch)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp:
-        results = measure(args, Path(tmp))
+    if args.part == "evaluation-worker":
+        print(json.dumps(evaluation_worker(args.root)))
+        return 0
     argv = sys.argv[1:] if argv is None else argv
-    text = report(results, args, argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "data_scale.json").write_text(json.dumps(results, indent=1) + "\n")
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.part == "evaluation":
+            evaluation = measure_evaluation(args, Path(tmp)) | {"command": " ".join(argv)}
+            (args.out / "data_scale_evaluation.json").write_text(json.dumps(evaluation, indent=1) + "\n")
+        else:
+            results = measure(args, Path(tmp)) | {"command": " ".join(argv)}
+            (args.out / "data_scale.json").write_text(json.dumps(results, indent=1) + "\n")
+    results = json.loads((args.out / "data_scale.json").read_text())
+    text = report(results, args, results.get("command", "").split())
+    evaluation_file = args.out / "data_scale_evaluation.json"
+    if evaluation_file.is_file():
+        evaluation = json.loads(evaluation_file.read_text())
+        text += (
+            "\n"
+            + "\n".join(evaluation_report(evaluation))
+            + f"\nCommand: `python benchmarks/data_scale.py {evaluation['command']}`\n"
+        )
     write_keeping_section(args.out / "data_scale.md", text)
     print(text)
     return 0

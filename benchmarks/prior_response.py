@@ -2,8 +2,10 @@
 against images of different seeds under one caption: a prior whose text path is dead gives a ratio near 0.
 
     python benchmarks/prior_response.py --prior runs/prior-demo [--captions 8 --seeds 8]
+    python benchmarks/prior_response.py --prior benchmarks/priors/birds525.safetensors \
+        --pattern ", .*, " --name prior_response_birds525      # the binomial captions (two commas) only
 
-Writes benchmarks/results/prior_response.md (and a sample sheet: one row per caption, same seeds per column).
+Writes benchmarks/results/<name>.json (and <name>.png, a sample sheet: one row per caption, same seeds per column).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +26,14 @@ from taxadiffusion.prior import read_prior, resolve_base
 from common import RESULTS
 
 
-def measure(base: str, n_captions: int, n_seeds: int, guidance: str, scale: float) -> tuple[dict, list]:
-    info = read_prior(base)
-    captions = sorted(info.captions, key=lambda c: -info.captions[c])[:n_captions]
+def measure(
+    base: str, n_captions: int, n_seeds: int, guidance: str, scale: float, pattern: str = "", captions_of: str = ""
+) -> tuple[dict, list]:
+    """`captions_of`: take the captions from this prior's record instead (to follow one set of captions along a
+    prior's checkpoints, or from a prior that never saw them)."""
+    info = read_prior(captions_of or base)
+    known = [c for c in info.captions if re.search(pattern, c)]  # the most frequent captions that match
+    captions = sorted(known, key=lambda c: (-info.captions[c], c))[:n_captions]
     pipe = TaxaDiffusionPipeline.from_prior(base, captions)
     images = []
     for caption in captions:
@@ -49,6 +57,8 @@ def measure(base: str, n_captions: int, n_seeds: int, guidance: str, scale: floa
         "guidance": guidance,
         "scale": scale,
         "captions_in_training": len(info.captions),
+        "pattern": pattern,
+        "matching_captions": len(known),
         "mean_abs_difference_same_seed_other_caption": float(across_captions),
         "mean_abs_difference_same_caption_other_seed": float(across_seeds),
         "ratio": float(across_captions / across_seeds),
@@ -63,17 +73,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=8)
     parser.add_argument("--guidance", default="vanilla")
     parser.add_argument("--scale", type=float, default=3.0)
+    parser.add_argument("--pattern", default="", help="a regular expression the captions must match (default: any)")
+    parser.add_argument("--name", default="prior_response", help="the result files' name")
+    parser.add_argument("--captions-of", default="", help="take the captions from this prior's record")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     base = resolve_base(args.prior)
-    result, images = measure(base, args.captions, args.seeds, args.guidance, args.scale)
+    captions_of = resolve_base(args.captions_of) if args.captions_of else ""
+    result, images = measure(base, args.captions, args.seeds, args.guidance, args.scale, args.pattern, captions_of)
     result["prior"] = args.prior
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "prior_response.json").write_text(json.dumps(result, indent=1) + "\n")
+    (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")
     from PIL import Image
 
     tiles = [Image.fromarray((image * 255).round().astype(np.uint8)) for row in images for image in row]
-    image_grid(tiles, columns=args.seeds, labels=result["captions"]).save(args.out / "prior_response.png")
+    image_grid(tiles, columns=args.seeds, labels=result["captions"]).save(args.out / f"{args.name}.png")
     print(json.dumps(result, indent=1))
     return 0
 

@@ -1,8 +1,11 @@
 """Metrics: FID/KID, LPIPS reference values, the BioCLIP converter, the classifier oracle, the report."""
 
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -218,6 +221,37 @@ def test_classifier_is_an_oracle_on_synthetic_species():
     assert min(accuracy) >= 0.98, accuracy
 
 
+def test_the_classifier_reads_its_images_from_a_memory_map_a_batch_at_a_time(tmp_path):
+    """`record_pool` decodes each image once (in DataLoader workers or not, the same bytes) into a memory-mapped
+    file; batches are converted to floats one at a time, never the whole set."""
+    from taxadiffusion.data.readers import read_folder
+    from taxadiffusion.data.synthetic import SyntheticConfig, SyntheticTaxonomy
+    from taxadiffusion.eval.classifier import (
+        RecordImages,
+        TaxonClassifier,
+        pool_batches,
+        predict_pool,
+        record_pool,
+        to_unit,
+    )
+
+    synth = SyntheticTaxonomy(SyntheticConfig(branching=((1, 1),) * 5 + ((2, 2), (2, 2)), max_images=8, min_images=3))
+    records = read_folder(synth.write_folder(tmp_path / "data", progress=False))
+    taxonomy = records.taxonomy()
+    images, ids = record_pool(records.records, taxonomy, 16)
+    assert isinstance(images, np.memmap) and images.shape == (len(records), 16, 16, 3)
+    direct = RecordImages(records.records, 16, "random_crop")
+    assert all(np.array_equal(images[i], direct[i]) for i in range(len(records)))
+    assert np.array_equal(record_pool(records.records, taxonomy, 16, workers=2)[0], images)
+    assert ids.tolist() == [list(taxonomy.ids(r.lineage)) for r in records.records]
+    x, y = next(pool_batches(images, ids, 4, seed=0)())
+    first = torch.randperm(len(records), generator=torch.Generator().manual_seed(0))[:4]  # the epoch's first batch
+    assert torch.equal(x, to_unit(np.asarray(images)[first.numpy()])) and torch.equal(y, ids[first])
+    assert x.shape == (4, 3, 16, 16) and x.dtype == torch.float32
+    model = TaxonClassifier(taxonomy.to_dict(), 16, 8)
+    assert predict_pool(model, images, batch_size=3).shape == (len(records), len(taxonomy.ranks))
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """A random tiny pixel-space pipeline over a 4-species synthetic folder dataset."""
@@ -316,6 +350,63 @@ def test_evaluate_writes_a_report_equal_to_metrics_json(evaluated, capsys):
     assert {p: p.stat().st_mtime_ns for p in (out / "images").rglob("*.png")} == stamps
     assert json.loads((out / "metrics.json").read_text())["ranks"] == metrics["ranks"]
     capsys.readouterr()
+
+
+def test_two_processes_evaluate_as_one(evaluated, tmp_path):
+    """Under a launcher (RANK of WORLD_SIZE) each process draws every other batch and scores every other taxon,
+    waiting for the other's files, not at a barrier: the images and the metrics are one process's, bit for bit."""
+    _, _, out, args = evaluated
+    two = tmp_path / "two"
+    command = [sys.executable, "-m", "taxadiffusion", *[str(two) if a == str(out) else a for a in args]]
+    env = {**os.environ, "WORLD_SIZE": "2", "CUDA_VISIBLE_DEVICES": ""}
+    launched = [
+        subprocess.Popen(
+            command, env={**env, "RANK": str(r)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for r in range(2)
+    ]
+    outputs = [process.communicate(timeout=600) for process in launched]
+    assert [process.returncode for process in launched] == [0, 0], outputs
+    assert "report:" in outputs[0][0] and outputs[1][0] == ""  # the main process reports
+    metrics = json.loads((two / "metrics.json").read_text())["ranks"]
+    assert metrics == json.loads((out / "metrics.json").read_text())["ranks"]
+
+    def images(folder):
+        return {p.relative_to(folder): p.read_bytes() for p in (folder / "images").rglob("*.png")}
+
+    assert images(two) == images(out) and len(images(out)) == 18
+
+
+def test_a_killed_scoring_resumes_with_the_taxa_it_had_not_scored(evaluated, tmp_path, monkeypatch):
+    """Each taxon's scores are a file: a run killed after three of the six taxa rescores only the other three."""
+    from taxadiffusion.cli import main
+    from taxadiffusion.eval import protocol
+
+    _, _, out, args = evaluated
+    copy = tmp_path / "eval"
+    shutil.copytree(out, copy)
+    shutil.rmtree(copy / "scores")
+    (copy / "metrics.json").unlink()
+    args = [str(copy) if a == str(out) else a for a in args]
+    scored, real_score = [], protocol.score_taxon
+
+    def killed_after_three(*a, **k):
+        if len(scored) == 3:
+            raise KeyboardInterrupt
+        scored.append(1)
+        return real_score(*a, **k)
+
+    monkeypatch.setattr(protocol, "score_taxon", killed_after_three)
+    assert main(args) == 130  # interrupted: "run the same command to continue"
+    assert len(list((copy / "scores").rglob("*.safetensors"))) == 3 and not (copy / "metrics.json").exists()
+    scored.clear()
+    monkeypatch.setattr(protocol, "score_taxon", lambda *a, **k: scored.append(1) or real_score(*a, **k))
+    assert main(args) == 0
+    assert len(scored) == 3
+    assert (
+        json.loads((copy / "metrics.json").read_text())["ranks"]
+        == json.loads((out / "metrics.json").read_text())["ranks"]
+    )
 
 
 def test_evaluate_never_reuses_images_of_other_settings(evaluated, tmp_path, capsys):

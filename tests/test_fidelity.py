@@ -20,7 +20,8 @@ from taxadiffusion.data.images import CropPolicy, crop_to_box, prepare_image
 from taxadiffusion.data.readers import read_fishnet, read_records
 from taxadiffusion.data.records import Record, split_records
 from taxadiffusion.errors import InputError, UnreadableFile
-from taxadiffusion.eval.protocol import EvalSettings, _uint8_batch
+from taxadiffusion.eval.protocol import EvalSettings
+from taxadiffusion.eval.scores import uint8_batch as _uint8_batch
 from taxadiffusion.model import ModelConfig, build_taxonomy_encoder, count_parameters
 from taxadiffusion.taxonomy import FISHNET_RANKS, Lineage, Taxonomy
 from taxadiffusion.text import rank_texts

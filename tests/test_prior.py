@@ -558,7 +558,7 @@ def test_the_zero_shot_pipeline_reads_as_the_same_model_in_every_process(prior):
     assert len(digests) == 1 and len(digests.pop()) == 32
 
 
-def test_prior_fidelity_scores_the_prior_on_its_own_taxonomy_per_rank(tiny_sd, tmp_path):
+def test_prior_fidelity_scores_the_prior_on_its_own_taxonomy_per_rank(tiny_sd, tmp_path, monkeypatch):
     """benchmarks/prior_fidelity.py: an oracle trained on the prior's synthetic taxonomy scores samples of every
     species under the caption its training images had, at every rank."""
     import importlib.util
@@ -574,6 +574,7 @@ def test_prior_fidelity_scores_the_prior_on_its_own_taxonomy_per_rank(tiny_sd, t
     (tmp_path / "prior.yaml").write_text(yaml.safe_dump(config))
     assert main(["pretrain", "--config", str(tmp_path / "prior.yaml"), "--output", str(tmp_path / "prior")]) == 0
     repo = Path(__file__).resolve().parents[1]
+    monkeypatch.syspath_prepend(str(repo / "benchmarks"))  # it imports its sibling common.py, as when run alone
     spec = importlib.util.spec_from_file_location("prior_fidelity", repo / "benchmarks" / "prior_fidelity.py")
     fidelity = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(fidelity)

@@ -192,7 +192,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .eval.report import summary_lines
     from .eval.settings import EvalSettings
 
-    device = choose_device(args.device) if args.model else "cpu"  # checked before any data or weights load
+    device = choose_device(args.device)  # checked before any data or weights load
     settings = from_args(EvalSettings, args)
     inputs = EvalInputs(
         data=tuple(args.data),
@@ -204,6 +204,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         sampling_changes=_sampling(args),
     )
     metrics = evaluate(inputs, args.out, settings, device, regenerate=args.regenerate)
+    if os.environ.get("RANK", "0") != "0":  # one of several processes (accelerate launch): the main one reports
+        return 0
     print(summary_lines(metrics))
     print(f"report: {Path(args.out) / 'report.md'} and {Path(args.out) / 'report.html'}")
     return 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from .errors import InputError
 
 DEVICE_HELP = "cpu, cuda, cuda:1 or mps (default: a CUDA GPU if one is visible, else Apple's MPS, else the CPU)"
@@ -12,7 +14,9 @@ def choose_device(name: str | None) -> str:
     import torch
 
     if not name:
-        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cuda" and "LOCAL_RANK" in os.environ:  # one of several processes on this machine: its own GPU
+        name = f"cuda:{int(os.environ['LOCAL_RANK']) % max(1, torch.cuda.device_count())}"
     try:
         device = torch.device(name)
     except RuntimeError:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -39,6 +40,17 @@ class Share:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @classmethod
+    def from_environment(cls) -> Share:
+        """The place a launcher (torchrun, `accelerate launch`) gives this process in RANK and WORLD_SIZE; one
+        process without them. Read from the environment, not from a process group: work split this way needs no
+        collective, so no timeout of one applies."""
+        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
+
+    def mine(self, items: Sequence) -> list:
+        """Every world-th item, from this process's rank on."""
+        return list(items[self.rank :: self.world])
 
 
 ONE_PROCESS = Share()

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+import warnings
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -24,18 +26,20 @@ RESIZE_RULE = "bilinear resize to 299x299 (align_corners=False), uint8 x -> x/12
 class InceptionFeatures(nn.Module):
     """uint8 images (B, 3, H, W) -> (B, 2048) features, memoised by image content.
 
-    The memo lets the real images of a taxon be featurised once, however many ranks' metrics use them.
+    The memo lets the real images of a taxon be featurised once, however many ranks' metrics use them. It keeps
+    the `remember` most recent images (8 KiB each: 160 MiB at the default), so memory stays bounded at any scale.
     """
 
     num_features = 2048
 
     # Batches of 8: on CPU about 1.25x the images/s of batches of 32 (75-80 against 100 ms per image on 2 cores:
     # a batch of 32 holds about 180 MB per activation at 147 x 147, past the caches).
-    def __init__(self, weights: str | Path | None = None, batch_size: int = 8):
+    def __init__(self, weights: str | Path | None = None, batch_size: int = 8, remember: int = 20_000):
         super().__init__()
         self.net = torch.jit.load(str(weights or inception_weights()), map_location="cpu").eval()
         self.batch_size = batch_size
-        self.memo: dict[str, torch.Tensor] = {}
+        self.remember = remember
+        self.memo: OrderedDict[str, torch.Tensor] = OrderedDict()
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -52,7 +56,12 @@ class InceptionFeatures(nn.Module):
             batch = batch.contiguous(memory_format=torch.channels_last)
             for i, feature in zip(index, self.net(batch).float().cpu(), strict=True):
                 self.memo[keys[i]] = feature
-        return torch.stack([self.memo[key] for key in keys]).to(images.device)
+        found = torch.stack([self.memo[key] for key in keys]).to(images.device)
+        for key in keys:
+            self.memo.move_to_end(key)
+        while len(self.memo) > self.remember:
+            self.memo.popitem(last=False)
+        return found
 
 
 def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
@@ -83,23 +92,35 @@ def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
 def fid_kid(
     features: nn.Module, real: torch.Tensor, fake: torch.Tensor, kid_subset: int = 50, seed: int = 0
 ) -> dict[str, float]:
-    """FID (`frechet_distance`) and KID (mean, std, via torchmetrics) between two uint8 image sets.
+    """FID (`frechet_distance`) and KID (`kernel_inception_distance`) between two uint8 image sets."""
+    with torch.no_grad():
+        real_features, fake_features = features(real), features(fake)
+    result = {"fid": frechet_distance(real_features, fake_features), "n_real": len(real), "n_fake": len(fake)}
+    return result | kernel_inception_distance(real_features, fake_features, kid_subset, seed)
 
-    KID needs at least 2 images per set; its subset size is capped by the smaller set (KID is unbiased
-    and sane for small sets, FID is not: report both). KID draws its subsets from `seed`.
-    """
+
+class _Given(nn.Module):
+    """The features as given: torchmetrics' KID then reads features computed (and saved) before."""
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+
+def kernel_inception_distance(real: torch.Tensor, fake: torch.Tensor, subset: int = 50, seed: int = 0) -> dict:
+    """KID (mean, std) of two feature sets through torchmetrics, its 20 subsets drawn from `seed`. The subset size
+    is capped by the smaller set (KID is unbiased and sane for small sets, FID is not: report both); nothing
+    below 2 images a set."""
     from torchmetrics.image.kid import KernelInceptionDistance
 
-    with torch.no_grad():
-        fid = frechet_distance(features(real), features(fake))
-    result = {"fid": fid, "n_real": len(real), "n_fake": len(fake)}
-    subset = min(kid_subset, len(real), len(fake))
-    if subset >= 2:
-        kid = KernelInceptionDistance(feature=features, subsets=20, subset_size=subset, normalize=False)
-        kid.update(real, real=True)
-        kid.update(fake, real=False)
-        with torch.random.fork_rng(devices=[]):  # torchmetrics draws subsets from the global RNG
-            torch.manual_seed(seed)
-            mean, std = kid.compute()
-        result.update(kid=float(mean), kid_std=float(std))
-    return result
+    subset = min(subset, len(real), len(fake))
+    if subset < 2:
+        return {}
+    with warnings.catch_warnings():  # "will save all extracted features": features are what it is given here
+        warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
+        kid = KernelInceptionDistance(feature=_Given(), subsets=20, subset_size=subset, normalize=False)
+    kid.update(real.float(), real=True)
+    kid.update(fake.float(), real=False)
+    with torch.random.fork_rng(devices=[]):  # torchmetrics draws subsets from the global RNG
+        torch.manual_seed(seed)
+        mean, std = kid.compute()
+    return {"kid": float(mean), "kid_std": float(std)}

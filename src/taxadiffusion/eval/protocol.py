@@ -9,10 +9,12 @@ images laid out the same way. Every number lands in `metrics.json` with the sett
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import json
 import random
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,11 +31,13 @@ from ..errors import InputError
 from ..names import lineage_folder
 from ..sampling import Negative, Spacing
 from ..saved_files import check_saved_folder
+from ..shards import ONE_PROCESS, Share, wait_for
 from ..taxonomy import Lineage, Rank, Taxon, Taxonomy, UnknownTaxonError
 from .bioclip import BioCLIPScorer, taxon_text
-from .classifier import TaxonClassifier, accuracy_by_rank, to_unit
-from .fid import FEATURE_NETWORK, RESIZE_RULE, InceptionFeatures, fid_kid
+from .classifier import TaxonClassifier
+from .fid import FEATURE_NETWORK, RESIZE_RULE, InceptionFeatures
 from .lpips import LPIPS
+from .scores import Scorers, TaxonScores, group_metrics, score_taxon
 from .settings import PROTOCOL_TEXT, EvalSettings
 
 
@@ -92,13 +96,11 @@ def check_classifier(settings: EvalSettings) -> None:
         check_saved_folder(settings.classifier, "a taxonomic classifier", "config.json", hint)
 
 
-def _uint8_batch(images: list[np.ndarray], size: int | None = None) -> torch.Tensor:
-    """(B, 3, H, W) uint8 of (H, W, 3) arrays, resized to `size` x `size` (bicubic, antialiased) when given."""
-    batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
-    if size is None or batch.shape[-2:] == (size, size):
-        return batch
-    resized = torch.nn.functional.interpolate(batch.float(), size=(size, size), mode="bicubic", antialias=True)
-    return resized.round().clamp(0, 255).to(torch.uint8)
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 class Evaluation:
@@ -114,19 +116,21 @@ class Evaluation:
         taxonomy: Taxonomy | None = None,
         regenerate: bool = False,
         one_text: Callable[[Lineage], str] | None = None,
+        device: str | torch.device | None = None,
     ):
         """`taxonomy`: the training taxonomy when scoring a folder of images or a one-text model, so that rare and
         common taxa are told apart by their training counts (default: the real set's own counts). `regenerate`:
         replace images generated earlier in `out` with another model or other settings (else they are refused).
         `one_text`: the pipeline knows one text per species (the flat and full baselines, a prior prompted
         zero-shot), the one this maps a species' lineage to; a taxon above species is drawn through its species
-        in turn."""
+        in turn. `device`: where the scoring networks run (default: the pipeline's, else the CPU)."""
         if (pipeline is None) == (images is None):
             raise InputError("evaluate either a model (--model) or a folder of generated images (--images)")
         check_classifier(settings)  # before any image is generated
         self.settings = settings
         self.out = Path(out)
         self.pipeline = pipeline
+        self.device = torch.device(device or (pipeline.device if pipeline is not None else "cpu"))
         if pipeline is not None and settings.sampling is not None:
             pipeline.configure_sampling(**settings.sampling.to_dict())
         self.regenerate = regenerate
@@ -148,7 +152,6 @@ class Evaluation:
         for record in real:
             for depth in range(1, record.lineage.depth + 1):
                 self.real_by_path.setdefault(record.lineage.names[:depth], []).append(record.image)
-        self._real_cache: dict[Path, np.ndarray] = {}
 
     def _model_resolution(self) -> int:
         if self.pipeline is None:
@@ -162,69 +165,53 @@ class Evaluation:
         return [t for t in self.taxonomy.taxa(rank) if t.path in self.real_by_path]
 
     def real_images(self, taxon: Taxon) -> list[np.ndarray]:
+        """A taxon's real images (at most `max_real_per_taxon`, drawn by the seed), centre-cropped to the resolution.
+        Read again for each rank that needs them: holding them would grow with the dataset."""
         paths = sorted(self.real_by_path[taxon.path], key=str)
         if len(paths) > self.settings.max_real_per_taxon:
             paths = sorted(random.Random(self.settings.seed).sample(paths, self.settings.max_real_per_taxon), key=str)
-        out = []
-        for path in paths:
-            if path not in self._real_cache:
-                image = prepare_image(load_image(path), self.resolution, "random_crop", None)  # centre crop
-                self._real_cache[path] = np.asarray(image)
-            out.append(self._real_cache[path])
-        return out
+        return [np.asarray(prepare_image(load_image(path), self.resolution, "random_crop", None)) for path in paths]
 
-    def generated_images(
-        self, rank: Rank, taxa: list[Taxon], progress: bool
-    ) -> dict[tuple[str, ...], list[np.ndarray]]:
-        if self.images_dir is not None:
-            return self._read_images(rank, taxa)
-        self._generate(rank, taxa, progress)
-        return self._read_images(rank, taxa, self.out / "images")
+    def generated_images(self, rank: Rank, taxon: Taxon) -> list[np.ndarray]:
+        """A taxon's generated images (those of `--images`, or those this evaluation generated), at the resolution."""
+        base = (self.images_dir or self.out / "images") / rank.value
+        folder = base / taxon_folder(taxon)
+        if not folder.is_dir():
+            named = base / taxon.name
+            folder = named if named.is_dir() and len(self.taxonomy.find(taxon.name, rank)) == 1 else folder
+        # a kill -9 mid-write leaves a `.tmp-` file: never an image
+        files = sorted(p for p in folder.glob("*.png") if not is_temporary(p)) if folder.is_dir() else []
+        return [np.asarray(prepare_image(load_image(p), self.resolution, "squash")) for p in files]
 
-    def _read_images(self, rank: Rank, taxa: list[Taxon], base: Path | None = None) -> dict:
-        base = (base or self.images_dir) / rank.value
-        found = {}
-        for taxon in taxa:
-            folder = base / taxon_folder(taxon)
-            if not folder.is_dir():
-                named = base / taxon.name
-                folder = named if named.is_dir() and len(self.taxonomy.find(taxon.name, rank)) == 1 else folder
-            # a kill -9 mid-write leaves a `.tmp-` file: never an image
-            files = sorted(p for p in folder.glob("*.png") if not is_temporary(p)) if folder.is_dir() else []
-            if files:
-                found[taxon.path] = [np.asarray(prepare_image(load_image(p), self.resolution, "squash")) for p in files]
-        return found
-
-    def _generate(self, rank: Rank, taxa: list[Taxon], progress: bool) -> None:
-        """Generate the missing images of every taxon; each image has its own seeded generator, so a
-        resumed evaluation draws exactly the images an uninterrupted one would."""
+    def _generate(self, rank: Rank, taxa: list[Taxon], progress: bool, share: Share = ONE_PROCESS) -> None:
+        """Generate the missing images of `taxa` (this process's share of the rank); each image has its own seeded
+        generator. The rank's images are cut into fixed batches and process r draws batches r, r + w, ... whole,
+        so every image is drawn in the same batch however many processes share the work or how often it was
+        killed: the same pixels. Then it waits for the images of its taxa that others drew."""
         from tqdm.auto import tqdm
 
-        self._claim_images()
+        self._claim_images(share)
         s = self.settings
         level = self.taxonomy.level(rank)
         jobs = []
-        for taxon in taxa:
+        for taxon in self.taxa(rank):
             if self.one_text is not None and not self._species_below(taxon):
                 continue  # nothing a one-text model can draw it through (F4K's class labelled to family)
             folder = self.out / "images" / rank.value / taxon_folder(taxon)
-            for i in range(s.per_taxon):
-                target = folder / f"{i:02d}.png"
-                if not target.is_file():
-                    temporary(target).unlink(missing_ok=True)  # a killed run's partial image
-                    jobs.append((taxon, i, target))
-        if not jobs:
-            return
-        pipe = self.pipeline
-        for start in tqdm(range(0, len(jobs), s.batch_size), desc=f"generating {rank}", disable=not progress):
-            chunk = jobs[start : start + s.batch_size]
-            lineages = [self._prompt(taxon, i) for taxon, i, _ in chunk]
-            generators = [torch.Generator().manual_seed(image_seed(s.seed, level, t.id, i)) for t, i, _ in chunk]
-            images = pipe(lineages, generator=generators).images  # the pipeline's sampling settings
-            for image, (_, _, target) in zip(images, chunk, strict=True):
+            jobs += [(taxon, i, folder / f"{i:02d}.png") for i in range(s.per_taxon)]
+        batches = share.mine([jobs[i : i + s.batch_size] for i in range(0, len(jobs), s.batch_size)])
+        missing = [batch for batch in batches if not all(target.is_file() for _, _, target in batch)]
+        for batch in tqdm(missing, desc=f"generating {rank}", unit="batch", disable=not progress):
+            lineages = [self._prompt(taxon, i) for taxon, i, _ in batch]
+            generators = [torch.Generator().manual_seed(image_seed(s.seed, level, t.id, i)) for t, i, _ in batch]
+            images = self.pipeline(lineages, generator=generators).images  # the pipeline's sampling settings
+            for image, (_, _, target) in zip(images, batch, strict=True):
                 target.parent.mkdir(parents=True, exist_ok=True)
+                temporary(target).unlink(missing_ok=True)  # a killed run's partial image
                 with atomic_file(target) as tmp:
                     image.save(tmp, format="PNG")
+        ours = set(taxa)
+        wait_for([target for taxon, _, target in jobs if taxon in ours], "images", False)
 
     def _species_below(self, taxon: Taxon) -> list[Taxon]:
         """The species under a taxon, listed once per taxon (every image of it asks again)."""
@@ -244,14 +231,20 @@ class Evaluation:
         known = self.pipeline.taxonomy
         return known.lineage(known.by_path((text,)))
 
-    def _claim_images(self) -> None:
+    def _claim_images(self, share: Share = ONE_PROCESS) -> dict:
         """Record what generates the images in `out/images`; images of another model or other settings there
-        are refused, or deleted with `regenerate` (only the files this evaluation writes)."""
+        are refused, or deleted with `regenerate` (only the files this evaluation writes). The main process
+        claims; the others wait until the record names this model and these settings."""
         if self._claimed is not None:  # checked once per evaluation: the model and settings do not change
-            return
+            return self._claimed
         folder = self.out / "images"
         key = generation_key(self.pipeline, self.settings.seed)
         marker = folder / GENERATION_FILE
+        if not share.is_main:
+            while _read_json(marker) != key:
+                time.sleep(0.2)
+            self._claimed = key
+            return key
         ours = sorted(folder.glob("*/*/[0-9][0-9]*.png")) if folder.is_dir() else []
         saved = None
         if marker.is_file():
@@ -276,89 +269,96 @@ class Evaluation:
         folder.mkdir(parents=True, exist_ok=True)
         write_text_atomic(marker, json.dumps(key, indent=1) + "\n")
         self._claimed = key
+        return key
 
     # -- metrics ----------------------------------------------------------------------------------
 
-    def run(self, progress: bool = True, features: InceptionFeatures | None = None) -> dict:
-        """Score every rank. `features`: an Inception extractor to share between evaluations (its memo
-        then featurises each real image once for all of them)."""
-        s = self.settings
+    def run(self, progress: bool = True, features: InceptionFeatures | None = None, share: Share | None = None) -> dict:
+        """Score every rank, in stages that each leave their output on disk: generate (`images/`), score each taxon
+        (`scores/`), then each rank's metrics from its taxa's scores (`metrics.json`). Under `accelerate launch` or
+        torchrun each process takes every world-th taxon of a rank, and waits for the others' scores by watching
+        the folder; every process computes the same metrics and the main one writes them. `features`: an Inception
+        extractor shared between evaluations (its memo featurises each real image once for all of them)."""
+        share = share or Share.from_environment()
         self.out.mkdir(parents=True, exist_ok=True)
-        features = features or InceptionFeatures(s.inception)
-        lpips = self._lpips()
-        classifier = self._classifier()
-        bioclip = self._bioclip()
-        results = {}
+        scores = {}
         for rank in self.ranks:
             taxa = self.taxa(rank)
-            generated = self.generated_images(rank, taxa, progress)
-            taxa = [t for t in taxa if t.path in generated]
-            if not taxa:
-                raise InputError(f"no {rank} taxon has both real and generated images")
-            (self.out / "grids").mkdir(exist_ok=True)
-            save_grid(generated, taxa[:8], self.out / "grids" / f"{rank.value}.png")
-            real = {t.path: self.real_images(t) for t in taxa}
-            groups = {"all": taxa}
-            groups["rare"] = [t for t in taxa if t.count < s.rare_threshold]
-            groups["common"] = [t for t in taxa if t.count >= s.rare_threshold]
-            results[rank.value] = {
-                name: self._score(rank, group, real, generated, features, lpips, classifier, bioclip)
-                for name, group in groups.items()
-                if group
-            }
+            scores[rank] = {taxon: self._scores_file(rank, taxon) for taxon in taxa}
+            mine = share.mine(taxa)
+            if self.pipeline is not None:
+                self._generate(rank, mine, progress, share)
+            self._score(rank, [t for t in mine if not scores[rank][t].is_file()], features, progress)
+        wait_for([f for files in scores.values() for f in files.values()], "scores", progress and share.is_main)
+        results = {rank.value: self._rank_metrics(rank, files, share.is_main) for rank, files in scores.items()}
         metrics = {"settings": self._settings(FEATURE_NETWORK, RESIZE_RULE), "ranks": results}
-        write_text_atomic(self.out / "metrics.json", json.dumps(metrics, indent=1) + "\n")
+        if share.is_main:
+            write_text_atomic(self.out / "metrics.json", json.dumps(metrics, indent=1) + "\n")
         return metrics
 
-    def _score(self, rank, taxa, real, generated, features, lpips, classifier, bioclip) -> dict:
-        size = self.settings.metric_size
-        real_all = _uint8_batch([image for t in taxa for image in real[t.path]], size)
-        fake_all = _uint8_batch([image for t in taxa for image in generated[t.path]], size)
-        scores = {"taxa": len(taxa), **fid_kid(features, real_all, fake_all, seed=self.settings.seed)}
-        scores["lpips"] = self._paired_lpips(lpips, taxa, real, generated)
-        if bioclip is not None:
-            texts = [self._bioclip_text(t) for t in taxa for _ in generated[t.path]]
-            scores["bioclip"] = float(bioclip.score(fake_all, texts).mean())
-        if classifier is not None:
-            scores.update(self._accuracy(classifier, rank, taxa, real, generated))
-        return scores
+    def _scores_file(self, rank: Rank, taxon: Taxon) -> Path:
+        """Where a taxon's scores at a rank go: under a folder named by everything that decides them (a scoring
+        setting or other images: another folder, never a stale file)."""
+        return self.out / "scores" / self._scores_key / rank.value / f"{taxon_folder(taxon)}.safetensors"
 
-    def _paired_lpips(self, lpips, taxa, real, generated) -> float:
-        """Mean LPIPS over (generated i, real i mod n) pairs of each taxon, averaged over taxa."""
-        per_taxon = []
-        for taxon in taxa:
-            fake = generated[taxon.path]
-            pairs = [real[taxon.path][i % len(real[taxon.path])] for i in range(len(fake))]
-            a = _uint8_batch(fake, self.settings.metric_size).float() / 127.5 - 1
-            b = _uint8_batch(pairs, self.settings.metric_size).float() / 127.5 - 1
-            with torch.no_grad():
-                per_taxon.append(float(lpips(a, b).mean()))
-        return float(np.mean(per_taxon))
+    @functools.cached_property
+    def _scores_key(self) -> str:
+        settings = {**asdict(self.settings), "sampling": None, "resolution": self.resolution}
+        images = self._claim_images() if self.pipeline is not None else {"images": str(self.images_dir)}
+        payload = json.dumps([settings, images], sort_keys=True, default=str)
+        return hashlib.blake2b(payload.encode(), digest_size=8).hexdigest()
 
-    def _accuracy(self, classifier, rank, taxa, real, generated) -> dict:
-        """Top-1 accuracy at each rank down to `rank` for generated images, and for real ones (the ceiling)."""
-        level = self.taxonomy.level(rank)
-        ranks = self.taxonomy.ranks[: level + 1]
+    def _score(self, rank: Rank, taxa: list[Taxon], features, progress: bool) -> None:
+        """Score each taxon alone (its images read, scored and let go) and save the numbers."""
+        from tqdm.auto import tqdm
 
-        def truth(taxon: Taxon, n: int) -> torch.Tensor:
-            """The taxon's ids in the classifier's taxonomy (-1 where it does not know the taxon)."""
-            ids = []
-            for depth in range(1, level + 2):
-                try:
-                    ids.append(classifier.taxonomy.by_path(taxon.path[:depth]).id)
-                except UnknownTaxonError:
-                    ids.append(-1)
-            ids += [-1] * (len(classifier.taxonomy.ranks) - len(ids))
-            return torch.tensor([ids] * n)
+        if not taxa:
+            return
+        scorers = self._scorers(features)
+        for taxon in tqdm(taxa, desc=f"scoring {rank}", unit="taxon", disable=not progress):
+            fake = self.generated_images(rank, taxon)
+            real = self.real_images(taxon) if fake else []
+            truth = self._truth(scorers.classifier, rank, taxon) if scorers.classifier is not None else None
+            scores = score_taxon(scorers, real, fake, self.settings.metric_size, truth, self._bioclip_text(taxon))
+            scores.save(self._scores_file(rank, taxon))
 
-        out = {}
-        for kind, images in (("accuracy", generated), ("real_accuracy", real)):
-            batch = [image for t in taxa for image in images[t.path]]
-            labels = torch.cat([truth(t, len(images[t.path])) for t in taxa])
-            predicted = classifier.predict(to_unit(np.stack(batch)))
-            by_rank = accuracy_by_rank(predicted, labels)
-            out[kind] = {r.value: acc for r, acc in zip(classifier.taxonomy.ranks, by_rank, strict=True) if r in ranks}
-        return out
+    def _scorers(self, features: InceptionFeatures | None) -> Scorers:
+        """The scoring networks, loaded once an evaluation has something to score, on the evaluation's device."""
+        if self.__dict__.get("scorers") is None:
+            features = features or InceptionFeatures(self.settings.inception)
+            scorers = Scorers(features, self._lpips(), self._classifier(), self._bioclip())
+            self.__dict__["scorers"] = scorers.to(self.device)
+        return self.__dict__["scorers"]
+
+    def _rank_metrics(self, rank: Rank, files: dict[Taxon, Path], sheet: bool) -> dict:
+        """A rank's metrics over all its taxa and over the rare and the common ones (and its sample sheet)."""
+        loaded = {taxon: TaxonScores.load(path) for taxon, path in files.items()}
+        taxa = [taxon for taxon, scores in loaded.items() if not scores.empty]
+        if not taxa:
+            raise InputError(f"no {rank} taxon has both real and generated images")
+        if sheet:
+            (self.out / "grids").mkdir(exist_ok=True)
+            shown = {t.path: self.generated_images(rank, t) for t in taxa[:8]}
+            save_grid(shown, taxa[:8], self.out / "grids" / f"{rank.value}.png")
+        threshold = self.settings.rare_threshold
+        groups = {"all": taxa, "rare": [t for t in taxa if t.count < threshold]}
+        groups["common"] = [t for t in taxa if t.count >= threshold]
+        ranks = [r.value for r in self.taxonomy.ranks[: self.taxonomy.level(rank) + 1]]
+        return {
+            name: group_metrics([loaded[t] for t in group], ranks, seed=self.settings.seed)
+            for name, group in groups.items()
+            if group
+        }
+
+    def _truth(self, classifier, rank: Rank, taxon: Taxon) -> torch.Tensor:
+        """The taxon's ids in the classifier's taxonomy down to `rank` (-1 where it does not know the taxon)."""
+        ids = []
+        for depth in range(1, self.taxonomy.level(rank) + 2):
+            try:
+                ids.append(classifier.taxonomy.by_path(taxon.path[:depth]).id)
+            except UnknownTaxonError:
+                ids.append(-1)
+        return torch.tensor(ids + [-1] * (len(classifier.taxonomy.ranks) - len(ids)))
 
     def _bioclip_text(self, taxon: Taxon) -> str:
         return taxon_text(taxon.path, self.settings.bioclip_template)
@@ -486,9 +486,11 @@ def evaluate(
         taxonomy=inputs.taxonomy,
         regenerate=regenerate,
         one_text=one_text,
+        device=device,
     )
     metrics = evaluation.run(progress)
-    write_report(out, {Path(out).name: metrics})
+    if Share.from_environment().is_main:
+        write_report(out, {Path(out).name: metrics})
     return metrics
 
 

@@ -201,13 +201,18 @@ class RunPlan:
         return rows * self.text_tokens * self.text_width * self._feature_bytes
 
     @property
+    def _frozen_tables(self) -> bool:
+        """Whether the last stage holds the frozen ranks' tables (a progressive run of several ranks)."""
+        return self.config.train.strategy == "progressive" and len(self.taxonomy.ranks) > 1
+
+    @property
     def _feature_bytes(self) -> int:
         return 4 if self.config.train.text_features_dtype == "fp32" else 2
 
     def describe(self) -> str:
         """The plan a person reads before the run: data, model, conditioning, text, optimizer, batch, stages."""
         lines = [*self._data_lines(), self._model_line(), self._conditioning_line(), self._text_line()]
-        lines += [self._optimizer_line(), self._batch_line(), *self._stage_lines()]
+        lines += [self._optimizer_line(), self._batch_line(), self._memory_line(), *self._stage_lines()]
         return "\n".join(lines)
 
     def _data_lines(self) -> list[str]:
@@ -267,7 +272,7 @@ class RunPlan:
         where = "in CPU memory" if train.text_features == "cpu" else "on the training device"
         frozen = (
             f"; the frozen ranks' tables up to {_size(self.frozen_table_bytes())} at the last stage"
-            if train.strategy == "progressive" and len(self.taxonomy.ranks) > 1
+            if self._frozen_tables
             else ""
         )
         return (
@@ -313,6 +318,29 @@ class RunPlan:
             + ("deterministic kernels, " if train.deterministic else "")
             + f"latent cache {_on(train.cache_latents)}"
             + (f" (at least {_size(self.latent_cache_bytes())} on disk)" if train.cache_latents else "")
+        )
+
+    def memory_bytes(self) -> tuple[int, int]:
+        """(device, host) bytes each process holds that the plan can count: the weights (the frozen base in
+        `frozen_precision` when set), the largest stage's gradients and AdamW moments (fp32), and the text tables
+        (with the frozen ranks' at the last stage) where `train.text_features` puts them. Activations come on
+        top: they grow with batch and resolution, and one step measures them (benchmarks/speed.py)."""
+        largest = max(self.stage_parameters, default=0)
+        if any(stage.unet == "full" for stage in self.stages):  # every weight trains: fp32
+            weights = 4 * (self.unet_parameters + self.encoder_parameters)
+        else:  # the UNet's base is frozen; what trains (LoRA, encoders) is fp32
+            weights = (2 if self.config.frozen_precision else 4) * self.unet_parameters + 4 * self.trained_parameters
+        text = self.text_feature_bytes() + (self.frozen_table_bytes() if self._frozen_tables else 0)
+        device = weights + 12 * largest + (0 if self.config.train.text_features == "cpu" else text)
+        return device, text if self.config.train.text_features == "cpu" else 0
+
+    def _memory_line(self) -> str:
+        device, host = self.memory_bytes()
+        return (
+            f"memory per process before activations: {_size(device)} on the device (weights, the largest stage's "
+            f"gradients and AdamW moments, text tables on the device)"
+            + (f", {_size(host)} of text tables in host memory" if host else "")
+            + "; activations come on top (one step measures them: benchmarks/speed.py)"
         )
 
     def _stage_lines(self) -> list[str]:
