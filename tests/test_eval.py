@@ -488,6 +488,22 @@ def test_evaluate_a_folder_of_images_and_compare(evaluated, tmp_path):
     assert split == [["eval", "genus"], ["eval", "species"], ["external", "genus"]]
 
 
+def test_a_generated_dataset_is_scored_as_a_folder_of_images(evaluated, tmp_path):
+    """`generate --per-taxon N --rank genus` writes what `evaluate --images` scores at that rank: each genus's images
+    found through metadata.csv, every one of them scored."""
+    from taxadiffusion.cli import main
+
+    root, data, _, _ = evaluated
+    generated = tmp_path / "generated"
+    make = ["generate", "--model", str(root / "model"), "--out", str(generated), "--per-taxon", "2"]
+    assert main([*make, "--rank", "genus", "--steps", "2"]) == 0
+    out = tmp_path / "scored"
+    score = ["evaluate", "--images", str(generated), "--data", "folder", str(data), "--ranks", "genus"]
+    assert main([*score, "--resolution", "16", "--out", str(out)]) == 0
+    genus = json.loads((out / "metrics.json").read_text())["ranks"]["genus"]["all"]
+    assert genus["taxa"] == 2 and genus["n_fake"] == 4
+
+
 def test_regenerated_report_keeps_its_hand_written_reading(tmp_path):
     from taxadiffusion.eval.report import write_keeping_section
 

@@ -1,10 +1,12 @@
 """The evaluation protocol (paper, sec. 4): for every taxon at each rank, generate N images conditioned down
 to that rank and score them against the real images of that taxon.
 
-Generated images are written to `out/images/<rank>/<taxon>/NN.png` and reused when the evaluation is run
-again with the same model and every setting that shapes an image (`out/images/generation.json` records them;
-on a mismatch the images are refused, or replaced with `regenerate`); `--images DIR` scores another system's
-images laid out the same way. Every number lands in `metrics.json` with the settings that produced it.
+Three stages, each leaving its output on disk so that a killed run resumes from it and processes share it:
+1. generate: `out/images/<rank>/<taxon>/NN.png`, reused when the evaluation is run again with the same model and
+   every setting that shapes an image (`out/images/generation.json` records them; on a mismatch the images are
+   refused, or replaced with `regenerate`); `--images DIR` scores another system's images laid out the same way;
+2. score each taxon: `out/scores/<key>/<rank>/<taxon>.safetensors` (`scores.py`);
+3. each rank's metrics from its taxa's scores: `metrics.json`, with the settings that produced every number.
 """
 
 from __future__ import annotations
@@ -173,7 +175,12 @@ class Evaluation:
         return [np.asarray(prepare_image(load_image(path), self.resolution, "random_crop", None)) for path in paths]
 
     def generated_images(self, rank: Rank, taxon: Taxon) -> list[np.ndarray]:
-        """A taxon's generated images (those of `--images`, or those this evaluation generated), at the resolution."""
+        """A taxon's generated images (those of `--images`, or those this evaluation generated), at the resolution.
+        A `--images` folder written by `generate` is read through its metadata.csv: the images conditioned on
+        exactly the taxon's lineage (`generate --per-taxon N --rank RANK` makes them for every taxon of a rank)."""
+        if self.images_dir is not None and (self.images_dir / "metadata.csv").is_file():
+            files = [self.images_dir / name for name in self._generated_by_lineage.get(taxon.path, [])]
+            return [np.asarray(prepare_image(load_image(p), self.resolution, "squash")) for p in files]
         base = (self.images_dir or self.out / "images") / rank.value
         folder = base / taxon_folder(taxon)
         if not folder.is_dir():
@@ -182,6 +189,18 @@ class Evaluation:
         # a kill -9 mid-write leaves a `.tmp-` file: never an image
         files = sorted(p for p in folder.glob("*.png") if not is_temporary(p)) if folder.is_dir() else []
         return [np.asarray(prepare_image(load_image(p), self.resolution, "squash")) for p in files]
+
+    @functools.cached_property
+    def _generated_by_lineage(self) -> dict[tuple[str, ...], list[str]]:
+        """`generate`'s metadata.csv as {lineage names: image files}, in the order of its rows."""
+        import csv
+
+        found: dict[tuple[str, ...], list[str]] = {}
+        with open(self.images_dir / "metadata.csv", newline="", encoding="utf-8") as file:
+            for row in csv.DictReader(file):
+                names = tuple(row[rank.value] for rank in self.taxonomy.ranks if row.get(rank.value))
+                found.setdefault(names, []).append(row["file_name"])
+        return found
 
     def _generate(self, rank: Rank, taxa: list[Taxon], progress: bool, share: Share = ONE_PROCESS) -> None:
         """Generate the missing images of `taxa` (this process's share of the rank); each image has its own seeded
