@@ -91,6 +91,17 @@ def test_low_precision_only_where_nothing_trains(two_rank_data, tiny_sd):
     assert tiny.frozen_precision is None  # no pretrained base: the UNet trains
 
 
+def test_text_features_leave_a_gpu_they_would_fill_over_an_eighth_of():
+    from taxadiffusion.train.plan import text_placement
+
+    gib = 2**30
+    assert Config().train.text_features == "auto"
+    assert text_placement("auto", int(3.6 * gib), 80 * gib) == "device"  # iNat21's CLIP features on an 80 GB card
+    assert text_placement("auto", int(3.6 * gib), 24 * gib) == "cpu"  # ... on a 24 GB one
+    assert text_placement("auto", 10 * gib, None) == "device"  # no GPU: the device is the CPU
+    assert text_placement("device", 10 * gib, 24 * gib) == "device" and text_placement("cpu", 1, 80 * gib) == "cpu"
+
+
 def test_text_features_in_cpu_memory_and_half_precision(two_rank_data, tiny_sd, tmp_path):
     config = _tiny_config(two_rank_data, tiny_sd, text_features="cpu", text_features_dtype="fp16")
     trainer = Trainer(config, tmp_path / "run", progress=False)

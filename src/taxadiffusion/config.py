@@ -55,6 +55,7 @@ class MixedPrecision(Choice):
 
 
 class TextFeatures(Choice):
+    AUTO = "auto"  # on the device, unless they would take over an eighth of a GPU's memory: then CPU memory
     DEVICE = "device"
     CPU = "cpu"
 
@@ -235,8 +236,9 @@ class TrainConfig:
     fused_optimizer: bool = True
     # The text-feature tables (and the frozen ranks' tables): kept on the training device or in CPU memory (each
     # batch's rows copied over), stored in fp32, fp16 or bf16 (the model computes in fp32 either way). iNat21
-    # with CLIP holds 3.6 GiB of text features per process.
-    text_features: str = "device"  # device | cpu
+    # with CLIP holds 3.6 GiB of text features per process. `auto` keeps them on the device unless they would take
+    # over an eighth of a GPU's memory (the plan says where they went).
+    text_features: str = "auto"  # auto | device | cpu
     text_features_dtype: str = "fp32"  # fp32 | fp16 | bf16
     # Deterministic kernels (process-wide): on a GPU, a resumed run then equals an uninterrupted one bit for bit,
     # as it always does on the CPU. Slower on GPUs.

@@ -158,6 +158,12 @@ class RunPlan:
     text_tokens: int = 77  # tokens per cached text
     device: str | None = None  # what each process trains on, once known (not in a dry run)
     fused_lora: bool = False  # the stages that leave the LoRA frozen run it merged into the UNet
+    text_on_cpu: bool | None = None  # where the trainer put the text tables (None in a dry run: the config says)
+
+    @property
+    def text_in_cpu_memory(self) -> bool:
+        """Whether the text tables live in CPU memory (`auto` counts as the device until a GPU decides)."""
+        return self.config.train.text_features == "cpu" if self.text_on_cpu is None else self.text_on_cpu
 
     @property
     def device_type(self) -> str | None:
@@ -269,7 +275,9 @@ class RunPlan:
 
     def _text_line(self) -> str:
         config, train = self.config, self.config.train
-        where = "in CPU memory" if train.text_features == "cpu" else "on the training device"
+        where = "in CPU memory" if self.text_in_cpu_memory else "on the training device"
+        if train.text_features == "auto" and self.text_on_cpu is None:
+            where += " unless over an eighth of a GPU's memory (train.text_features: auto)"
         frozen = (
             f"; the frozen ranks' tables up to {_size(self.frozen_table_bytes())} at the last stage"
             if self._frozen_tables
@@ -331,8 +339,8 @@ class RunPlan:
         else:  # the UNet's base is frozen; what trains (LoRA, encoders) is fp32
             weights = (2 if self.config.frozen_precision else 4) * self.unet_parameters + 4 * self.trained_parameters
         text = self.text_feature_bytes() + (self.frozen_table_bytes() if self._frozen_tables else 0)
-        device = weights + 12 * largest + (0 if self.config.train.text_features == "cpu" else text)
-        return device, text if self.config.train.text_features == "cpu" else 0
+        device = weights + 12 * largest + (0 if self.text_in_cpu_memory else text)
+        return device, text if self.text_in_cpu_memory else 0
 
     def _memory_line(self) -> str:
         device, host = self.memory_bytes()
@@ -373,6 +381,7 @@ class RunPlan:
         num_processes: int = 1,
         text_tokens: int = 77,
         device: str | None = None,
+        text_on_cpu: bool | None = None,
     ) -> RunPlan:
         """The plan of a run from its (real or meta-device) model; `factor`: pixels per latent cell."""
         per_stage, trained = stage_parameter_counts(model, stages)
@@ -393,7 +402,16 @@ class RunPlan:
             text_tokens=text_tokens,
             device=device,
             fused_lora=fuses_lora(unet, config),
+            text_on_cpu=text_on_cpu,
         )
+
+
+def text_placement(setting: str, table_bytes: int, gpu_memory: int | None) -> str:
+    """Where `train.text_features` puts the text tables ("device" or "cpu"): `auto` keeps them on the device unless
+    on a GPU (`gpu_memory` bytes) they would take over an eighth of it."""
+    if setting != "auto":
+        return setting
+    return "cpu" if gpu_memory is not None and table_bytes > gpu_memory / 8 else "device"
 
 
 def fuses_lora(unet, config: Config) -> bool:

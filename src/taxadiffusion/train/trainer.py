@@ -7,6 +7,7 @@ update, log, checkpoint, done), then the final pipeline.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -39,7 +40,7 @@ from ..taxonomy import Lineage, Taxonomy
 from ..text import TextEmbeddingCache
 from . import checkpoint as ckpt
 from .latents import build_latent_dataset, sample_latents
-from .plan import RunPlan, describe_device, fused_adamw, fuses_lora, run_records, text_encoder_spec
+from .plan import RunPlan, describe_device, fused_adamw, fuses_lora, run_records, text_encoder_spec, text_placement
 from .run_folder import RunConflict, RunPaths, prepare_output
 from .stages import Stage, plan_stages
 
@@ -217,10 +218,15 @@ class Trainer:
     def main_progress(self) -> bool:
         return self.progress and self.accelerator.is_main_process
 
-    @property
+    @functools.cached_property
     def text_device(self) -> torch.device:
-        """Where the text-feature tables (and the frozen ranks' tables) live."""
-        return torch.device("cpu") if self.config.train.text_features == "cpu" else self.accelerator.device
+        """Where the text-feature tables (and the frozen ranks' tables) live: as `train.text_features` says; under
+        `auto`, in CPU memory when on a GPU they would take over an eighth of its memory."""
+        device, train = self.accelerator.device, self.config.train
+        itemsize = STORAGE_DTYPE[train.text_features_dtype].itemsize
+        tables = sum(self.cache.table(level).numel() for level in range(len(self.cache.ranks))) * itemsize
+        memory = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+        return torch.device("cpu") if text_placement(train.text_features, tables, memory) == "cpu" else device
 
     @property
     def weight_dtype(self) -> torch.dtype | None:
@@ -286,6 +292,7 @@ class Trainer:
             acc.num_processes,
             self.cache.config.max_length,
             describe_device(acc.device),
+            text_on_cpu=train.text_features == "cpu" or self.text_device != acc.device,
         ).describe()
         if acc.is_main_process:
             config.save(self.paths.config)
