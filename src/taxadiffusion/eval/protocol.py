@@ -260,7 +260,8 @@ class Evaluation:
         key = generation_key(self.pipeline, self.settings.seed)
         marker = folder / GENERATION_FILE
         if not share.is_main:
-            while _read_json(marker) != key:
+            recorded = json.loads(json.dumps(key))  # as the main process writes it (tuples become lists)
+            while _read_json(marker) != recorded:
                 time.sleep(0.2)
             self._claimed = key
             return key
@@ -300,6 +301,8 @@ class Evaluation:
         extractor shared between evaluations (its memo featurises each real image once for all of them)."""
         share = share or Share.from_environment()
         self.out.mkdir(parents=True, exist_ok=True)
+        if self.pipeline is not None:  # the main process claims `images/` before any process names a scores file
+            self._claim_images(share)
         scores = {}
         for rank in self.ranks:
             taxa = self.taxa(rank)
