@@ -6,12 +6,13 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-BUDGET_MIB = 150  # the tracked tree (not the history); today about 121 MiB
+BUDGET_MIB = 150  # the tracked tree (not the history); today about 145 MiB
 LARGE_BYTES = 5 * 2**20
 # Files over 5 MB that the tree keeps, each with its reason. Anything else that large fails the test below.
 ALLOWED_LARGE = {
     "src/taxadiffusion/priors/demo.safetensors": "the shipped prior that `make demo` adapts (packaged:demo)",
     "benchmarks/priors/birds_fish_long.safetensors": "the prior of Table 1 on CUB-100-LT (3.2 h to remake)",
+    "benchmarks/priors/birds525_15k.safetensors": "the birds525 prior at 15,000 steps: the base of its last 5,000",
 }
 
 
