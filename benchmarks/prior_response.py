@@ -5,7 +5,7 @@ against images of different seeds under one caption: a prior whose text path is 
     python benchmarks/prior_response.py --prior benchmarks/priors/birds525.safetensors \
         --pattern ", .*, " --name prior_response_birds525      # the binomial captions (two commas) only
 
-Writes benchmarks/results/<name>.json (and <name>.png, a sample sheet: one row per caption, same seeds per column).
+Writes benchmarks/results/<name>.json (and <name>.jpg, a sample sheet: one row per caption, same seeds per column).
 """
 
 from __future__ import annotations
@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     from PIL import Image
 
     tiles = [Image.fromarray((image * 255).round().astype(np.uint8)) for row in images for image in row]
-    image_grid(tiles, columns=args.seeds, labels=result["captions"]).save(args.out / f"{args.name}.png")
+    sheet = image_grid(tiles, columns=args.seeds, labels=result["captions"]).convert("RGB")
+    sheet.save(args.out / f"{args.name}.jpg", "JPEG", quality=90, optimize=True)  # a sheet to look at: JPEG
     print(json.dumps(result, indent=1))
     return 0
 
