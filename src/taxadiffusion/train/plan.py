@@ -276,8 +276,8 @@ class RunPlan:
     def _text_line(self) -> str:
         config, train = self.config, self.config.train
         where = "in CPU memory" if self.text_in_cpu_memory else "on the training device"
-        if train.text_features == "auto" and self.text_on_cpu is None:
-            where += " unless over an eighth of a GPU's memory (train.text_features: auto)"
+        if train.text_features == "auto":  # a GPU they would fill over an eighth of sends them to CPU memory
+            where += " (train.text_features: auto)"
         frozen = (
             f"; the frozen ranks' tables up to {_size(self.frozen_table_bytes())} at the last stage"
             if self._frozen_tables
