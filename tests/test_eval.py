@@ -488,7 +488,7 @@ def test_evaluate_a_folder_of_images_and_compare(evaluated, tmp_path):
     assert split == [["eval", "genus"], ["eval", "species"], ["external", "genus"]]
 
 
-def test_a_generated_dataset_is_scored_as_a_folder_of_images(evaluated, tmp_path):
+def test_a_generated_dataset_is_scored_as_a_folder_of_images(evaluated, tmp_path, capsys):
     """`generate --per-taxon N --rank genus` writes what `evaluate --images` scores at that rank: each genus's images
     found through metadata.csv, every one of them scored."""
     from taxadiffusion.cli import main
@@ -502,6 +502,11 @@ def test_a_generated_dataset_is_scored_as_a_folder_of_images(evaluated, tmp_path
     assert main([*score, "--resolution", "16", "--out", str(out)]) == 0
     genus = json.loads((out / "metrics.json").read_text())["ranks"]["genus"]["all"]
     assert genus["taxa"] == 2 and genus["n_fake"] == 4
+    next((generated / "images").rglob("*.png")).unlink()  # an image deleted after generation: counted, not scored
+    capsys.readouterr()
+    assert main([*score, "--resolution", "16", "--out", str(tmp_path / "fewer")]) == 0
+    assert "1 rows of" in capsys.readouterr().out
+    assert json.loads((tmp_path / "fewer" / "metrics.json").read_text())["ranks"]["genus"]["all"]["n_fake"] == 3
 
 
 def test_regenerated_report_keeps_its_hand_written_reading(tmp_path):

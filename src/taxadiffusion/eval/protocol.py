@@ -196,10 +196,16 @@ class Evaluation:
         import csv
 
         found: dict[tuple[str, ...], list[str]] = {}
+        missing = 0
         with open(self.images_dir / "metadata.csv", newline="", encoding="utf-8") as file:
             for row in csv.DictReader(file):
+                if not (self.images_dir / row["file_name"]).is_file():
+                    missing += 1  # an image moved or deleted after generation: counted, not scored
+                    continue
                 names = tuple(row[rank.value] for rank in self.taxonomy.ranks if row.get(rank.value))
                 found.setdefault(names, []).append(row["file_name"])
+        if missing:
+            print(f"taxadiffusion: {missing} rows of {self.images_dir / 'metadata.csv'} name no image; scored without")
         return found
 
     def _generate(self, rank: Rank, taxa: list[Taxon], progress: bool, share: Share = ONE_PROCESS) -> None:
