@@ -35,7 +35,7 @@ class Share:
 
     def chunks(self, count: int, chunk: int) -> list[int]:
         """The chunks of `count` items this process works on."""
-        return list(range(self.rank, chunk_count(count, chunk), self.world))
+        return self.mine(range(chunk_count(count, chunk)))
 
     @property
     def is_main(self) -> bool:

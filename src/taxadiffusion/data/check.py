@@ -77,11 +77,16 @@ def check_images(paths: Iterable[Path], workers: int = 4, progress: bool = True)
 
     paths = list(paths)
     report = CheckReport()
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        results = bounded_map(pool, check_image, paths, window=64 * max(1, workers))
-        for result in tqdm(results, total=len(paths), desc="checking images", unit="img", disable=not progress):
-            report.add(result)
+    bar = {"total": len(paths), "desc": "checking images", "unit": "img", "disable": not progress}
+    for result in tqdm(checked(paths, workers), **bar):
+        report.add(result)
     return report
+
+
+def checked(paths: Iterable[Path], workers: int) -> Iterator[ImageCheck]:
+    """Each image's check, in order, decoded by `workers` threads (PIL releases the GIL while decoding)."""
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        yield from bounded_map(pool, check_image, paths, window=64 * max(1, workers))
 
 
 def bounded_map(pool: ThreadPoolExecutor, function, items: Iterable, window: int) -> Iterator:
@@ -141,11 +146,10 @@ def _screen_chunks(paths: list[Path], workers: int, folder: Path, share: Share, 
 
     def work(index: int, items: range, advance) -> None:
         unusable = []
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            for result in bounded_map(pool, check_image, (paths[i] for i in items), window=64 * max(1, workers)):
-                if result.problem:
-                    unusable.append([str(result.path), result.problem])
-                advance(1)
+        for result in checked((paths[i] for i in items), workers):
+            if result.problem:
+                unusable.append([str(result.path), result.problem])
+            advance(1)
         write_text_atomic(folder / chunk_name(index), json.dumps({"unusable": unusable}) + "\n")
 
     files = run_chunks(folder, len(paths), SCREEN_CHUNK, share, chunk_name, work, "screening images", progress)

@@ -302,8 +302,8 @@ class Evaluation:
     def run(self, progress: bool = True, features: InceptionFeatures | None = None, share: Share | None = None) -> dict:
         """Score every rank, in stages that each leave their output on disk: generate (`images/`), score each taxon
         (`scores/`), then each rank's metrics from its taxa's scores (`metrics.json`). Under `accelerate launch` or
-        torchrun each process takes every world-th taxon of a rank, and waits for the others' scores by watching
-        the folder; every process computes the same metrics and the main one writes them. `features`: an Inception
+        torchrun each process takes every world-th taxon of a rank; the main process waits for every taxon's scores
+        by watching the folder and computes the metrics, and the others read them. `features`: an Inception
         extractor shared between evaluations (its memo featurises each real image once for all of them)."""
         share = share or Share.from_environment()
         self.out.mkdir(parents=True, exist_ok=True)
@@ -317,11 +317,17 @@ class Evaluation:
             if self.pipeline is not None:
                 self._generate(rank, mine, progress, share)
             self._score(rank, [t for t in mine if not scores[rank][t].is_file()], features, progress)
-        wait_for([f for files in scores.values() for f in files.values()], "scores", progress and share.is_main)
-        results = {rank.value: self._rank_metrics(rank, files, share.is_main) for rank, files in scores.items()}
+        # The main process computes the metrics (each rank's features loaded at once) and the others read them: one
+        # copy of that work and memory, not one per process. Its copy beside the scores is this run's, never stale.
+        done = self.out / "scores" / self._scores_key / "metrics.json"
+        if not share.is_main:
+            wait_for([done], "the metrics", False)
+            return json.loads(done.read_text(encoding="utf-8"))
+        wait_for([f for files in scores.values() for f in files.values()], "scores", progress)
+        results = {rank.value: self._rank_metrics(rank, files) for rank, files in scores.items()}
         metrics = {"settings": self._settings(FEATURE_NETWORK, RESIZE_RULE), "ranks": results}
-        if share.is_main:
-            write_text_atomic(self.out / "metrics.json", json.dumps(metrics, indent=1) + "\n")
+        for path in (done, self.out / "metrics.json"):
+            write_text_atomic(path, json.dumps(metrics, indent=1) + "\n")
         return metrics
 
     def _scores_file(self, rank: Rank, taxon: Taxon) -> Path:
@@ -358,16 +364,15 @@ class Evaluation:
             self.__dict__["scorers"] = scorers.to(self.device)
         return self.__dict__["scorers"]
 
-    def _rank_metrics(self, rank: Rank, files: dict[Taxon, Path], sheet: bool) -> dict:
-        """A rank's metrics over all its taxa and over the rare and the common ones (and its sample sheet)."""
+    def _rank_metrics(self, rank: Rank, files: dict[Taxon, Path]) -> dict:
+        """A rank's metrics over all its taxa and over the rare and the common ones, and its sample sheet."""
         loaded = {taxon: TaxonScores.load(path) for taxon, path in files.items()}
         taxa = [taxon for taxon, scores in loaded.items() if not scores.empty]
         if not taxa:
             raise InputError(f"no {rank} taxon has both real and generated images")
-        if sheet:
-            (self.out / "grids").mkdir(exist_ok=True)
-            shown = {t.path: self.generated_images(rank, t) for t in taxa[:8]}
-            save_grid(shown, taxa[:8], self.out / "grids" / f"{rank.value}.png")
+        (self.out / "grids").mkdir(exist_ok=True)
+        shown = {t.path: self.generated_images(rank, t) for t in taxa[:8]}
+        save_grid(shown, taxa[:8], self.out / "grids" / f"{rank.value}.png")
         threshold = self.settings.rare_threshold
         groups = {"all": taxa, "rare": [t for t in taxa if t.count < threshold]}
         groups["common"] = [t for t in taxa if t.count >= threshold]
