@@ -4,6 +4,7 @@ the DataLoader's workers over an epoch.
     python benchmarks/data_scale.py                 # 2,686,843 images of 10,000 species, 2 workers, one epoch
     python benchmarks/data_scale.py --images 300000 --samples 100000   # a quick look
     python benchmarks/data_scale.py --part evaluation --taxa 16000 --processes 2   # `evaluate` at iNat21's taxa
+    python benchmarks/data_scale.py --part latents --images 16384 --processes 2    # the latent cache, sharded
 
 Writes an iNat21-format `train.json` (metadata only: the images do not exist) to a temporary folder, then
 times `read_inat21`, the taxonomy and `ImageDataset`, and iterates a DataLoader over the dataset's own item
@@ -17,6 +18,11 @@ benchmarks/results/data_scale.md (its `## Reading` section is kept) and data_sca
 (RANK and WORLD_SIZE, as a launcher sets them). The networks are tiny: LPIPS-AlexNet and a small random
 convolutional network in Inception's place, so that the protocol's own cost and memory are what is measured.
 Each process's resident memory is sampled every 500 taxa scored; it must not grow with the taxa.
+
+`--part latents` builds the latent cache (the step `prepare` and `train` start with) of `--images` 64 px images,
+first in one process and then in `--processes` (RANK and WORLD_SIZE, one thread each), with a small VAE of SD's
+architecture (2 down blocks, 4 latent channels). It reports each process's time, images/s and resident memory
+after each shard, and checks that the shards and index are the same bytes however many processes wrote them.
 """
 
 from __future__ import annotations
@@ -292,13 +298,145 @@ def evaluation_report(r: dict) -> list[str]:
     )
 
 
+LATENT_SIZE = 64  # pixels a side
+
+
+def write_latent_images(root: Path, images: int) -> None:
+    """`images` small noisy PNGs in a folder dataset of 64 species (`root/<species>/<i>.png`, taxonomy.csv)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    rows = ["folder,genus,specific_epithet"]
+    for species in range(64):
+        (root / f"s{species}").mkdir(parents=True)
+        rows.append(f"s{species},Genus{species // 4},epithet{species}")
+    (root / "taxonomy.csv").write_text("\n".join(rows) + "\n")
+    for i in tqdm(range(images), desc="writing images", unit="img"):
+        pixels = rng.integers(0, 255, (LATENT_SIZE, LATENT_SIZE, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / f"s{i % 64}" / f"{i}.png", compress_level=1)
+
+
+def small_vae():
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=LATENT_SIZE,
+    ).eval()
+
+
+def latents_worker(root: Path, cache: Path) -> dict:
+    """One process's share of the latent cache (its RANK and WORLD_SIZE), with its time and memory per shard."""
+    from taxadiffusion.data.readers import read_folder
+    from taxadiffusion.shards import Share
+    from taxadiffusion.train import latents
+
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    records = read_folder(root)
+    dataset = ImageDataset(records.records, records.taxonomy(), size=LATENT_SIZE, policy="squash")
+    vae, share = small_vae(), Share.from_environment()
+    memory, encode = [], latents.encode_shard
+
+    def measured(*args, **kwargs):
+        shard = encode(*args, **kwargs)
+        memory.append(rss_mib())
+        return shard
+
+    latents.encode_shard = measured
+    ready = time.perf_counter()
+    latents.build_latent_dataset(dataset, vae, cache, share, batch_size=64, progress=False)
+    return {
+        "setup_s": ready - start,
+        "build_s": time.perf_counter() - ready,
+        "shards": len(memory),
+        "rss_after_each_shard_mib": memory,
+        "peak_rss_mib": peak_rss_mib(),
+    }
+
+
+def measure_latents(args: argparse.Namespace, folder: Path) -> dict:
+    """The latent cache of `args.images` images by one process, then by `args.processes`; the same bytes?"""
+    import subprocess
+
+    from taxadiffusion.shards import LATENT_CHUNK
+
+    start = time.perf_counter()
+    write_latent_images(folder / "data", args.images)
+    results = {"images": args.images, "chunk": LATENT_CHUNK, "write_s": time.perf_counter() - start, "runs": {}}
+    for processes in (1, args.processes):
+        cache = folder / f"cache-{processes}"
+        command = [sys.executable, __file__, "--part", "latents-worker", "--root", str(folder / "data")]
+        env = {**os.environ, "WORLD_SIZE": str(processes), "OMP_NUM_THREADS": "1"}
+        start = time.perf_counter()
+        launched = [
+            subprocess.Popen([*command, "--cache", str(cache)], env={**env, "RANK": str(r)}, stdout=subprocess.PIPE)
+            for r in range(processes)
+        ]
+        outputs = [p.communicate()[0].decode() for p in launched]
+        if any(p.returncode for p in launched):
+            raise SystemExit(f"a latent-cache process failed (exit codes {[p.returncode for p in launched]})")
+        workers = [json.loads(output.strip().splitlines()[-1]) for output in outputs]
+        results["runs"][str(processes)] = {"wall_s": time.perf_counter() - start, "per_process": workers}
+    one, many = (
+        {p.name: p.read_bytes() for p in next((folder / f"cache-{n}").glob("latents-*")).iterdir()}
+        for n in (
+            1,
+            args.processes,
+        )
+    )
+    results["same_bytes"] = one == many
+    results["files"] = len(one)
+    results["bytes_per_image"] = sum(len(v) for v in one.values()) / args.images
+    return results
+
+
+def latents_report(r: dict) -> list[str]:
+    rows = [
+        (
+            "images",
+            f"{r['images']:,} at {LATENT_SIZE} px, in shards of {r['chunk']:,} ({r['files']} files with the index)",
+        ),
+        ("cache on disk", f"{r['bytes_per_image']:,.0f} bytes per image (fp32 mean and log-variance)"),
+    ]
+    for processes, run in sorted(r["runs"].items()):
+        rows.append(
+            (
+                f"{processes} process(es)",
+                f"wall time {run['wall_s']:.0f} s, {r['images'] / run['wall_s']:,.0f} images/s",
+            )
+        )
+        for rank, worker in enumerate(run["per_process"]):
+            rss = worker["rss_after_each_shard_mib"]
+            rows.append(
+                (
+                    f"{processes} process(es), process {rank}",
+                    f"{worker['shards']} shards in {worker['build_s']:.0f} s (setup {worker['setup_s']:.0f} s); RSS "
+                    f"after each shard {min(rss):,.0f} to {max(rss):,.0f} MiB; peak {worker['peak_rss_mib']:,.0f} MiB",
+                )
+            )
+    rows.append(("shards and index", "the same bytes" if r["same_bytes"] else "DIFFERENT bytes"))
+    return (
+        ["## The latent cache across processes", "", "| what | measured |", "|---|---|"]
+        + [f"| {what} | {value} |" for what, value in rows]
+        + [""]
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--part", choices=["loading", "evaluation", "evaluation-worker"], default="loading")
+    parts = ["loading", "evaluation", "latents", "evaluation-worker", "latents-worker"]
+    parser.add_argument("--part", choices=parts, default="loading")
     parser.add_argument("--taxa", type=int, default=16_000, help="--part evaluation: species simulated")
     parser.add_argument("--processes", type=int, default=2, help="--part evaluation: processes sharing it")
     parser.add_argument("--root", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--images", type=int, default=2_686_843, help="iNat21 train has 2,686,843")
+    parser.add_argument("--cache", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--images", type=int, help="iNat21 train has 2,686,843 (default); --part latents: 16,384")
     parser.add_argument("--species", type=int, default=10_000)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--samples", type=int, default=0, help="items to load (default: one epoch)")
@@ -307,12 +445,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.part == "evaluation-worker":
         print(json.dumps(evaluation_worker(args.root)))
         return 0
+    if args.part == "latents-worker":
+        print(json.dumps(latents_worker(args.root, args.cache)))
+        return 0
+    args.images = args.images or (16_384 if args.part == "latents" else 2_686_843)
     argv = sys.argv[1:] if argv is None else argv
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         if args.part == "evaluation":
             evaluation = measure_evaluation(args, Path(tmp)) | {"command": " ".join(argv)}
             (args.out / "data_scale_evaluation.json").write_text(json.dumps(evaluation, indent=1) + "\n")
+        elif args.part == "latents":
+            cached = measure_latents(args, Path(tmp)) | {"command": " ".join(argv)}
+            (args.out / "data_scale_latents.json").write_text(json.dumps(cached, indent=1) + "\n")
         else:
             results = measure(args, Path(tmp)) | {"command": " ".join(argv)}
             (args.out / "data_scale.json").write_text(json.dumps(results, indent=1) + "\n")
@@ -325,6 +470,14 @@ def main(argv: list[str] | None = None) -> int:
             "\n"
             + "\n".join(evaluation_report(evaluation))
             + f"\nCommand: `python benchmarks/data_scale.py {evaluation['command']}`\n"
+        )
+    latents_file = args.out / "data_scale_latents.json"
+    if latents_file.is_file():
+        cached = json.loads(latents_file.read_text())
+        text += (
+            "\n"
+            + "\n".join(latents_report(cached))
+            + f"\nCommand: `python benchmarks/data_scale.py {cached['command']}`\n"
         )
     write_keeping_section(args.out / "data_scale.md", text)
     print(text)

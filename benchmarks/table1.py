@@ -53,7 +53,7 @@ import torch
 
 from taxadiffusion.atomic import write_text_atomic
 from taxadiffusion.config import Config
-from taxadiffusion.eval.protocol import EvalInputs, EvalSettings, evaluate, taxon_folder
+from taxadiffusion.eval.protocol import EvalInputs, EvalSettings, evaluate, generated_files
 from taxadiffusion.eval.report import SHORT, write_keeping_section, write_report
 from taxadiffusion.guidance import Guidance
 from taxadiffusion.sampling import SamplingSettings
@@ -232,13 +232,14 @@ def export_species_images(evaluation: Path, target: Path, heldout: Path) -> None
     from taxadiffusion.data.readers import read_table
 
     taxonomy = read_table(heldout).taxonomy()
+    images, _ = generated_files(evaluation / "images" / "specific_epithet", taxonomy.ranks)
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir(parents=True)
     rows = []
     for taxon in taxonomy.taxa(taxonomy.ranks[-1]):
         lineage = taxonomy.lineage(taxon)
-        for image in sorted((evaluation / "images" / "specific_epithet" / taxon_folder(taxon)).glob("*.png")):
-            name = f"{lineage.scientific_name.replace(' ', '_')}_{image.stem}.png"
+        for number, image in enumerate(images.get(taxon.path, [])):
+            name = f"{lineage.scientific_name.replace(' ', '_')}_{number:02d}.png"
             shutil.copy(image, target / name)
             rows.append((name, lineage.scientific_name))
     with (target / "index.csv").open("w", newline="", encoding="utf-8") as handle:

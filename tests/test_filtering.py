@@ -13,8 +13,8 @@ from PIL import Image
 from torch import nn
 
 from taxadiffusion.cli import main
-from taxadiffusion.eval.protocol import generation_key
 from taxadiffusion.filtering import ImageFilter, read_journals, retry_seed
+from taxadiffusion.fingerprint import generation_key
 from taxadiffusion.generate import METADATA_FILE, claim_output, generate, generation_tag, plan_per_taxon
 from taxadiffusion.taxonomy import Rank
 from tiny_models import generated_images

@@ -12,7 +12,7 @@ import pytest
 from taxadiffusion.cli import main
 from taxadiffusion.data.readers import read_records
 from taxadiffusion.errors import InputError, OutputExists
-from taxadiffusion.eval.protocol import generation_key
+from taxadiffusion.fingerprint import generation_key
 from taxadiffusion.generate import (
     METADATA_FILE,
     claim_output,

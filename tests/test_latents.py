@@ -155,3 +155,20 @@ def test_cache_latents_defaults_on_for_latent_models_only(tiny_sd):
     assert off.train.cache_latents is False
     with pytest.raises(ConfigError, match="cache_latents needs a latent model"):
         Config.from_dict({"train": {"cache_latents": True}})
+
+
+def test_every_process_names_the_same_cache_for_a_vae_with_defaulted_settings(records):
+    """A VAE whose saved config lacks newer keys (SD 1.5's, from the Hub) carries diffusers' `_use_default_values`,
+    a set listed in another order in each process. The cache's name leaves it out: otherwise each process of a
+    launch would build and wait for another folder, forever."""
+    from diffusers.configuration_utils import FrozenDict
+
+    from taxadiffusion.train.latents import cache_key
+
+    dataset = ImageDataset(records.records, records.taxonomy(), size=16)
+    vae = tiny_vae()
+    keys = []
+    for order in (["scaling_factor", "force_upcast"], ["force_upcast", "scaling_factor"]):
+        vae._internal_dict = FrozenDict({**vae.config, "_use_default_values": order})
+        keys.append(cache_key(dataset, vae))
+    assert keys[0] == keys[1]

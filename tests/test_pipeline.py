@@ -296,7 +296,7 @@ def test_the_model_digest_is_the_same_whatever_schedulers_were_tried_before(tiny
     """A scheduler made from another's config keeps that one's keys; the digest that tells kept images of this
     model from another's reads only the scheduler's own parameters, so the order of `--scheduler` choices does not
     make the same model and settings look like another model."""
-    from taxadiffusion.eval.protocol import weights_digest
+    from taxadiffusion.fingerprint import weights_digest
 
     pipe = TaxaDiffusionPipeline.from_pretrained(tiny_pipeline)
     pipe.configure_sampling(scheduler="dpm")

@@ -206,7 +206,7 @@ def test_one_text_baselines_on_a_prior_read_the_caption_through_its_text_path(pr
         )
         metrics = json.loads((out / "metrics.json").read_text())
         assert set(metrics["ranks"]) == {"genus", "specific_epithet"}
-        assert len(list((out / "images" / "genus").glob("*/*.png"))) == 2 * len(metrics_taxa(metrics, "genus"))
+        assert len(list((out / "images" / "genus").glob("images/*/*.png"))) == 2 * len(metrics_taxa(metrics, "genus"))
 
 
 EVAL = ["--ranks", "genus,specific_epithet", "--per-taxon", "2", "--steps", "2", "--max-real", "3"]
@@ -225,7 +225,7 @@ def test_zero_shot_prompts_the_prior_with_species_captions(prior, data, tmp_path
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["ranks"]) == {"genus", "specific_epithet"} and metrics["settings"]["guidance"] == "vanilla"
     species = metrics["ranks"]["specific_epithet"]["all"]["taxa"]
-    assert len(list((out / "images" / "specific_epithet").glob("*/*.png"))) == 2 * species
+    assert len(list((out / "images" / "specific_epithet").glob("images/*/*.png"))) == 2 * species
     capsys.readouterr()
     assert main([*args[:4], "a photo of {colour}", *args[5:], str(data), "--out", str(tmp_path / "x"), *EVAL]) == 2
     assert "not {scientific_name} or a rank" in capsys.readouterr().err
@@ -545,7 +545,7 @@ def test_the_zero_shot_pipeline_reads_as_the_same_model_in_every_process(prior):
 
     script = (
         "import sys; from taxadiffusion.pipeline import TaxaDiffusionPipeline;"
-        "from taxadiffusion.eval.protocol import weights_digest;"
+        "from taxadiffusion.fingerprint import weights_digest;"
         "print(weights_digest(TaxaDiffusionPipeline.from_prior(sys.argv[1], ['a photo of Aa bb', 'a photo of Cc dd'])))"
     )
     digests = {

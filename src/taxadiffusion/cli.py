@@ -147,7 +147,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from . import generate as gen
     from .devices import choose_device
-    from .eval.protocol import generation_key
+    from .fingerprint import generation_key
     from .pipeline import TaxaDiffusionPipeline
     from .saved_files import check_saved_folder
     from .text import TextEmbeddingCache

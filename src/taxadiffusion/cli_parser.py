@@ -140,7 +140,9 @@ def _add_evaluate(commands) -> None:
     """`evaluate`: the options of `EvalSettings` and of sampling, and what to compare."""
     evaluate = commands.add_parser("evaluate", help="the paper's metrics per rank, with a report")
     evaluate.add_argument("--model", type=Path, help="a saved pipeline to generate with")
-    evaluate.add_argument("--images", type=Path, help="score generated images laid out as <rank>/<taxon>/*.png")
+    evaluate.add_argument(
+        "--images", type=Path, help="score a generate folder, an evaluation's images/, or <rank>/<taxon>/*.png"
+    )
     evaluate.add_argument("--compare", nargs="+", type=Path, metavar="RUN_DIR", help="tabulate evaluated runs")
     evaluate.add_argument("--data", nargs=2, metavar=("FORMAT", "PATH"), help="the real images (format and path)")
     evaluate.add_argument("--root", type=Path, help="image root of --data")

@@ -99,7 +99,7 @@ def filtered_block(pipe, block: Sequence, image_filter: ImageFilter) -> dict:
     outcome, pending = {}, list(block)
     for attempt in range(image_filter.retries + 1):
         generators = [torch.Generator().manual_seed(retry_seed(item.seed, attempt)) for item in pending]
-        images = pipe([item.lineage for item in pending], generator=generators).images
+        images = pipe([item.condition for item in pending], generator=generators).images
         rejected = []
         for item, image, (kept, score) in zip(
             pending, images, image_filter.scores(images, [i.lineage for i in pending]), strict=True

@@ -50,11 +50,19 @@ MAX_IMAGES = 10_000_000
 
 @dataclass(frozen=True)
 class Item:
-    """One image to generate: the lineage it is conditioned on, its index within the taxon, its seed."""
+    """One image to generate: its taxon's lineage, its index within the taxon, its seed; `prompt`, where the image
+    is conditioned on another lineage than its taxon's (a model that knows only species draws a genus through its
+    species in turn, `evaluate` does so for the flat and full baselines)."""
 
     lineage: Lineage
     index: int
     seed: int
+    prompt: Lineage | None = None
+
+    @property
+    def condition(self) -> Lineage:
+        """What the pipeline is given for this image."""
+        return self.prompt or self.lineage
 
 
 @dataclass
@@ -84,8 +92,14 @@ def taxon_seed(seed: int, lineage: Lineage, index: int) -> int:
     return int(np.random.SeedSequence([seed, *words, index]).generate_state(1)[0])
 
 
-def _items(counts: Sequence[tuple[Lineage, int]], seed: int) -> list[Item]:
-    return [Item(lineage, i, taxon_seed(seed, lineage, i)) for lineage, n in counts for i in range(n)]
+def plan_items(counts: Sequence[tuple[Lineage, int]], seed: int, prompt: Callable | None = None) -> list[Item]:
+    """Images 0..n-1 of each (lineage, n), in that order; `prompt(lineage, index)` gives the lineage an image is
+    conditioned on when it is not its taxon's own."""
+    return [
+        Item(lineage, i, taxon_seed(seed, lineage, i), prompt(lineage, i) if prompt else None)
+        for lineage, n in counts
+        for i in range(n)
+    ]
 
 
 def _check_total(total: int) -> None:
@@ -100,7 +114,7 @@ def plan_per_taxon(taxonomy: Taxonomy, n: int, rank: Rank | str | None = None, s
     rank = Rank.parse(rank) if rank else taxonomy.ranks[-1]
     taxa = [taxonomy.lineage(t) for t in taxonomy.taxa(rank)]
     _check_total(n * len(taxa))
-    return GenerationPlan(_items([(lineage, n) for lineage in taxa], seed), f"--per-taxon {n} at {rank}")
+    return GenerationPlan(plan_items([(lineage, n) for lineage in taxa], seed), f"--per-taxon {n} at {rank}")
 
 
 def plan_fill_to(
@@ -114,7 +128,7 @@ def plan_fill_to(
     have = Counter(lineage.names for lineage in real if lineage.depth == len(taxonomy.ranks))
     counts = [(taxonomy.lineage(t), max(0, target - have[t.path])) for t in taxonomy.taxa(species_rank)]
     _check_total(sum(n for _, n in counts))
-    return GenerationPlan(_items([c for c in counts if c[1]], seed), f"--fill-to {target} counting {source}")
+    return GenerationPlan(plan_items([c for c in counts if c[1]], seed), f"--fill-to {target} counting {source}")
 
 
 def parse_taxa_line(line: str) -> tuple[str, ...]:
@@ -154,7 +168,7 @@ def plan_taxa(
     if not lineages:
         raise InputError(f"{source} names no taxon")
     _check_total(n * len(lineages))
-    return GenerationPlan(_items([(lineage, n) for lineage in lineages], seed), f"{source}, {n} per taxon")
+    return GenerationPlan(plan_items([(lineage, n) for lineage in lineages], seed), f"{source}, {n} per taxon")
 
 
 # -- the output folder ------------------------------------------------------------------------------
@@ -309,6 +323,7 @@ def generate(
     progress: bool = True,
     on_batch: Callable[[int], None] | None = None,
     image_filter: ImageFilter | None = None,
+    taxonomy: Taxonomy | None = None,
 ) -> GenerationResult:
     """Make the plan's images that are not on disk yet, `batch_size` at a time, with the pipeline's sampling
     settings (`key`: `generation_key` of the pipeline; the folder claimed with `claim_output` first).
@@ -317,12 +332,14 @@ def generate(
     `write_table`: this process appends each batch's rows to metadata.csv and rewrites it sorted at the end; with
     several processes none does, and the main one calls `write_metadata` once all have finished.
     `image_filter`: keep only the images a classifier places in their taxon, redrawing rejected ones
-    (filtering.py); an image rejected at every attempt is counted, not made."""
+    (filtering.py); an image rejected at every attempt is counted, not made. `taxonomy`: the ranks that
+    metadata.csv names (default the pipeline's; `evaluate` gives the dataset's for a one-text model)."""
     from tqdm.auto import tqdm
 
     if batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {batch_size}")
     out = Path(out)
+    taxonomy = taxonomy or pipe.taxonomy
     index, processes = shard
     tag = generation_tag(key)
     # Fixed blocks of `batch_size` plan items, block k made by process k mod N: an image's pixels depend on its
@@ -366,12 +383,12 @@ def generate(
         written += len(made)
         bar.update(len(todo))
         if write_table:  # a killed run's table lists what it made
-            append_metadata(out, pipe.taxonomy, made, tag, key, decided)
+            append_metadata(out, taxonomy, made, tag, key, decided)
         if on_batch is not None:
             on_batch(written)
     bar.close()
     seconds = time.perf_counter() - start
-    rows = write_metadata(out, pipe.taxonomy, plan, tag, key, decided) if write_table else 0
+    rows = write_metadata(out, taxonomy, plan, tag, key, decided) if write_table else 0
     if write_table and image_filter is not None:
         write_text_atomic(out / FILTER_SUMMARY, json.dumps(summarize(read_journals(out, tag)), indent=1) + "\n")
     return GenerationResult(written, existing, rows, seconds)
@@ -388,7 +405,7 @@ def draw_block(pipe, block: list[Item], image_filter: ImageFilter | None) -> Dra
     drawn = DrawnBlock()
     if image_filter is None:
         generators = [torch.Generator().manual_seed(item.seed) for item in block]
-        drawn.update(zip(block, pipe([item.lineage for item in block], generator=generators).images, strict=True))
+        drawn.update(zip(block, pipe([item.condition for item in block], generator=generators).images, strict=True))
         return drawn
     drawn.outcome = filtered_block(pipe, block, image_filter)
     drawn.update({item: image for item, (image, _, _) in drawn.outcome.items()})

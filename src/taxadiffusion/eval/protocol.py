@@ -2,9 +2,11 @@
 to that rank and score them against the real images of that taxon.
 
 Three stages, each leaving its output on disk so that a killed run resumes from it and processes share it:
-1. generate: `out/images/<rank>/<taxon>/NN.png`, reused when the evaluation is run again with the same model and
-   every setting that shapes an image (`out/images/generation.json` records them; on a mismatch the images are
-   refused, or replaced with `regenerate`); `--images DIR` scores another system's images laid out the same way;
+1. generate: `out/images/<rank>/` is the folder `generate --per-taxon N --rank RANK --seed S` writes (the same
+   files, seeds and metadata.csv), so that either feeds the other. It is reused when the evaluation is run again
+   with the same model and every setting that shapes an image (`out/images/generation.json` records them; on a
+   mismatch the images are refused, or replaced with `regenerate`). `--images DIR` scores a `generate` folder, an
+   evaluation's `images/` or another system's images laid out as `<rank>/<taxon>/*.png`;
 2. score each taxon: `out/scores/<key>/<rank>/<taxon>.safetensors` (`scores.py`);
 3. each rank's metrics from its taxa's scores: `metrics.json`, with the settings that produced every number.
 """
@@ -13,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import inspect
 import json
 import random
 import time
@@ -23,17 +24,27 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import SchedulerMixin
 from PIL import Image
 
-from ..atomic import atomic_file, is_temporary, temporary, write_text_atomic
+from ..atomic import is_temporary, write_text_atomic
 from ..data.images import load_image, prepare_image
 from ..data.records import RecordSet
 from ..errors import InputError
+from ..fingerprint import generation_key
+from ..generate import (
+    METADATA_FILE,
+    GenerationPlan,
+    claim_output,
+    generate,
+    generation_tag,
+    image_path,
+    plan_items,
+    write_metadata,
+)
 from ..names import lineage_folder
 from ..sampling import Negative, Spacing
 from ..saved_files import check_saved_folder
-from ..shards import ONE_PROCESS, Share, wait_for
+from ..shards import Share, wait_for
 from ..taxonomy import Lineage, Rank, Taxon, Taxonomy, UnknownTaxonError
 from .bioclip import BioCLIPScorer, taxon_text
 from .classifier import TaxonClassifier
@@ -49,46 +60,28 @@ def taxon_folder(taxon: Taxon) -> str:
     return lineage_folder(taxon.path)
 
 
-def image_seed(*parts: int) -> int:
-    """The seed of one generated image: a function of (evaluation seed, rank level, taxon id, index)."""
-    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
-
-
 GENERATION_FILE = "generation.json"
+# How `out/images` is laid out, recorded with the generation settings: folders of an older layout
+# (`<rank>/<taxon>/NN.png`, other seeds) are refused, or replaced with `regenerate`, never mixed with these.
+LAYOUT = "a generate folder per rank"
 
 
-def own_config(component) -> dict:
-    """A component's config as far as it decides the outputs. A scheduler's holds only its own parameters:
-    `from_config` also keeps the keys of the scheduler it was made from, so the same scheduler would read
-    differently after another sequence of `--scheduler` choices. diffusers' bookkeeping keys (`_class_name`,
-    `_diffusers_version`, `_name_or_path`, `_use_default_values`) are left out: they decide no pixel, and
-    `_use_default_values` lists a set, in an order that changes from one process to the next."""
-    config = {k: v for k, v in dict(getattr(component, "config", None) or {}).items() if not k.startswith("_")}
-    if isinstance(component, SchedulerMixin):
-        own = inspect.signature(type(component).__init__).parameters
-        config = {k: v for k, v in config.items() if k in own}
-    return config
+def generated_files(folder: Path, ranks: tuple[Rank, ...]) -> tuple[dict[tuple[str, ...], list[Path]], int]:
+    """A `generate` folder's images by lineage names (its `ranks` columns), in the order of its metadata.csv, and
+    the number of rows whose image is gone (moved or deleted after generation: counted, never scored)."""
+    import csv
 
-
-def weights_digest(pipeline) -> str:
-    """A hash of a pipeline's weights and configs (every component), whether loaded from disk or in memory."""
-    digest = hashlib.blake2b(digest_size=16)
-    for name in sorted(pipeline.components):
-        component = pipeline.components[name]
-        if component is None:
-            continue
-        digest.update(json.dumps([name, type(component).__name__, own_config(component)], default=str).encode())
-        if isinstance(component, torch.nn.Module):
-            for key, value in sorted(component.state_dict().items()):
-                digest.update(key.encode())
-                flat = value.detach().cpu().contiguous().reshape(-1)
-                digest.update(str(value.dtype).encode() + memoryview(flat.view(torch.uint8).numpy()))
-    return digest.hexdigest()
-
-
-def generation_key(pipeline, seed: int) -> dict:
-    """What decides the pixels of a generated image: the model, its sampling settings and the seed."""
-    return {"model": weights_digest(pipeline), **pipeline.sampling.to_dict(), "seed": seed}
+    found: dict[tuple[str, ...], list[Path]] = {}
+    missing = 0
+    with open(folder / METADATA_FILE, newline="", encoding="utf-8") as file:
+        for row in csv.DictReader(file):
+            path = folder / row["file_name"]
+            if not path.is_file():
+                missing += 1
+                continue
+            names = tuple(row[rank.value] for rank in ranks if row.get(rank.value))
+            found.setdefault(names, []).append(path)
+    return found, missing
 
 
 def check_classifier(settings: EvalSettings) -> None:
@@ -136,7 +129,9 @@ class Evaluation:
         if pipeline is not None and settings.sampling is not None:
             pipeline.configure_sampling(**settings.sampling.to_dict())
         self.regenerate = regenerate
-        self._claimed: dict | None = None  # the generation key this evaluation checked and recorded
+        self._key: dict | None = None  # what decides the generated pixels (`_generation_key`)
+        self._claimed: dict | None = None  # what the main process recorded in `out/images` (`_claim_images`)
+        self._tables: dict[Path, dict] = {}  # `generate` folders' metadata.csv, read once each (`_listed`)
         self.images_dir = Path(images) if images else None
         self.one_text = one_text
         self._below: dict[tuple[str, ...], list[Taxon]] = {}  # one-text models: the species under each taxon
@@ -175,68 +170,74 @@ class Evaluation:
         return [np.asarray(prepare_image(load_image(path), self.resolution, "random_crop", None)) for path in paths]
 
     def generated_images(self, rank: Rank, taxon: Taxon) -> list[np.ndarray]:
-        """A taxon's generated images (those of `--images`, or those this evaluation generated), at the resolution.
-        A `--images` folder written by `generate` is read through its metadata.csv: the images conditioned on
-        exactly the taxon's lineage (`generate --per-taxon N --rank RANK` makes them for every taxon of a rank)."""
-        if self.images_dir is not None and (self.images_dir / "metadata.csv").is_file():
-            files = [self.images_dir / name for name in self._generated_by_lineage.get(taxon.path, [])]
-            return [np.asarray(prepare_image(load_image(p), self.resolution, "squash")) for p in files]
-        base = (self.images_dir or self.out / "images") / rank.value
+        """A taxon's generated images at the resolution: those this evaluation generated, or those of `--images`. A
+        `generate` folder is read through its metadata.csv (the images conditioned on exactly the taxon's lineage),
+        at the top of `--images` or per rank (an evaluation's `images/`); else `<rank>/<taxon>/*.png`."""
+        files = self._image_files(rank, taxon)
+        return [np.asarray(prepare_image(load_image(path), self.resolution, "squash")) for path in files]
+
+    def _image_files(self, rank: Rank, taxon: Taxon) -> list[Path]:
+        if self.images_dir is None:  # this evaluation's own: the plan's files that exist
+            folder, tag = self._rank_folder(rank), generation_tag(self._generation_key())
+            paths = [folder / image_path(self.taxonomy.lineage(taxon), tag, i) for i in range(self.settings.per_taxon)]
+            return [path for path in paths if path.is_file()]
+        for table in (self.images_dir, self.images_dir / rank.value):
+            if (table / METADATA_FILE).is_file():
+                return self._listed(table).get(taxon.path, [])
+        base = self.images_dir / rank.value
         folder = base / taxon_folder(taxon)
         if not folder.is_dir():
             named = base / taxon.name
             folder = named if named.is_dir() and len(self.taxonomy.find(taxon.name, rank)) == 1 else folder
         # a kill -9 mid-write leaves a `.tmp-` file: never an image
-        files = sorted(p for p in folder.glob("*.png") if not is_temporary(p)) if folder.is_dir() else []
-        return [np.asarray(prepare_image(load_image(p), self.resolution, "squash")) for p in files]
+        return sorted(p for p in folder.glob("*.png") if not is_temporary(p)) if folder.is_dir() else []
 
-    @functools.cached_property
-    def _generated_by_lineage(self) -> dict[tuple[str, ...], list[str]]:
-        """`generate`'s metadata.csv as {lineage names: image files}, in the order of its rows."""
-        import csv
+    def _listed(self, folder: Path) -> dict[tuple[str, ...], list[Path]]:
+        """A `generate` folder's images by lineage, read once; the rows whose image is gone are said once."""
+        if folder not in self._tables:
+            self._tables[folder], missing = generated_files(folder, self.taxonomy.ranks)
+            if missing:
+                print(f"taxadiffusion: {missing} rows of {folder / METADATA_FILE} name no image; scored without")
+        return self._tables[folder]
 
-        found: dict[tuple[str, ...], list[str]] = {}
-        missing = 0
-        with open(self.images_dir / "metadata.csv", newline="", encoding="utf-8") as file:
-            for row in csv.DictReader(file):
-                if not (self.images_dir / row["file_name"]).is_file():
-                    missing += 1  # an image moved or deleted after generation: counted, not scored
-                    continue
-                names = tuple(row[rank.value] for rank in self.taxonomy.ranks if row.get(rank.value))
-                found.setdefault(names, []).append(row["file_name"])
-        if missing:
-            print(f"taxadiffusion: {missing} rows of {self.images_dir / 'metadata.csv'} name no image; scored without")
-        return found
+    # -- stage 1: generate ------------------------------------------------------------------------
 
-    def _generate(self, rank: Rank, taxa: list[Taxon], progress: bool, share: Share = ONE_PROCESS) -> None:
-        """Generate the missing images of `taxa` (this process's share of the rank); each image has its own seeded
-        generator. The rank's images are cut into fixed batches and process r draws batches r, r + w, ... whole,
-        so every image is drawn in the same batch however many processes share the work or how often it was
-        killed: the same pixels. Then it waits for the images of its taxa that others drew."""
-        from tqdm.auto import tqdm
+    def _rank_folder(self, rank: Rank) -> Path:
+        return self.out / "images" / rank.value
 
-        self._claim_images(share)
-        s = self.settings
-        level = self.taxonomy.level(rank)
-        jobs = []
-        for taxon in self.taxa(rank):
-            if self.one_text is not None and not self._species_below(taxon):
-                continue  # nothing a one-text model can draw it through (F4K's class labelled to family)
-            folder = self.out / "images" / rank.value / taxon_folder(taxon)
-            jobs += [(taxon, i, folder / f"{i:02d}.png") for i in range(s.per_taxon)]
-        batches = share.mine([jobs[i : i + s.batch_size] for i in range(0, len(jobs), s.batch_size)])
-        missing = [batch for batch in batches if not all(target.is_file() for _, _, target in batch)]
-        for batch in tqdm(missing, desc=f"generating {rank}", unit="batch", disable=not progress):
-            lineages = [self._prompt(taxon, i) for taxon, i, _ in batch]
-            generators = [torch.Generator().manual_seed(image_seed(s.seed, level, t.id, i)) for t, i, _ in batch]
-            images = self.pipeline(lineages, generator=generators).images  # the pipeline's sampling settings
-            for image, (_, _, target) in zip(images, batch, strict=True):
-                target.parent.mkdir(parents=True, exist_ok=True)
-                temporary(target).unlink(missing_ok=True)  # a killed run's partial image
-                with atomic_file(target) as tmp:
-                    image.save(tmp, format="PNG")
-        ours = set(taxa)
-        wait_for([target for taxon, _, target in jobs if taxon in ours], "images", False)
+    def _plan(self, rank: Rank) -> GenerationPlan:
+        """A rank's images as `generate --per-taxon N --rank RANK` plans them (same seeds, same files), for the taxa
+        with real images; a one-text model draws each through its species in turn (`_prompt`)."""
+        lineages = [
+            self.taxonomy.lineage(taxon)
+            for taxon in self.taxa(rank)
+            if self.one_text is None or self._species_below(taxon)  # else nothing to draw it through (F4K's
+        ]  # class labelled to family)
+        prompt = self._prompt if self.one_text is not None else None
+        items = plan_items([(lineage, self.settings.per_taxon) for lineage in lineages], self.settings.seed, prompt)
+        return GenerationPlan(items, f"{self.settings.per_taxon} per taxon at {rank}")
+
+    def _generate(self, rank: Rank, taxa: list[Taxon], progress: bool, share: Share) -> None:
+        """Generate the rank's missing images with `generate`: the plan is cut into fixed batches and process r
+        draws batches r, r + w, ... whole, so every image is drawn in the same batch however many processes share
+        the work or how often it was killed: the same pixels. Then wait for the images of this process's `taxa`
+        that others drew. One process writes metadata.csv as it goes; with several the main one writes it at the
+        end."""
+        key, plan, folder = self._generation_key(), self._plan(rank), self._rank_folder(rank)
+        generate(
+            self.pipeline,
+            plan,
+            folder,
+            key,
+            batch_size=self.settings.batch_size,
+            shard=(share.rank, share.world),
+            write_table=share.world == 1,
+            progress=progress,
+            taxonomy=self.taxonomy,
+        )
+        ours, tag = {taxon.path for taxon in taxa}, generation_tag(key)
+        theirs = [folder / image_path(i.lineage, tag, i.index) for i in plan.items if i.lineage.names in ours]
+        wait_for(theirs, "images", False)
 
     def _species_below(self, taxon: Taxon) -> list[Taxon]:
         """The species under a taxon, listed once per taxon (every image of it asks again)."""
@@ -246,43 +247,40 @@ class Evaluation:
             self._below[taxon.path] = below
         return self._below[taxon.path]
 
-    def _prompt(self, taxon: Taxon, index: int) -> Lineage:
-        """What image `index` of a taxon is conditioned on: the taxon's lineage, or for a one-text model the text
-        of one of its species (in turn)."""
-        if self.one_text is None:
-            return self.taxonomy.lineage(taxon)
-        species = self._species_below(taxon)
+    def _prompt(self, lineage: Lineage, index: int) -> Lineage:
+        """What image `index` of a taxon is conditioned on by a one-text model: the text of one of its species (in
+        turn)."""
+        species = self._species_below(self.taxonomy.by_path(lineage.names))
         text = self.one_text(self.taxonomy.lineage(species[index % len(species)]))
         known = self.pipeline.taxonomy
         return known.lineage(known.by_path((text,)))
 
-    def _claim_images(self, share: Share = ONE_PROCESS) -> dict:
-        """Record what generates the images in `out/images`; images of another model or other settings there
-        are refused, or deleted with `regenerate` (only the files this evaluation writes). The main process
-        claims; the others wait until the record names this model and these settings."""
-        if self._claimed is not None:  # checked once per evaluation: the model and settings do not change
-            return self._claimed
+    def _generation_key(self) -> dict:
+        """What decides the pixels (`generate`'s key: model, sampling settings, seed); its tag names the files."""
+        if self._key is None:
+            self._key = generation_key(self.pipeline, self.settings.seed)
+        return self._key
+
+    def _claim_images(self, share: Share) -> dict:
+        """Record what generates the images in `out/images` (the generation key and the layout); images of another
+        model, other settings or an older layout there are refused, or deleted with `regenerate` (only the files
+        this evaluation writes). The main process claims; the others wait until the record names this model and
+        these settings."""
         folder = self.out / "images"
-        key = generation_key(self.pipeline, self.settings.seed)
+        record = {**self._generation_key(), "layout": LAYOUT}
         marker = folder / GENERATION_FILE
         if not share.is_main:
-            recorded = json.loads(json.dumps(key))  # as the main process writes it (tuples become lists)
+            recorded = json.loads(json.dumps(record))  # as the main process writes it (tuples become lists)
             while _read_json(marker) != recorded:
                 time.sleep(0.2)
-            self._claimed = key
-            return key
-        ours = sorted(folder.glob("*/*/[0-9][0-9]*.png")) if folder.is_dir() else []
-        saved = None
-        if marker.is_file():
-            try:
-                saved = json.loads(marker.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-                saved = {}
-            if isinstance(saved, dict):  # recorded before a setting existed: the value it had then
-                saved.setdefault("negative", Negative.ENCODED.value)
-                saved.setdefault("spacing", Spacing.LEADING.value)
-        if ours and saved != key:
-            changed = [k for k in key if (saved or {}).get(k) != key[k]] if saved is not None else []
+            return record
+        ours = sorted(p for p in folder.rglob("*.png") if not is_temporary(p)) if folder.is_dir() else []
+        saved = _read_json(marker) if marker.is_file() else None
+        if isinstance(saved, dict):  # recorded before a setting existed: the value it had then
+            saved.setdefault("negative", Negative.ENCODED.value)
+            saved.setdefault("spacing", Spacing.LEADING.value)
+        if ours and saved != record:
+            changed = [k for k in record if saved.get(k) != record[k]] if isinstance(saved, dict) else []
             why = f"other {', '.join(changed)}" if changed else f"unknown settings (no {GENERATION_FILE})"
             if not self.regenerate:
                 raise InputError(
@@ -292,10 +290,15 @@ class Evaluation:
             print(f"taxadiffusion: regenerating {len(ours)} images in {folder} (they were made with {why})")
             for path in ours:
                 path.unlink()
-        folder.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(marker, json.dumps(key, indent=1) + "\n")
-        self._claimed = key
-        return key
+            for path in [*folder.glob(f"*/{METADATA_FILE}"), *folder.glob(f"*/{GENERATION_FILE}")]:
+                path.unlink()
+            for path in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+                if path.is_dir() and not any(path.iterdir()):  # the taxa's folders, emptied
+                    path.rmdir()
+        for rank in self.ranks:  # each rank's folder is a `generate` folder of this key
+            claim_output(self._rank_folder(rank), self._generation_key(), add=False)
+        write_text_atomic(marker, json.dumps(record, indent=1) + "\n")
+        return record
 
     # -- metrics ----------------------------------------------------------------------------------
 
@@ -308,7 +311,7 @@ class Evaluation:
         share = share or Share.from_environment()
         self.out.mkdir(parents=True, exist_ok=True)
         if self.pipeline is not None:  # the main process claims `images/` before any process names a scores file
-            self._claim_images(share)
+            self._claimed = self._claim_images(share)
         scores = {}
         for rank in self.ranks:
             taxa = self.taxa(rank)
@@ -324,6 +327,10 @@ class Evaluation:
             wait_for([done], "the metrics", False)
             return json.loads(done.read_text(encoding="utf-8"))
         wait_for([f for files in scores.values() for f in files.values()], "scores", progress)
+        if self.pipeline is not None and share.world > 1:  # every image is on disk: the tables one process writes
+            key = self._generation_key()
+            for rank in self.ranks:
+                write_metadata(self._rank_folder(rank), self.taxonomy, self._plan(rank), generation_tag(key), key)
         results = {rank.value: self._rank_metrics(rank, files) for rank, files in scores.items()}
         metrics = {"settings": self._settings(FEATURE_NETWORK, RESIZE_RULE), "ranks": results}
         for path in (done, self.out / "metrics.json"):
@@ -338,7 +345,7 @@ class Evaluation:
     @functools.cached_property
     def _scores_key(self) -> str:
         settings = {**asdict(self.settings), "sampling": None, "resolution": self.resolution}
-        images = self._claim_images() if self.pipeline is not None else {"images": str(self.images_dir)}
+        images = self._claimed if self.pipeline is not None else {"images": str(self.images_dir)}
         payload = json.dumps([settings, images], sort_keys=True, default=str)
         return hashlib.blake2b(payload.encode(), digest_size=8).hexdigest()
 

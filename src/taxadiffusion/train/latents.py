@@ -26,6 +26,7 @@ from ..atomic import atomic_file
 from ..codec import spatial_factor
 from ..data.dataset import ImageDataset, pixel_tensor
 from ..data.images import CropPolicy, prepare_image, resize_short_side, square_window
+from ..fingerprint import own_config
 from ..saved_files import save_safetensors
 from ..shards import LATENT_CHUNK, ONE_PROCESS, Share, run_chunks, wait_for
 
@@ -80,7 +81,9 @@ class LatentDataset(Dataset):
 
 
 def cache_key(dataset: ImageDataset, vae, chunk: int = LATENT_CHUNK) -> str:
-    parts = (list(dataset.paths), dataset.size, dataset.policy.value, vae.config, FORMAT, chunk)
+    # The VAE's own config: diffusers' `_use_default_values` lists a set, in another order in each process, so
+    # the processes of one launch would each look for another cache folder and wait for each other forever.
+    parts = (list(dataset.paths), dataset.size, dataset.policy.value, own_config(vae), FORMAT, chunk)
     if vae.dtype != torch.float32:  # a VAE kept in low precision encodes other latents (fp32 keys unchanged)
         parts += (str(vae.dtype),)
     payload = repr(parts)
