@@ -458,6 +458,23 @@ def test_images_recorded_before_a_setting_existed_are_kept(evaluated, tmp_path, 
     capsys.readouterr()
 
 
+def test_images_of_an_earlier_layout_are_refused_not_mixed(evaluated, tmp_path, capsys):
+    """A folder written by an earlier `evaluate` (its record names no layout: `<rank>/<taxon>/NN.png`, other seeds)
+    is refused with the reason, not scored beside the new images."""
+    from taxadiffusion.cli import main
+
+    _, _, out, args = evaluated
+    copy = tmp_path / "eval"
+    shutil.copytree(out, copy)
+    marker = copy / "images" / "generation.json"
+    record = json.loads(marker.read_text())
+    del record["layout"]
+    marker.write_text(json.dumps(record))
+    assert main([a if a != str(out) else str(copy) for a in args]) == 2
+    err = capsys.readouterr().err
+    assert "an earlier version of evaluate" in err and "--regenerate" in err
+
+
 def test_evaluate_a_folder_of_images_and_compare(evaluated, tmp_path):
     from taxadiffusion.cli import main
 

@@ -282,6 +282,8 @@ class Evaluation:
         if ours and saved != record:
             changed = [k for k in record if saved.get(k) != record[k]] if isinstance(saved, dict) else []
             why = f"other {', '.join(changed)}" if changed else f"unknown settings (no {GENERATION_FILE})"
+            if changed == ["layout"]:
+                why = "an earlier version of evaluate (<rank>/<taxon>/NN.png, other seeds)"
             if not self.regenerate:
                 raise InputError(
                     f"{folder} holds {len(ours)} images generated with {why}; pass --regenerate to replace them "
