@@ -253,24 +253,30 @@ def peak_rss_mib() -> float:
     return 0.0
 
 
-def measure_evaluation(args: argparse.Namespace, folder: Path) -> dict:
-    """The evaluation on `args.processes` processes, each a fresh Python running this script's worker part."""
+def launch(part: list[str], processes: int) -> list[dict]:
+    """This script's worker `part` in `processes` fresh Pythons (RANK and WORLD_SIZE, as a launcher sets them, one
+    thread each); each prints its measurements as its last line of JSON."""
     import subprocess
 
-    start = time.perf_counter()
-    write_evaluation_folder(folder, args.taxa)
-    results = {"taxa": args.taxa, "processes": args.processes, "write_s": time.perf_counter() - start}
-    command = [sys.executable, __file__, "--part", "evaluation-worker", "--root", str(folder)]
-    env = {**os.environ, "WORLD_SIZE": str(args.processes), "OMP_NUM_THREADS": "1"}
-    start = time.perf_counter()
+    command = [sys.executable, __file__, "--part", *part]
+    env = {**os.environ, "WORLD_SIZE": str(processes), "OMP_NUM_THREADS": "1"}
     launched = [
         subprocess.Popen(command, env={**env, "RANK": str(r)}, stdout=subprocess.PIPE, text=True)
-        for r in range(args.processes)
+        for r in range(processes)
     ]
     outputs = [p.communicate()[0] for p in launched]
     if any(p.returncode for p in launched):
-        raise SystemExit(f"an evaluation process failed (exit codes {[p.returncode for p in launched]})")
-    workers = [json.loads(output.strip().splitlines()[-1]) for output in outputs]
+        raise SystemExit(f"a {part[0]} process failed (exit codes {[p.returncode for p in launched]})")
+    return [json.loads(output.strip().splitlines()[-1]) for output in outputs]
+
+
+def measure_evaluation(args: argparse.Namespace, folder: Path) -> dict:
+    """The evaluation on `args.processes` processes, each a fresh Python running this script's worker part."""
+    start = time.perf_counter()
+    write_evaluation_folder(folder, args.taxa)
+    results = {"taxa": args.taxa, "processes": args.processes, "write_s": time.perf_counter() - start}
+    start = time.perf_counter()
+    workers = launch(["evaluation-worker", "--root", str(folder)], args.processes)
     results |= {"wall_s": time.perf_counter() - start, "per_process": workers}
     results["metrics_written"] = (folder / "eval" / "metrics.json").is_file()
     return results
@@ -362,8 +368,6 @@ def latents_worker(root: Path, cache: Path) -> dict:
 
 def measure_latents(args: argparse.Namespace, folder: Path) -> dict:
     """The latent cache of `args.images` images by one process, then by `args.processes`; the same bytes?"""
-    import subprocess
-
     from taxadiffusion.shards import LATENT_CHUNK
 
     start = time.perf_counter()
@@ -371,17 +375,8 @@ def measure_latents(args: argparse.Namespace, folder: Path) -> dict:
     results = {"images": args.images, "chunk": LATENT_CHUNK, "write_s": time.perf_counter() - start, "runs": {}}
     for processes in (1, args.processes):
         cache = folder / f"cache-{processes}"
-        command = [sys.executable, __file__, "--part", "latents-worker", "--root", str(folder / "data")]
-        env = {**os.environ, "WORLD_SIZE": str(processes), "OMP_NUM_THREADS": "1"}
         start = time.perf_counter()
-        launched = [
-            subprocess.Popen([*command, "--cache", str(cache)], env={**env, "RANK": str(r)}, stdout=subprocess.PIPE)
-            for r in range(processes)
-        ]
-        outputs = [p.communicate()[0].decode() for p in launched]
-        if any(p.returncode for p in launched):
-            raise SystemExit(f"a latent-cache process failed (exit codes {[p.returncode for p in launched]})")
-        workers = [json.loads(output.strip().splitlines()[-1]) for output in outputs]
+        workers = launch(["latents-worker", "--root", str(folder / "data"), "--cache", str(cache)], processes)
         results["runs"][str(processes)] = {"wall_s": time.perf_counter() - start, "per_process": workers}
     one, many = (
         {p.name: p.read_bytes() for p in next((folder / f"cache-{n}").glob("latents-*")).iterdir()}
@@ -413,11 +408,12 @@ def latents_report(r: dict) -> list[str]:
         )
         for rank, worker in enumerate(run["per_process"]):
             rss = worker["rss_after_each_shard_mib"]
+            memory = f"RSS after each shard {min(rss):,.0f} to {max(rss):,.0f} MiB; " if rss else ""
             rows.append(
                 (
                     f"{processes} process(es), process {rank}",
-                    f"{worker['shards']} shards in {worker['build_s']:.0f} s (setup {worker['setup_s']:.0f} s); RSS "
-                    f"after each shard {min(rss):,.0f} to {max(rss):,.0f} MiB; peak {worker['peak_rss_mib']:,.0f} MiB",
+                    f"{worker['shards']} shards in {worker['build_s']:.0f} s (setup {worker['setup_s']:.0f} s); "
+                    f"{memory}peak {worker['peak_rss_mib']:,.0f} MiB",
                 )
             )
     rows.append(("shards and index", "the same bytes" if r["same_bytes"] else "DIFFERENT bytes"))
@@ -426,6 +422,10 @@ def latents_report(r: dict) -> list[str]:
         + [f"| {what} | {value} |" for what, value in rows]
         + [""]
     )
+
+
+# The parts beside the loading measurement: how each measures, and its section of data_scale.md.
+PARTS = {"evaluation": (measure_evaluation, evaluation_report), "latents": (measure_latents, latents_report)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -452,33 +452,19 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        if args.part == "evaluation":
-            evaluation = measure_evaluation(args, Path(tmp)) | {"command": " ".join(argv)}
-            (args.out / "data_scale_evaluation.json").write_text(json.dumps(evaluation, indent=1) + "\n")
-        elif args.part == "latents":
-            cached = measure_latents(args, Path(tmp)) | {"command": " ".join(argv)}
-            (args.out / "data_scale_latents.json").write_text(json.dumps(cached, indent=1) + "\n")
+        if args.part in PARTS:
+            measured = PARTS[args.part][0](args, Path(tmp)) | {"command": " ".join(argv)}
+            (args.out / f"data_scale_{args.part}.json").write_text(json.dumps(measured, indent=1) + "\n")
         else:
             results = measure(args, Path(tmp)) | {"command": " ".join(argv)}
             (args.out / "data_scale.json").write_text(json.dumps(results, indent=1) + "\n")
     results = json.loads((args.out / "data_scale.json").read_text())
     text = report(results, args, results.get("command", "").split())
-    evaluation_file = args.out / "data_scale_evaluation.json"
-    if evaluation_file.is_file():
-        evaluation = json.loads(evaluation_file.read_text())
-        text += (
-            "\n"
-            + "\n".join(evaluation_report(evaluation))
-            + f"\nCommand: `python benchmarks/data_scale.py {evaluation['command']}`\n"
-        )
-    latents_file = args.out / "data_scale_latents.json"
-    if latents_file.is_file():
-        cached = json.loads(latents_file.read_text())
-        text += (
-            "\n"
-            + "\n".join(latents_report(cached))
-            + f"\nCommand: `python benchmarks/data_scale.py {cached['command']}`\n"
-        )
+    for part, (_, section) in PARTS.items():  # each part's section, from its last measurement
+        if (args.out / f"data_scale_{part}.json").is_file():
+            measured = json.loads((args.out / f"data_scale_{part}.json").read_text())
+            command = f"\nCommand: `python benchmarks/data_scale.py {measured['command']}`\n"
+            text += "\n" + "\n".join(section(measured)) + command
     write_keeping_section(args.out / "data_scale.md", text)
     print(text)
     return 0
