@@ -12,7 +12,7 @@ LARGE_BYTES = 5 * 2**20
 ALLOWED_LARGE = {
     "src/taxadiffusion/priors/demo.safetensors": "the shipped prior that `make demo` adapts (packaged:demo)",
     "benchmarks/priors/birds_fish_long.safetensors": "the prior of Table 1 on CUB-100-LT (3.2 h to remake)",
-    "benchmarks/priors/birds525_15k.safetensors": "the birds525 prior at 15,000 steps: the base of its last 5,000",
+    "benchmarks/priors/birds525.safetensors": "the birds525 prior (20,000 steps in all; about 6 h to remake)",
 }
 
 
