@@ -324,6 +324,7 @@ def generate(
     on_batch: Callable[[int], None] | None = None,
     image_filter: ImageFilter | None = None,
     taxonomy: Taxonomy | None = None,
+    label: str = "generating",
 ) -> GenerationResult:
     """Make the plan's images that are not on disk yet, `batch_size` at a time, with the pipeline's sampling
     settings (`key`: `generation_key` of the pipeline; the folder claimed with `claim_output` first).
@@ -333,7 +334,8 @@ def generate(
     several processes none does, and the main one calls `write_metadata` once all have finished.
     `image_filter`: keep only the images a classifier places in their taxon, redrawing rejected ones
     (filtering.py); an image rejected at every attempt is counted, not made. `taxonomy`: the ranks that
-    metadata.csv names (default the pipeline's; `evaluate` gives the dataset's for a one-text model)."""
+    metadata.csv names (default the pipeline's; `evaluate` gives the dataset's for a one-text model). `label`: the
+    progress bar's (`evaluate` names the rank)."""
     from tqdm.auto import tqdm
 
     if batch_size < 1:
@@ -366,7 +368,7 @@ def generate(
 
     existing = len(mine) - sum(len(missing(block)) for block in blocks)
     start, written = time.perf_counter(), 0
-    bar = tqdm(total=len(mine), initial=existing, desc="generating", unit="img", disable=not progress)
+    bar = tqdm(total=len(mine), initial=existing, desc=label, unit="img", disable=not progress)
     for block in blocks:
         todo = missing(block)
         if not todo:

@@ -234,6 +234,7 @@ class Evaluation:
             write_table=share.world == 1,
             progress=progress,
             taxonomy=self.taxonomy,
+            label=f"generating {rank}",
         )
         ours, tag = {taxon.path for taxon in taxa}, generation_tag(key)
         theirs = [folder / image_path(i.lineage, tag, i.index) for i in plan.items if i.lineage.names in ours]
