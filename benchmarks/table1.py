@@ -53,8 +53,9 @@ import torch
 
 from taxadiffusion.atomic import write_text_atomic
 from taxadiffusion.config import Config
-from taxadiffusion.eval.protocol import EvalInputs, EvalSettings, evaluate, generated_files
+from taxadiffusion.eval.protocol import EvalInputs, EvalSettings, evaluate
 from taxadiffusion.eval.report import SHORT, write_keeping_section, write_report
+from taxadiffusion.generate import generated_files
 from taxadiffusion.guidance import Guidance
 from taxadiffusion.sampling import SamplingSettings
 from taxadiffusion.taxonomy import PAPER_RANKS

@@ -296,6 +296,22 @@ def write_metadata(
     return len(rows)
 
 
+def generated_files(folder: Path, ranks: tuple[Rank, ...]) -> tuple[dict[tuple[str, ...], list[Path]], int]:
+    """A `generate` folder's images by lineage names (its `ranks` columns), in the order of its metadata.csv, and
+    the number of rows whose image is gone (moved or deleted after generation: counted, never scored)."""
+    found: dict[tuple[str, ...], list[Path]] = {}
+    missing = 0
+    with open(folder / METADATA_FILE, newline="", encoding="utf-8") as file:
+        for row in csv.DictReader(file):
+            path = folder / row["file_name"]
+            if not path.is_file():
+                missing += 1
+                continue
+            names = tuple(row[rank.value] for rank in ranks if row.get(rank.value))
+            found.setdefault(names, []).append(path)
+    return found, missing
+
+
 # -- generating -------------------------------------------------------------------------------------
 
 

@@ -36,6 +36,7 @@ from ..generate import (
     GenerationPlan,
     claim_output,
     generate,
+    generated_files,
     generation_tag,
     image_path,
     plan_items,
@@ -64,24 +65,6 @@ GENERATION_FILE = "generation.json"
 # How `out/images` is laid out, recorded with the generation settings: folders of an older layout
 # (`<rank>/<taxon>/NN.png`, other seeds) are refused, or replaced with `regenerate`, never mixed with these.
 LAYOUT = "a generate folder per rank"
-
-
-def generated_files(folder: Path, ranks: tuple[Rank, ...]) -> tuple[dict[tuple[str, ...], list[Path]], int]:
-    """A `generate` folder's images by lineage names (its `ranks` columns), in the order of its metadata.csv, and
-    the number of rows whose image is gone (moved or deleted after generation: counted, never scored)."""
-    import csv
-
-    found: dict[tuple[str, ...], list[Path]] = {}
-    missing = 0
-    with open(folder / METADATA_FILE, newline="", encoding="utf-8") as file:
-        for row in csv.DictReader(file):
-            path = folder / row["file_name"]
-            if not path.is_file():
-                missing += 1
-                continue
-            names = tuple(row[rank.value] for rank in ranks if row.get(rank.value))
-            found.setdefault(names, []).append(path)
-    return found, missing
 
 
 def check_classifier(settings: EvalSettings) -> None:
@@ -130,7 +113,7 @@ class Evaluation:
             pipeline.configure_sampling(**settings.sampling.to_dict())
         self.regenerate = regenerate
         self._key: dict | None = None  # what decides the generated pixels (`_generation_key`)
-        self._claimed: dict | None = None  # what the main process recorded in `out/images` (`_claim_images`)
+        self._plans: dict[Rank, GenerationPlan] = {}  # each rank's, made once (`_plan`)
         self._tables: dict[Path, dict] = {}  # `generate` folders' metadata.csv, read once each (`_listed`)
         self.images_dir = Path(images) if images else None
         self.one_text = one_text
@@ -207,7 +190,9 @@ class Evaluation:
 
     def _plan(self, rank: Rank) -> GenerationPlan:
         """A rank's images as `generate --per-taxon N --rank RANK` plans them (same seeds, same files), for the taxa
-        with real images; a one-text model draws each through its species in turn (`_prompt`)."""
+        with real images; a one-text model draws each through its species in turn (`_prompt`). Made once a rank."""
+        if rank in self._plans:
+            return self._plans[rank]
         lineages = [
             self.taxonomy.lineage(taxon)
             for taxon in self.taxa(rank)
@@ -215,7 +200,8 @@ class Evaluation:
         ]  # class labelled to family)
         prompt = self._prompt if self.one_text is not None else None
         items = plan_items([(lineage, self.settings.per_taxon) for lineage in lineages], self.settings.seed, prompt)
-        return GenerationPlan(items, f"{self.settings.per_taxon} per taxon at {rank}")
+        self._plans[rank] = GenerationPlan(items, f"{self.settings.per_taxon} per taxon at {rank}")
+        return self._plans[rank]
 
     def _generate(self, rank: Rank, taxa: list[Taxon], progress: bool, share: Share) -> None:
         """Generate the rank's missing images with `generate`: the plan is cut into fixed batches and process r
@@ -262,25 +248,30 @@ class Evaluation:
             self._key = generation_key(self.pipeline, self.settings.seed)
         return self._key
 
-    def _claim_images(self, share: Share) -> dict:
+    def _record(self) -> dict:
+        """What `out/images/generation.json` holds: the generation key and the layout."""
+        return {**self._generation_key(), "layout": LAYOUT}
+
+    def _claim_images(self, share: Share) -> None:
         """Record what generates the images in `out/images` (the generation key and the layout); images of another
         model, other settings or an older layout there are refused, or deleted with `regenerate` (only the files
         this evaluation writes). The main process claims; the others wait until the record names this model and
         these settings."""
-        folder = self.out / "images"
-        record = {**self._generation_key(), "layout": LAYOUT}
+        folder, record = self.out / "images", self._record()
         marker = folder / GENERATION_FILE
         if not share.is_main:
             recorded = json.loads(json.dumps(record))  # as the main process writes it (tuples become lists)
             while _read_json(marker) != recorded:
                 time.sleep(0.2)
-            return record
-        ours = sorted(p for p in folder.rglob("*.png") if not is_temporary(p)) if folder.is_dir() else []
+            return
         saved = _read_json(marker) if marker.is_file() else None
         if isinstance(saved, dict):  # recorded before a setting existed: the value it had then
             saved.setdefault("negative", Negative.ENCODED.value)
             saved.setdefault("spacing", Spacing.LEADING.value)
-        if ours and saved != record:
+        ours = []  # listed only when the record differs: a resumed run of the same settings walks no folder
+        if saved != record and folder.is_dir():
+            ours = [p for p in folder.rglob("*.png") if not is_temporary(p)]
+        if ours:
             changed = [k for k in record if saved.get(k) != record[k]] if isinstance(saved, dict) else []
             why = f"other {', '.join(changed)}" if changed else f"unknown settings (no {GENERATION_FILE})"
             if changed == ["layout"]:
@@ -301,7 +292,6 @@ class Evaluation:
         for rank in self.ranks:  # each rank's folder is a `generate` folder of this key
             claim_output(self._rank_folder(rank), self._generation_key(), add=False)
         write_text_atomic(marker, json.dumps(record, indent=1) + "\n")
-        return record
 
     # -- metrics ----------------------------------------------------------------------------------
 
@@ -314,7 +304,7 @@ class Evaluation:
         share = share or Share.from_environment()
         self.out.mkdir(parents=True, exist_ok=True)
         if self.pipeline is not None:  # the main process claims `images/` before any process names a scores file
-            self._claimed = self._claim_images(share)
+            self._claim_images(share)
         scores = {}
         for rank in self.ranks:
             taxa = self.taxa(rank)
@@ -348,7 +338,7 @@ class Evaluation:
     @functools.cached_property
     def _scores_key(self) -> str:
         settings = {**asdict(self.settings), "sampling": None, "resolution": self.resolution}
-        images = self._claimed if self.pipeline is not None else {"images": str(self.images_dir)}
+        images = self._record() if self.pipeline is not None else {"images": str(self.images_dir)}
         payload = json.dumps([settings, images], sort_keys=True, default=str)
         return hashlib.blake2b(payload.encode(), digest_size=8).hexdigest()
 
