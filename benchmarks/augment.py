@@ -22,6 +22,12 @@ the taxonomic classifier of benchmarks/quality.py (same size, steps and augmenta
   score (CAS) of Ravuri & Vinyals (2019).
 - with `--cap R`, also `real + taxadiffusion (cap Rx)`, `real + flat (cap Rx)`: the same fill, but a species gets
   at most R times as many generated images as it has real ones (how much generated data the tail can take).
+- with `--recipes`, the published recipes that turned synthetic images into gains, each one change to the fill
+  `real + <model>` (`RECIPES`): `filtered` (the fill made by `generate --fill-to N --filter`, keeping the images
+  that the committed Table 1 classifier, trained on the real training part, places in their species with
+  probability 0.5 or more, up to 3 redraws each: SaSPA, DiffuLT), `weight 0.5` (their loss weight: DiffuLT),
+  `drawn 0.5` (each batch position a generated image with probability 0.5: DA-Fusion) and `pretrained` (500
+  steps on the generated images, then the 1,500 steps on the real ones alone); `classifier train`'s options.
 
 Every arm is scored on the real held-out images: accuracy per rank over all of them, and species accuracy over
 the images of rare species (Table 1's split: at most 10 training images in CUB-100-LT, under 50 in F4K) and of
@@ -42,6 +48,7 @@ from collections import Counter
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -50,12 +57,13 @@ from taxadiffusion.data.readers import read_records, read_table
 from taxadiffusion.eval.classifier import (
     ClassifierTraining,
     accuracy_by_rank,
-    pool_batches,
+    fit_with_generated,
     predict_pool,
     record_pool,
-    train_classifier,
 )
 from taxadiffusion.eval.report import markdown_table, write_keeping_section
+from taxadiffusion.eval.settings import GeneratedRecipe
+from taxadiffusion.filtering import SUMMARY as FILTER_SUMMARY
 
 from common import RARE, REPO, RESULTS
 
@@ -63,6 +71,22 @@ LABELS = {"cub": "CUB-100-LT", "f4k": "Fish4Knowledge"}
 
 MODELS = {"taxadiffusion": "taxonomic", "flat": "vanilla"}  # model row of Table 1 -> its guidance
 ARMS = ("real", "real + taxadiffusion", "real + flat", "taxadiffusion only", "flat only")
+# --recipes: each one change to the fill `real + <model>` (None: the filtered fill, trained as the plain one)
+RECIPES = {
+    "filtered": None,
+    "weight 0.5": GeneratedRecipe(generated_weight=0.5),
+    "drawn 0.5": GeneratedRecipe(generated_probability=0.5),
+    "pretrained": GeneratedRecipe(pretrain_steps=500, generated_probability=0.0),  # then the real images alone
+}
+FILTER = ["--filter-rank", "specific_epithet", "--filter-threshold", "0.5", "--filter-retries", "3"]
+
+
+class Arm(NamedTuple):
+    """What one classifier trains on: real records (weight 1), generated records, and how the two are mixed."""
+
+    real: list
+    generated: tuple | list = ()
+    recipe: GeneratedRecipe = GeneratedRecipe()
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -79,6 +103,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         metavar="R",
         help="add arms whose fill gives a species at most R times as many generated images as real ones",
     )
+    parser.add_argument("--recipes", action="store_true", help="add the filter, weight, draw and pretraining arms")
     parser.add_argument("--published", action="store_true", help="sample with PNDM 25 as Table 1 (default: --fast)")
     return parser.parse_args(argv)
 
@@ -97,10 +122,13 @@ def fill_target(counts: Counter, rare: int) -> int:
     return int(statistics.median(common))
 
 
-def generate_images(model: Path, out: Path, per_taxon: int, guidance: str, quick: bool, published: bool) -> Path:
-    """`taxadiffusion generate` (resumable: run again, it continues) with Table 1's guidance."""
+def generate_images(
+    model: Path, out: Path, count: list[str], guidance: str, quick: bool, published: bool, extra: list[str] = ()
+) -> Path:
+    """`taxadiffusion generate` (resumable: run again, it continues) with Table 1's guidance; `count`: its
+    --per-taxon or --fill-to options, `extra`: more (a filter)."""
     command = [sys.executable, "-m", "taxadiffusion", "generate", "--model", str(model), "--out", str(out)]
-    command += ["--per-taxon", str(per_taxon), "--guidance", guidance, "--scale", "3.0"]
+    command += [*count, "--guidance", guidance, "--scale", "3.0", *extra]
     command += ["--scheduler", "pndm", "--steps", "25"] if published else ["--fast"]
     if quick:
         command += ["--steps", "4"]
@@ -123,18 +151,34 @@ def capped_arm(model: str, cap: float) -> str:
     return f"real + {model} (cap {cap:g}x)"
 
 
-def arms_of(cap: float | None) -> tuple[str, ...]:
-    """The arms, with the capped fill of each model when `--cap` is given."""
-    return ARMS + tuple(capped_arm(m, cap) for m in MODELS) if cap else ARMS
+def recipe_arm(model: str, recipe: str) -> str:
+    return f"real + {model}, {recipe}"
+
+
+def arms_of(cap: float | None, recipes: bool = False) -> tuple[str, ...]:
+    """The arms, with the capped fill of each model when `--cap` is given and the recipes' with `--recipes`."""
+    capped = tuple(capped_arm(m, cap) for m in MODELS) if cap else ()
+    return ARMS + capped + (tuple(recipe_arm(m, r) for m in MODELS for r in RECIPES) if recipes else ())
+
+
+def acceptance(folder: Path) -> str:
+    """A filtered generation's acceptance, from its summary: kept of drawn, and the images given up."""
+    summary = json.loads((folder / FILTER_SUMMARY).read_text())
+    return (
+        f"{summary['kept']} kept of {summary['kept'] + summary['rejected']} drawn "
+        f"({100 * summary['acceptance']:.1f}%), {summary['given_up']} given up after every redraw"
+    )
 
 
 def read_generated(metadata: Path, train_records) -> list:
     """The generated dataset's records, each with the full lineage of its species in the real training set (a
     flat model knows the species' name alone) and its index within its taxon (metadata.csv's `index`)."""
     lineages = {r.lineage.scientific_name: r.lineage for r in train_records}
-    records = read_records("csv", metadata).records
     with metadata.open(newline="", encoding="utf-8") as handle:
         rows = {row["file_name"]: row for row in csv.DictReader(handle)}
+    if not rows:  # a filter that kept nothing
+        return []
+    records = read_records("csv", metadata).records
     found = []
     for record in records:
         row = rows[record.image.relative_to(metadata.parent).as_posix()]
@@ -153,16 +197,33 @@ def score(model, held_images, held_ids, rare_mask, ranks) -> dict[str, float]:
     return out
 
 
-def train_arm(pool, taxonomy, held, steps: int, seed: int) -> dict[str, float]:
-    images, ids = pool
-    training = ClassifierTraining(steps=steps)
-    batches = pool_batches(images, ids, training.batch_size, seed=seed)
-    model = train_classifier(taxonomy, batches, steps, training.resolution, training.width, seed=seed, progress=False)
+def arm_pools(arm: Arm, taxonomy, resolution: int) -> tuple[tuple, tuple]:
+    """An arm's real and generated images, decoded once for all its seeds."""
+    real = record_pool(arm.real, taxonomy, resolution)
+    return real, record_pool(arm.generated, taxonomy, resolution) if arm.generated else (real[0][:0], real[1][:0])
+
+
+def train_arm(pools: tuple, recipe: GeneratedRecipe, taxonomy, held, steps: int, seed: int) -> dict[str, float]:
+    """One arm's classifier (`classifier train`'s recipe on its real and generated images), scored on `held`."""
+    model = fit_with_generated(taxonomy, *pools, ClassifierTraining(steps=steps, progress=False), recipe, seed=seed)
     return score(model, *held, taxonomy.ranks)
 
 
+def size(arm: Arm) -> int:
+    return len(arm.real) + len(arm.generated)
+
+
+def filter_classifier(args, table1: Path) -> Path:
+    """The classifier `--recipes` filters with: Table 1's committed one, trained on the same real training part."""
+    name = f"quality_{args.dataset}{'_quick' if args.quick else ''}"
+    folder = (table1 if args.quick else RESULTS) / name / "classifier"
+    if not (folder / "config.json").is_file():
+        raise SystemExit(f"--recipes filters with Table 1's classifier, which {folder} does not hold: run table1.py")
+    return folder
+
+
 def score_file(scores: Path, arm: str, seed: int) -> Path:
-    return scores / f"{arm.replace(' ', '').replace('+', '_')}-seed{seed}.json"
+    return scores / f"{arm.replace(' ', '').replace('+', '_').replace(',', '_')}-seed{seed}.json"
 
 
 @contextmanager
@@ -206,27 +267,42 @@ def main(argv: list[str] | None = None) -> int:
     species = Counter({key: n for key, n in counts.items() if len(key) == len(taxonomy.ranks)})  # not coarser labels
     target = 5 if args.quick else fill_target(species, rare)  # quick: fills the 3- and 4-image species
     print(f"{len(train_records)} training images, {len(species)} species; the tail is filled to {target}")
-    generated = {}
+    generated, filtered, accepted = {}, {}, {}
     for name, guidance in MODELS.items():
         folder = out / ("generated-published" if args.published else "generated") / name
-        metadata = generate_images(pipelines[name], folder, target, guidance, args.quick, args.published)
+        count = ["--per-taxon", str(target)]
+        metadata = generate_images(pipelines[name], folder, count, guidance, args.quick, args.published)
         generated[name] = read_generated(metadata, train_records)
+        if args.recipes:  # the fill alone, each image kept by the real-image classifier or redrawn
+            folder = folder.with_name(f"{folder.name}-filtered")
+            count = ["--fill-to", str(target), "--data", "csv", str(train_csv)]
+            extra = ["--filter", str(filter_classifier(args, table1)), *FILTER]
+            metadata = generate_images(pipelines[name], folder, count, guidance, args.quick, args.published, extra)
+            filtered[name], accepted[name] = [r for r, _ in read_generated(metadata, train_records)], acceptance(folder)
     resolution = ClassifierTraining().resolution
     held_records = read_records("csv", heldout_csv).records
     held_images, held_ids = record_pool(held_records, taxonomy, resolution)
     rare_mask = torch.tensor([counts[species_key(r.lineage)] < rare for r in held_records])
     held = (held_images, held_ids, rare_mask)
-    pools = {
-        "real": train_records,
-        **{f"real + {m}": train_records + fill_records(generated[m], counts, target) for m in MODELS},
-        **{f"{m} only": [r for r, _ in generated[m]] for m in MODELS},
+    plans = {
+        "real": Arm(train_records),
+        **{f"real + {m}": Arm(train_records, fill_records(generated[m], counts, target)) for m in MODELS},
+        **{f"{m} only": Arm([r for r, _ in generated[m]]) for m in MODELS},
     }
     if args.cap:
-        pools |= {
-            capped_arm(m, args.cap): train_records + fill_records(generated[m], counts, target, args.cap)
+        plans |= {
+            capped_arm(m, args.cap): Arm(train_records, fill_records(generated[m], counts, target, args.cap))
             for m in MODELS
         }
-    arms = arms_of(args.cap)
+    for m in filtered:
+        fill = plans[f"real + {m}"].generated
+        for recipe, mixing in RECIPES.items():
+            if mixing is None:
+                plans[recipe_arm(m, recipe)] = Arm(train_records, filtered[m])
+            else:  # pretraining: a third of the training steps (500 of 1,500)
+                mixing = replace(mixing, pretrain_steps=min(mixing.pretrain_steps, steps // 3))
+                plans[recipe_arm(m, recipe)] = Arm(train_records, fill, mixing)
+    arms = arms_of(args.cap, args.recipes)
 
     # train and score every arm and seed (resumable: one JSON file per finished arm and seed; a second process
     # of the same command, started once the images are made, takes the classifiers the first has not locked)
@@ -239,9 +315,10 @@ def main(argv: list[str] | None = None) -> int:
             with claim(done) as mine:
                 if mine and not done.is_file():
                     if arm not in pooled:
-                        pooled = {arm: record_pool(pools[arm], taxonomy, resolution)}  # one arm's images at a time
-                    print(f"{arm}, seed {seed}: {len(pools[arm])} training images")
-                    write_text_atomic(done, json.dumps(train_arm(pooled[arm], taxonomy, held, steps, seed)) + "\n")
+                        pooled = {arm: arm_pools(plans[arm], taxonomy, resolution)}  # one arm's images at a time
+                    print(f"{arm}, seed {seed}: {size(plans[arm])} training images")
+                    scored = train_arm(pooled[arm], plans[arm].recipe, taxonomy, held, steps, seed)
+                    write_text_atomic(done, json.dumps(scored) + "\n")
     waiting = [
         f"{arm} (seed {seed})" for arm in arms for seed in args.seeds if not score_file(scores, arm, seed).is_file()
     ]
@@ -250,13 +327,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     results = {arm: [json.loads(score_file(scores, arm, seed).read_text()) for seed in args.seeds] for arm in arms}
 
-    sizes = {arm: len(pools[arm]) for arm in arms}
+    sizes = {arm: size(plans[arm]) for arm in arms}
     name = f"augment_{args.dataset}{'_quick' if args.quick else ''}"
     target_dir = out if args.quick else args.results
-    (target_dir / f"{name}.json").write_text(
-        json.dumps({"fill_to": target, "seeds": args.seeds, "images": sizes, "scores": results}, indent=1) + "\n"
-    )
-    print(f"results: {write_results(target_dir, args, results, sizes, target, taxonomy, len(held_records))}")
+    record = {"fill_to": target, "seeds": args.seeds, "images": sizes, "scores": results}
+    record |= {"filter_acceptance": accepted} if accepted else {}
+    write_text_atomic(target_dir / f"{name}.json", json.dumps(record, indent=1) + "\n")
+    path = write_results(target_dir, args, results, sizes, target, taxonomy, len(held_records), accepted)
+    print(f"results: {path}")
     return 0
 
 
@@ -269,15 +347,17 @@ def mean_spread(values: list[float]) -> str:
     return f"{100 * mean:.1f} ± {100 * spread:.1f}"
 
 
-def write_results(target_dir: Path, args, results, sizes, target: int, taxonomy, held: int) -> Path:
+def write_results(
+    target_dir: Path, args, results, sizes, target: int, taxonomy, held: int, accepted: dict[str, str]
+) -> Path:
     columns = [r.value for r in taxonomy.ranks if taxonomy.num_taxa(r) > 1] + ["rare species", "common species"]
     rows = [["arm", "training images", *(c.replace("specific_epithet", "species (all)") for c in columns)]]
-    arms = arms_of(args.cap)
+    arms = arms_of(args.cap, args.recipes)
     for arm in arms:
         rows.append([arm, str(sizes[arm]), *(mean_spread([s[c] for s in results[arm]]) for c in columns)])
     real = results["real"]
     deltas = [["arm", "rare species", "common species"]]
-    for arm in (a for a in arms if a.startswith("real + ")):
+    for arm in (a for a in arms if a.startswith("real + ")):  # every arm with the real images
         deltas.append(
             [arm]
             + [
@@ -291,9 +371,11 @@ def write_results(target_dir: Path, args, results, sizes, target: int, taxonomy,
             f"## {label}",
             "",
             f"Command: `python benchmarks/augment.py --dataset {args.dataset}{' --quick' if args.quick else ''}"
-            f"{f' --cap {args.cap:g}' if args.cap else ''}{' --published' if args.published else ''}` (resumable). "
+            f"{f' --cap {args.cap:g}' if args.cap else ''}{' --recipes' if args.recipes else ''}"
+            f"{' --published' if args.published else ''}` (resumable). "
             "Generated with "
-            f"{'PNDM 25 steps' if args.published else 'the fast preset (DPM-Solver++ 8, trailing)'}, scale 3. "
+            f"{'PNDM 25 steps' if args.published else 'the fast preset (DPM-Solver++ 8, trailing)'}, scale 3"
+            f"{'; `--recipes` as the script documents them' if args.recipes else ''}. "
             f"Tail filled to {target} images per species; {held} real held-out images; accuracy in % "
             f"(mean ± standard deviation over seeds {', '.join(map(str, args.seeds))}), {torch.get_num_threads()} "
             "CPU threads.",
@@ -304,6 +386,8 @@ def write_results(target_dir: Path, args, results, sizes, target: int, taxonomy,
             "",
             markdown_table(deltas),
             "",
+            *(f"Filtered fill of {m}: {text}." for m, text in accepted.items()),
+            *([""] if accepted else []),
         ]
     )
     path = target_dir / f"augment{'_quick' if args.quick else ''}.md"

@@ -120,6 +120,13 @@ def test_generate_filter_through_the_command(tiny_pipeline, small_taxonomy, tmp_
     assert json.loads((out / "filter_summary.json").read_text())["kept"] == len(rows)
     bad = [*args[:-6], "--filter", str(classifier), "--filter-rank", "kingdom"]
     assert main(bad) == 2 and "the classifier knows" in capsys.readouterr().err
+    # a filter that keeps nothing: the first batch keeps no image, and the time estimate counts what it decided
+    none = [*args[:-6], "--filter", str(classifier), "--filter-threshold", "1.01", "--filter-retries", "0"]
+    none[none.index("--out") + 1] = str(tmp_path / "none")
+    assert main(none) == 2 and "--filter-threshold must be in [0, 1]" in capsys.readouterr().err
+    none[none.index("1.01")] = "1.0"
+    assert main(none) == 0 and "estimated:" in capsys.readouterr().out
+    assert json.loads((tmp_path / "none" / "filter_summary.json").read_text())["kept"] == 0
 
 
 def test_two_processes_keep_the_same_images_as_one(pipe, small_taxonomy, tmp_path):
@@ -151,3 +158,16 @@ def test_a_taxon_the_classifier_never_saw_is_kept_unscored(small_taxonomy):
     image_filter = ImageFilter(Brightness(small_taxonomy), "specific_epithet", threshold=0.3, retries=1)
     unknown = Lineage(small_taxonomy.ranks, ("Actinopterygii", "Perciformes", "Pomacentridae", "Amphiprion", "nova"))
     assert image_filter.scores([Image.new("RGB", (16, 16))], [unknown]) == [(True, None)]
+
+
+def test_a_flat_models_species_is_found_by_its_binomial(small_taxonomy):
+    """A flat model's images carry one rank, the species' binomial: the filter scores them as the full lineage's."""
+    from taxadiffusion.taxonomy import Lineage
+
+    image_filter = ImageFilter(Brightness(small_taxonomy), "specific_epithet", threshold=0.0, retries=0)
+    image = Image.new("RGB", (16, 16), (90, 90, 90))
+    for species in small_taxonomy.taxa("specific_epithet"):
+        full = small_taxonomy.lineage(species)
+        flat = Lineage((Rank.SPECIFIC_EPITHET,), (full.scientific_name,))
+        scored = image_filter.scores([image, image], [full, flat])
+        assert scored[0] == scored[1] and scored[0][1] is not None

@@ -203,3 +203,24 @@ def test_metadata_grows_by_appending_and_a_torn_line_is_cut(pipe, small_taxonomy
         image.unlink()
     _run(pipe, plan, torn, batch_size=4)
     assert (torn / METADATA_FILE).read_text() == whole
+
+
+def test_fill_to_counts_a_flat_models_species_by_their_binomial(tmp_path):
+    """A flat model (one rank: the binomial) tops its species up counting a dataset labelled with full lineages."""
+    from PIL import Image
+
+    from taxadiffusion.generate import plan_request
+    from taxadiffusion.taxonomy import Rank, Taxonomy
+
+    rows = ["file_name,order,family,genus,specific_epithet"]
+    for i, (genus, epithet) in enumerate([("Spinus", "tristis")] * 3 + [("Cardinalis", "cardinalis")]):
+        Image.new("RGB", (8, 8)).save(tmp_path / f"{i}.png")
+        rows.append(f"{i}.png,Passeriformes,Fringillidae,{genus},{epithet}")
+    (tmp_path / "metadata.csv").write_text("\n".join(rows) + "\n")
+    flat = Taxonomy.from_lineages(
+        [Lineage((Rank.SPECIFIC_EPITHET,), (name,)) for name in ("Spinus tristis", "Cardinalis cardinalis")]
+    )
+    plan = plan_request(flat, fill_to=4, data=("csv", str(tmp_path / "metadata.csv")))
+    from collections import Counter
+
+    assert Counter(i.lineage.names for i in plan.items) == {("Spinus tristis",): 1, ("Cardinalis cardinalis",): 3}

@@ -85,3 +85,27 @@ def test_classifier_train_with_generated_images(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "3 generated images of taxa the real set lacks" in out
     assert (tmp_path / "clf" / "heldout_accuracy.json").is_file()
+
+
+def test_a_pool_smaller_than_a_batch_trains_as_one_batch():
+    """A few generated images to pretrain on (fewer than a batch) make one batch an epoch, not an endless loop."""
+    from taxadiffusion.eval.classifier import pool_batches
+
+    real, generated = pools(n_real=40, n_generated=5)
+    epoch = list(pool_batches(*generated, 8, seed=0)())
+    assert [len(ids) for _, ids in epoch] == [5]
+    assert [len(ids) for _, ids in pool_batches(*real, 8, seed=0)()] == [8] * 5  # full batches as before
+    few_real = real[0][:3], real[1][:3]
+    one_pool = list(sources(mixed_batches(few_real, generated, 64, seed=0, recipe=GeneratedRecipe()), epochs=1))
+    assert [len(is_fake) for is_fake, _ in one_pool] == [8]
+
+
+def test_training_without_images_stops_with_a_message():
+    from taxadiffusion.errors import InputError
+    from taxadiffusion.eval.classifier import pool_batches, train_classifier
+    from taxadiffusion.taxonomy import Taxonomy
+
+    taxonomy = Taxonomy(["class", "order"], {("Actinopterygii",): 1, ("Actinopterygii", "Perciformes"): 1})
+    empty = np.zeros((0, 4, 4, 3), np.uint8), torch.zeros(0, 2, dtype=torch.long)
+    with pytest.raises(InputError, match="no training images"):
+        train_classifier(taxonomy, pool_batches(*empty, 8, seed=0), 3, resolution=4, width=4, progress=False)

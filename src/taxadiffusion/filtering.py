@@ -83,14 +83,29 @@ class ImageFilter:
         probabilities = torch.softmax(self.classifier(batch.to(device))[level], dim=-1).cpu()
         out = []
         for row, lineage in zip(probabilities, lineages, strict=True):
-            try:
-                truth = taxonomy.ids(Lineage(taxonomy.ranks, lineage.names))[level]
-            except (TaxaDiffusionError, IndexError):  # other ranks, or a taxon the classifier never saw
+            truth = _taxon_id(taxonomy, lineage, level)
+            if truth is None:
                 out.append((True, None))
                 continue
             score = float(row[truth])
             out.append((int(row.argmax()) == truth and score >= self.threshold, score))
         return out
+
+
+def _taxon_id(taxonomy, lineage: Lineage, level: int) -> int | None:
+    """The id at `level` of the classifier's taxon that `lineage` names, or None where it names none (other
+    ranks, or a taxon the classifier never saw). A one-rank lineage (a flat model's species, named by its
+    binomial) is found by its scientific name."""
+    try:
+        if lineage.ranks == taxonomy.ranks:
+            return taxonomy.ids(lineage)[level]
+        if len(lineage.ranks) == 1:
+            found = taxonomy.find(lineage.scientific_name, lineage.ranks[0])
+            if len(found) == 1:
+                return taxonomy.ids(taxonomy.lineage(found[0]))[level]
+    except (TaxaDiffusionError, IndexError):
+        pass
+    return None
 
 
 def filtered_block(pipe, block: Sequence, image_filter: ImageFilter) -> dict:

@@ -337,7 +337,7 @@ def generate(
     shard: tuple[int, int] = (0, 1),
     write_table: bool = True,
     progress: bool = True,
-    on_batch: Callable[[int], None] | None = None,
+    on_batch: Callable[[int], None] | None = None,  # after each batch: the plan items this run has decided
     image_filter: ImageFilter | None = None,
     taxonomy: Taxonomy | None = None,
     label: str = "generating",
@@ -383,7 +383,7 @@ def generate(
         ]
 
     existing = len(mine) - sum(len(missing(block)) for block in blocks)
-    start, written = time.perf_counter(), 0
+    start, written, finished = time.perf_counter(), 0, 0
     bar = tqdm(total=len(mine), initial=existing, desc=label, unit="img", disable=not progress)
     for block in blocks:
         todo = missing(block)
@@ -398,12 +398,12 @@ def generate(
                 images[item].save(tmp, format="PNG")
         if image_filter is not None:  # after the images: a decision on record is one whose image is on disk
             decided.update(journal_block(out, tag, index, images.outcome, image_filter.rank))
-        written += len(made)
+        written, finished = written + len(made), finished + len(todo)
         bar.update(len(todo))
         if write_table:  # a killed run's table lists what it made
             append_metadata(out, taxonomy, made, tag, key, decided)
-        if on_batch is not None:
-            on_batch(written)
+        if on_batch is not None:  # the items decided so far (a filter may keep none of a batch)
+            on_batch(finished)
     bar.close()
     seconds = time.perf_counter() - start
     rows = write_metadata(out, taxonomy, plan, tag, key, decided) if write_table else 0
@@ -456,8 +456,11 @@ def plan_request(
         if not data:
             raise InputError("--fill-to counts the real images of a dataset: give --data FORMAT PATH")
         from .data.readers import read_records
+        from .data.records import flatten_to_species
 
         real = read_records(data[0], data[1], root=root)
+        if tuple(taxonomy.ranks) == (Rank.SPECIFIC_EPITHET,) and len(real.ranks) > 1:
+            real = flatten_to_species(real)  # a flat model names its species by their binomial alone
         if tuple(real.ranks) != tuple(taxonomy.ranks):
             raise InputError(f"--data has ranks {', '.join(real.ranks)}; the model {', '.join(taxonomy.ranks)}")
         return plan_fill_to(taxonomy, fill_to, [record.lineage for record in real], seed, source=data[1])

@@ -118,6 +118,17 @@ class RecordSet:
         return {"count": len(bad), "reasons": reasons, "examples": [[n, r] for n, r in list(bad.items())[:shown]]}
 
 
+def flatten_to_species(records: RecordSet) -> RecordSet:
+    """One rank holding the scientific name (the flat SD + LoRA baseline); records above species are counted."""
+    flat = RecordSet((Rank.SPECIFIC_EPITHET,), source=records.source, skipped=records.skipped.copy())
+    for record in records:
+        if record.lineage.depth < len(record.lineage.ranks):
+            flat.skip("not labelled to species (flat baseline)")
+            continue
+        flat.add(record.image, {Rank.SPECIFIC_EPITHET: record.lineage.scientific_name}, record.split, record.box)
+    return flat
+
+
 def describe_summary(summary: dict, title: str) -> str:
     """A `RecordSet.summary()` as a table a person reads: taxa and records labelled per rank, skipped rows."""
     width = max((len(r) for r in summary["taxa"]), default=0)

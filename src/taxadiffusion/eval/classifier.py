@@ -22,7 +22,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from ..atomic import write_text_atomic
-from ..errors import TaxaDiffusionError
+from ..errors import InputError, TaxaDiffusionError
 from ..saved_files import refuse_nonempty, share_safetensors
 from ..taxonomy import Taxonomy
 from .settings import ClassifierTraining, GeneratedRecipe
@@ -112,6 +112,7 @@ def train_classifier(
     step = 0
     with tqdm(total=steps, desc="training classifier", disable=not progress) as bar:
         while step < steps:
+            before = step
             for images, ids, *weights in batches():
                 logits = model(augment(images, generator))
                 loss = _loss(logits, ids, weights[0] if weights else None)
@@ -124,6 +125,8 @@ def train_classifier(
                 bar.set_postfix(loss=f"{loss.item():.3f}")
                 if step >= steps:
                     break
+            if step == before:  # an epoch without a batch would loop for ever
+                raise InputError("the classifier has no training images")
     return model.eval()
 
 
@@ -164,7 +167,7 @@ def mixed_batches(
     def epoch():
         if p is None:
             order = torch.randperm(len(ids), generator=generator)
-            batches = [order[k : k + batch_size] for k in range(0, len(order) - batch_size + 1, batch_size)]
+            batches = [order[k : k + batch_size] for k in full_batches(len(order), batch_size)]
         else:
             reals, fakes = stream(0, n_real), stream(n_real, n_generated) if n_generated else None
             batches = []
@@ -256,13 +259,19 @@ def unit_batch(images: np.ndarray, index: torch.Tensor) -> torch.Tensor:
     return to_unit(np.ascontiguousarray(images[index.numpy()]))
 
 
+def full_batches(n: int, batch_size: int) -> range:
+    """The starts of an epoch's batches over `n` shuffled images: full batches only (the last partial one is
+    dropped), or one batch of them all when they fill none."""
+    return range(0, max(n - batch_size + 1, min(n, 1)), batch_size)
+
+
 def pool_batches(images: np.ndarray, ids: torch.Tensor, batch_size: int, seed: int):
     """A factory of shuffled epochs over a pool (what `train_classifier` consumes), converted a batch at a time."""
     generator = torch.Generator().manual_seed(seed)
 
     def epoch():
         order = torch.randperm(len(images), generator=generator)
-        for start in range(0, len(order) - batch_size + 1, batch_size):
+        for start in full_batches(len(order), batch_size):
             index = order[start : start + batch_size]
             yield unit_batch(images, index), ids[index]
 
@@ -334,16 +343,33 @@ def train_with_generated(
     real = record_pool(train_records, taxonomy, training.resolution)
     fake = record_pool(known, taxonomy, training.resolution) if known else (real[0][:0], real[1][:0])
     held_images, held_ids = record_pool(held_records, taxonomy, training.resolution)
-    t, model = training, None
-    if recipe.pretrain_steps and known:
-        pretrain = pool_batches(*fake, t.batch_size, seed=1)
-        model = train_classifier(taxonomy, pretrain, recipe.pretrain_steps, t.resolution, t.width, progress=t.progress)
-        model.train()
-    batches = mixed_batches(real, fake, t.batch_size, 0, recipe)
-    model = train_classifier(taxonomy, batches, t.steps, t.resolution, t.width, progress=t.progress, model=model)
+    model = fit_with_generated(taxonomy, real, fake, training, recipe)
     accuracy = accuracy_by_rank(predict_pool(model, held_images), held_ids)
     by_rank = {r.value: a for r, a in zip(taxonomy.ranks, accuracy, strict=True)}
     return ClassifierRun(model, len(held_ids), by_rank)
+
+
+def fit_with_generated(
+    taxonomy: Taxonomy,
+    real: tuple[np.ndarray, torch.Tensor],
+    generated: tuple[np.ndarray, torch.Tensor],
+    training: ClassifierTraining,
+    recipe: GeneratedRecipe,
+    seed: int = 0,
+) -> TaxonClassifier:
+    """A classifier trained on real and generated pools by `recipe`: first `pretrain_steps` on the generated images
+    alone, then `training.steps` on both, mixed by `mixed_batches` (weights and draw probability)."""
+    t, model = training, None
+    if recipe.pretrain_steps and len(generated[1]):
+        pretrain = pool_batches(*generated, t.batch_size, seed=seed + 1)
+        model = train_classifier(
+            taxonomy, pretrain, recipe.pretrain_steps, t.resolution, t.width, seed=seed, progress=t.progress
+        )
+        model.train()
+    batches = mixed_batches(real, generated, t.batch_size, seed, recipe)
+    return train_classifier(
+        taxonomy, batches, t.steps, t.resolution, t.width, seed=seed, progress=t.progress, model=model
+    )
 
 
 def _labelled_in(taxonomy: Taxonomy, lineage) -> bool:

@@ -15,7 +15,7 @@ import torch
 
 from ..config import Config
 from ..data.readers import read_folder, read_records
-from ..data.records import RecordSet, split_records
+from ..data.records import RecordSet, flatten_to_species, split_records
 from ..data.synthetic import SyntheticTaxonomy, appearance
 from ..errors import InputError
 from ..model import (
@@ -55,17 +55,6 @@ def load_training_records(config: Config, data_folder: Path, render: bool = True
     if not records.records:
         raise InputError(f"no training records in {data.path or data_folder} (split {data.split!r})")
     return records
-
-
-def flatten_to_species(records: RecordSet) -> RecordSet:
-    """One rank holding the scientific name (the flat SD + LoRA baseline); records above species are counted."""
-    flat = RecordSet((Rank.SPECIFIC_EPITHET,), source=records.source, skipped=records.skipped.copy())
-    for record in records:
-        if record.lineage.depth < len(record.lineage.ranks):
-            flat.skip("not labelled to species (flat baseline)")
-            continue
-        flat.add(record.image, {Rank.SPECIFIC_EPITHET: record.lineage.scientific_name}, record.split, record.box)
-    return flat
 
 
 def caption_records(
