@@ -69,6 +69,46 @@ def test_frechet_distance_equals_the_square_root_formula(n_real, n_fake):
     assert frechet_distance(real.float(), fake.float()) == pytest.approx(expected, rel=1e-4)
 
 
+@pytest.mark.parametrize("per_taxon", [2, 9])  # 60 and 270 images a set: fewer and more than the 64 features
+def test_a_rank_streamed_a_taxon_at_a_time_scores_as_its_features_held_whole(tmp_path, per_taxon):
+    """FID, KID, LPIPS, BioCLIP and accuracy over a group read one taxon file at a time equal the metrics of
+    all its features concatenated (KID through torchmetrics itself, with the same subsets)."""
+    from taxadiffusion.eval.classifier import accuracy_by_rank
+    from taxadiffusion.eval.fid import frechet_distance, kernel_inception_distance
+    from taxadiffusion.eval.scores import TaxonScores, group_metrics
+
+    generator = torch.Generator().manual_seed(per_taxon)
+    taxa, files = [], []
+    for t in range(30):
+        n_real, n_fake = per_taxon + t % 3, per_taxon
+        scores = TaxonScores(
+            torch.randn(n_real, 64, generator=generator),
+            1.2 * torch.randn(n_fake, 64, generator=generator) + 0.1,
+            torch.rand(n_fake, generator=generator),
+            bioclip=torch.rand(n_fake, generator=generator),
+            predicted=torch.randint(0, 3, (n_fake, 2), generator=generator),
+            real_predicted=torch.randint(0, 3, (n_real, 2), generator=generator),
+            truth=torch.tensor([t % 3, -1 if t % 5 == 0 else t % 2]),
+        )
+        scores.save(tmp_path / f"{t}.safetensors")
+        taxa.append(scores)
+        files.append(tmp_path / f"{t}.safetensors")
+    got = group_metrics(files, ["order", "family"], kid_subset=50, seed=3)
+    real = torch.cat([s.real_features for s in taxa])
+    fake = torch.cat([s.fake_features for s in taxa])
+    assert got["fid"] == pytest.approx(frechet_distance(real, fake), rel=1e-7)  # another exact route: rounding
+    kid = kernel_inception_distance(real, fake, 50, seed=3)
+    assert (got["kid"], got["kid_std"]) == pytest.approx((kid["kid"], kid["kid_std"]), rel=1e-6)
+    assert got["lpips"] == pytest.approx(float(np.mean([s.lpips.double().mean() for s in taxa])))
+    assert got["bioclip"] == pytest.approx(float(torch.cat([s.bioclip for s in taxa]).double().mean()))
+    for kind, field in (("accuracy", "predicted"), ("real_accuracy", "real_predicted")):
+        predicted = torch.cat([getattr(s, field) for s in taxa])
+        truth = torch.cat([s.truth.expand(len(getattr(s, field)), -1) for s in taxa])
+        expected = dict(zip(["order", "family"], accuracy_by_rank(predicted, truth), strict=True))
+        assert got[kind] == pytest.approx(expected)
+    assert (got["taxa"], got["n_real"], got["n_fake"]) == (30, len(real), len(fake))
+
+
 def test_inception_features_are_2048d_and_memoised():
     features = InceptionFeatures()
     images = torch.randint(0, 255, (3, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))

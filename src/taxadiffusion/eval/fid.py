@@ -89,6 +89,60 @@ def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
     return float((mean_a - mean_b).square().sum() + centred_a.square().sum() + centred_b.square().sum() - 2 * cross)
 
 
+class FeatureMoments:
+    """A feature set's FID statistics, streamed a taxon at a time: the rows themselves while they number no more
+    than the features' dimension D (then `frechet_distance` takes its exact small-set route, as on the rows held
+    whole), their sum and D x D Gram matrix in float64 once more come. So a rank's FID over iNat21's 100,000
+    generated and 500,000 real images holds two 32 MiB matrices, where the rows would take 4.9 GB."""
+
+    def __init__(self) -> None:
+        self.n, self.rows, self.total, self.gram = 0, [], None, None
+
+    def add(self, features: torch.Tensor) -> None:
+        self.n += len(features)
+        self.rows.append(features.double())
+        if self.n > features.shape[1] and sum(len(r) for r in self.rows) >= features.shape[1]:
+            self._fold()  # a D-row block per matrix product: the products cost the same as one over all rows
+
+    def _fold(self) -> None:
+        block = torch.cat(self.rows)
+        self.rows = []
+        if self.total is None:
+            dim = block.shape[1]
+            self.total, self.gram = torch.zeros(dim, dtype=torch.float64), torch.zeros(dim, dim, dtype=torch.float64)
+        self.total += block.sum(0)
+        self.gram += block.T @ block
+
+    @property
+    def held(self) -> torch.Tensor | None:
+        """The rows, while they are all held."""
+        return torch.cat(self.rows) if self.total is None and self.rows else None
+
+    def mean_cov(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mean and the unbiased covariance (float64)."""
+        held = self.held
+        if held is not None:
+            mean = held.mean(0)
+            centred = held - mean
+            return mean, centred.T @ centred / (self.n - 1)
+        if self.rows:
+            self._fold()
+        mean = self.total / self.n
+        return mean, (self.gram - self.n * torch.outer(mean, mean)) / (self.n - 1)
+
+
+def streamed_frechet_distance(real: FeatureMoments, fake: FeatureMoments) -> float:
+    """`frechet_distance` of two streamed sets: on their rows while both are held (the same number as on the rows
+    held whole), else from their means and covariances (the D x D route: eigenvalues of S_r S_f)."""
+    if real.held is not None and fake.held is not None:
+        return frechet_distance(real.held, fake.held)
+    if real.n < 2 or fake.n < 2:
+        return math.nan
+    (mean_a, cov_a), (mean_b, cov_b) = real.mean_cov(), fake.mean_cov()
+    cross = torch.linalg.eigvals(cov_a @ cov_b).sqrt().real.sum()
+    return float((mean_a - mean_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * cross)
+
+
 def fid_kid(
     features: nn.Module, real: torch.Tensor, fake: torch.Tensor, kid_subset: int = 50, seed: int = 0
 ) -> dict[str, float]:
@@ -106,6 +160,36 @@ class _Given(nn.Module):
         return features
 
 
+KID_SUBSETS = 20
+
+
+def kid_subsets(n_real: int, n_fake: int, subset: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """The (real rows, generated rows) of KID's subsets, drawn as torchmetrics' `KernelInceptionDistance.compute`
+    draws them from `seed` (a permutation of each set per subset); None below 2 images a set. Drawn before the
+    features are read, so that a streamed rank keeps only these rows (at most 2 x 20 x `subset`)."""
+    subset = min(subset, n_real, n_fake)
+    if subset < 2:
+        return None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return [(torch.randperm(n_real)[:subset], torch.randperm(n_fake)[:subset]) for _ in range(KID_SUBSETS)]
+
+
+def subset_kid(real_rows: dict[int, torch.Tensor], fake_rows: dict[int, torch.Tensor], subsets) -> dict:
+    """KID (mean, std over subsets) from the rows `kid_subsets` names, with torchmetrics' polynomial-kernel MMD:
+    the number `kernel_inception_distance` gives on the whole sets. Written out because torchmetrics' metric
+    holds every feature of both sets until it computes."""
+    from torchmetrics.image.kid import poly_mmd
+
+    scores = []
+    for real_index, fake_index in subsets:
+        f_real = torch.stack([real_rows[int(i)] for i in real_index]).float()
+        f_fake = torch.stack([fake_rows[int(i)] for i in fake_index]).float()
+        scores.append(poly_mmd(f_real, f_fake, degree=3, gamma=None, coef=1.0))
+    stacked = torch.stack(scores)
+    return {"kid": float(stacked.mean()), "kid_std": float(stacked.std(unbiased=False))}
+
+
 def kernel_inception_distance(real: torch.Tensor, fake: torch.Tensor, subset: int = 50, seed: int = 0) -> dict:
     """KID (mean, std) of two feature sets through torchmetrics, its 20 subsets drawn from `seed`. The subset size
     is capped by the smaller set (KID is unbiased and sane for small sets, FID is not: report both); nothing
@@ -117,7 +201,7 @@ def kernel_inception_distance(real: torch.Tensor, fake: torch.Tensor, subset: in
         return {}
     with warnings.catch_warnings():  # "will save all extracted features": features are what it is given here
         warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
-        kid = KernelInceptionDistance(feature=_Given(), subsets=20, subset_size=subset, normalize=False)
+        kid = KernelInceptionDistance(feature=_Given(), subsets=KID_SUBSETS, subset_size=subset, normalize=False)
     kid.update(real.float(), real=True)
     kid.update(fake.float(), real=False)
     with torch.random.fork_rng(devices=[]):  # torchmetrics draws subsets from the global RNG

@@ -313,8 +313,8 @@ class Evaluation:
             if self.pipeline is not None:
                 self._generate(rank, mine, progress, share)
             self._score(rank, [t for t in mine if not scores[rank][t].is_file()], features, progress)
-        # The main process computes the metrics (each rank's features loaded at once) and the others read them: one
-        # copy of that work and memory, not one per process. Its copy beside the scores is this run's, never stale.
+        # The main process computes the metrics (each rank's taxa streamed from their files, a taxon at a time) and
+        # the others read them: one copy of that work. Its copy beside the scores is this run's, never stale.
         done = self.out / "scores" / self._scores_key / "metrics.json"
         if not share.is_main:
             wait_for([done], "the metrics", False)
@@ -366,8 +366,7 @@ class Evaluation:
 
     def _rank_metrics(self, rank: Rank, files: dict[Taxon, Path]) -> dict:
         """A rank's metrics over all its taxa and over the rare and the common ones, and its sample sheet."""
-        loaded = {taxon: TaxonScores.load(path) for taxon, path in files.items()}
-        taxa = [taxon for taxon, scores in loaded.items() if not scores.empty]
+        taxa = [taxon for taxon, path in files.items() if TaxonScores.counts(path)[1]]  # with generated images
         if not taxa:
             raise InputError(f"no {rank} taxon has both real and generated images")
         (self.out / "grids").mkdir(exist_ok=True)
@@ -378,7 +377,7 @@ class Evaluation:
         groups["common"] = [t for t in taxa if t.count >= threshold]
         ranks = [r.value for r in self.taxonomy.ranks[: self.taxonomy.level(rank) + 1]]
         return {
-            name: group_metrics([loaded[t] for t in group], ranks, seed=self.settings.seed)
+            name: group_metrics([files[t] for t in group], ranks, seed=self.settings.seed)
             for name, group in groups.items()
             if group
         }
