@@ -40,7 +40,9 @@ from __future__ import annotations
 import argparse
 import csv
 import fcntl
+import io
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -87,6 +89,7 @@ class Arm(NamedTuple):
     real: list
     generated: tuple | list = ()
     recipe: GeneratedRecipe = GeneratedRecipe()
+    source: Path | None = None  # the `generate` folder of the generated images
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -213,6 +216,36 @@ def size(arm: Arm) -> int:
     return len(arm.real) + len(arm.generated)
 
 
+def best_arm(results: dict, arms: tuple[str, ...]) -> str:
+    """The arm with generated images and real ones whose mean rare-species accuracy is highest."""
+    candidates = [arm for arm in arms if arm.startswith("real + ")]
+    return max(candidates, key=lambda arm: statistics.fmean(s["rare species"] for s in results[arm]))
+
+
+def export_rare(arm: Arm, counts: Counter, rare: int, target: Path, name: str) -> None:
+    """Copy `arm`'s generated images of the rare species (fewer than `rare` training images) with their rows of
+    the source `metadata.csv` into `target`, as a `generate` folder that other classifiers can read."""
+    chosen = {
+        record.image.relative_to(arm.source).as_posix()
+        for record in arm.generated
+        if counts[species_key(record.lineage)] < rare
+    }
+    with (arm.source / "metadata.csv").open(newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        header, rows = reader.fieldnames, [row for row in reader if row["file_name"] in chosen]
+    if target.exists():
+        shutil.rmtree(target)  # the benchmark's own export, replaced by this run's
+    for row in rows:
+        (target / row["file_name"]).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(arm.source / row["file_name"], target / row["file_name"])
+    table = io.StringIO()
+    writer = csv.DictWriter(table, header, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(target / "metadata.csv", table.getvalue())
+    print(f"{name}: {len(rows)} generated images of the rare species copied to {target}")
+
+
 def filter_classifier(args, table1: Path) -> Path:
     """The classifier `--recipes` filters with: Table 1's committed one, trained on the same real training part."""
     name = f"quality_{args.dataset}{'_quick' if args.quick else ''}"
@@ -267,14 +300,14 @@ def main(argv: list[str] | None = None) -> int:
     species = Counter({key: n for key, n in counts.items() if len(key) == len(taxonomy.ranks)})  # not coarser labels
     target = 5 if args.quick else fill_target(species, rare)  # quick: fills the 3- and 4-image species
     print(f"{len(train_records)} training images, {len(species)} species; the tail is filled to {target}")
-    generated, filtered, accepted = {}, {}, {}
+    generated, filtered, accepted, folders = {}, {}, {}, {}
     for name, guidance in MODELS.items():
-        folder = out / ("generated-published" if args.published else "generated") / name
+        folder = folders[name] = out / ("generated-published" if args.published else "generated") / name
         count = ["--per-taxon", str(target)]
         metadata = generate_images(pipelines[name], folder, count, guidance, args.quick, args.published)
         generated[name] = read_generated(metadata, train_records)
         if args.recipes:  # the fill alone, each image kept by the real-image classifier or redrawn
-            folder = folder.with_name(f"{folder.name}-filtered")
+            folder = folders[f"{name}, filtered"] = folder.with_name(f"{folder.name}-filtered")
             count = ["--fill-to", str(target), "--data", "csv", str(train_csv)]
             extra = ["--filter", str(filter_classifier(args, table1)), *FILTER]
             metadata = generate_images(pipelines[name], folder, count, guidance, args.quick, args.published, extra)
@@ -286,22 +319,27 @@ def main(argv: list[str] | None = None) -> int:
     held = (held_images, held_ids, rare_mask)
     plans = {
         "real": Arm(train_records),
-        **{f"real + {m}": Arm(train_records, fill_records(generated[m], counts, target)) for m in MODELS},
+        **{
+            f"real + {m}": Arm(train_records, fill_records(generated[m], counts, target), source=folders[m])
+            for m in MODELS
+        },
         **{f"{m} only": Arm([r for r, _ in generated[m]]) for m in MODELS},
     }
     if args.cap:
         plans |= {
-            capped_arm(m, args.cap): Arm(train_records, fill_records(generated[m], counts, target, args.cap))
+            capped_arm(m, args.cap): Arm(
+                train_records, fill_records(generated[m], counts, target, args.cap), source=folders[m]
+            )
             for m in MODELS
         }
     for m in filtered:
         fill = plans[f"real + {m}"].generated
         for recipe, mixing in RECIPES.items():
             if mixing is None:
-                plans[recipe_arm(m, recipe)] = Arm(train_records, filtered[m])
+                plans[recipe_arm(m, recipe)] = Arm(train_records, filtered[m], source=folders[f"{m}, filtered"])
             else:  # pretraining: a third of the training steps (500 of 1,500)
                 mixing = replace(mixing, pretrain_steps=min(mixing.pretrain_steps, steps // 3))
-                plans[recipe_arm(m, recipe)] = Arm(train_records, fill, mixing)
+                plans[recipe_arm(m, recipe)] = Arm(train_records, fill, mixing, folders[m])
     arms = arms_of(args.cap, args.recipes)
 
     # train and score every arm and seed (resumable: one JSON file per finished arm and seed; a second process
@@ -333,7 +371,10 @@ def main(argv: list[str] | None = None) -> int:
     record = {"fill_to": target, "seeds": args.seeds, "images": sizes, "scores": results}
     record |= {"filter_acceptance": accepted} if accepted else {}
     write_text_atomic(target_dir / f"{name}.json", json.dumps(record, indent=1) + "\n")
-    path = write_results(target_dir, args, results, sizes, target, taxonomy, len(held_records), accepted)
+    best = best_arm(results, arms) if args.recipes else None
+    if best is not None:  # the rare species' generated images of the best recipe, to be scored by others
+        export_rare(plans[best], counts, rare, target_dir / f"{name}_rare", best)
+    path = write_results(target_dir, args, results, sizes, target, taxonomy, len(held_records), accepted, best)
     print(f"results: {path}")
     return 0
 
@@ -348,7 +389,7 @@ def mean_spread(values: list[float]) -> str:
 
 
 def write_results(
-    target_dir: Path, args, results, sizes, target: int, taxonomy, held: int, accepted: dict[str, str]
+    target_dir: Path, args, results, sizes, target: int, taxonomy, held: int, accepted: dict[str, str], best
 ) -> Path:
     columns = [r.value for r in taxonomy.ranks if taxonomy.num_taxa(r) > 1] + ["rare species", "common species"]
     rows = [["arm", "training images", *(c.replace("specific_epithet", "species (all)") for c in columns)]]
@@ -366,6 +407,7 @@ def write_results(
             ]
         )
     label = LABELS[args.dataset]
+    rare_folder = f"augment_{args.dataset}{'_quick' if args.quick else ''}_rare"  # export_rare's
     text = "\n".join(
         [
             f"## {label}",
@@ -388,6 +430,15 @@ def write_results(
             "",
             *(f"Filtered fill of {m}: {text}." for m, text in accepted.items()),
             *([""] if accepted else []),
+            *(
+                [
+                    f"Highest rare-species accuracy: `{best}`. Its generated images of the rare species, with their "
+                    f"rows of `metadata.csv`: [{rare_folder}/]({rare_folder}/).",
+                    "",
+                ]
+                if best
+                else []
+            ),
         ]
     )
     path = target_dir / f"augment{'_quick' if args.quick else ''}.md"
