@@ -159,6 +159,11 @@ def test_dry_run_at_full_size_states_the_published_model(fixtures, tmp_path, cap
         .replace(",", "")
     )
     assert f"({lora + encoder:,} parameters" in stage0
+    # memory per process at the published batch 32 in fp32: SD 1.5's activations (about 51 GB, counted on the meta
+    # device) dominate, so 80 GB cards and larger
+    memory = next(line for line in printed.splitlines() if line.startswith("memory per process"))
+    activations = float(memory.split("about ")[1].split(" GB of activations")[0])
+    assert 45 < activations < 56 and "at batch 32" in memory and "fits GPUs of 80 GB and more" in memory
 
 
 @pytest.mark.parametrize("name", PRESETS)

@@ -371,7 +371,7 @@ def test_latent_model_with_lora_and_cached_latents(two_rank_data, tiny_sd, tmp_p
     text_bytes = sum(tables.table(i).nbytes for i in range(len(tables.ranks)))
     assert f"({text_bytes / 2**20:,.1f} MB in fp32, on the training device" in plan
     # the memory it can count: fp32 weights (base, LoRA, encoders), AdamW state of the largest stage, text tables
-    device = float(re.search(r"memory per process before activations: ([\d.,]+) MB on the device", plan)[1])
+    device = float(re.search(r"memory per process: ([\d.,]+) MB on the device", plan)[1])
     weights = 4 * sum(p.numel() for p in trainer.model.parameters())
     trains = [trainer.model.configure_trainable(stage.unet, stage.encoder_levels) for stage in trainer.stages]
     adam = 12 * max(sum(p.numel() for p in parameters) for parameters in trains)

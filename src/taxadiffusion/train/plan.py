@@ -30,6 +30,7 @@ from ..model import (
 from ..prior import read_prior
 from ..taxonomy import Rank, Taxonomy
 from ..text import TextEncoderSpec
+from .activations import CARDS_GB, activation_bytes, cards_that_fit
 from .stages import Stage, plan_stages
 
 # -- the run's records and text encoder ------------------------------------------------------------
@@ -148,6 +149,7 @@ class RunPlan:
     device: str | None = None  # what each process trains on, once known (not in a dry run)
     fused_lora: bool = False  # the stages that leave the LoRA frozen run it merged into the UNet
     text_on_cpu: bool | None = None  # where the trainer put the text tables (None in a dry run: the config says)
+    activations: int = 0  # bytes one step's forward saves for the backward pass (train/activations.py)
 
     @property
     def text_in_cpu_memory(self) -> bool:
@@ -333,11 +335,14 @@ class RunPlan:
 
     def _memory_line(self) -> str:
         device, host = self.memory_bytes()
+        total = device + self.activations
+        cards = cards_that_fit(total)
+        fits = f"fits GPUs of {cards[0]} GB and more" if cards else f"fits no GPU of up to {CARDS_GB[-1]} GB"
         return (
-            f"memory per process before activations: {_size(device)} on the device (weights, the largest stage's "
-            f"gradients and AdamW moments, text tables on the device)"
-            + (f", {_size(host)} of text tables in host memory" if host else "")
-            + "; activations come on top (one step measures them: benchmarks/speed.py)"
+            f"memory per process: {_size(device)} on the device (weights, the largest stage's gradients and AdamW "
+            f"moments, text tables on the device) + about {_size(self.activations)} of activations at batch "
+            f"{self.config.train.batch_size} (counted on the meta device, within about a fifth) = {_size(total)}: "
+            f"{fits}" + (f"; {_size(host)} of text tables in host memory" if host else "")
         )
 
     def _stage_lines(self) -> list[str]:
@@ -376,6 +381,18 @@ class RunPlan:
         per_stage, trained = stage_parameter_counts(model, stages)
         unet = model.unet
         side = config.model.resolution // factor
+        latent_shape = (unet.config.in_channels, side, side)
+        trains = next((kind for kind in ("full", "lora") if any(stage.unet == kind for stage in stages)), None)
+        activations = activation_bytes(
+            unet,
+            config.train.batch_size,
+            latent_shape,
+            text_tokens,
+            trains,
+            config.model.lora_targets,
+            config.train.mixed_precision,
+            config.train.gradient_checkpointing,
+        )
         return cls(
             config=config,
             records=records,
@@ -386,12 +403,13 @@ class RunPlan:
             unet_parameters=sum(p.numel() for n, p in unet.named_parameters() if not is_lora_key(n)),
             encoder_parameters=count_parameters(list(model.taxonomy_encoder.parameters())),
             text_width=text_width,
-            latent_shape=(unet.config.in_channels, side, side),
+            latent_shape=latent_shape,
             num_processes=num_processes,
             text_tokens=text_tokens,
             device=device,
             fused_lora=fuses_lora(unet, config),
             text_on_cpu=text_on_cpu,
+            activations=activations,
         )
 
 
