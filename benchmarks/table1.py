@@ -85,7 +85,7 @@ class Dataset(NamedTuple):
 
 
 DATASETS = {
-    "cub": Dataset("csv", "cub100_lt/metadata.csv", "CUB-100-LT", "birds_fish_long"),
+    "cub": Dataset("csv", "cub100_lt/metadata.csv", "CUB-100-LT", "birds525"),
     "f4k": Dataset("folder", "fish4knowledge", "Fish4Knowledge", "birds_fish"),
 }
 

@@ -55,14 +55,17 @@ def test_the_readme_results_are_the_tables_of_record(dataset, results):
     columns = {"acc. order": "Acc ↑ order", "acc. species": "Acc ↑ species", "KID species": "KID ↓ species"}
     rows = {"zero-shot (SD)": "zero-shot", "flat (SD + LoRA)": "flat", "full (SD + full)": "full"}
     by_run = {row[0]: dict(zip(record[0], row, strict=True)) for row in record[1:]}
-    checked = 0
+    measured = 0
     for row in readme[1:]:
         cells = dict(zip(readme[0], row, strict=True))
-        run = by_run[rows.get(row[0], row[0].lower())]
+        run = by_run.get(rows.get(row[0], row[0].lower()))
+        if run is None:  # a row the table of record does not hold yet (a Table 1 measured again) reads "–"
+            assert all(cells[f"{dataset} {ours}"] == "–" for ours in columns), (dataset, row[0])
+            continue
         for ours, theirs in columns.items():
             assert cells[f"{dataset} {ours}"] == run[theirs], (dataset, row[0], ours)
-            checked += 1
-    assert checked == 12
+        measured += 1
+    assert measured >= 3  # zero-shot, flat and TaxaDiffusion at least
 
 
 def test_the_readme_demo_figures_are_demo_md():
