@@ -134,8 +134,9 @@ class FeatureMoments:
 def streamed_frechet_distance(real: FeatureMoments, fake: FeatureMoments) -> float:
     """`frechet_distance` of two streamed sets: on their rows while both are held (the same number as on the rows
     held whole), else from their means and covariances (the D x D route: eigenvalues of S_r S_f)."""
-    if real.held is not None and fake.held is not None:
-        return frechet_distance(real.held, fake.held)
+    held_real, held_fake = real.held, fake.held  # each a concatenation: taken once
+    if held_real is not None and held_fake is not None:
+        return frechet_distance(held_real, held_fake)
     if real.n < 2 or fake.n < 2:
         return math.nan
     (mean_a, cov_a), (mean_b, cov_b) = real.mean_cov(), fake.mean_cov()
