@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from taxadiffusion.model import LORA_TARGETS
+from taxadiffusion.model import LORA_TARGETS, conditioning_width
 from taxadiffusion.train.activations import (
     AUTOCAST_RATIO,
     OVERHEAD,
@@ -26,14 +26,15 @@ def saved_on_real_tensors(unet, batch: int, tokens: int) -> int:
 
     unet.requires_grad_(True).train()
     sample = torch.randn(batch, unet.config.in_channels, 8, 8)
-    condition = torch.randn(batch, tokens, unet.config.cross_attention_dim, requires_grad=True)
+    condition = torch.randn(batch, tokens, conditioning_width(unet), requires_grad=True)
     with _fused_attention(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         unet(sample, torch.zeros(batch, dtype=torch.long), condition)
     return sum(size for _, size in saved.values())
 
 
-def test_the_meta_count_is_what_a_real_forward_saves():
-    unet = tiny_unet()
+@pytest.mark.parametrize("projects", [False, True], ids=["cross-attention width", "projects text features"])
+def test_the_meta_count_is_what_a_real_forward_saves(projects):
+    unet = tiny_unet(encoder_hid_dim=48 if projects else None)  # a prior projects its text features itself
     counted = activation_bytes(unet, 3, (4, 8, 8), 5, "full")
     assert counted == saved_on_real_tensors(unet, 3, 5)
 

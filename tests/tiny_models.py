@@ -32,7 +32,13 @@ def tiny_clip_text_model(vocab_size: int, width: int = 32, max_length: int = 16,
     return CLIPTextModel(config).eval()
 
 
-def tiny_unet(cross_attention_dim: int = 32, in_channels: int = 4, sample_size: int = 8, seed: int = 0):
+def tiny_unet(
+    cross_attention_dim: int = 32,
+    in_channels: int = 4,
+    sample_size: int = 8,
+    seed: int = 0,
+    encoder_hid_dim: int | None = None,
+):
     torch.manual_seed(seed)
     return UNet2DConditionModel(
         sample_size=sample_size,
@@ -43,6 +49,7 @@ def tiny_unet(cross_attention_dim: int = 32, in_channels: int = 4, sample_size: 
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=cross_attention_dim,
+        encoder_hid_dim=encoder_hid_dim,  # set: the UNet projects text features of that width itself
         attention_head_dim=8,
         norm_num_groups=32,
     ).eval()

@@ -22,6 +22,8 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from ..model import conditioning_width
+
 # bf16 / fp16 autocast against the fp32 count: about 11.2 against 12.9 GB on SD 1.5 at batch 8 (the module's doc)
 AUTOCAST_RATIO = 0.87
 # GPU memory sizes users plan with (GB as cards are sold): 16 (V100, T4), 24 (A10, L4, RTX 4090), 40 (A100 40GB),
@@ -93,7 +95,8 @@ def activation_bytes(
         return tensor
 
     sample = torch.empty(batch, *latent_shape, device="meta")
-    condition = torch.empty(batch, text_tokens, unet.config.cross_attention_dim, device="meta", requires_grad=True)
+    # the width the UNet reads: a UNet that projects text features itself (a prior, SD) takes the text width
+    condition = torch.empty(batch, text_tokens, conditioning_width(unet), device="meta", requires_grad=True)
     timesteps = torch.zeros(batch, dtype=torch.long, device="meta")
     with _fused_attention(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         meta(sample, timesteps, condition)
