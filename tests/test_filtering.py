@@ -127,6 +127,10 @@ def test_generate_filter_through_the_command(tiny_pipeline, small_taxonomy, tmp_
     none[none.index("1.01")] = "1.0"
     assert main(none) == 0 and "estimated:" in capsys.readouterr().out
     assert json.loads((tmp_path / "none" / "filter_summary.json").read_text())["kept"] == 0
+    # run again: every place was decided (given up), none of them is an image on disk
+    assert main(none) == 0
+    said = capsys.readouterr().out
+    assert "no image left to make, 10 places already decided (kept or given up)" in said and "lists 0 images" in said
 
 
 def test_two_processes_keep_the_same_images_as_one(pipe, small_taxonomy, tmp_path):

@@ -517,9 +517,11 @@ def generate_sharded(
 def done_line(result: GenerationResult, rows: int, out: Path) -> str:
     """What `generate` says at its end: images made, found, listed, and what a filter kept."""
     made = f"{result.written:,} images made ({result.images_per_second:.2f} images/s)" if result.written else None
-    line = f"done: {made or 'no image left to make'}, {result.existing:,} already there; "
+    filtered = (out / FILTER_SUMMARY).is_file()
+    found = "places already decided (kept or given up)" if filtered else "already there"  # a filter gives up some
+    line = f"done: {made or 'no image left to make'}, {result.existing:,} {found}; "
     line += f"{out / METADATA_FILE} lists {rows:,} images"
-    if (out / FILTER_SUMMARY).is_file():
+    if filtered:
         summary = json.loads((out / FILTER_SUMMARY).read_text(encoding="utf-8"))
         acceptance = "" if summary["acceptance"] is None else f" (acceptance {summary['acceptance']:.1%})"
         line += (
