@@ -282,6 +282,7 @@ def test_the_classifier_reads_its_images_from_a_memory_map_a_batch_at_a_time(tmp
     assert isinstance(images, np.memmap) and images.shape == (len(records), 16, 16, 3)
     direct = RecordImages(records.records, 16, "random_crop")
     assert all(np.array_equal(images[i], direct[i]) for i in range(len(records)))
+    assert direct[0].flags.writeable  # the DataLoader's collate warns on read-only arrays
     assert np.array_equal(record_pool(records.records, taxonomy, 16, workers=2)[0], images)
     assert ids.tolist() == [list(taxonomy.ids(r.lineage)) for r in records.records]
     x, y = next(pool_batches(images, ids, 4, seed=0)())

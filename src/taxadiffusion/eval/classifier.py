@@ -222,7 +222,8 @@ class RecordImages(torch.utils.data.Dataset):
 
         record = self.records[index]
         image = crop_to_box(load_image(record.image), record.box)
-        return np.asarray(prepare_image(image, self.resolution, self.crop, None))
+        # a copy: a view of the PIL image is read-only, which the DataLoader's collate warns about on every batch
+        return np.array(prepare_image(image, self.resolution, self.crop, None))
 
 
 def record_pool(
