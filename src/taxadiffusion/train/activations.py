@@ -95,7 +95,7 @@ def activation_bytes(
         return tensor
 
     sample = torch.empty(batch, *latent_shape, device="meta")
-    # the width the UNet reads: a UNet that projects text features itself (a prior, SD) takes the text width
+    # the width the UNet reads: the text width where it projects text features itself (a prior), as `train` feeds it
     condition = torch.empty(batch, text_tokens, conditioning_width(unet), device="meta", requires_grad=True)
     timesteps = torch.zeros(batch, dtype=torch.long, device="meta")
     with _fused_attention(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
