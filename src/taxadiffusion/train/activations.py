@@ -17,10 +17,9 @@ not to fill one to the last gigabyte.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from ..model import conditioning_width
 
@@ -50,14 +49,15 @@ class _FusedAttention(torch.autograd.Function):
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
 
 
-@contextlib.contextmanager
-def _fused_attention():
-    original = F.scaled_dot_product_attention
-    F.scaled_dot_product_attention = lambda q, k, v, *args, **kwargs: _FusedAttention.apply(q, k, v)
-    try:
-        yield
-    finally:
-        F.scaled_dot_product_attention = original
+class _FusedAttentionMode(TorchFunctionMode):
+    """Routes `scaled_dot_product_attention` to `_FusedAttention` for the count. A torch function mode is local
+    to the thread that enters it, so other threads' attention (an app serving images) is left alone, which a
+    swap of the module's function would not do."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.scaled_dot_product_attention:
+            return _FusedAttention.apply(*args[:3])
+        return func(*args, **(kwargs or {}))
 
 
 def activation_bytes(
@@ -98,7 +98,7 @@ def activation_bytes(
     # the width the UNet reads: the text width where it projects text features itself (a prior), as `train` feeds it
     condition = torch.empty(batch, text_tokens, conditioning_width(unet), device="meta", requires_grad=True)
     timesteps = torch.zeros(batch, dtype=torch.long, device="meta")
-    with _fused_attention(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    with _FusedAttentionMode(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         meta(sample, timesteps, condition)
     total = sum(size for _, size in saved.values())
     return int(total * AUTOCAST_RATIO) if mixed_precision != "no" else total
