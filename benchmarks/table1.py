@@ -281,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
         earlier = investigation_prior(results, args.model)
         if earlier is not None:
             args.prior, args.other_prior = REPO / earlier, True
+    if args.variant:
+        refuse_another_investigation(read_record(results), args, results)
     prior = prior_folder(args, out)
     classifier = committed_classifier(train_csv, out, results, 60 if args.quick else 1500)
     recipe = [f"model.base={prior}", f"data.path={train_csv}", f"train.steps={steps}"]
@@ -341,10 +343,7 @@ def main(argv: list[str] | None = None) -> int:
             evaluate(inputs, target, settings, progress=False)
         metrics = json.loads((target / "metrics.json").read_text())
         if args.variant:  # an investigation: kept apart from Table 1's rows
-            change = {"row": row, "set": changes, "scale": args.scale, "command": command(args, [row])}
-            change |= {"prior": relative(args.prior)} if args.other_prior else {}
-            change |= {"window": list(args.window)} if args.window != EVERY_STEP else {}
-            change |= {"model": f"{base}~{args.model}"} if args.model else {}
+            change = investigation_change(args, row, changes)
             keep_record(results, {"investigations": {evaluated: {**metrics, "investigation": change}}})
             continue
         keep_record(results, {row: metrics, "prior": relative(args.prior)})
@@ -448,6 +447,40 @@ def refuse_another_prior(record: dict, args) -> None:
         f"is {relative(args.prior)}: keep them as investigations first with `--archive NAME` (e.g. --archive "
         f"{example})"
     )
+
+
+def investigation_change(args, row: str, changes: list[str]) -> dict:
+    """What the investigation `args.variant` changes of `row`, as the record keeps it beside its metrics (`changes`:
+    its training's --set, or with --model the --set of the investigation that trained the model)."""
+    change = {"row": row, "set": changes, "scale": args.scale, "command": command(args, [row])}
+    change |= {"prior": relative(args.prior)} if args.other_prior else {}
+    change |= {"window": list(args.window)} if args.window != EVERY_STEP else {}
+    change |= {"model": f"{row.removesuffix('-vanilla')}~{args.model}"} if args.model else {}
+    return change
+
+
+def refuse_another_investigation(record: dict, args, results: Path) -> None:
+    """An investigation's name is its key in the record (and its folders under --out): a run of `--variant NAME`
+    that changes a row otherwise than the record's <row>~NAME did (another prior, --set, --model, scale, window or
+    ranks) would replace that result with its own. It stops before it trains and names both; the same command
+    again resumes or finds its own result."""
+    for row in args.rows:
+        name = f"{row}~{args.variant}"
+        kept = record.get("investigations", {}).get(name)
+        if kept is None:
+            continue
+        base = row.removesuffix("-vanilla")
+        changes = trained_changes(results, f"{base}~{args.model}") if args.model else args.set
+        this = investigation_change(args, row, changes)
+        before = kept["investigation"]
+        same = {k: v for k, v in before.items() if k != "command"} == {k: v for k, v in this.items() if k != "command"}
+        ranks = ["specific_epithet"] if args.quick else args.ranks  # --quick evaluates the species only
+        if same and set(kept["settings"]["ranks"]) == set(ranks):
+            continue
+        raise SystemExit(
+            f"--variant {args.variant}: {results / RECORD} already holds {name}, measured by `{before['command']}`; "
+            f"this run is `{this['command']}` and would replace it: name this investigation otherwise"
+        )
 
 
 def archive_rows(record: dict, name: str, dataset: str) -> list[str]:

@@ -122,6 +122,40 @@ def test_table1_keeps_its_rows_to_one_prior_and_archives_them_before_another(tab
     assert "The species-rank images of taxadiffusion are in" in samples  # not the old prior's flat export
 
 
+def test_table1_refuses_an_investigation_name_that_the_record_holds_for_another_change(table1, tmp_path):
+    """`--variant NAME` keys the record's <row>~NAME: a run changing the row otherwise (another prior, --set or
+    ranks) would replace that result, so it stops and names both commands; the same command again goes on."""
+    results = tmp_path / "quality_cub"
+    old = (
+        f"python benchmarks/table1.py --dataset cub --rows taxadiffusion --variant unet-all --prior {OLD_PRIOR} "
+        "--set train.unet_stages=all --ranks specific_epithet"
+    )
+    what = {"row": "taxadiffusion", "set": ["train.unet_stages=all"], "scale": 3.0, "command": old, "prior": OLD_PRIOR}
+    record = {"investigations": {"taxadiffusion~unet-all": {**evaluated(3.0, ["specific_epithet"], 150.0),
+                                                            "investigation": what}}}  # fmt: skip
+    table1.keep_record(results, record)
+    kept = table1.read_record(results)
+
+    def check(argv: list[str]) -> None:
+        args = table1.parse_args(["--dataset", "cub", "--results", str(tmp_path), *argv])
+        table1.refuse_another_investigation(kept, args, results)
+
+    again = old.split()[2:]
+    check(again)  # the recorded command itself resumes
+    check(["--rows", "taxadiffusion", "--variant", "other", "--set", "train.unet_stages=all"])  # a name of its own
+    changed = {
+        "the dataset's prior": [a for a in again if a not in ("--prior", OLD_PRIOR)],
+        "another --set": [a.replace("unet_stages=all", "unet_stages=first") for a in again],
+        "more ranks": again[: again.index("--ranks")],
+        "another scale": [*again, "--scale", "5"],
+    }
+    for why, argv in changed.items():
+        with pytest.raises(SystemExit, match=f"already holds taxadiffusion~unet-all, measured by `{old}`") as stop:
+            check(argv)
+        assert "would replace it: name this investigation otherwise" in str(stop.value), why
+    assert table1.read_record(results) == kept  # nothing written
+
+
 def test_table1_writes_its_tables_under_the_records_lock(table1, tmp_path, monkeypatch):
     """Two rows finishing together: the one writing its tables holds the lock that a record's writer waits for, so
     a table written from an older record cannot replace a newer one."""
