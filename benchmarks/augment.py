@@ -209,7 +209,8 @@ def arm_pools(arm: Arm, taxonomy, resolution: int) -> tuple[tuple, tuple]:
 def train_arm(pools: tuple, recipe: GeneratedRecipe, taxonomy, held, steps: int, seed: int) -> dict[str, float]:
     """One arm's classifier (`classifier train`'s recipe on its real and generated images), scored on `held`."""
     model = fit_with_generated(taxonomy, *pools, ClassifierTraining(steps=steps, progress=False), recipe, seed=seed)
-    return score(model, *held, taxonomy.ranks)
+    # its own threads: processes of one command may differ, and the results are written by whichever ends last
+    return {**score(model, *held, taxonomy.ranks), "threads": torch.get_num_threads()}
 
 
 def size(arm: Arm) -> int:
@@ -382,6 +383,15 @@ def main(argv: list[str] | None = None) -> int:
 # -- the results file ---------------------------------------------------------------------------------
 
 
+def trained_threads(results: dict) -> str:
+    """The CPU threads the classifiers trained on, as their score files record them (older ones do not)."""
+    threads = sorted({s["threads"] for scores in results.values() for s in scores if "threads" in s})
+    unrecorded = sum("threads" not in s for scores in results.values() for s in scores)
+    said = f"classifiers trained on {' or '.join(map(str, threads))} CPU thread(s)" if threads else ""
+    missing = f"{unrecorded} classifier(s) with their threads not recorded" if unrecorded else ""
+    return "; ".join(filter(None, (said, missing)))
+
+
 def mean_spread(values: list[float]) -> str:
     mean = statistics.fmean(values)
     spread = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -419,8 +429,7 @@ def write_results(
             f"{'PNDM 25 steps' if args.published else 'the fast preset (DPM-Solver++ 8, trailing)'}, scale 3"
             f"{'; `--recipes` as the script documents them' if args.recipes else ''}. "
             f"Tail filled to {target} images per species; {held} real held-out images; accuracy in % "
-            f"(mean ± standard deviation over seeds {', '.join(map(str, args.seeds))}), {torch.get_num_threads()} "
-            "CPU threads.",
+            f"(mean ± standard deviation over seeds {', '.join(map(str, args.seeds))}); {trained_threads(results)}.",
             "",
             markdown_table(rows),
             "",
