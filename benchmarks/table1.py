@@ -27,7 +27,8 @@ An investigation (`--variant NAME`) changes one thing of a row: its training (`-
 runs/<row>~NAME) or its sampling (`--scale`, `--window`, reusing the row's model, or with `--model VARIANT` the
 model an earlier investigation trained). It is evaluated at `--ranks` only, kept in
 the record under "investigations" and tabled in the md's investigations section beside the rows it changes,
-never in Table 1 itself.
+never in Table 1 itself. Its name is its key: a run that changes a row otherwise than the record's <row>~NAME
+stops before it trains.
 
 The record names the prior that Table 1's rows were adapted from, and a Table 1 run on another prior (the
 dataset's in `DATASETS` changed) stops before it trains: `--archive NAME` first moves the rows to the
