@@ -299,10 +299,9 @@ def main(argv: list[str] | None = None) -> int:
         # train (a -vanilla row samples its base row's model)
         base = row.removesuffix("-vanilla")
         trained = base + (f"~{args.variant}" if args.set or args.other_prior else "")
-        changes = args.set
         if args.model:  # an earlier investigation's model, with the training changes it was made with
             trained = f"{base}~{args.model}"
-            changes = trained_changes(results, trained)
+        changes = training_changes(args, row, results)
         model = prior
         if strategy is not None:
             overrides = rows[base][1]
@@ -470,9 +469,7 @@ def refuse_another_investigation(record: dict, args, results: Path) -> None:
         kept = record.get("investigations", {}).get(name)
         if kept is None:
             continue
-        base = row.removesuffix("-vanilla")
-        changes = trained_changes(results, f"{base}~{args.model}") if args.model else args.set
-        this = investigation_change(args, row, changes)
+        this = investigation_change(args, row, training_changes(args, row, results))
         before = kept["investigation"]
         same = {k: v for k, v in before.items() if k != "command"} == {k: v for k, v in this.items() if k != "command"}
         ranks = ["specific_epithet"] if args.quick else args.ranks  # --quick evaluates the species only
@@ -546,8 +543,12 @@ def rerun_command(
     return command(again, [row])
 
 
-def trained_changes(results: Path, trained: str) -> list[str]:
-    """The --set of the investigation that trained `trained` (<row>~<variant>), from the results' record."""
+def training_changes(args, row: str, results: Path) -> list[str]:
+    """The training changes of `row`'s model in this run: --set, or with --model the --set of the investigation
+    that trained that model (<row>~<variant>), from the results' record."""
+    if not args.model:
+        return args.set
+    trained = f"{row.removesuffix('-vanilla')}~{args.model}"
     investigation = read_record(results).get("investigations", {}).get(trained)
     if investigation is None:
         raise SystemExit(f"--model: no investigation {trained!r} in {results / RECORD}: run it first (--variant)")
