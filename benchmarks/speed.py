@@ -2,12 +2,15 @@
 
     python benchmarks/speed.py                                     # CPU: the small model, fp32
     python benchmarks/speed.py --device cuda --sd15 --precision bf16  # GPU: SD 1.5-sized at 512 px
+    python benchmarks/speed.py --part switches --device cuda --sd15 --precision bf16 --batch 32 --rounds 1
+    python benchmarks/speed.py --part evaluation --device cuda --sd15
 
 One Stable-Diffusion-format model with random weights (CLIP text encoder with 77 tokens, VAE with an 8x
 downsampling, UNet with LoRA) is written to a temporary folder and used by every measurement. The default is
 small enough for 2 CPU cores but keeps SD 1.5's shares of the work (see `SMALL`); `--sd15` is SD 1.5's
 architecture at 512 px.
 
+`--part steps` (the default):
 1. A training step of ours (`Trainer.loss` on cached text features and frozen-rank tables; with and without
    the VAE-latent cache) against the published step, re-created faithfully: the text encoder runs for every
    rank of every sample at every step, the VAE encodes every batch, every rank encoder up to the stage runs,
@@ -15,20 +18,26 @@ architecture at 512 px.
 2. Sampling images/s of `TaxaDiffusionPipeline` against diffusers' `StableDiffusionPipeline` with the same
    UNet, VAE, scheduler (PNDM), steps and batch, both with two guidance branches.
 3. Peak memory of each (max RSS of a fresh process on CPU; `max_memory_allocated` on CUDA).
-
 4. FLOPs per training sample of every part, for both models (no timing): the speed-up that removing the
    published step's redundant work can give at best.
 5. AdamW's step with the default and the fused kernel (`train.fused_optimizer`) over what a LoRA stage trains
-   and over the whole UNet (a prior's pretraining, the `full` strategy). `--only-optimizer` measures this part
+   and over the whole UNet (a prior's pretraining, the `full` strategy). `--part optimizer` measures this part
    alone and adds it to an earlier run's results.
 
+`--part switches`: the trainer's own step (`Trainer.update`) with each switch that makes it faster alone (the
+frozen base in low precision, a compiled UNet, fused AdamW), none and all three, with its model FLOP
+utilisation and the first step's time (compilation). `--part evaluation`: `Evaluation.run` on `--eval-taxa`
+species as `evaluate` runs it, generation timed apart from scoring, and what iNaturalist 2021's takes at that rate.
+
 Each measurement runs in its own process; results (median and spread of the repetitions) go to
-benchmarks/results/speed.md and speed.json (speed_sd15.* with `--sd15`, speed*_bf16.* with `--precision bf16`).
+benchmarks/results/speed[_switches|_evaluation][_sd15][_bf16].md and .json (`_sd15` with `--sd15`, `_bf16` with
+`--precision bf16`); a run cut short leaves what it measured in a `.partial.json`.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import multiprocessing as mp
 import platform
@@ -208,8 +217,9 @@ def spec_of(root: Path) -> ModelSpec:
     return SPECS[(root / "spec.txt").read_text().strip()]
 
 
-def trainer_for(root: Path, cache_latents: bool):
-    """A trainer over the prepared data; the benchmark draws its own batches (any size) from its dataset."""
+def trainer_for(root: Path, cache_latents: bool, folder: str | None = None, **train):
+    """A trainer over the prepared data; the benchmark draws its own batches (any size) from its dataset.
+    `train`: `train.*` settings over the benchmark's; `folder`: its run folder (caches of its own)."""
     from taxadiffusion.config import Config
     from taxadiffusion.train.trainer import Trainer
 
@@ -219,10 +229,11 @@ def trainer_for(root: Path, cache_latents: bool):
             "model": {"base": str(root / "sd"), "resolution": spec.resolution, "encoder_heads": spec.encoder_heads},
             "text": {"encoder": "base", "max_length": 77},
             "data": {"format": "folder", "path": str(root / "data"), "crop": "squash"},
-            "train": {"batch_size": 4, "cache_latents": cache_latents, "steps": 1},
+            "train": {"batch_size": 4, "cache_latents": cache_latents, "steps": 1, **train},
         }
     )
-    return Trainer(config, root / ("run-cached" if cache_latents else "run"), progress=False)
+    folder = folder or ("run-cached" if cache_latents else "run")
+    return Trainer(config, root / folder, progress=False)
 
 
 def median_spread(seconds: list[float]) -> dict:
@@ -409,6 +420,209 @@ def measure_optimizer(root: Path, rounds: int, reps: int, device: str) -> dict:
     return {key: merged(values) for key, values in runs.items()}
 
 
+# -- 4. the training step's switches ----------------------------------------------------------------------
+
+# The switches that make the same training step faster, each alone, none, and all three (`train.*` settings;
+# the defaults are the frozen base in low precision and fused AdamW on, compile off). "none" is the step under
+# autocast over fp32 weights with torch's default AdamW kernel, eager.
+SWITCHES_OFF = {"frozen_in_low_precision": False, "compile": False, "fused_optimizer": False}
+SWITCHES = {
+    "none": {},
+    "frozen base in low precision": {"frozen_in_low_precision": True},
+    "compiled UNet": {"compile": True},
+    "fused AdamW": {"fused_optimizer": True},
+    "all three": {"frozen_in_low_precision": True, "compile": True, "fused_optimizer": True},
+}
+
+
+def switch_step_job(
+    root: str, switch: str, stage_index: str, batch: int, reps: int, device: str, precision: str = "no"
+) -> dict:
+    """Time `Trainer.update` (the step training runs: accumulate, loss, backward, clipping, AdamW) on the latent
+    cache, with one set of switches. The first step is timed apart: a compiled UNet compiles there."""
+    torch.manual_seed(0)
+    settings = SWITCHES_OFF | SWITCHES[switch] | {"mixed_precision": precision, "batch_size": batch}
+    trainer = trainer_for(Path(root), True, "run-" + switch.replace(" ", "-"), **settings)
+    if trainer.accelerator.device.type != torch.device(device).type:
+        raise RuntimeError(f"accelerate trains on {trainer.accelerator.device}, not on --device {device}")
+    stage = trainer.stages[0 if stage_index == "first" else -1]
+    parts = trainer.prepare_stage(stage)
+    batches = []
+    while len(batches) < reps + 2:  # the synthetic set may hold fewer batches than the steps timed
+        batches += list(itertools.islice(parts.loader, reps + 2 - len(batches)))
+
+    def step(i: int) -> None:
+        trainer.update(parts, batches[i], stage, i + 1)
+
+    first = timed(step, device, 1, warmup=0)[0]
+    seconds = timed(lambda i: step(i + 1), device, reps, warmup=1)
+    optimizer = getattr(parts.optimizer, "optimizer", parts.optimizer)  # accelerate's wrapper holds torch's
+    base = next(p for p in trainer.model.unet.parameters() if not p.requires_grad)
+    return {
+        "times": seconds,
+        "first_step": first,
+        "peak_mib": peak_memory(device),
+        "ranks": stage.depth,
+        "unet_base_dtype": str(base.dtype).removeprefix("torch."),
+        "compiled": trainer.model.unet._compiled_call_impl is not None,
+        "fused": bool(optimizer.defaults.get("fused")),
+    }
+
+
+def measure_switches(root: Path, args, snapshot) -> dict:
+    """Every set of switches at each stage asked, interleaved over rounds of fresh processes."""
+    runs = defaultdict(list)
+    for round_ in range(args.rounds):
+        for stage in args.stages:
+            for switch in SWITCHES:
+                print(f"round {round_ + 1}/{args.rounds}, training step, {stage} stage: {switch}")
+                job = (str(root), switch, stage, args.batch, args.reps, args.device, args.precision)
+                runs[f"{switch}/{stage}"].append(in_process(switch_step_job, *job))
+                snapshot({"switches": dict(runs)})
+    return merged_switches(runs)
+
+
+def merged_switches(runs: dict[str, list[dict]]) -> dict:
+    """Each configuration's processes as one (`merged`), with the slowest first step."""
+    return {key: merged(values) | {"first_step": max(r["first_step"] for r in values)} for key, values in runs.items()}
+
+
+def switches_report(results: dict, spec: ModelSpec, argv: list[str]) -> str:
+    """The training step with each switch alone, none and all: time, speed-up, MFU, peak memory, first step."""
+    settings, switches = results["settings"], results["switches"]
+    peak = results.get("peak_tflops")
+    step_flops = flop_bounds(results["flops"]["sd15" if settings["sd15"] else "small"])["ours (latent cache)"]
+    precision = "bf16 autocast" if settings["precision"] == "bf16" else "fp32"
+    wanted = [f"{switch}/{stage}" for stage in settings["stages"] for switch in SWITCHES]
+    rows, missing = [], [key for key in wanted if key not in switches]
+    for stage in settings["stages"]:
+        none = switches.get(f"none/{stage}")
+        for switch in SWITCHES:
+            entry = switches.get(f"{switch}/{stage}")
+            if entry is None or none is None:
+                continue
+            rows.append(
+                f"| {stage} ({entry['ranks']} rank{'s' if entry['ranks'] > 1 else ''}) | {switch} | "
+                f"{1000 * entry['seconds']['median']:.0f} ms ({1000 * entry['seconds']['p25']:.0f}–"
+                f"{1000 * entry['seconds']['p75']:.0f}) | {speedup(none, entry)} | "
+                f"{utilisation(step_flops, settings['batch'], entry, peak)} | {entry['peak_mib']:.0f} | "
+                f"{entry['first_step']:.1f} s | {entry['unet_base_dtype']}, "
+                f"{'compiled' if entry['compiled'] else 'eager'}, {'fused' if entry['fused'] else 'default'} AdamW |"
+            )
+    cut = [f"Not measured (the run was cut short): {', '.join(missing)}.", ""] if missing else []
+    return "\n".join(
+        [
+            "# The training step's switches",
+            "",
+            f"Command: `{' '.join(['python benchmarks/speed.py', *argv])}`.",
+            f"Machine: {results['machine']}; {precision}.",
+            f"Model: {spec.name} SD-format latent model at {spec.resolution} px, the UNet with LoRA r4; the "
+            f"trainer's own step (`Trainer.update`: loss on the latent cache, backward, gradient clipping, AdamW) at "
+            f"batch {settings['batch']}. Median of all repetitions ({settings['rounds']} fresh processes per "
+            f"configuration, interleaved, {settings['reps']} timed steps each after 2 untimed), interquartile range "
+            "in brackets.",
+            "",
+            "Switches (`train.*`): `frozen_in_low_precision` keeps the weights that never train (the UNet's base, "
+            "the VAE) in the autocast precision instead of fp32 (no effect without mixed precision); `compile` "
+            "compiles the UNet; `fused_optimizer` uses AdamW's fused kernel. `none` turns all three off. Speed-up: "
+            "against `none`, in brackets the range within one round. MFU: achieved TFLOP/s (the step's "
+            f"{step_flops:.0f} GFLOPs per sample, `speed.md`'s count) and its share of the device's dense peak"
+            + (f" ({peak:g} TFLOP/s)." if peak else "; this device's peak is not known, so none is given.")
+            + " First step: the slowest first step of a fresh process. A compiled UNet compiles there: from nothing "
+            "in the first process to compile its graph, from torch's on-disk compile cache in the others (as a "
+            "restarted run does). The last column reads what the step ran with.",
+            "",
+            "| stage | switches | step | speed-up | TFLOP/s (MFU) | peak MiB | first step | ran with |",
+            "|---|---|---|---|---|---|---|---|",
+            *rows,
+            "",
+            *cut,
+        ]
+    )
+
+
+# -- 5. evaluation ------------------------------------------------------------------------------------------
+
+
+def evaluation_job(root: str, taxa: int, device: str) -> dict:
+    """`Evaluation.run` at the species rank on `taxa` species, 10 images each (the paper's protocol: FID Inception,
+    KID and LPIPS-VGG at the model's resolution, a taxonomic classifier), on the device, as `evaluate` runs: fp32.
+    Timed twice: from nothing (generation, scoring, metrics), then with the images kept and the scores deleted
+    (scoring and metrics): the difference is the generation."""
+    import shutil
+
+    from taxadiffusion.data.readers import read_folder
+    from taxadiffusion.data.records import RecordSet
+    from taxadiffusion.eval.classifier import TaxonClassifier
+    from taxadiffusion.eval.protocol import Evaluation
+    from taxadiffusion.eval.settings import EvalSettings
+
+    trainer = trainer_for(Path(root), True)
+    species = trainer.taxonomy.ranks[-1]
+    chosen = {t.path for t in trainer.taxonomy.taxa(species)[:taxa]}
+    every = read_folder(Path(root) / "data")
+    records = RecordSet(every.ranks, [r for r in every if r.lineage.names in chosen])
+    classifier = Path(root) / "classifier"
+    TaxonClassifier(trainer.taxonomy.to_dict()).save_pretrained(classifier)  # random weights: a speed measurement
+    settings = EvalSettings(ranks=(species,), classifier=str(classifier))
+    pipe = trainer.pipeline().to(device)
+    out = Path(root) / "evaluation"
+    shutil.rmtree(out, ignore_errors=True)
+    seconds = {}
+    for phase in ("everything", "scoring"):
+        if phase == "scoring":
+            shutil.rmtree(out / "scores")
+        evaluation = Evaluation(records, out, settings, pipeline=pipe, device=device)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        evaluation.run(progress=False)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        seconds[phase] = time.perf_counter() - start
+    images = sum(1 for _ in (out / "images").rglob("*.png"))
+    real = sum(min(len(v), settings.max_real_per_taxon) for k, v in evaluation.real_by_path.items() if k in chosen)
+    return {"seconds": seconds, "images": images, "real": real, "taxa": len(chosen), "peak_mib": peak_memory(device)}
+
+
+# iNaturalist 2021's evaluation under the paper's protocol: 10 images per taxon at the order, family, genus and
+# species (273 + 1,103 + 4,884 + 10,000 taxa).
+INAT21_EVALUATION_IMAGES = 162_600
+
+
+def evaluation_report(results: dict, spec: ModelSpec, argv: list[str]) -> str:
+    e = results["evaluation"]
+    everything, scoring = e["seconds"]["everything"], e["seconds"]["scoring"]
+    generation = everything - scoring
+    rate = e["images"] / everything
+    return "\n".join(
+        [
+            "# The evaluation's speed",
+            "",
+            f"Command: `{' '.join(['python benchmarks/speed.py', *argv])}`.",
+            f"Machine: {results['machine']}; fp32, as `evaluate` runs.",
+            f"Model: {spec.name} SD-format latent model at {spec.resolution} px (TaxaDiffusionPipeline, PNDM "
+            f"{PUBLISHED.steps} steps, two guidance branches, sampling batch 32). `Evaluation.run` at the species rank "
+            f"on {e['taxa']} species, 10 generated images each ({e['images']} images, {e['real']} real): FID "
+            f"Inception, KID and LPIPS-VGG at {spec.resolution} px (the authors' protocol resizes to 512 px), a "
+            "taxonomic classifier (random weights). "
+            "Timed once from nothing, then again with the images kept and the scores deleted; generation is the "
+            "difference.",
+            "",
+            "| stage | seconds | generated images/s |",
+            "|---|---|---|",
+            f"| generation | {generation:.1f} | {e['images'] / generation:.2f} |",
+            f"| scoring and metrics | {scoring:.1f} | {e['images'] / scoring:.2f} |",
+            f"| the whole evaluation | {everything:.1f} | {rate:.2f} |",
+            "",
+            f"At this rate iNaturalist 2021's evaluation ({INAT21_EVALUATION_IMAGES:,} images: 10 per taxon at the "
+            f"order, family, genus and species) takes {INAT21_EVALUATION_IMAGES / rate / 3600:.1f} h on one such "
+            f"device; `accelerate launch` shares it across processes. Peak memory {e['peak_mib']:.0f} MiB.",
+            "",
+        ]
+    )
+
+
 # -- driver ---------------------------------------------------------------------------------------------
 
 
@@ -447,6 +661,14 @@ def prepare(root: Path, spec: str) -> dict[str, int]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--part",
+        choices=("steps", "optimizer", "switches", "evaluation"),
+        default="steps",
+        help="steps: our training step against the published one, sampling and the optimizer step (speed*.md); "
+        "optimizer: the optimizer step alone, into --out's earlier steps results; switches: the trainer's step with "
+        "each speed switch (speed_switches*.md); evaluation: `evaluate`'s images/s (speed_evaluation*.md)",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch", type=int, default=8, help="training batch")
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions per process (after warm-up)")
@@ -457,84 +679,118 @@ def main(argv=None) -> int:
     parser.add_argument("--sample-steps", type=int, default=PUBLISHED.steps)
     parser.add_argument("--precision", choices=("no", "bf16"), default="no", help="bf16 autocast (GPU timings)")
     parser.add_argument("--sd15", action="store_true", help="an SD 1.5-sized model at 512 px (for a GPU)")
+    parser.add_argument(
+        "--stages",
+        type=lambda text: tuple(text.split(",")),
+        default=("first", "last"),
+        help="--part switches: the stages timed, comma-separated (first: the LoRA trains; last: every rank)",
+    )
+    parser.add_argument("--eval-taxa", type=int, default=16, help="--part evaluation: species evaluated")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--render", type=Path, metavar="JSON", help="only rewrite the report from a results file")
-    parser.add_argument(
-        "--only-optimizer", action="store_true", help="measure the optimizer step alone, into --out's earlier results"
-    )
+    parser.add_argument("--only-optimizer", action="store_true", help=argparse.SUPPRESS)  # older: --part optimizer
     args = parser.parse_args(argv)
-    if args.render:  # the model and the file name are the results' own, not this command's
+    if args.only_optimizer:
+        args.part = "optimizer"
+    if args.render:  # the model, part and file name are the results' own, not this command's
         results = json.loads(args.render.read_text())
-        spec = "sd15" if results["settings"]["sd15"] else "small"
-        name = report_name(spec, results["settings"]["precision"])
-        write_keeping_section(args.out / f"{name}.md", report(results, SPECS[spec], results["argv"]))
+        if args.render.name.endswith(".partial.json") and "switches" in results:  # each process's raw result
+            results["switches"] = merged_switches(results["switches"])
+        settings = results["settings"]
+        spec, part = "sd15" if settings["sd15"] else "small", settings.get("part", "steps")
+        text = REPORTS[part](results, SPECS[spec], results["argv"])
+        write_keeping_section(args.out / f"{report_name(spec, settings['precision'], part)}.md", text)
         return 0
+    if args.part == "evaluation" and args.precision != "no":
+        parser.error("--part evaluation runs as `evaluate` does, in fp32: leave out --precision")
+    unknown = set(args.stages) - {"first", "last"}
+    if unknown:
+        parser.error(f"--stages: {', '.join(sorted(unknown))} is not first or last")
     spec = "sd15" if args.sd15 else "small"
-    name = report_name(spec, args.precision)
-    job = (args.batch, args.reps, args.device, args.precision)
-    if args.only_optimizer:  # the rest of an earlier run's results kept
+    part = "steps" if args.part == "optimizer" else args.part
+    name = report_name(spec, args.precision, part)
+    if args.part == "optimizer":  # the rest of an earlier run's results kept
         results = json.loads((args.out / f"{name}.json").read_text())
         with tempfile.TemporaryDirectory() as tmp:
             prepare(Path(tmp), spec)
             results["optimizer"] = measure_optimizer(Path(tmp), args.rounds, args.reps, args.device)
         results["optimizer_argv"] = argv or sys.argv[1:]
-        return write(results, args.out, name, spec)
+        return write(results, args.out, name, spec, part)
 
     results = {"machine": machine(args.device), "settings": vars(args) | {"out": str(args.out)}}
+    args.out.mkdir(parents=True, exist_ok=True)
+    results["argv"] = argv or sys.argv[1:]
+
+    def snapshot(measured: dict) -> None:
+        """Every finished process's raw result so far, for a run cut short (a time-limited GPU lease)."""
+        (args.out / f"{name}.partial.json").write_text(json.dumps(results | measured, indent=1) + "\n")
+
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         print("preparing the model and data ...")
         results["parameters"] = prepare(root, spec)
         results["flops"] = {key: flops_per_sample(SPECS[key]) for key in ("small", "sd15")}
         results["peak_tflops"] = peak_tflops(results["machine"], args.precision)
-        # Rounds interleave the configurations, so that a slow spell of the machine falls on all of them.
-        train, sample = defaultdict(list), defaultdict(list)
-        args.out.mkdir(parents=True, exist_ok=True)
-        results["argv"] = argv or sys.argv[1:]
-
-        def snapshot() -> None:
-            """Every finished process's raw result so far, for a run cut short (a time-limited GPU lease)."""
-            raw = results | {"train": dict(train), "sample": dict(sample)}
-            (args.out / f"{name}.partial.json").write_text(json.dumps(raw, indent=1) + "\n")
-
-        for round_ in range(args.rounds):
-            for stage in ("first", "last"):
-                for kind in ("published", "ours", "ours+latents"):
-                    print(f"round {round_ + 1}/{args.rounds}, training step: {kind}, {stage} stage")
-                    train[f"{kind}/{stage}"].append(in_process(train_step_job, str(root), kind, stage, *job))
-                    snapshot()
-            for kind in ("diffusers", "ours"):
-                print(f"round {round_ + 1}/{args.rounds}, sampling: {kind}")
-                sample[kind].append(
-                    in_process(
-                        sampling_job,
-                        str(root),
-                        kind,
-                        args.sample_batch,
-                        args.sample_steps,
-                        max(3, args.reps // 2),
-                        args.device,
-                        args.precision,
-                    )
-                )
-                snapshot()
-        results["train"] = {key: merged(rounds) for key, rounds in train.items()}
-        results["sample"] = {key: merged(rounds) for key, rounds in sample.items()}
-        results["optimizer"] = measure_optimizer(root, args.rounds, args.reps, args.device)
+        if part == "switches":
+            results["switches"] = measure_switches(root, args, snapshot)
+        elif part == "evaluation":
+            print(f"evaluating {args.eval_taxa} species ...")
+            results["evaluation"] = in_process(evaluation_job, str(root), args.eval_taxa, args.device)
+        else:
+            results |= measure_steps(root, args, snapshot)
     (args.out / f"{name}.partial.json").unlink(missing_ok=True)
-    return write(results, args.out, name, spec)
+    return write(results, args.out, name, spec, part)
 
 
-def write(results: dict, out: Path, name: str, spec: str) -> int:
+def measure_steps(root: Path, args, snapshot) -> dict:
+    """Our training step against the published one at both stages, both sampling pipelines and the optimizer step.
+    Rounds interleave the configurations, so that a slow spell of the machine falls on all of them."""
+    train, sample = defaultdict(list), defaultdict(list)
+    job = (args.batch, args.reps, args.device, args.precision)
+    for round_ in range(args.rounds):
+        for stage in ("first", "last"):
+            for kind in ("published", "ours", "ours+latents"):
+                print(f"round {round_ + 1}/{args.rounds}, training step: {kind}, {stage} stage")
+                train[f"{kind}/{stage}"].append(in_process(train_step_job, str(root), kind, stage, *job))
+                snapshot({"train": dict(train), "sample": dict(sample)})
+        for kind in ("diffusers", "ours"):
+            print(f"round {round_ + 1}/{args.rounds}, sampling: {kind}")
+            sample[kind].append(
+                in_process(
+                    sampling_job,
+                    str(root),
+                    kind,
+                    args.sample_batch,
+                    args.sample_steps,
+                    max(3, args.reps // 2),
+                    args.device,
+                    args.precision,
+                )
+            )
+            snapshot({"train": dict(train), "sample": dict(sample)})
+    return {
+        "train": {key: merged(rounds) for key, rounds in train.items()},
+        "sample": {key: merged(rounds) for key, rounds in sample.items()},
+        "optimizer": measure_optimizer(root, args.rounds, args.reps, args.device),
+    }
+
+
+def write(results: dict, out: Path, name: str, spec: str, part: str) -> int:
     (out / f"{name}.json").write_text(json.dumps(results, indent=1) + "\n")
-    text = report(results, SPECS[spec], results["argv"])
+    text = REPORTS[part](results, SPECS[spec], results["argv"])
     write_keeping_section(out / f"{name}.md", text)
     print(text)
     return 0
 
 
-def report_name(spec: str, precision: str) -> str:
-    return "speed" + ("_sd15" if spec == "sd15" else "") + ("_bf16" if precision == "bf16" else "")
+def report_name(spec: str, precision: str, part: str = "steps") -> str:
+    """speed[_switches|_evaluation][_sd15][_bf16]"""
+    return (
+        "speed"
+        + ("" if part == "steps" else f"_{part}")
+        + ("_sd15" if spec == "sd15" else "")
+        + ("_bf16" if precision == "bf16" else "")
+    )
 
 
 def machine(device: str) -> str:
@@ -719,6 +975,9 @@ def optimizer_section(optimizer: dict, argv: list[str] | None, ms) -> list[str]:
         *rows,
         "",
     ]
+
+
+REPORTS = {"steps": report, "switches": switches_report, "evaluation": evaluation_report}  # by --part
 
 
 if __name__ == "__main__":

@@ -193,3 +193,84 @@ def test_table1_priors_are_committed_or_remade_by_their_configs(table1, tmp_path
             args = table1.parse_args(["--dataset", dataset, "--results", str(tmp_path)])
             with pytest.raises(SystemExit, match=r"taxadiffusion pretrain --config \S*prior_birds_fish\.yaml"):
                 table1.prior_folder(args, tmp_path)
+
+
+@pytest.fixture
+def speed(monkeypatch):
+    """benchmarks/speed.py as a module, with a model small enough for a test ("tiny": 32 px, one-layer text tower)."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("speed_under_test", REPO / "benchmarks" / "speed.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
+    tiny = module.ModelSpec(
+        "tiny",
+        32,
+        text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),
+        unet=dict(
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            attention_head_dim=8,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        ),
+        vae=dict(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=8),
+        encoder_heads=2,
+    )
+    monkeypatch.setitem(module.SPECS, "tiny", tiny)
+    return module
+
+
+@pytest.fixture
+def reset_accelerate():
+    """accelerate's process-wide state keeps the precision it was first given; the benchmark runs each job in a
+    fresh process, the test in this one, clearing the state between jobs (and after, for the tests that follow)."""
+    from accelerate.state import AcceleratorState
+
+    def reset() -> None:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+    yield reset
+    reset()
+
+
+def test_speed_switches_time_the_trainers_step_with_what_each_names(speed, tmp_path, reset_accelerate):
+    """Each switch job runs the trainer's own step with its switch on and the others off (read back from the model
+    and optimizer it ran), and the report gives each one's speed-up against none."""
+    speed.prepare(tmp_path, "tiny")
+    ran = {}
+    for switch in ("none", "frozen base in low precision", "fused AdamW"):
+        reset_accelerate()
+        ran[switch] = speed.switch_step_job(str(tmp_path), switch, "first", 4, 2, "cpu", "bf16")
+        assert len(ran[switch]["times"]) == 2 and ran[switch]["first_step"] > 0 and ran[switch]["ranks"] == 1
+    assert [(r["unet_base_dtype"], r["compiled"], r["fused"]) for r in ran.values()] == [
+        ("float32", False, False),
+        ("bfloat16", False, False),
+        ("float32", False, True),
+    ]
+    # the report: every switch at the stage, its median against none's
+    jobs = {f"{s}/first": ran.get(s, ran["none"]) for s in speed.SWITCHES}
+    results = {
+        "machine": "test CPU",
+        "settings": {"sd15": False, "precision": "bf16", "stages": ["first"], "batch": 4, "rounds": 1, "reps": 2},
+        "flops": {"small": speed.flops_per_sample(speed.SMALL), "sd15": speed.flops_per_sample(speed.SMALL)},
+        "peak_tflops": None,
+        "switches": {key: speed.merged([job]) | {"first_step": job["first_step"]} for key, job in jobs.items()},
+    }
+    text = speed.switches_report(results, speed.SPECS["tiny"], ["--part", "switches"])
+    none, fused = (results["switches"][f"{s}/first"]["seconds"]["median"] for s in ("none", "fused AdamW"))
+    assert f"| first (1 rank) | fused AdamW | {1000 * fused:.0f} ms" in text
+    assert f"{none / fused:.2f}x" in text and "| float32, eager, fused AdamW |" in text
+    assert "| bfloat16, eager, default AdamW |" in text
+
+
+def test_speed_evaluation_times_generation_apart_from_scoring(speed, tmp_path):
+    """`--part evaluation` runs `Evaluation.run` twice in one folder: from nothing, then on the kept images with the
+    scores deleted, so that the second run scores without generating."""
+    speed.prepare(tmp_path, "tiny")
+    result = speed.evaluation_job(str(tmp_path), 2, "cpu")
+    assert result["taxa"] == 2 and result["images"] == 20 and result["real"] > 0
+    assert set(result["seconds"]) == {"everything", "scoring"}
+    assert 0 < result["seconds"]["scoring"] < result["seconds"]["everything"]
+    text = speed.evaluation_report({"machine": "test CPU", "evaluation": result}, speed.SPECS["tiny"], [])
+    assert "| generation |" in text and "iNaturalist 2021's evaluation (162,600 images" in text

@@ -13,6 +13,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -112,6 +113,19 @@ def build_optimizer(params: list[torch.nn.Parameter], encoder_params: set[int], 
         fused=True if fused_adamw(train, devices) else None,
     )
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+@dataclass
+class StageParts:
+    """What one stage trains with: the model, the trained parameters, their optimizer and LR schedule and the
+    data loader (as accelerate prepared them), and the frozen ranks' tables (None when every rank trains)."""
+
+    model: torch.nn.Module
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    loader: DataLoader
+    tables: FrozenRankTables | None
 
 
 def endless_batches(loader, dataset, accelerator, state: ckpt.TrainingState) -> Iterator[tuple[dict, int, int]]:
@@ -433,30 +447,20 @@ class Trainer:
 
     def _train_stage(self, stage: Stage) -> None:
         acc, train = self.accelerator, self.config.train
-        model, params, optimizer, lr_scheduler, loader = self._stage_setup(stage)
-        ema = self._stage_ema(stage, params)
+        parts = self.prepare_stage(stage)
+        ema = self._stage_ema(stage, parts.params)
         self.resumed = None  # its optimizer and EMA are restored: a later stage starts from its own fresh state
         state = self.state
-        tables = self._frozen_tables(stage)
-        batches = endless_batches(loader, self.dataset, acc, state)
+        batches = endless_batches(parts.loader, self.dataset, acc, state)
         bar = self._progress_bar(stage, state)
         while state.step < stage.steps:
             # forward / backward / update
             batch, epoch, position = next(batches)
-            with acc.accumulate(model):
-                loss = self.loss(model, batch, stage, tables)
-                if not torch.isfinite(loss):
-                    raise self._diverged(f"loss became {loss.item()}", stage, state.step + 1)
-                acc.backward(loss)
-                if acc.sync_gradients:
-                    clip_gradients(acc, params, train.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+            loss = self.update(parts, batch, stage, state.step + 1)
             if not acc.sync_gradients:
                 continue
             if ema is not None:
-                ema.step(params)
+                ema.step(parts.params)
             state.step += 1
             state.global_step += 1
             state.epoch, state.batch_in_epoch = epoch, position
@@ -472,23 +476,39 @@ class Trainer:
 
             # checkpoint (the stage's last one is written below, marked complete)
             if state.step % train.checkpoint_every == 0 and state.step < stage.steps:
-                self._checkpoint(model, optimizer, lr_scheduler, state, stage, ema)
+                self._checkpoint(parts, state, stage, ema)
 
         # done: the averaged weights replace the trained ones; the stage's final checkpoint and sample grid
         batches.close()
         bar.close()
         if ema is not None:
-            ema.copy_to(params)
+            ema.copy_to(parts.params)
         state.stage_complete = True
-        self._checkpoint(model, optimizer, lr_scheduler, state, stage)
+        self._checkpoint(parts, state, stage)
         if acc.is_main_process:
             self.sample_grid(stage)
         acc.wait_for_everyone()
-        acc.free_memory(model, optimizer, loader, lr_scheduler)
+        acc.free_memory(parts.model, parts.optimizer, parts.loader, parts.lr_scheduler)
 
-    def _stage_setup(self, stage: Stage) -> tuple:
-        """What the stage trains, its optimizer and data loader (prepared by accelerate), and its state: the
-        resumed one (optimizer included) inside this stage, else a fresh one."""
+    def update(self, parts: StageParts, batch: dict, stage: Stage, step: int) -> torch.Tensor:
+        """One batch's forward and backward, and the optimizer's step where gradient accumulation ends; the
+        batch's loss. `step` (counted from 1) names the step in the error of a loss that is not finite."""
+        acc = self.accelerator
+        with acc.accumulate(parts.model):
+            loss = self.loss(parts.model, batch, stage, parts.tables)
+            if not torch.isfinite(loss):
+                raise self._diverged(f"loss became {loss.item()}", stage, step)
+            acc.backward(loss)
+            if acc.sync_gradients:
+                clip_gradients(acc, parts.params, self.config.train.max_grad_norm)
+            parts.optimizer.step()
+            parts.lr_scheduler.step()
+            parts.optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    def prepare_stage(self, stage: Stage) -> StageParts:
+        """What the stage trains, its optimizer and data loader (prepared by accelerate), its frozen ranks'
+        tables, and its state: the resumed one (optimizer included) inside this stage, else a fresh one."""
         acc, train = self.accelerator, self.config.train
         self._fuse_frozen_lora(stage.unet is None)
         params = self.model.configure_trainable(stage.unet, stage.encoder_levels)
@@ -517,7 +537,7 @@ class Trainer:
                 taxonomy=state.taxonomy,
                 train_seconds=state.train_seconds,
             )
-        return model, params, optimizer, lr_scheduler, loader
+        return StageParts(model, params, optimizer, lr_scheduler, loader, self._frozen_tables(stage))
 
     def _fuse_frozen_lora(self, frozen: bool) -> None:
         """While no stage trains the LoRA (after stage 0 of `unet_stages: first`), it is merged into the weights it
@@ -600,11 +620,11 @@ class Trainer:
             return F.mse_loss(prediction.float(), target.float())
         return min_snr_loss(prediction, target, timesteps, self.noise_scheduler, train.snr_gamma)
 
-    def _checkpoint(self, model, optimizer, lr_scheduler, state: ckpt.TrainingState, stage: Stage, ema=None) -> None:
+    def _checkpoint(self, parts: StageParts, state: ckpt.TrainingState, stage: Stage, ema=None) -> None:
         """Write a checkpoint of what trains (and its EMA, inside a stage); weights that are no longer finite
         are never saved."""
         acc = self.accelerator
-        trained = {k: v for k, v in acc.unwrap_model(model).state_dict().items() if k in self.trained_keys}
+        trained = {k: v for k, v in acc.unwrap_model(parts.model).state_dict().items() if k in self.trained_keys}
         bad = nonfinite(trained)  # every process checks its own replica, so all of them stop together
         if bad:
             raise self._diverged(f"{len(bad)} trained weight tensor(s) became NaN or infinite", stage, state.step)
@@ -613,8 +633,8 @@ class Trainer:
             self.paths.checkpoints,
             state,
             trained if acc.is_main_process else None,
-            optimizer,
-            lr_scheduler,
+            parts.optimizer,
+            parts.lr_scheduler,
             acc.process_index,
             acc.is_main_process,
             acc.wait_for_everyone,
