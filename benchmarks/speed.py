@@ -3,7 +3,7 @@
     python benchmarks/speed.py                                     # CPU: the small model, fp32
     python benchmarks/speed.py --device cuda --sd15 --precision bf16  # GPU: SD 1.5-sized at 512 px
     python benchmarks/speed.py --part switches --device cuda --sd15 --precision bf16 --batch 32 --rounds 1
-    python benchmarks/speed.py --part evaluation --device cuda --sd15
+    python benchmarks/speed.py --part evaluation --device cuda --sd15 [--precision bf16]
 
 One Stable-Diffusion-format model with random weights (CLIP text encoder with 77 tokens, VAE with an 8x
 downsampling, UNet with LoRA) is written to a temporary folder and used by every measurement. The default is
@@ -544,9 +544,10 @@ def switches_report(results: dict, spec: ModelSpec, argv: list[str]) -> str:
 # -- 5. evaluation ------------------------------------------------------------------------------------------
 
 
-def evaluation_job(root: str, taxa: int, device: str) -> dict:
+def evaluation_job(root: str, taxa: int, device: str, precision: str = "no") -> dict:
     """`Evaluation.run` at the species rank on `taxa` species, 10 images each (the paper's protocol: FID Inception,
-    KID and LPIPS-VGG at the model's resolution, a taxonomic classifier), on the device, as `evaluate` runs: fp32.
+    KID and LPIPS-VGG at the model's resolution, a taxonomic classifier), on the device, as `evaluate` runs: the
+    pipeline in fp32, or in bf16 as `evaluate --precision bf16` loads it.
     Timed twice: from nothing (generation, scoring, metrics), then with the images kept and the scores deleted
     (scoring and metrics): the difference is the generation."""
     import shutil
@@ -565,7 +566,7 @@ def evaluation_job(root: str, taxa: int, device: str) -> dict:
     classifier = Path(root) / "classifier"
     TaxonClassifier(trainer.taxonomy.to_dict()).save_pretrained(classifier)  # random weights: a speed measurement
     settings = EvalSettings(ranks=(species,), classifier=str(classifier))
-    pipe = trainer.pipeline().to(device)
+    pipe = trainer.pipeline().to(device, torch.bfloat16 if precision == "bf16" else torch.float32)
     out = Path(root) / "evaluation"
     shutil.rmtree(out, ignore_errors=True)
     seconds = {}
@@ -595,12 +596,14 @@ def evaluation_report(results: dict, spec: ModelSpec, argv: list[str]) -> str:
     everything, scoring = e["seconds"]["everything"], e["seconds"]["scoring"]
     generation = everything - scoring
     rate = e["images"] / everything
+    bf16 = results["settings"]["precision"] == "bf16"
     return "\n".join(
         [
             "# The evaluation's speed",
             "",
             f"Command: `{' '.join(['python benchmarks/speed.py', *argv])}`.",
-            f"Machine: {results['machine']}; fp32, as `evaluate` runs.",
+            f"Machine: {results['machine']}; "
+            + ("the pipeline in bf16 (`evaluate --precision bf16`)." if bf16 else "fp32 (`evaluate`'s default)."),
             f"Model: {spec.name} SD-format latent model at {spec.resolution} px (TaxaDiffusionPipeline, PNDM "
             f"{PUBLISHED.steps} steps, two guidance branches, sampling batch 32). `Evaluation.run` at the species rank "
             f"on {e['taxa']} species, 10 generated images each ({e['images']} images, {e['real']} real): FID "
@@ -677,7 +680,12 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--sample-batch", type=int, default=4)
     parser.add_argument("--sample-steps", type=int, default=PUBLISHED.steps)
-    parser.add_argument("--precision", choices=("no", "bf16"), default="no", help="bf16 autocast (GPU timings)")
+    parser.add_argument(
+        "--precision",
+        choices=("no", "bf16"),
+        default="no",
+        help="bf16 autocast (GPU timings); --part evaluation: the pipeline in bf16 (`evaluate --precision bf16`)",
+    )
     parser.add_argument("--sd15", action="store_true", help="an SD 1.5-sized model at 512 px (for a GPU)")
     parser.add_argument(
         "--stages",
@@ -701,8 +709,6 @@ def main(argv=None) -> int:
         text = REPORTS[part](results, SPECS[spec], results["argv"])
         write_keeping_section(args.out / f"{report_name(spec, settings['precision'], part)}.md", text)
         return 0
-    if args.part == "evaluation" and args.precision != "no":
-        parser.error("--part evaluation runs as `evaluate` does, in fp32: leave out --precision")
     unknown = set(args.stages) - {"first", "last"}
     if unknown:
         parser.error(f"--stages: {', '.join(sorted(unknown))} is not first or last")
@@ -735,7 +741,8 @@ def main(argv=None) -> int:
             results["switches"] = measure_switches(root, args, snapshot)
         elif part == "evaluation":
             print(f"evaluating {args.eval_taxa} species ...")
-            results["evaluation"] = in_process(evaluation_job, str(root), args.eval_taxa, args.device)
+            job = (str(root), args.eval_taxa, args.device, args.precision)
+            results["evaluation"] = in_process(evaluation_job, *job)
         else:
             results |= measure_steps(root, args, snapshot)
     (args.out / f"{name}.partial.json").unlink(missing_ok=True)

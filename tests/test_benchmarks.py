@@ -272,5 +272,7 @@ def test_speed_evaluation_times_generation_apart_from_scoring(speed, tmp_path):
     assert result["taxa"] == 2 and result["images"] == 20 and result["real"] > 0
     assert set(result["seconds"]) == {"everything", "scoring"}
     assert 0 < result["seconds"]["scoring"] < result["seconds"]["everything"]
-    text = speed.evaluation_report({"machine": "test CPU", "evaluation": result}, speed.SPECS["tiny"], [])
+    results = {"machine": "test CPU", "settings": {"precision": "no"}, "evaluation": result}
+    text = speed.evaluation_report(results, speed.SPECS["tiny"], [])
     assert "| generation |" in text and "iNaturalist 2021's evaluation (162,600 images" in text
+    assert "fp32 (`evaluate`'s default)" in text

@@ -586,6 +586,23 @@ def test_evaluate_generates_what_generate_makes(evaluated, tmp_path):
     assert files(made) == files(evaluated_images) and len(files(made)) == 13  # 4 species x 3, and the table
 
 
+def test_evaluate_generates_in_the_precision_asked(evaluated):
+    """`evaluate --precision bf16` generates with the pipeline's weights in bf16, under a key that names it (so its
+    images never mix with fp32's); a precision that is not one is refused before anything loads."""
+    from taxadiffusion.data.readers import read_records
+    from taxadiffusion.errors import InputError
+    from taxadiffusion.eval.protocol import EvalInputs, _generator
+    from taxadiffusion.fingerprint import generation_key
+
+    root, data, _, _ = evaluated
+    inputs = EvalInputs(data=("folder", str(data)), model=root / "model", precision="bf16")
+    pipeline, one_text = _generator(inputs, read_records("folder", data), "cpu")
+    assert pipeline.unet.dtype == pipeline.taxonomy_encoder.dtype == torch.bfloat16 and one_text is None
+    assert generation_key(pipeline, 0)["precision"] == "bf16"
+    with pytest.raises(InputError, match="precision 'fp64' is not one of fp32, bf16, fp16"):
+        EvalInputs(data=("folder", str(data)), model=root / "model", precision="fp64")
+
+
 def test_regenerated_report_keeps_its_hand_written_reading(tmp_path):
     from taxadiffusion.eval.report import write_keeping_section
 

@@ -224,3 +224,28 @@ def test_fill_to_counts_a_flat_models_species_by_their_binomial(tmp_path):
     from collections import Counter
 
     assert Counter(i.lineage.names for i in plan.items) == {("Spinus tristis",): 1, ("Cardinalis cardinalis",): 3}
+
+
+def test_half_precision_draws_its_own_images_under_a_key_that_names_it(tiny_pipeline, tmp_path, capsys):
+    """`--precision bf16` loads the pipeline's weights in bf16 and samples in it: images near fp32's but not the
+    same pixels, so their key names the precision and a folder of fp32 images refuses them unless added."""
+    from PIL import Image
+
+    from taxadiffusion.generate import GENERATION_FILE
+
+    base = ["generate", "--model", str(tiny_pipeline), "--steps", "2", "--per-taxon", "1", "--device", "cpu"]
+    assert main([*base, "--out", str(tmp_path / "fp32")]) == 0
+    assert main([*base, "--out", str(tmp_path / "bf16"), "--precision", "bf16"]) == 0
+    keys = {p: json.loads((tmp_path / p / GENERATION_FILE).read_text())["tags"] for p in ("fp32", "bf16")}
+    (fp32,), (bf16,) = keys["fp32"].values(), keys["bf16"].values()
+    assert "precision" not in fp32 and bf16["precision"] == "bf16" and bf16["model"] != fp32["model"]
+    pixels = {
+        p: np.stack([np.asarray(Image.open(f), dtype=float) for f in sorted((tmp_path / p).rglob("*.png"))])
+        for p in ("fp32", "bf16")
+    }
+    difference = np.abs(pixels["fp32"] - pixels["bf16"])
+    assert pixels["fp32"].shape == pixels["bf16"].shape == (5, 16, 16, 3)
+    assert 0 < difference.mean() < 8  # rounding of the weights and activations, not other images
+    capsys.readouterr()
+    assert main([*base, "--out", str(tmp_path / "fp32"), "--precision", "bf16"]) == 2
+    assert "other model, precision; pass --add" in capsys.readouterr().err

@@ -349,13 +349,21 @@ def check_port_free(host: str, port: int) -> None:
             raise InputError(f"--port {port} on {host} is not free ({error.strerror}); choose another --port") from None
 
 
-def launch(model: str | Path, port: int | None = None, host: str = "127.0.0.1", device: str | None = None, **kwargs):
-    """Load a saved pipeline and serve the app (blocking unless `prevent_thread_lock=True`)."""
+def launch(
+    model: str | Path,
+    port: int | None = None,
+    host: str = "127.0.0.1",
+    device: str | None = None,
+    precision: str | None = None,
+    **kwargs,
+):
+    """Load a saved pipeline (on `device`, in `precision`: fp32, bf16 or fp16) and serve the app (blocking unless
+    `prevent_thread_lock=True`)."""
+    from .devices import sampling_dtype
+
     if port is not None:
         check_port_free(host, port)  # before the model loads
-    pipe = TaxaDiffusionPipeline.from_pretrained(model)
-    if device:
-        pipe = pipe.to(device)
+    pipe = TaxaDiffusionPipeline.from_pretrained(model).to(device or "cpu", sampling_dtype(precision))
     app = build_app(Explorer(pipe))
     app.queue()
     app.launch(server_name=host, server_port=port, ssr_mode=False, theme=offline_theme(), **kwargs)

@@ -126,13 +126,13 @@ def _sampling(args: argparse.Namespace) -> dict:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from .devices import choose_device
+    from .devices import choose_device, sampling_dtype
     from .pipeline import TaxaDiffusionPipeline
     from .samples import check_counts, write_samples
 
     check_counts(args.n, args.batch_size)
     device = choose_device(args.device)
-    pipe = TaxaDiffusionPipeline.from_pretrained(args.model).to(device)
+    pipe = TaxaDiffusionPipeline.from_pretrained(args.model).to(device, sampling_dtype(args.precision))
     pipe.configure_sampling(**_sampling(args))
     lineage = pipe.resolve(args.taxon, args.rank)
     if args.condition_rank:
@@ -146,7 +146,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
     from . import generate as gen
-    from .devices import choose_device
+    from .devices import choose_device, sampling_dtype
     from .fingerprint import generation_key
     from .pipeline import TaxaDiffusionPipeline
     from .saved_files import check_saved_folder
@@ -165,7 +165,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     image_filter = gen.ImageFilter.load(*filtering) if args.filter else None  # checked before the model loads
     state = PartialState()
     device = choose_device(args.device) if state.num_processes == 1 else state.device
-    pipe = TaxaDiffusionPipeline.from_pretrained(args.model).to(device)
+    pipe = TaxaDiffusionPipeline.from_pretrained(args.model).to(device, sampling_dtype(args.precision))
     pipe.configure_sampling(**_sampling(args))
     pipe.set_progress_bar_config(disable=True)
     key = generation_key(pipe, args.seed) | ({"filter": image_filter.describe()} if image_filter else {})
@@ -202,6 +202,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         split=args.split,
         zero_shot=args.zero_shot,
         sampling_changes=_sampling(args),
+        precision=args.precision or "fp32",
     )
     metrics = evaluate(inputs, args.out, settings, device, regenerate=args.regenerate)
     if os.environ.get("RANK", "0") != "0":  # one of several processes (accelerate launch): the main one reports
@@ -253,7 +254,7 @@ def cmd_app(args: argparse.Namespace) -> int:
         from .app import launch
     except ImportError as error:
         raise CommandError(f"the app needs gradio ({error}); pip install 'taxadiffusion[app]'") from None
-    launch(args.model, port=args.port, host=args.host, device=choose_device(args.device))
+    launch(args.model, port=args.port, host=args.host, device=choose_device(args.device), precision=args.precision)
     return 0
 
 

@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 
 from . import __version__
-from .devices import DEVICE_HELP
+from .devices import DEVICE_HELP, PRECISION_HELP, PRECISIONS
 from .eval.settings import ClassifierTraining, EvalSettings, GeneratedRecipe
 from .options import add_options
 from .prior import PACK_PRECISIONS
@@ -38,6 +38,7 @@ def _add_sampling(parser: argparse.ArgumentParser) -> None:
     )
     add_options(parser, SamplingSettings, unset="default: the pipeline's saved setting")
     parser.add_argument("--device", help=DEVICE_HELP)
+    parser.add_argument("--precision", choices=PRECISIONS, help=PRECISION_HELP)
 
 
 def _add_data(commands) -> None:
@@ -194,6 +195,7 @@ def _add_app(commands) -> None:
     app.add_argument("--port", type=int, help="port (default: Gradio's, 7860 or the next free one)")
     app.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: the whole network)")
     app.add_argument("--device", help=DEVICE_HELP)
+    app.add_argument("--precision", choices=PRECISIONS, help=PRECISION_HELP)
     app.set_defaults(run="app")
 
 

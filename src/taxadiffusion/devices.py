@@ -7,6 +7,13 @@ import os
 from .errors import InputError
 
 DEVICE_HELP = "cpu, cuda, cuda:1 or mps (default: a CUDA GPU if one is visible, else Apple's MPS, else the CPU)"
+# A pipeline's weights and sampling in half precision, as diffusers' `torch_dtype`: half the memory and the
+# tensor cores' rate on GPUs. Other pixels than fp32's, so other images: their key names the weights as loaded.
+PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISION_HELP = (
+    "the pipeline's weights and sampling: fp32 (default), bf16 or fp16 (half the memory, faster on GPUs; "
+    "other pixels than fp32's, so a folder of images keeps one precision)"
+)
 
 
 def choose_device(name: str | None) -> str:
@@ -33,3 +40,10 @@ def choose_device(name: str | None) -> str:
     elif device.type == "mps" and not torch.backends.mps.is_available():
         raise InputError(f"--device {name}: MPS is not available here; use --device cpu")
     return name
+
+
+def sampling_dtype(precision: str | None):
+    """The torch dtype a command loads its pipeline in (`--precision`; None: fp32)."""
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision or "fp32"]

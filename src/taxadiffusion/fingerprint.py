@@ -42,5 +42,9 @@ def weights_digest(pipeline) -> str:
 
 
 def generation_key(pipeline, seed: int) -> dict:
-    """What decides the pixels of a generated image: the model, its sampling settings and the seed."""
-    return {"model": weights_digest(pipeline), **pipeline.sampling.to_dict(), "seed": seed}
+    """What decides the pixels of a generated image: the model (its weights as loaded: the digest tells an fp32
+    pipeline from its bf16 copy), its sampling settings and the seed; and, for a reader, a half precision by name
+    (absent for fp32, so the keys of images made before `--precision` existed still match)."""
+    key = {"model": weights_digest(pipeline), **pipeline.sampling.to_dict(), "seed": seed}
+    half = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(pipeline.unet.dtype)
+    return key | ({"precision": half} if half else {})

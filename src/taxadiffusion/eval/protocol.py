@@ -29,6 +29,7 @@ from PIL import Image
 from ..atomic import is_temporary, write_text_atomic
 from ..data.images import load_image, prepare_image
 from ..data.records import RecordSet
+from ..devices import PRECISIONS
 from ..errors import InputError
 from ..fingerprint import generation_key
 from ..generate import (
@@ -481,12 +482,15 @@ class EvalInputs:
     # (default: the real set's).
     taxonomy: Taxonomy | None = None
     sampling_changes: dict | None = None  # sampling settings that differ from the model's saved ones
+    precision: str = "fp32"  # the generating pipeline's weights and sampling: fp32, bf16 or fp16 (`--precision`)
 
     def __post_init__(self) -> None:
         if (self.model is None) == (self.images is None):
             raise InputError("give exactly one of --model DIR (generate and score) or --images DIR (score a folder)")
         if self.zero_shot is not None and self.model is None:
             raise InputError("a zero-shot evaluation prompts a prior: give it as --model")
+        if self.precision not in PRECISIONS:
+            raise InputError(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
 
 
 def evaluate(
@@ -529,10 +533,12 @@ def evaluate(
 def _generator(inputs: EvalInputs, real: RecordSet, device: str) -> tuple:
     """The pipeline that generates (None for a folder of images) and, for a model that reads one text per
     species, the text of a lineage (else None)."""
+    from ..devices import sampling_dtype
     from ..pipeline import TaxaDiffusionPipeline
 
     if inputs.model is None:
         return None, None
+    dtype = sampling_dtype(inputs.precision)
     if inputs.zero_shot is not None:
         known = inputs.taxonomy or real.taxonomy()
         species = [known.lineage(t) for t in known.taxa(known.ranks[-1])]
@@ -542,10 +548,10 @@ def _generator(inputs: EvalInputs, real: RecordSet, device: str) -> tuple:
 
         pipeline = TaxaDiffusionPipeline.from_prior(inputs.model, sorted({caption(lineage) for lineage in species}))
         # classifier-free guidance against the prior's own unconditional input (its "None" caption)
-        pipeline.to(device).configure_sampling(guidance="vanilla")
+        pipeline.to(device, dtype).configure_sampling(guidance="vanilla")
         pipeline.configure_sampling(**(inputs.sampling_changes or {}))
         return pipeline, caption
-    pipeline = TaxaDiffusionPipeline.from_pretrained(inputs.model).to(device)
+    pipeline = TaxaDiffusionPipeline.from_pretrained(inputs.model).to(device, dtype)
     pipeline.set_progress_bar_config(disable=True)
     pipeline.configure_sampling(**(inputs.sampling_changes or {}))
     if pipeline.taxonomy.ranks == (Rank.SPECIFIC_EPITHET,) and len(real.ranks) > 1:  # a one-text baseline
