@@ -11,15 +11,19 @@ REPO = Path(__file__).resolve().parents[1]
 OLD_PRIOR = "benchmarks/priors/birds_fish.safetensors"
 
 
-@pytest.fixture
-def table1(monkeypatch):
-    """benchmarks/table1.py as a module (it imports its sibling quality.py from its own folder)."""
+def load_benchmark(monkeypatch, name: str):
+    """benchmarks/NAME.py as a module (benchmarks import their siblings, e.g. common.py, from their own folder)."""
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("table1_under_test", REPO / "benchmarks" / "table1.py")
+    spec = importlib.util.spec_from_file_location(f"{name}_under_test", REPO / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, module)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture
+def table1(monkeypatch):
+    return load_benchmark(monkeypatch, "table1")
 
 
 def evaluated(scale: float, ranks: list[str], fid: float) -> dict:
@@ -198,11 +202,7 @@ def test_table1_priors_are_committed_or_remade_by_their_configs(table1, tmp_path
 @pytest.fixture
 def speed(monkeypatch):
     """benchmarks/speed.py as a module, with a model small enough for a test ("tiny": 32 px, one-layer text tower)."""
-    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("speed_under_test", REPO / "benchmarks" / "speed.py")
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)
-    spec.loader.exec_module(module)
+    module = load_benchmark(monkeypatch, "speed")
     tiny = module.ModelSpec(
         "tiny",
         32,
