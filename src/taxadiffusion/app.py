@@ -363,7 +363,7 @@ def launch(
 
     if port is not None:
         check_port_free(host, port)  # before the model loads
-    pipe = TaxaDiffusionPipeline.from_pretrained(model).to(device or "cpu", sampling_dtype(precision))
+    pipe = TaxaDiffusionPipeline.from_pretrained(model, dtype=sampling_dtype(precision)).to(device or "cpu")
     app = build_app(Explorer(pipe))
     app.queue()
     app.launch(server_name=host, server_port=port, ssr_mode=False, theme=offline_theme(), **kwargs)

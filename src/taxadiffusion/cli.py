@@ -132,7 +132,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     check_counts(args.n, args.batch_size)
     device = choose_device(args.device)
-    pipe = TaxaDiffusionPipeline.from_pretrained(args.model).to(device, sampling_dtype(args.precision))
+    pipe = TaxaDiffusionPipeline.from_pretrained(args.model, dtype=sampling_dtype(args.precision)).to(device)
     pipe.configure_sampling(**_sampling(args))
     lineage = pipe.resolve(args.taxon, args.rank)
     if args.condition_rank:
@@ -165,7 +165,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     image_filter = gen.ImageFilter.load(*filtering) if args.filter else None  # checked before the model loads
     state = PartialState()
     device = choose_device(args.device) if state.num_processes == 1 else state.device
-    pipe = TaxaDiffusionPipeline.from_pretrained(args.model).to(device, sampling_dtype(args.precision))
+    pipe = TaxaDiffusionPipeline.from_pretrained(args.model, dtype=sampling_dtype(args.precision)).to(device)
     pipe.configure_sampling(**_sampling(args))
     pipe.set_progress_bar_config(disable=True)
     key = generation_key(pipe, args.seed) | ({"filter": image_filter.describe()} if image_filter else {})

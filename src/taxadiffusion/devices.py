@@ -43,7 +43,8 @@ def choose_device(name: str | None) -> str:
 
 
 def sampling_dtype(precision: str | None):
-    """The torch dtype a command loads its pipeline in (`--precision`; None: fp32)."""
+    """The torch dtype a command loads its pipeline in (`--precision`; None: fp32), given to `from_pretrained` as
+    its `dtype`: each component loads in it (a later `.to(dtype)` gives the same weights, and diffusers warns)."""
     import torch
 
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision or "fp32"]

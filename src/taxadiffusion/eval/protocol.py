@@ -547,11 +547,14 @@ def _generator(inputs: EvalInputs, real: RecordSet, device: str) -> tuple:
             return species_caption(inputs.zero_shot, lineage)
 
         pipeline = TaxaDiffusionPipeline.from_prior(inputs.model, sorted({caption(lineage) for lineage in species}))
+        pipeline.to(device)
+        if dtype != torch.float32:  # built from its parts in fp32: cast whole
+            pipeline.to(dtype)
         # classifier-free guidance against the prior's own unconditional input (its "None" caption)
-        pipeline.to(device, dtype).configure_sampling(guidance="vanilla")
+        pipeline.configure_sampling(guidance="vanilla")
         pipeline.configure_sampling(**(inputs.sampling_changes or {}))
         return pipeline, caption
-    pipeline = TaxaDiffusionPipeline.from_pretrained(inputs.model).to(device, dtype)
+    pipeline = TaxaDiffusionPipeline.from_pretrained(inputs.model, dtype=dtype).to(device)
     pipeline.set_progress_bar_config(disable=True)
     pipeline.configure_sampling(**(inputs.sampling_changes or {}))
     if pipeline.taxonomy.ranks == (Rank.SPECIFIC_EPITHET,) and len(real.ranks) > 1:  # a one-text baseline
