@@ -618,9 +618,14 @@ def evaluation_report(results: dict, spec: ModelSpec, argv: list[str]) -> str:
             f"| scoring and metrics | {scoring:.1f} | {e['images'] / scoring:.2f} |",
             f"| the whole evaluation | {everything:.1f} | {rate:.2f} |",
             "",
-            f"At this rate iNaturalist 2021's evaluation ({INAT21_EVALUATION_IMAGES:,} images: 10 per taxon at the "
-            f"order, family, genus and species) takes {INAT21_EVALUATION_IMAGES / rate / 3600:.1f} h on one such "
-            f"device; `accelerate launch` shares it across processes. Peak memory {e['peak_mib']:.0f} MiB.",
+            (
+                f"At this rate iNaturalist 2021's evaluation ({INAT21_EVALUATION_IMAGES:,} images: 10 per taxon at the "
+                f"order, family, genus and species) takes {INAT21_EVALUATION_IMAGES / rate / 3600:.1f} h on one such "
+                "device; `accelerate launch` shares it across processes."
+                if spec.name == SD15.name
+                else "A small model: the stages' shares of the time, not a plan for a real one (`--sd15` on a GPU)."
+            )
+            + f" Peak memory {e['peak_mib']:.0f} MiB.",
             "",
         ]
     )

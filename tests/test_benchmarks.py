@@ -274,5 +274,6 @@ def test_speed_evaluation_times_generation_apart_from_scoring(speed, tmp_path):
     assert 0 < result["seconds"]["scoring"] < result["seconds"]["everything"]
     results = {"machine": "test CPU", "settings": {"precision": "no"}, "evaluation": result}
     text = speed.evaluation_report(results, speed.SPECS["tiny"], [])
-    assert "| generation |" in text and "iNaturalist 2021's evaluation (162,600 images" in text
-    assert "fp32 (`evaluate`'s default)" in text
+    assert "| generation |" in text and "fp32 (`evaluate`'s default)" in text and "A small model" in text
+    text = speed.evaluation_report(results, speed.SD15, [])
+    assert "iNaturalist 2021's evaluation (162,600 images" in text
