@@ -566,7 +566,9 @@ def evaluation_job(root: str, taxa: int, device: str, precision: str = "no") -> 
     classifier = Path(root) / "classifier"
     TaxonClassifier(trainer.taxonomy.to_dict()).save_pretrained(classifier)  # random weights: a speed measurement
     settings = EvalSettings(ranks=(species,), classifier=str(classifier))
-    pipe = trainer.pipeline().to(device, torch.bfloat16 if precision == "bf16" else torch.float32)
+    pipe = trainer.pipeline().to(device)
+    if precision == "bf16":  # the weights `evaluate --precision bf16` loads
+        pipe.to(torch.bfloat16)
     out = Path(root) / "evaluation"
     shutil.rmtree(out, ignore_errors=True)
     seconds = {}
