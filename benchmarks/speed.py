@@ -576,13 +576,7 @@ def evaluation_job(root: str, taxa: int, device: str, precision: str = "no") -> 
         if phase == "scoring":
             shutil.rmtree(out / "scores")
         evaluation = Evaluation(records, out, settings, pipeline=pipe, device=device)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        evaluation.run(progress=False)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        seconds[phase] = time.perf_counter() - start
+        seconds[phase] = timed(lambda i, run=evaluation.run: run(progress=False), device, 1, warmup=0)[0]
     images = sum(1 for _ in (out / "images").rglob("*.png"))
     real = sum(min(len(v), settings.max_real_per_taxon) for k, v in evaluation.real_by_path.items() if k in chosen)
     return {"seconds": seconds, "images": images, "real": real, "taxa": len(chosen), "peak_mib": peak_memory(device)}

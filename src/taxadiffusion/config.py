@@ -66,9 +66,6 @@ class StorageDtype(Choice):
     BF16 = "bf16"
 
 
-STORAGE_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # torch dtype names
-
-
 _VARIABLE = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?")
 
 

@@ -7,9 +7,12 @@ import os
 from .errors import InputError
 
 DEVICE_HELP = "cpu, cuda, cuda:1 or mps (default: a CUDA GPU if one is visible, else Apple's MPS, else the CPU)"
-# A pipeline's weights and sampling in half precision, as diffusers' `torch_dtype`: half the memory and the
-# tensor cores' rate on GPUs. Other pixels than fp32's, so other images: their key names the weights as loaded.
-PRECISIONS = ("fp32", "bf16", "fp16")
+# Precisions as settings and options name them, and the torch dtype each one is (`--precision`,
+# `train.text_features_dtype`). A pipeline's weights and sampling in half precision, as diffusers' `torch_dtype`:
+# half the memory and the tensor cores' rate on GPUs. Other pixels than fp32's, so other images: their key names
+# the weights as loaded.
+STORAGE_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # torch dtype names
+PRECISIONS = tuple(STORAGE_DTYPES)
 PRECISION_HELP = (
     "the pipeline's weights and sampling: fp32 (default), bf16 or fp16 (half the memory, faster on GPUs; "
     "other pixels than fp32's, so a folder of images keeps one precision)"
@@ -47,4 +50,4 @@ def sampling_dtype(precision: str | None):
     its `dtype`: each component loads in it (a later `.to(dtype)` gives the same weights, and diffusers warns)."""
     import torch
 
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision or "fp32"]
+    return getattr(torch, STORAGE_DTYPES[precision or "fp32"])

@@ -11,6 +11,8 @@ import json
 import torch
 from diffusers import SchedulerMixin
 
+from .devices import STORAGE_DTYPES
+
 
 def own_config(component) -> dict:
     """A component's config as far as it decides the outputs. A scheduler's holds only its own parameters:
@@ -46,5 +48,5 @@ def generation_key(pipeline, seed: int) -> dict:
     pipeline from its bf16 copy), its sampling settings and the seed; and, for a reader, a half precision by name
     (absent for fp32, so the keys of images made before `--precision` existed still match)."""
     key = {"model": weights_digest(pipeline), **pipeline.sampling.to_dict(), "seed": seed}
-    half = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(pipeline.unet.dtype)
-    return key | ({"precision": half} if half else {})
+    precision = {getattr(torch, dtype): name for name, dtype in STORAGE_DTYPES.items()}.get(pipeline.unet.dtype)
+    return key | ({"precision": precision} if precision not in (None, "fp32") else {})

@@ -23,9 +23,10 @@ from torch.utils.data import DataLoader
 from ..atomic import atomic_folder, write_text_atomic
 from ..codec import SpaceToDepth, encode_images, spatial_factor
 from ..conditioning import FrozenRankTables, cut_to_coarsest, drop_ranks
-from ..config import STORAGE_DTYPES, Config
+from ..config import Config
 from ..data.check import screen_records
 from ..data.dataset import ImageDataset
+from ..devices import STORAGE_DTYPES
 from ..errors import InputError, TaxaDiffusionError
 from ..model import (
     assemble_model,
