@@ -736,8 +736,9 @@ def main(argv=None) -> int:
         root = Path(tmp)
         print("preparing the model and data ...")
         results["parameters"] = prepare(root, spec)
-        results["flops"] = {key: flops_per_sample(SPECS[key]) for key in ("small", "sd15")}
-        results["peak_tflops"] = peak_tflops(results["machine"], args.precision)
+        if part != "evaluation":  # the steps' FLOPs, for their utilisation (an evaluation reports images/s)
+            results["flops"] = {key: flops_per_sample(SPECS[key]) for key in ("small", "sd15")}
+            results["peak_tflops"] = peak_tflops(results["machine"], args.precision)
         if part == "switches":
             results["switches"] = measure_switches(root, args, snapshot)
         elif part == "evaluation":
